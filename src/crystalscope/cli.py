@@ -1,0 +1,302 @@
+"""The `crystalscope` command line: parses options, calls one function per command, prints.
+
+No logic lives here. Errors become one line and an exit code: 2 for a usage or input mistake,
+1 for a failure; the traceback only with ``--debug`` (or CRYSTALSCOPE_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.table import Table
+
+from crystalscope import __version__
+from crystalscope.console import err, out, progress_bar
+from crystalscope.errors import CrystalscopeError, UserError
+
+app = typer.Typer(
+    name="crystalscope",
+    help="Classify in-situ crystallization images: synthesize, check and split data; train, "
+         "evaluate, export and serve models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Inspect and fetch data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": os.environ.get("CRYSTALSCOPE_DEBUG") == "1"}
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"crystalscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+# ------------------------------------------------------------------------------- synth
+
+
+@app.command(epilog="Example: crystalscope synth data/synthetic --per-class 500 "
+                    "--difficulty hard --uniform-size 151 --dihedral-copies 3")
+def synth(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the crops.")],
+    per_class: Annotated[int, typer.Option(help="Images per class (copies included).")] = 200,
+    size: Annotated[int, typer.Option(help="CEX crop side in pixels; PG sides vary from "
+                                           "0.87x to 1.52x of it, as in the public set.")] = 151,
+    uniform_size: Annotated[int | None, typer.Option(
+        help="Make every crop SxS, so image size is no shortcut to the class.")] = None,
+    difficulty: Annotated[str, typer.Option(
+        help="easy, medium, hard or 0..1: blur, noise, low contrast and a share of "
+             "ambiguous crops.")] = "medium",
+    dihedral_copies: Annotated[int, typer.Option(
+        help="Rotated/flipped copies stored after each PG crop under the next numbers, "
+             "like the public PG data (0..7).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same images.")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: CPU cores).")] = None,
+) -> None:
+    """Write synthetic particle-vision-probe crops: CEX needles and PG agglomerates.
+
+    Files are named like the public data: OUT/cex/CEX (n).png and OUT/pg/PG (n).png, 8-bit
+    grayscale PNG, plus OUT/synth.json (settings and duplicate groups).
+    """
+    from crystalscope.data.synth import SynthSettings, parse_difficulty, synthesize
+
+    settings = SynthSettings(per_class=per_class, size=size, uniform_size=uniform_size,
+                             difficulty=parse_difficulty(difficulty),
+                             dihedral_copies=dihedral_copies, seed=seed)
+    settings.validate()
+    with progress_bar() as progress:
+        task = progress.add_task("synth", total=2 * per_class)
+        summary = synthesize(out_dir, settings, workers=workers,
+                             progress=lambda n: progress.advance(task, n))
+    err.print(f"wrote {len(summary['files'])} crops to {out_dir} "
+              f"({', '.join(summary['classes'])}) and {out_dir / 'synth.json'}")
+
+
+# -------------------------------------------------------------------------------- data
+
+
+@data_app.command("check", epilog="Example: crystalscope data check archive/ --json > check.json")
+def data_check(
+    folder: Annotated[Path, typer.Argument(metavar="DIR",
+                                           help="Folder with one sub-folder per class.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+    = False,
+    strict: Annotated[bool, typer.Option(
+        help="Exit 1 if any file is unreadable or a duplicate group spans classes.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: CPU cores).")] = None,
+) -> int:
+    """Count images per class; list unreadable files, duplicates and label conflicts.
+
+    Duplicates are exact (same bytes) or rotated/flipped copies (a hash that is the same for
+    all 8 rotations and flips). A group whose files sit in two classes is a label conflict.
+    """
+    from crystalscope.data.check import scan_dataset, summarize
+    from crystalscope.data.split import count_files
+
+    with progress_bar() as progress:
+        task = progress.add_task("check", total=count_files(folder))
+        report = summarize(scan_dataset(folder, workers=workers,
+                                        progress=lambda n: progress.advance(task, n)))
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        _print_check(report)
+    problems = len(report["unreadable"]) + report["label_conflicts"]
+    return 1 if strict and problems else 0
+
+
+def _print_check(report: dict) -> None:
+    table = Table(title=f"{report['root']}: {report['readable']} readable of "
+                        f"{report['files']} files")
+    for column in ("class", "files", "readable", "unreadable", "share", "sizes (top 3)", "modes"):
+        table.add_column(column, justify="right" if column in ("files", "readable", "unreadable",
+                                                                "share") else "left")
+    for name, info in report["per_class"].items():
+        sizes = ", ".join(f"{k} ({v})" for k, v in list(info["sizes"].items())[:3])
+        if info["distinct_sizes"] > 3:
+            sizes += f", … {info['distinct_sizes']} sizes"
+        table.add_row(name, str(info["files"]), str(info["readable"]), str(info["unreadable"]),
+                      f"{info['share']:.4f}", sizes,
+                      ", ".join(f"{k} ({v})" for k, v in info["modes"].items()))
+    out.print(table)
+    out.print(f"class imbalance (largest/smallest): {report['imbalance_ratio']}")
+    for item in report["unreadable"]:
+        out.print(f"[red]unreadable[/red] {item['file']}: {item['reason']}")
+    for warning in report["format_warnings"]:
+        out.print(f"[yellow]format[/yellow] {warning}")
+    groups = report["duplicate_groups"]
+    out.print(f"duplicate groups: {len(groups)} ({report['duplicate_files']} extra copies), "
+              f"label conflicts: {report['label_conflicts']}")
+    for group in groups[:10]:
+        flag = " [red]LABEL CONFLICT[/red]" if group["label_conflict"] else ""
+        names = ", ".join(Path(f).name for f in group["files"][:6])
+        out.print(f"  {group['kind']}, {len(group['files'])} files ({names}){flag}")
+    if len(groups) > 10:
+        out.print(f"  … and {len(groups) - 10} more groups (see --json)")
+
+
+@data_app.command("download",
+                  epilog="Example: KAGGLE_USERNAME=me KAGGLE_KEY=… crystalscope data download "
+                         "data/opencrystal")
+def data_download(
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="New folder for the data set.")],
+) -> None:
+    """Download the public OpenCrystalData cephalexin crops (Kaggle, CC BY-SA 4.0).
+
+    Needs Kaggle credentials (KAGGLE_USERNAME + KAGGLE_KEY, or ~/.kaggle/kaggle.json); without
+    them it prints the manual steps. The folder appears only once the download is complete.
+    """
+    from crystalscope.data.download import download_dataset
+
+    root = download_dataset(dest)
+    err.print(f"downloaded to {dest}; class folders are in {root}")
+
+
+# ------------------------------------------------------------------------------- split
+
+
+class SplitOrder(StrEnum):
+    shuffle = "shuffle"
+    sorted = "sorted"
+
+
+@app.command(epilog="Example: crystalscope split archive/ splits/ --seed 1   (then: crystalscope "
+                    "train splits/)")
+def split(
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="Folder with one sub-folder per "
+                                                            "class (the Kaggle archive works).")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST", help="New or empty folder.")],
+    ratios: Annotated[str, typer.Option(help="train,valid,test fractions.")] = "0.70,0.25,0.05",
+    seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
+    order: Annotated[SplitOrder, typer.Option(
+        help="shuffle (seeded) or sorted (the original project's lexicographic order).")]
+    = SplitOrder.shuffle,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link instead of copying.")] = False,
+    move: Annotated[bool, typer.Option("--move", help="Move instead of copying.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Finish an interrupted split recorded in DEST/manifest.csv.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: CPU cores).")] = None,
+) -> None:
+    """Split class folders into DEST/{train,valid,test}/<class>/, stratified per class.
+
+    Rotated/flipped and exact copies of one crop stay in one split. Writes DEST/manifest.csv
+    (source, dest, sha256, group, split) before any file moves, and DEST/split.json.
+    Nothing is overwritten; a killed run is finished with --resume.
+    """
+    from crystalscope.data.split import split_dataset
+
+    if link and move:
+        raise UserError("--link and --move: choose one (the default is to copy)")
+    mode = "link" if link else "move" if move else "copy"
+    with progress_bar() as progress:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        result = split_dataset(src, dest, ratios=ratios, seed=seed, order=order.value, mode=mode,
+                               resume=resume, workers=workers, progress=report)
+    if as_json:
+        out.print_json(json.dumps(result.report))
+        return
+    summary = result.report
+    table = Table(title=f"{dest}: {summary['files']} files ({summary['mode']})")
+    table.add_column("class")
+    for name in ("train", "valid", "test"):
+        table.add_column(name, justify="right")
+    for name, counts in summary["counts"].items():
+        targets = summary.get("targets", {}).get(name, counts)
+        table.add_row(name, *(f"{counts[s]}" + (f" (ideal {targets[s]})"
+                                                 if counts[s] != targets[s] else "")
+                              for s in ("train", "valid", "test")))
+    out.print(table)
+    out.print(f"duplicate groups kept together: {summary['duplicate_groups']} "
+              f"({summary['files_in_duplicate_groups']} files); files moved from the ideal "
+              f"counts by groups: {summary.get('files_moved_by_groups', 0)}")
+    for item in summary.get("skipped", []):
+        out.print(f"[yellow]skipped[/yellow] {item['file']}: {item['reason']}")
+    if summary.get("label_conflicts"):
+        out.print(f"[red]{summary['label_conflicts']} duplicate group(s) span classes[/red]; "
+                  "run `crystalscope data check` to see them")
+    out.print(f"manifest: {dest / 'manifest.csv'}")
+
+
+# -------------------------------------------------------------------------------- demo
+
+
+@app.command(epilog="Example: crystalscope demo crystalscope-demo/")
+def demo(
+    folder: Annotated[Path | None, typer.Argument(
+        help="New folder for everything the demo writes (default: a temporary folder).")]
+    = None,
+    per_class: Annotated[int, typer.Option(help="Synthetic crops per class.")] = 120,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run every stage on a small synthetic data set: synth, data check, split."""
+    from crystalscope.demo import run_demo
+
+    folder = folder or Path(tempfile.mkdtemp(prefix="crystalscope-demo-"))
+    written = run_demo(folder, per_class=per_class, seed=seed, say=out.print)
+    out.print("[bold]demo done[/bold]; it wrote:")
+    for name, path in written.items():
+        out.print(f"  {name}: {path}")
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app and turn errors into one line and an exit code."""
+    try:
+        result = app(args=argv, prog_name="crystalscope", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except CrystalscopeError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc} "
+                  "(run with --debug for the traceback)", highlight=False)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

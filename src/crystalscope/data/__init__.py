@@ -1,0 +1,1 @@
+"""The data stage: safe image loading, class folders, duplicates, splits, synthetic crops."""

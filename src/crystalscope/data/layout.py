@@ -1,0 +1,85 @@
+"""Class folders: a data set is a folder holding one sub-folder of images per class.
+
+Class names come from folder names, never from a fixed list. The Kaggle layout
+``archive/cropped/cropped/{cex,pg}`` is found by descending through folders that hold a single
+sub-folder and no images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from crystalscope.data.images import IMAGE_EXTENSIONS
+from crystalscope.errors import UserError
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class ClassFolder:
+    """One class: its name (the folder name) and its files, sorted by path."""
+
+    name: str
+    path: Path
+    files: tuple[Path, ...]
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Every regular file below ``folder`` (recursively), sorted; hidden ones skipped."""
+    files = (
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def is_image_name(path: Path) -> bool:
+    """True if the file name has an image extension (the content is checked when read)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_class_root(root: Path) -> Path:
+    """Return the folder whose sub-folders are the classes.
+
+    Descends through folders that hold exactly one sub-folder and no files, so that
+    ``archive/`` from Kaggle resolves to ``archive/cropped/cropped``.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise UserError(f"{root}: is a file; give a folder that holds one sub-folder per class")
+    current = root
+    while True:
+        children = [c for c in current.iterdir() if _visible(c)]
+        subdirs = [c for c in children if c.is_dir()]
+        if len(subdirs) == 1 and not any(c.is_file() for c in children):
+            current = subdirs[0]
+            continue
+        return current
+
+
+def read_class_folders(root: Path, *, min_classes: int = 2) -> list[ClassFolder]:
+    """Read the class folders below ``root``; refuse too few classes or an empty class."""
+    class_root = find_class_root(root)
+    subdirs = sorted((c for c in class_root.iterdir() if c.is_dir() and _visible(c)),
+                     key=lambda p: p.name)
+    classes = [ClassFolder(d.name, d, tuple(list_files(d))) for d in subdirs]
+    if len(classes) < min_classes:
+        found = ", ".join(c.name for c in classes) or "none"
+        raise UserError(
+            f"{class_root}: found {len(classes)} class folder(s) ({found}); need at least "
+            f"{min_classes}, one sub-folder of images per class (e.g. {root}/cex, {root}/pg)"
+        )
+    empty = [c.name for c in classes if not c.files]
+    if empty:
+        raise UserError(
+            f"{class_root}: class folder(s) {', '.join(empty)} hold no files; "
+            "remove them or add images"
+        )
+    return classes
