@@ -14,7 +14,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.table import Table
 
@@ -157,8 +156,8 @@ def _print_check(report: dict) -> None:
 
 
 @data_app.command("download",
-                  epilog="Example: KAGGLE_USERNAME=me KAGGLE_KEY=… crystalscope data download "
-                         "data/opencrystal")
+                  epilog="Example: crystalscope data download data/opencrystal   (with "
+                         "KAGGLE_USERNAME and KAGGLE_KEY set)")
 def data_download(
     dest: Annotated[Path, typer.Argument(metavar="DEST", help="New folder for the data set.")],
 ) -> None:
@@ -273,14 +272,14 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn errors into one line and an exit code."""
     try:
         result = app(args=argv, prog_name="crystalscope", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except click.ClickException as exc:  # usage errors: exit 2
+    except typer.TyperException as exc:  # usage errors (click's, vendored by Typer): exit 2
         exc.show()
-        sys.exit(exc.exit_code)
+        sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

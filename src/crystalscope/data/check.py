@@ -73,17 +73,14 @@ def inspect_file(path: Path, class_name: str) -> FileRecord:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", FormatMismatchWarning)
-            with Image.open(path) as raw:
-                record.format, record.mode = raw.format, raw.mode
             image = load_image(path)
-        if caught:
-            record.warning = str(caught[0].message)
+        with Image.open(path) as raw:  # the stored format and mode, before conversion
+            record.format, record.mode = raw.format, raw.mode
     except ImageLoadError as exc:
         record.error = exc.reason
         return record
-    except OSError as exc:  # PIL could not even identify the file
-        record.error = f"not an image ({exc})"
-        return record
+    if caught:
+        record.warning = str(caught[0].message)
     record.width, record.height = image.size
     gray = np.asarray(image.convert("L"))
     record.pixel_digest = pixel_digest(gray)

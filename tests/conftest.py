@@ -1,0 +1,42 @@
+"""Shared fixtures: the real sample crops and small synthetic data sets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from crystalscope.data.synth import SynthSettings, synthesize
+
+SAMPLES = Path(__file__).parent / "data" / "opencrystal"
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """The 14 public sample crops (CEX (n).png, PG (n).png), read-only."""
+    return SAMPLES
+
+
+@pytest.fixture()
+def sample_classes(tmp_path: Path) -> Path:
+    """The samples arranged as class folders: tmp/cex/*.png, tmp/pg/*.png."""
+    for image in SAMPLES.glob("*.png"):
+        folder = tmp_path / "samples" / image.name.split(" ")[0].lower()
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder / image.name)
+    return tmp_path / "samples"
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 crops per class with 2 rotated copies per PG crop (read-only: copy before changing)."""
+    out = tmp_path_factory.mktemp("synthetic") / "images"
+    synthesize(out, SynthSettings(per_class=60, size=64, dihedral_copies=2, seed=3), workers=1)
+    return out
+
+
+@pytest.fixture()
+def synthetic_copy(synthetic_set: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic set that a test may move or change."""
+    return Path(shutil.copytree(synthetic_set, tmp_path / "images"))

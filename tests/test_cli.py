@@ -1,0 +1,82 @@
+"""The command line as a user meets it: help, exit codes, one-line errors, the demo."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMMANDS = [["synth"], ["data", "check"], ["data", "download"], ["split"], ["demo"]]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystalscope.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.returncode == 0
+    assert "Example: crystalscope" in result.stdout
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, code: int, words: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0], result.stderr
+
+
+def test_user_mistakes_exit_2_with_one_line(tmp_path: Path) -> None:
+    _assert_one_line_error(run("data", "check", str(tmp_path / "nope")), 2, "no such folder")
+    _assert_one_line_error(run("split", str(tmp_path / "nope"), str(tmp_path / "d")), 2,
+                           "no such folder")
+    _assert_one_line_error(run("synth", str(tmp_path / "s"), "--difficulty", "x"), 2,
+                           "--difficulty")
+    result = run("split", "a")  # missing argument: click's usage error, exit 2
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_download_without_credentials_prints_the_manual_steps(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "crystalscope.cli", "data", "download", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KAGGLE_CONFIG_DIR": str(tmp_path)},
+    )
+    _assert_one_line_error(result, 2, "no Kaggle credentials")
+    assert "kaggle.com/datasets/opencrystaldata/cephalexin-reactive-crystallization" in \
+        result.stderr.replace("\n", "")
+    assert not (tmp_path / "data").exists()
+
+
+def test_check_json_and_strict(sample_classes: Path) -> None:
+    result = run("data", "check", str(sample_classes), "--json", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["readable"] == 14 and len(report["duplicate_groups"]) == 2
+    (sample_classes / "pg" / "bad.png").write_bytes(b"")
+    assert run("data", "check", str(sample_classes), "--strict").returncode == 1
+    table = run("data", "check", str(sample_classes))
+    assert table.returncode == 0 and "bad.png" in table.stdout and "cex" in table.stdout
+
+
+def test_split_refuses_link_and_move_together(synthetic_set: Path, tmp_path: Path) -> None:
+    _assert_one_line_error(run("split", str(synthetic_set), str(tmp_path / "d"), "--link",
+                               "--move"), 2, "choose one")
+
+
+def test_unexpected_errors_are_one_line_unless_debug(tmp_path: Path) -> None:
+    bad = tmp_path / "dest-is-a-file"
+    bad.write_text("x")
+    _assert_one_line_error(run("synth", str(bad)), 2, "not an empty folder")
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = run("demo", str(tmp_path / "demo"), "--per-class", "30")
+    assert result.returncode == 0, result.stderr
+    assert "demo done" in result.stdout
+    assert (tmp_path / "demo" / "splits" / "manifest.csv").is_file()
+    report = json.loads((tmp_path / "demo" / "splits" / "split.json").read_text())
+    assert report["status"] == "complete"

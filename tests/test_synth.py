@@ -1,0 +1,99 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from crystalscope.data.dedupe import dihedral_arrays
+from crystalscope.data.synth import SynthSettings, parse_difficulty, render_group, synthesize
+from crystalscope.errors import UserError
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path) -> None:
+    settings = SynthSettings(per_class=6, size=48, dihedral_copies=1, seed=4)
+    synthesize(tmp_path / "a", settings, workers=1)
+    synthesize(tmp_path / "b", settings, workers=2)
+    synthesize(tmp_path / "c", SynthSettings(per_class=6, size=48, dihedral_copies=1, seed=5),
+               workers=1)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 12
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert any((tmp_path / "a" / n).read_bytes() != (tmp_path / "c" / n).read_bytes()
+               for n in files)
+
+
+def test_names_sizes_and_modes_follow_the_public_data(tmp_path: Path) -> None:
+    summary = synthesize(tmp_path / "s", SynthSettings(per_class=30, seed=1), workers=1)
+    cex = [Image.open(tmp_path / "s" / "cex" / f"CEX ({n}).png") for n in range(1, 31)]
+    pg = [Image.open(tmp_path / "s" / "pg" / f"PG ({n}).png") for n in range(1, 31)]
+    assert {im.size for im in cex} == {(151, 151)}
+    assert all(im.mode == "L" for im in cex + pg)
+    sides = [side for im in pg for side in im.size]
+    assert 131 <= min(sides) and max(sides) <= 230 and len(set(sides)) > 10
+    assert json.loads((tmp_path / "s" / "synth.json").read_text()) == summary
+
+
+def test_uniform_size_removes_size_as_a_shortcut(tmp_path: Path) -> None:
+    synthesize(tmp_path / "u", SynthSettings(per_class=8, uniform_size=64), workers=1)
+    assert {Image.open(p).size for p in (tmp_path / "u").rglob("*.png")} == {(64, 64)}
+
+
+def test_dihedral_copies_are_exact_rotations_with_consecutive_numbers(tmp_path: Path) -> None:
+    synthesize(tmp_path / "d", SynthSettings(per_class=8, size=48, dihedral_copies=3), workers=1)
+    folder = tmp_path / "d" / "pg"
+    first = np.asarray(Image.open(folder / "PG (1).png"))
+    variants = [v.tobytes() for v in dihedral_arrays(first)]
+    for number in (2, 3, 4):
+        copy = np.asarray(Image.open(folder / f"PG ({number}).png"))
+        assert copy.tobytes() in variants and copy.tobytes() != first.tobytes()
+    fifth = np.asarray(Image.open(folder / "PG (5).png"))
+    assert fifth.tobytes() not in variants
+    cex = [np.asarray(Image.open(p)).tobytes() for p in (tmp_path / "d" / "cex").glob("*.png")]
+    assert len(set(cex)) == 8  # CEX gets no copies
+
+
+def _pixel_statistics(image: np.ndarray) -> list[float]:
+    a = image.astype(np.float32)
+    return [a.mean(), a.std(), *np.percentile(a, [5, 25, 50, 75, 95, 99]),
+            (a > 200).mean(), (a > 240).mean()]
+
+
+def _accuracy(difficulty: float) -> float:
+    settings = SynthSettings(difficulty=difficulty, uniform_size=96, seed=11)
+    features, labels = [], []
+    for label, name in enumerate(("cex", "pg")):
+        for number in range(1, 151):
+            features.append(_pixel_statistics(render_group(name, number, settings)[0]))
+            labels.append(label)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    return float(cross_val_score(model, np.array(features), np.array(labels), cv=5).mean())
+
+
+def test_task_is_learnable_but_not_trivial_when_hard() -> None:
+    easy, hard = _accuracy(0.0), _accuracy(1.0)
+    assert easy >= 0.95
+    assert 0.65 <= hard <= 0.95  # clearly above chance (0.5), clearly not perfect
+    assert hard < easy
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    assert parse_difficulty("hard") == 1.0 and parse_difficulty("0.25") == 0.25
+    for text in ("extreme", "1.5"):
+        with pytest.raises(UserError, match="--difficulty"):
+            parse_difficulty(text)
+    for settings, word in [(SynthSettings(per_class=0), "--per-class"),
+                           (SynthSettings(dihedral_copies=8), "--dihedral-copies"),
+                           (SynthSettings(size=8), "--size")]:
+        with pytest.raises(UserError, match=word):
+            synthesize(tmp_path / "x", settings)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="not an empty folder"):
+        synthesize(tmp_path / "full", SynthSettings(per_class=2))
+    assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
