@@ -53,7 +53,8 @@ def test_ratio_parsing() -> None:
 
 def _by_split(dest: Path) -> dict[str, set[str]]:
     rows = read_manifest(dest / MANIFEST_NAME)
-    return {split: {r.dest for r in rows if r.split == split} for split in ("train", "valid", "test")}
+    return {split: {r.dest for r in rows if r.split == split}
+            for split in ("train", "valid", "test")}
 
 
 def test_groups_never_straddle_splits_and_counts_move_by_fewest_files(
@@ -107,7 +108,7 @@ def test_sorted_order_reproduces_the_original_lexicographic_split(tmp_path: Path
     assert result.report["files_moved_by_groups"] == 0
     splits = _by_split(result.dest)
     for name in ("cex", "pg"):
-        files = sorted(os.listdir(src / name))  # the original project's ordering
+        files = sorted(os.listdir(src / name))  # noqa: PTH208 - the original project's ordering
         train, valid = int(len(files) * 0.7), int(len(files) * 0.25)
         expected = {"train": files[:train], "valid": files[train:train + valid],
                     "test": files[train + valid:]}
@@ -205,7 +206,7 @@ def test_bad_inputs_give_clear_errors(synthetic_set: Path, tmp_path: Path) -> No
         split_dataset(one_class, tmp_path / "d3")
     for number in (1, 4, 7):  # three PG crops from different duplicate groups
         shutil.copy(synthetic_set / "pg" / f"PG ({number}).png", one_class / "pg")
-    with pytest.raises(UserError, match="class 'pg' has 3 readable image.*at least 4"):
+    with pytest.raises(UserError, match=r"class 'pg' has 3 readable image.*at least 4"):
         split_dataset(one_class, tmp_path / "d4")
     with pytest.raises(UserError, match="inside the source folder"):
         split_dataset(one_class, one_class / "splits")
@@ -214,7 +215,7 @@ def test_bad_inputs_give_clear_errors(synthetic_set: Path, tmp_path: Path) -> No
     (full / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         split_dataset(synthetic_set, full)
-    with pytest.raises(UserError, match="no manifest.csv"):
+    with pytest.raises(UserError, match=r"no manifest\.csv"):
         split_dataset(synthetic_set, full, resume=True)
     assert (full / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "d1").exists() and not (tmp_path / "d4").exists()

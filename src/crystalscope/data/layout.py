@@ -72,6 +72,9 @@ def read_class_folders(root: Path, *, min_classes: int = 2) -> list[ClassFolder]
     classes = [ClassFolder(d.name, d, tuple(list_files(d))) for d in subdirs]
     if len(classes) < min_classes:
         found = ", ".join(c.name for c in classes) or "none"
+        loose = [p for p in class_root.iterdir() if p.is_file() and is_image_name(p)]
+        if loose:
+            found += f"; {len(loose)} images lie directly in it"
         raise UserError(
             f"{class_root}: found {len(classes)} class folder(s) ({found}); need at least "
             f"{min_classes}, one sub-folder of images per class (e.g. {root}/cex, {root}/pg)"
