@@ -244,6 +244,93 @@ def split(
     out.print(f"manifest: {dest / 'manifest.csv'}")
 
 
+# ------------------------------------------------------------------------------- train
+
+
+@app.command(epilog="Example: crystalscope train splits/ --model resnet18 --image-size 64 "
+                    "--weights none --epochs 5 --name quick")
+def train(
+    data: Annotated[Path | None, typer.Argument(
+        metavar="DATA", help="Split folder with train/ and valid/ (from `crystalscope split`).")]
+    = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with any of these options.")]
+    = None,
+    recipe: Annotated[str | None, typer.Option(
+        help="fast (default: ours) or georgia (the original project's settings).")] = None,
+    model: Annotated[str | None, typer.Option(help="Any timm model name, e.g. resnet101.")]
+    = None,
+    weights: Annotated[str | None, typer.Option(
+        help="imagenet (needs internet), none (random init) or a local weights file.")] = None,
+    trainable: Annotated[float | None, typer.Option(
+        help="Fraction of the backbone's layers, from the top, that train.")] = None,
+    head: Annotated[str | None, typer.Option(help="mlp (the original's) or linear.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input side in pixels.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw.")] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="none or cosine.")] = None,
+    augmentation: Annotated[str | None, typer.Option(help="none, dihedral or georgia.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Most epochs to train.")] = None,
+    f1_threshold: Annotated[float | None, typer.Option(
+        help="Stop once every class's validation F1 reaches this.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without a lower val loss "
+                                                      "before stopping.")] = None,
+    fraction: Annotated[float | None, typer.Option(
+        help="Train on this fraction of the images (a quick rehearsal).")] = None,
+    class_weights: Annotated[str | None, typer.Option(help="none or auto (inverse frequency).")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, data and machine: same "
+                                                  "metrics.")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="cpu, gpu, auto … (Lightning).")]
+    = None,
+    devices: Annotated[str | None, typer.Option(help="Number of devices or auto.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="auto, ddp, fsdp … (Lightning).")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Machines (Lightning).")] = None,
+    precision: Annotated[str | None, typer.Option(help="32-true, bf16-mixed, 16-mixed.")]
+    = None,
+    compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the model (GPU).")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(help="Parent folder of runs.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (default <model>-<date>-<time>).")]
+    = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue this run directory from its last checkpoint.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Fine-tune a timm backbone on a split folder; write runs/<name>/.
+
+    Every epoch prints precision, recall and F1 per class (train and valid) and appends a row
+    to metrics.csv. Training stops when every class's validation F1 reaches --f1-threshold or
+    the validation loss stops improving; the checkpoint with the best validation macro F1 is
+    kept. The test split is not touched here.
+    """
+    from crystalscope.config import resolve_train_config
+    from crystalscope.train.run import train as train_run
+
+    options = {k: v for k, v in locals().items()
+               if k not in ("config", "resume", "as_json", "resolve_train_config", "train_run")}
+    if resume is None:
+        if data is None:
+            raise UserError("give the split folder DATA, or --resume RUN")
+        settings = resolve_train_config(options, config)
+    else:
+        settings = None
+    result = train_run(settings, resume=resume)  # type: ignore[arg-type]
+    summary = {"run": str(result.run_dir), "epochs": result.epochs,
+               "best_val_f1_macro": result.best_val_f1_macro,
+               "stopped_by_f1_threshold": result.stopped_by_f1, "seconds": round(result.seconds, 1)}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        best = result.best_val_f1_macro
+        out.print(f"run {result.run_dir}: {result.epochs} epochs in {result.seconds:.1f} s, best "
+                  f"validation macro F1 {best:.4f}" if best is not None else
+                  f"run {result.run_dir}: {result.epochs} epochs")
+
+
 # -------------------------------------------------------------------------------- demo
 
 

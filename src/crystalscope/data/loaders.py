@@ -1,0 +1,205 @@
+"""Torch data for training: each image decoded once into a uint8 cache, augmented as a tensor.
+
+A split folder (``train/valid/test/<class>/…``) becomes one :class:`CachedImages` per split.
+Images are read with the project's safe loader, squashed to ``size`` x ``size`` (bilinear, as
+Keras' directory loader does) and kept as a (N, 3, S, S) uint8 tensor, so later epochs never
+decode a PNG. Normalisation happens in the model, on the device, so batches travel as uint8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from crystalscope.data.images import ImageLoadError, load_image
+from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
+from crystalscope.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SplitFolder:
+    """A split folder's class names and, per split, its (path, label) pairs."""
+
+    root: Path
+    classes: list[str]
+    items: dict[str, list[tuple[Path, int]]]
+
+
+def read_split_folder(root: Path, *, need: tuple[str, ...] = ("train", "valid")) -> SplitFolder:
+    """Read ``root/{train,valid,test}/<class>/``; the same class names in every split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder; give the DEST folder of `crystalscope split`")
+    for split in need:
+        if not (root / split).is_dir():
+            raise UserError(f"{root}: has no {split}/ folder; make one with "
+                            f"`crystalscope split IMAGES {root}`")
+    present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
+    classes_per_split = {s: sorted(d.name for d in (root / s).iterdir()
+                                   if d.is_dir() and not d.name.startswith("."))
+                         for s in present}
+    classes = classes_per_split[present[0]]
+    for split, names in classes_per_split.items():
+        if names != classes:
+            raise UserError(f"{root}: class folders differ between splits ({present[0]}: "
+                            f"{', '.join(classes)}; {split}: {', '.join(names)})")
+    if len(classes) < 2:
+        raise UserError(f"{root}/train: needs at least 2 class folders, found {len(classes)}")
+    items = {}
+    for split in present:
+        items[split] = [(path, label) for label, name in enumerate(classes)
+                        for path in list_files(root / split / name) if is_image_name(path)]
+        if split in need:
+            empty = [n for n in classes
+                     if not any(lbl == classes.index(n) for _, lbl in items[split])]
+            if empty:
+                raise UserError(f"{root}/{split}: class folder(s) {', '.join(empty)} hold no "
+                                "images")
+    return SplitFolder(root=root, classes=classes, items=items)
+
+
+def decode_resized(path: Path, size: int) -> np.ndarray:
+    """One image as a (3, size, size) uint8 array (grayscale repeated to 3 channels)."""
+    image = load_image(path, warn_on_mismatch=False).convert("RGB")
+    image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image).transpose(2, 0, 1).copy()
+
+
+def build_cache(items: list[tuple[Path, int]], size: int,
+                progress: Callable[[int], None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode every image once: (N, 3, S, S) uint8 images, (N,) labels, and skipped files."""
+    images = torch.empty((len(items), 3, size, size), dtype=torch.uint8)
+    labels, skipped, kept = [], [], 0
+    for path, label in items:
+        try:
+            images[kept] = torch.from_numpy(decode_resized(path, size))
+        except ImageLoadError as exc:
+            skipped.append(str(exc))
+        else:
+            labels.append(label)
+            kept += 1
+        if progress:
+            progress(1)
+    return images[:kept], torch.tensor(labels, dtype=torch.long), skipped
+
+
+class CachedImages(Dataset):
+    """Cached uint8 images with an optional tensor augmentation per sample."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        return image, self.labels[index]
+
+
+class Dihedral(torch.nn.Module):
+    """A random one of the 8 rotations/flips: crops have no up or down."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        k = int(torch.randint(0, 4, ()).item())
+        image = torch.rot90(image, k, dims=(-2, -1))
+        if torch.rand(()) < 0.5:
+            image = torch.flip(image, dims=(-1,))
+        return image
+
+
+def make_augmentation(kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``none``; ``dihedral`` (rotations/flips); ``georgia`` (the original Keras settings:
+    rotation ±30°, shifts 0.2, zoom 0.3, horizontal and vertical flips)."""
+    if kind == "none":
+        return None
+    if kind == "dihedral":
+        return Dihedral()
+    if kind == "georgia":
+        return v2.Compose([
+            v2.RandomAffine(degrees=30, translate=(0.2, 0.2), scale=(0.7, 1.3)),
+            v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+        ])
+    raise UserError(f"augmentation {kind!r}: use none, dihedral or georgia")
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Train and validation data from a split folder, decoded once into RAM."""
+
+    def __init__(self, root: Path, *, image_size: int, batch_size: int, augmentation: str,
+                 fraction: float = 1.0, num_workers: int = 0, seed: int = 0,
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None) -> None:
+        super().__init__()
+        self.folder = read_split_folder(root)
+        self.classes = self.folder.classes
+        self.image_size, self.batch_size = image_size, batch_size
+        self.augmentation, self.fraction = augmentation, fraction
+        self.num_workers, self.seed, self.progress = num_workers, seed, progress
+        self.train_set: CachedImages | None = None
+        self.val_set: CachedImages | None = None
+        self.skipped: list[str] = []
+
+    def _subset(self, items: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+        if self.fraction >= 1.0:
+            return items
+        rng = np.random.default_rng(self.seed)
+        keep = []
+        for label in sorted({lbl for _, lbl in items}):  # stratified: every class keeps some
+            mine = [it for it in items if it[1] == label]
+            count = max(1, math.ceil(len(mine) * self.fraction))
+            keep += [mine[i] for i in sorted(rng.choice(len(mine), count, replace=False))]
+        return keep
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        sets = {}
+        for split in ("train", "valid"):
+            items = self._subset(self.folder.items[split])
+            report = self.progress(f"decode {split}", len(items)) if self.progress else None
+            images, labels, skipped = build_cache(items, self.image_size, report)
+            self.skipped += skipped
+            sets[split] = (images, labels)
+        train_images, train_labels = sets["train"]
+        if len(train_labels) < self.batch_size:
+            raise UserError(f"{self.folder.root}/train: {len(train_labels)} images is fewer "
+                            f"than the batch size {self.batch_size}; use a smaller --batch-size")
+        self.train_set = CachedImages(train_images, train_labels,
+                                      make_augmentation(self.augmentation))
+        self.val_set = CachedImages(*sets["valid"])
+
+    def class_counts(self) -> list[int]:
+        assert self.train_set is not None
+        return torch.bincount(self.train_set.labels, minlength=len(self.classes)).tolist()
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                          drop_last=shuffle and len(dataset) > self.batch_size,
+                          num_workers=self.num_workers, generator=generator,
+                          persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,129 @@
+"""Backbones from timm, where their weights come from, and which part of them trains.
+
+``--weights imagenet`` asks timm for its pretrained weights (from the Hugging Face hub, so it
+needs internet); ``--weights PATH`` loads a local timm / torchvision / safetensors file through
+timm's own loader; ``--weights none`` starts from random weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from crystalscope.errors import UserError
+
+
+def create_backbone(name: str, weights: str = "none") -> nn.Module:
+    """A timm model without its classifier: input images -> pooled feature vector.
+
+    ``weights`` is ``"imagenet"``, ``"none"`` or a path to a local weights file.
+    """
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"--model {name}: not a timm model{hint}; see timm.list_models()")
+    kwargs = {"num_classes": 0, "global_pool": "avg"}
+    if weights == "none":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if weights == "imagenet":
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # offline, hub down, no such weights: all need the same advice
+            raise UserError(
+                f"--weights imagenet: could not fetch the pretrained weights of {name} "
+                f"({type(exc).__name__}); on a machine with internet run "
+                f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` "
+                "and copy the model.safetensors file from the Hugging Face cache "
+                "(~/.cache/huggingface/hub), or download it from the model's page, then pass "
+                "--weights path/to/model.safetensors"
+            ) from exc
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"--weights {weights}: use imagenet, none, or the path of a weights file "
+                        "(.safetensors, .pth, .bin)")
+    try:
+        return timm.create_model(name, pretrained=True,
+                                 pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    except Exception as exc:
+        raise UserError(f"--weights {path}: not loadable into {name} ({type(exc).__name__}: "
+                        f"{str(exc)[:200]})") from exc
+
+
+def parameter_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters directly (convolutions, norms, linears), in model order.
+
+    These are the "layers" that ``--trainable`` counts, like Keras counts layers.
+    """
+    return [(name, m) for name, m in module.named_modules()
+            if any(True for _ in m.parameters(recurse=False))]
+
+
+def freeze_fraction(backbone: nn.Module, trainable: float) -> list[str]:
+    """Freeze all but the top ``trainable`` fraction of the backbone's layers.
+
+    Returns the names of the layers that stay trainable. Frozen parameters get
+    ``requires_grad=False``; :func:`set_frozen_norms_eval` keeps their norm layers in eval mode.
+    """
+    if not 0.0 <= trainable <= 1.0:
+        raise UserError(f"--trainable {trainable}: give a fraction between 0 and 1")
+    layers = parameter_layers(backbone)
+    keep = round(trainable * len(layers))
+    trainable_names = []
+    for index, (name, layer) in enumerate(layers):
+        train_it = index >= len(layers) - keep
+        for parameter in layer.parameters(recurse=False):
+            parameter.requires_grad_(train_it)
+        if train_it:
+            trainable_names.append(name)
+    return trainable_names
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def set_frozen_norms_eval(module: nn.Module) -> None:
+    """Put norm layers whose parameters are frozen in eval mode (running stats stay fixed)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            params = list(layer.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                layer.eval()
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def make_head(in_features: int, num_classes: int, kind: str = "mlp") -> nn.Module:
+    """The classification head: the original project's MLP, or a plain linear layer."""
+    if kind == "linear":
+        return nn.Linear(in_features, num_classes)
+    if kind != "mlp":
+        raise UserError(f"--head {kind}: use mlp or linear")
+    return nn.Sequential(
+        nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.BatchNorm1d(512),
+        nn.Dropout(0.4), nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(0.3),
+        nn.Linear(256, num_classes),
+    )
+
+
+class Classifier(nn.Module):
+    """Backbone + head: images (N, 3, H, W) normalised -> one logit per class."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head: str = "mlp") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = make_head(backbone.num_features, num_classes, head)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (the embedding used by index/similar/explore)."""
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))

@@ -1,0 +1,140 @@
+"""The LightningModule: the classifier, its loss, optimiser and class-wise metrics.
+
+Metrics come from torchmetrics, so they are right under DDP (states are synchronised across
+processes before ``compute``). Frozen BatchNorm layers stay in eval mode while training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from crystalscope.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from crystalscope.model.backbones import (
+    Classifier,
+    create_backbone,
+    freeze_fraction,
+    set_frozen_norms_eval,
+)
+
+
+def _metrics(num_classes: int) -> MetricCollection:
+    per_class = {"average": "none", "num_classes": num_classes}
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+        "precision": MulticlassPrecision(**per_class),
+        "recall": MulticlassRecall(**per_class),
+        "f1": MulticlassF1Score(**per_class),
+        "precision_macro": MulticlassPrecision(num_classes=num_classes, average="macro"),
+        "recall_macro": MulticlassRecall(num_classes=num_classes, average="macro"),
+        "f1_macro": MulticlassF1Score(num_classes=num_classes, average="macro"),
+        "precision_weighted": MulticlassPrecision(num_classes=num_classes, average="weighted"),
+        "recall_weighted": MulticlassRecall(num_classes=num_classes, average="weighted"),
+        "f1_weighted": MulticlassF1Score(num_classes=num_classes, average="weighted"),
+    })
+
+
+class CrystalClassifier(L.LightningModule):
+    """A timm backbone + head, trained with cross-entropy; images arrive as uint8."""
+
+    def __init__(self, *, model: str, classes: list[str], weights: str = "none",
+                 head: str = "mlp", trainable: float = 1.0, optimizer: str = "adamw",
+                 lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 scheduler: str = "none", max_epochs: int = 10,
+                 class_weights: list[float] | None = None, channels_last: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.classes = list(classes)
+        backbone = create_backbone(model, weights)
+        self.trainable_layers = freeze_fraction(backbone, trainable)
+        self.net = Classifier(backbone, len(classes), head)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.loss = nn.CrossEntropyLoss(weight=weight)
+        self.train_metrics = _metrics(len(classes))
+        self.val_metrics = _metrics(len(classes))
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.epoch_results: dict[str, Any] = {}
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> normalised float, channels_last if configured."""
+        x = (images.float() - self.mean) / self.std
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(images))
+
+    def train(self, mode: bool = True) -> CrystalClassifier:
+        super().train(mode)
+        if mode:
+            set_frozen_norms_eval(self.net.backbone)
+        return self
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection,
+              loss_metric: MeanMetric) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss(logits, labels)
+        metrics.update(logits.detach(), labels)
+        loss_metric.update(loss.detach(), weight=len(labels))
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _index: int) -> torch.Tensor:
+        loss = self._step(batch, self.train_metrics, self.train_loss)
+        self.log("train_loss_step", loss, prog_bar=True, logger=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _index: int) -> None:
+        self._step(batch, self.val_metrics, self.val_loss)
+
+    def _flatten(self, prefix: str, metrics: MetricCollection, loss: MeanMetric) -> dict:
+        values = {f"{prefix}_loss": float(loss.compute())}
+        for name, value in metrics.compute().items():
+            if value.ndim == 0:
+                values[f"{prefix}_{name}"] = float(value)
+            else:
+                for class_name, v in zip(self.classes, value.tolist(), strict=True):
+                    values[f"{prefix}_{name}_{class_name}"] = float(v)
+        metrics.reset()
+        loss.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        # Validation runs after the epoch's last training batch, so both are complete here;
+        # callbacks read ``epoch_results`` in on_train_epoch_end, which comes next.
+        if self.trainer.sanity_checking:
+            self.val_metrics.reset()
+            self.val_loss.reset()
+            return
+        values = {**self._flatten("train", self.train_metrics, self.train_loss),
+                  **self._flatten("val", self.val_metrics, self.val_loss)}
+        self.epoch_results = {"epoch": self.current_epoch, **values}
+        self.log_dict(values, sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum,
+                                        weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "cosine":
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.max_epochs)
+            return {"optimizer": optimizer, "lr_scheduler": schedule}
+        return optimizer

@@ -1,0 +1,1 @@
+"""Training: named recipes, callbacks, and the run that ties data, model and Lightning together."""

@@ -1,0 +1,199 @@
+"""Training: learnability, F1 early stop, determinism, freezing, resume after kill, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from crystalscope.config import TrainConfig, resolve_train_config
+from crystalscope.data.split import split_dataset
+from crystalscope.data.synth import SynthSettings, synthesize
+from crystalscope.errors import UserError
+from crystalscope.model.backbones import create_backbone, freeze_fraction, parameter_layers
+from crystalscope.model.classifier import CrystalClassifier
+from crystalscope.train.run import class_weights, train
+
+TINY = {"model": "resnet18", "weights": "none", "image_size": 64, "trainable": 1.0,
+        "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "scheduler": "none",
+        "augmentation": "dihedral", "num_workers": 0, "accelerator": "cpu", "devices": "1"}
+
+
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    synthesize(root / "images", SynthSettings(per_class=120, size=64, difficulty=0.3, seed=2),
+               workers=2)
+    split_dataset(root / "images", root / "splits", workers=2)
+    return root / "splits"
+
+
+def _config(data: Path, runs: Path, **overrides: object) -> TrainConfig:
+    return resolve_train_config({"data": data, "runs_dir": runs, **TINY, **overrides})
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_tiny_model_learns_and_stops_on_the_f1_threshold(split_folder: Path,
+                                                         tmp_path: Path) -> None:
+    config = _config(split_folder, tmp_path, epochs=20, f1_threshold=0.95, name="learn")
+    result = train(config, quiet=True)
+    rows = _rows(result.run_dir)
+    assert result.best_val_f1_macro is not None and result.best_val_f1_macro >= 0.95
+    assert result.stopped_by_f1 and len(rows) < 20
+    last = rows[-1]  # stopped at the first epoch where every class reached the threshold
+    assert float(last["val_f1_cex"]) >= 0.95 and float(last["val_f1_pg"]) >= 0.95
+    assert all(min(float(r["val_f1_cex"]), float(r["val_f1_pg"])) < 0.95 for r in rows[:-1])
+    assert (result.run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (result.run_dir / "checkpoints" / "last.ckpt").is_file()
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["model"] == "resnet18" and saved["f1_threshold"] == 0.95
+    assert (result.run_dir / "logs" / "metrics.csv").is_file()
+
+
+def test_same_seed_same_metrics(split_folder: Path, tmp_path: Path) -> None:
+    runs = [train(_config(split_folder, tmp_path, epochs=2, fraction=0.5, name=f"r{i}",
+                          seed=7), quiet=True) for i in range(2)]
+    first, second = (_rows(r.run_dir) for r in runs)
+    strip = [{k: v for k, v in row.items() if k != "elapsed_s"} for row in first]
+    assert strip == [{k: v for k, v in row.items() if k != "elapsed_s"} for row in second]
+    other = train(_config(split_folder, tmp_path, epochs=2, fraction=0.5, name="r3", seed=8),
+                  quiet=True)
+    assert _rows(other.run_dir)[0]["train_loss"] != first[0]["train_loss"]
+
+
+def test_trainable_fraction_of_resnet101_is_about_its_last_stage() -> None:
+    backbone = create_backbone("resnet101", "none")
+    names = freeze_fraction(backbone, 0.10)
+    layers = parameter_layers(backbone)
+    assert len(layers) == 208 and len(names) == 21
+    assert all(n.startswith("layer4.") for n in names[1:]) and names[0] == "layer3.22.bn3"
+    assert sum(n.startswith("layer4.") for n, _ in layers) == 20  # all of stage 5 trains
+    frozen = [p for n, m in layers if n not in names for p in m.parameters(recurse=False)]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert freeze_fraction(create_backbone("resnet18", "none"), 0.0) == []
+
+
+def test_frozen_layers_and_their_batchnorm_stay_fixed_while_training() -> None:
+    module = CrystalClassifier(model="resnet18", classes=["a", "b"], trainable=0.25,
+                               optimizer="sgd", lr=0.1, channels_last=False)
+    module.train()
+    stem_bn = module.net.backbone.bn1
+    assert not stem_bn.training and module.net.backbone.layer4[1].bn2.training
+    before = {k: v.clone() for k, v in module.net.backbone.state_dict().items()}
+    optimizer = module.configure_optimizers()
+    images = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+    loss = module.loss(module(images), torch.tensor([0, 1] * 4))
+    loss.backward()
+    optimizer.step()
+    after = module.net.backbone.state_dict()
+    for key in ("conv1.weight", "bn1.weight", "bn1.running_mean", "layer1.0.conv1.weight"):
+        assert torch.equal(before[key], after[key]), key
+    # timm zero-initialises the last BN of each block, so its weight is what moves first
+    assert not torch.equal(before["layer4.1.bn2.weight"], after["layer4.1.bn2.weight"])
+
+
+def test_resume_after_kill(split_folder: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "crystalscope.cli", "train", str(split_folder),
+               "--runs-dir", str(tmp_path), "--name", "killed", "--epochs", "6",
+               "--f1-threshold", "1.0", "--patience", "50", "--fraction", "0.5",
+               *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # 2 epochs done
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(_rows(tmp_path / "killed"))
+    assert 2 <= done_before < 6, "the kill should land mid-run"
+    result = train(None, resume=tmp_path / "killed", quiet=True)
+    epochs = [int(r["epoch"]) for r in _rows(result.run_dir)]
+    assert epochs == list(range(1, len(epochs) + 1))
+    assert epochs[-1] == 6 or result.stopped_by_f1
+
+
+def test_class_weights_auto() -> None:
+    assert class_weights([30, 10]) == [40 / 60, 40 / 20]
+    assert class_weights([5, 5, 5]) == [1.0, 1.0, 1.0]
+
+
+def test_config_file_and_recipes(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"recipe": "georgia", "epochs": 3}))
+    config = resolve_train_config({"data": tmp_path, "lr": 0.05}, path)
+    assert (config.model, config.image_size, config.trainable, config.optimizer) == \
+           ("resnet101", 224, 0.10, "sgd")
+    assert config.epochs == 3 and config.lr == 0.05 and config.augmentation == "georgia"
+    assert resolve_train_config({"data": tmp_path}).model == "resnet50"
+    with pytest.raises(UserError, match="--recipe"):
+        resolve_train_config({"data": tmp_path, "recipe": "nope"})
+    with pytest.raises(UserError, match="--batch-size"):
+        resolve_train_config({"data": tmp_path, "batch_size": 0})
+    path.write_text("[1, 2]")
+    with pytest.raises(UserError, match="mapping"):
+        resolve_train_config({"data": tmp_path}, path)
+
+
+def test_bad_inputs(split_folder: Path, tmp_path: Path) -> None:
+    no_valid = tmp_path / "no_valid"
+    shutil.copytree(split_folder / "train", no_valid / "train")
+    with pytest.raises(UserError, match="no valid/ folder"):
+        train(_config(no_valid, tmp_path), quiet=True)
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(split_folder, mismatch)
+    (mismatch / "valid" / "pg").rename(mismatch / "valid" / "phenylglycine")
+    with pytest.raises(UserError, match="class folders differ"):
+        train(_config(mismatch, tmp_path), quiet=True)
+    with pytest.raises(UserError, match="not a timm model"):
+        train(_config(split_folder, tmp_path, model="resnet9999"), quiet=True)
+    with pytest.raises(UserError, match="fewer than the batch size"):
+        train(_config(split_folder, tmp_path, batch_size=10_000), quiet=True)
+    with pytest.raises(UserError, match="not a run directory"):
+        train(None, resume=tmp_path / "nothing", quiet=True)
+    bad_weights = tmp_path / "w.safetensors"
+    bad_weights.write_bytes(b"not weights")
+    with pytest.raises(UserError, match="not loadable"):
+        create_backbone("resnet18", str(bad_weights))
+    assert not any((tmp_path / name).exists() for name in ("resnet18",))
+
+
+def test_imagenet_weights_offline_say_how_to_pass_a_local_file(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-crystalscope-cache")
+    with pytest.raises(UserError, match="--weights path/to/model.safetensors"):
+        create_backbone("resnet18", "imagenet")
+
+
+def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = create_backbone("resnet18", "none")
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = create_backbone("resnet18", str(path))
+    assert torch.equal(loaded.conv1.weight, source.conv1.weight)
+
+
+def test_existing_run_is_never_overwritten(split_folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "note.txt").write_text("mine")
+    with pytest.raises(UserError, match="a run of that name exists"):
+        train(_config(split_folder, tmp_path, name="taken"), quiet=True)
+    assert (tmp_path / "taken" / "note.txt").read_text() == "mine"
+    assert os.listdir(tmp_path / "taken") == ["note.txt"]
