@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import signal
 import subprocess
@@ -176,7 +175,7 @@ def test_imagenet_weights_offline_say_how_to_pass_a_local_file(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-crystalscope-cache")
-    with pytest.raises(UserError, match="--weights path/to/model.safetensors"):
+    with pytest.raises(UserError, match=r"--weights path/to/model\.safetensors"):
         create_backbone("resnet18", "imagenet")
 
 
@@ -196,4 +195,4 @@ def test_existing_run_is_never_overwritten(split_folder: Path, tmp_path: Path) -
     with pytest.raises(UserError, match="a run of that name exists"):
         train(_config(split_folder, tmp_path, name="taken"), quiet=True)
     assert (tmp_path / "taken" / "note.txt").read_text() == "mine"
-    assert os.listdir(tmp_path / "taken") == ["note.txt"]
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["note.txt"]

@@ -64,9 +64,11 @@ class EpochTable(L.Callback):
         r = _results(module)
         if not trainer.is_global_zero or not r:
             return
-        table = Table(caption="P = precision, R = recall", title=f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
-                            f"loss {r['train_loss']:.4f} / {r['val_loss']:.4f}, accuracy "
-                            f"{r['train_acc']:.4f} / {r['val_acc']:.4f} (train / valid)")
+        table = Table(
+            caption="P = precision, R = recall",
+            title=f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
+            f"loss {r['train_loss']:.4f} / {r['val_loss']:.4f}, accuracy "
+            f"{r['train_acc']:.4f} / {r['val_acc']:.4f} (train / valid)")
         table.add_column("")
         for column in ("train P", "train R", "train F1", "valid P", "valid R", "valid F1"):
             table.add_column(column, justify="right")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
         raise UserError("give a training config or a run to resume")
     else:
         run_dir = new_run_dir(config)
+    if quiet or not err.is_terminal:
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(config.seed, workers=True, verbose=False)
     data = SplitDataModule(config.data, image_size=config.image_size,
                            batch_size=config.batch_size, augmentation=config.augmentation,
@@ -133,10 +136,12 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
         devices=_devices(config.devices), strategy=config.strategy, num_nodes=config.num_nodes,
         precision=config.precision, deterministic="warn", callbacks=callbacks, logger=loggers,
         default_root_dir=run_dir, enable_progress_bar=show_bar, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=10,
+        num_sanity_val_steps=0, log_every_n_steps=1,
     )
     with warnings.catch_warnings():
+        # Lightning's hints (GPU lists, tips, worker counts) are noise for our users.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*deterministic.*")
         try:
             trainer.fit(module, datamodule=data,
