@@ -196,3 +196,27 @@ def test_existing_run_is_never_overwritten(split_folder: Path, tmp_path: Path) -
         train(_config(split_folder, tmp_path, name="taken"), quiet=True)
     assert (tmp_path / "taken" / "note.txt").read_text() == "mine"
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["note.txt"]
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resume_continues(split_folder: Path,
+                                                         tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "crystalscope.cli", "train", str(split_folder),
+               "--runs-dir", str(tmp_path), "--name", "interrupted", "--epochs", "4",
+               "--f1-threshold", "1.0", "--patience", "50", "--fraction", "0.5",
+               *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    metrics = tmp_path / "interrupted" / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not metrics.exists():
+        time.sleep(0.05)
+    checkpoint = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    checkpoint.unlink(missing_ok=True)  # so only the Ctrl-C handler can write it again
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert checkpoint.is_file(), stderr
+    assert "interrupted: checkpoint saved" in stderr and "Traceback" not in stderr
+    result = train(None, resume=tmp_path / "interrupted", quiet=True)
+    epochs = [int(r["epoch"]) for r in _rows(result.run_dir)]
+    assert epochs == list(range(1, len(epochs) + 1)) and epochs[-1] >= 2
