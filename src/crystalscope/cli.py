@@ -111,7 +111,7 @@ def data_check(
     all 8 rotations and flips). A group whose files sit in two classes is a label conflict.
     """
     from crystalscope.data.check import scan_dataset, summarize
-    from crystalscope.data.split import count_files
+    from crystalscope.data.layout import count_files
 
     with progress_bar() as progress:
         task = progress.add_task("check", total=count_files(folder))

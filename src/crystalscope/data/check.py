@@ -7,12 +7,10 @@ split stage reuses the same scan.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from crystalscope.data.dedupe import (
 )
 from crystalscope.data.images import FormatMismatchWarning, ImageLoadError, load_image
 from crystalscope.data.layout import read_class_folders
+from crystalscope.parallel import ordered_map
 
 Progress = Callable[[int], None]
 
@@ -92,29 +91,17 @@ def _inspect_pair(args: tuple[Path, str]) -> FileRecord:
     return inspect_file(*args)
 
 
-def default_workers() -> int:
-    """Worker processes for scanning: the machine's cores, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
 def scan_dataset(root: Path, *, workers: int | None = None,
                  progress: Progress | None = None) -> DatasetScan:
     """Inspect every file under ``root``'s class folders and group duplicates across classes."""
     classes = read_class_folders(Path(root))
     jobs = [(path, c.name) for c in classes for path in c.files]
-    workers = default_workers() if workers is None else workers
     records: list[FileRecord] = []
-    if workers <= 1 or len(jobs) < 64:
-        for job in jobs:
-            records.append(_inspect_pair(job))
-            if progress:
-                progress(1)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for record in pool.map(_inspect_pair, jobs, chunksize=32):
-                records.append(record)
-                if progress:
-                    progress(1)
+    for record in ordered_map(_inspect_pair, jobs, workers=workers, min_parallel=64,
+                              chunksize=32):
+        records.append(record)
+        if progress:
+            progress(1)
     fingerprints = [Fingerprint(r.sha256, r.pixel_digest, r.phash) for r in records]
     for record, group in zip(records, group_duplicates(fingerprints), strict=True):
         record.group = group
@@ -170,10 +157,3 @@ def summarize(scan: DatasetScan) -> dict[str, Any]:
         "duplicate_files": sum(len(g["files"]) - 1 for g in duplicate_groups),
         "label_conflicts": sum(g["label_conflict"] for g in duplicate_groups),
     }
-
-
-def record_to_dict(record: FileRecord) -> dict[str, Any]:
-    """A JSON-friendly dict of one record."""
-    out = asdict(record)
-    out["path"] = str(record.path)
-    return out

@@ -86,3 +86,8 @@ def read_class_folders(root: Path, *, min_classes: int = 2) -> list[ClassFolder]
             "remove them or add images"
         )
     return classes
+
+
+def count_files(root: Path) -> int:
+    """How many files the class folders under ``root`` hold."""
+    return sum(len(c.files) for c in read_class_folders(root))

@@ -29,7 +29,7 @@ from typing import Literal
 
 from crystalscope.data.check import DatasetScan, FileRecord, scan_dataset
 from crystalscope.data.dedupe import file_sha256
-from crystalscope.data.layout import SPLIT_NAMES, find_class_root, read_class_folders
+from crystalscope.data.layout import SPLIT_NAMES, count_files, find_class_root
 from crystalscope.errors import CrystalscopeError, UserError
 
 Mode = Literal["copy", "link", "move"]
@@ -381,11 +381,6 @@ def split_dataset(src: Path, dest: Path, *, ratios: str = DEFAULT_RATIOS, seed: 
     report["status"] = "complete"
     _write_report(dest, report)
     return SplitResult(dest=dest, report=report)
-
-
-def count_files(src: Path) -> int:
-    """How many files the class folders under ``src`` hold."""
-    return sum(len(c.files) for c in read_class_folders(src))
 
 
 def _counting(progress: Callable[[str, int, int], None] | None, stage: str,

@@ -14,9 +14,7 @@ small, dim and partly out of the frame.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from crystalscope.errors import UserError
+from crystalscope.parallel import ordered_map
 
 CLASSES = ("cex", "pg")
 PREFIX = {"cex": "CEX", "pg": "PG"}
@@ -296,20 +295,11 @@ def synthesize(out: Path, settings: SynthSettings, *, workers: int | None = None
         for first in range(1, settings.per_class + 1, step):
             count = min(step, settings.per_class - first + 1)
             jobs.append((class_name, first, count, settings, str(out)))
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
     files: list[dict] = []
-    if workers == 1 or len(jobs) < 32:
-        results = map(_render_and_write, jobs)
-        for written in results:
-            files.extend(written)
-            if progress:
-                progress(len(written))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for written in pool.map(_render_and_write, jobs, chunksize=8):
-                files.extend(written)
-                if progress:
-                    progress(len(written))
+    for written in ordered_map(_render_and_write, jobs, workers=workers):
+        files.extend(written)
+        if progress:
+            progress(len(written))
     summary = {"settings": asdict(settings), "classes": list(CLASSES), "files": files}
     (out / "synth.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary

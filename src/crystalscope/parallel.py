@@ -1,0 +1,31 @@
+"""Run one function over many jobs in worker processes, in order, with a progress callback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import TypeVar
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
+def default_workers() -> int:
+    """Worker processes: the machine's cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def ordered_map(function: Callable[[Job], Result], jobs: Sequence[Job], *,
+                workers: int | None = None, min_parallel: int = 32,
+                chunksize: int = 8) -> Iterator[Result]:
+    """``map(function, jobs)``, in processes when there are enough jobs; results in job order.
+
+    ``function`` must be a module-level function (it is pickled to the workers).
+    """
+    workers = default_workers() if workers is None else workers
+    if workers <= 1 or len(jobs) < min_parallel:
+        yield from map(function, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(function, jobs, chunksize=chunksize)
