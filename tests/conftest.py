@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from crystalscope.data.split import split_dataset
 from crystalscope.data.synth import SynthSettings, synthesize
 
 SAMPLES = Path(__file__).parent / "data" / "opencrystal"
@@ -40,3 +41,22 @@ def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_copy(synthetic_set: Path, tmp_path: Path) -> Path:
     """A private copy of the synthetic set that a test may move or change."""
     return Path(shutil.copytree(synthetic_set, tmp_path / "images"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ResNet-18 run (32 px, 3 epochs) on the synthetic set, not yet evaluated/exported.
+
+    Tests may add evaluation and export files to it, nothing else.
+    """
+    from crystalscope.config import resolve_train_config
+    from crystalscope.train.run import train
+
+    root = tmp_path_factory.mktemp("trained")
+    split_dataset(synthetic_set, root / "splits", workers=1)
+    config = resolve_train_config({
+        "data": root / "splits", "runs_dir": root / "runs", "name": "tiny", "model": "resnet18",
+        "weights": "none", "image_size": 32, "trainable": 1.0, "batch_size": 16,
+        "optimizer": "adamw", "lr": 1e-3, "scheduler": "none", "augmentation": "dihedral",
+        "epochs": 3, "accelerator": "cpu", "devices": "1", "evaluate": False, "export": False})
+    return train(config, quiet=True).run_dir

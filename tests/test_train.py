@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from crystalscope.config import TrainConfig, resolve_train_config
+from crystalscope.data.loaders import SplitDataModule, available_memory, choose_cache
 from crystalscope.data.split import split_dataset
 from crystalscope.data.synth import SynthSettings, synthesize
 from crystalscope.errors import UserError
@@ -24,7 +25,8 @@ from crystalscope.train.run import class_weights, train
 
 TINY = {"model": "resnet18", "weights": "none", "image_size": 64, "trainable": 1.0,
         "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "scheduler": "none",
-        "augmentation": "dihedral", "num_workers": 0, "accelerator": "cpu", "devices": "1"}
+        "augmentation": "dihedral", "num_workers": 0, "accelerator": "cpu", "devices": "1",
+        "evaluate": False, "export": False}  # tests of the later stages switch these on
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,18 @@ def _config(data: Path, runs: Path, **overrides: object) -> TrainConfig:
     return resolve_train_config({"data": data, "runs_dir": runs, **TINY, **overrides})
 
 
+def _cli_options(options: dict) -> list[str]:
+    """The same settings as command-line options (booleans as --flag / --no-flag)."""
+    flags = []
+    for key, value in options.items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags.append(f"--{name}={value}")
+    return flags
+
+
 def _rows(run_dir: Path) -> list[dict]:
     with (run_dir / "metrics.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -47,7 +61,8 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def test_tiny_model_learns_and_stops_on_the_f1_threshold(split_folder: Path,
                                                          tmp_path: Path) -> None:
-    config = _config(split_folder, tmp_path, epochs=20, f1_threshold=0.95, name="learn")
+    config = _config(split_folder, tmp_path, epochs=20, f1_threshold=0.95, name="learn",
+                     evaluate=True, export=True)
     result = train(config, quiet=True)
     rows = _rows(result.run_dir)
     assert result.best_val_f1_macro is not None and result.best_val_f1_macro >= 0.95
@@ -60,6 +75,12 @@ def test_tiny_model_learns_and_stops_on_the_f1_threshold(split_folder: Path,
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["model"] == "resnet18" and saved["f1_threshold"] == 0.95
     assert (result.run_dir / "logs" / "metrics.csv").is_file()
+    # Then the test split, once, and the export (their own tests check the contents).
+    assert result.evaluation is not None and result.export is not None
+    assert result.evaluation.report["images"] == len(list((split_folder / "test").rglob("*.png")))
+    for name in ("report.txt", "report.json", "confusion_matrix.png", "model.onnx",
+                 "model.safetensors", "model.json"):
+        assert (result.run_dir / name).is_file(), name
 
 
 def test_same_seed_same_metrics(split_folder: Path, tmp_path: Path) -> None:
@@ -108,7 +129,7 @@ def test_resume_after_kill(split_folder: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "crystalscope.cli", "train", str(split_folder),
                "--runs-dir", str(tmp_path), "--name", "killed", "--epochs", "6",
                "--f1-threshold", "1.0", "--patience", "50", "--fraction", "0.5",
-               *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
+               *_cli_options(TINY)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.csv"
     deadline = time.monotonic() + 300
@@ -171,6 +192,38 @@ def test_bad_inputs(split_folder: Path, tmp_path: Path) -> None:
     assert not any((tmp_path / name).exists() for name in ("resnet18",))
 
 
+def test_out_of_memory_suggests_a_smaller_batch(split_folder: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(*_args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(CrystalClassifier, "training_step", no_memory)
+    with pytest.raises(UserError, match="out of memory at batch size 32; try --batch-size 16"):
+        train(_config(split_folder, tmp_path, name="oom"), quiet=True)
+
+
+def test_disk_cache_holds_the_same_images_and_trains_the_same(split_folder: Path,
+                                                              tmp_path: Path) -> None:
+    ram = SplitDataModule(split_folder, image_size=32, batch_size=8, augmentation="none",
+                          cache="ram")
+    disk = SplitDataModule(split_folder, image_size=32, batch_size=8, augmentation="none",
+                           cache="disk", cache_dir=tmp_path / "cache")
+    ram.setup()
+    disk.setup()
+    assert disk.cache_used == "disk" and ram.cache_used == "ram"
+    assert (tmp_path / "cache" / "train-32px.npy").is_file()
+    assert torch.equal(ram.train_set.images, disk.train_set.images)
+    assert torch.equal(ram.val_set.labels, disk.val_set.labels)
+    assert choose_cache("auto", 10) == "ram"
+    assert choose_cache("auto", 1 << 60) == ("disk" if available_memory() else "ram")
+    runs = [train(_config(split_folder, tmp_path / "runs", epochs=1, fraction=0.3, cache=kind,
+                          name=kind), quiet=True) for kind in ("ram", "disk")]
+    first, second = (_rows(r.run_dir) for r in runs)
+    assert [{k: v for k, v in row.items() if k != "elapsed_s"} for row in first] == \
+        [{k: v for k, v in row.items() if k != "elapsed_s"} for row in second]
+    assert not (tmp_path / "runs" / ".cache").exists()  # the disk cache is removed afterwards
+
+
 def test_imagenet_weights_offline_say_how_to_pass_a_local_file(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -203,7 +256,7 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_continues(split_folder: Path,
     command = [sys.executable, "-m", "crystalscope.cli", "train", str(split_folder),
                "--runs-dir", str(tmp_path), "--name", "interrupted", "--epochs", "4",
                "--f1-threshold", "1.0", "--patience", "50", "--fraction", "0.5",
-               *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
+               *_cli_options(TINY)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     metrics = tmp_path / "interrupted" / "metrics.csv"

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -20,6 +20,9 @@ from rich.table import Table
 from crystalscope import __version__
 from crystalscope.console import err, out, progress_bar
 from crystalscope.errors import CrystalscopeError, UserError
+
+if TYPE_CHECKING:  # the heavy stages load only when their command runs
+    from crystalscope.evaluate.stage import Evaluation
 
 app = typer.Typer(
     name="crystalscope",
@@ -284,6 +287,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Same seed, data and machine: same "
                                                   "metrics.")] = None,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    cache: Annotated[str | None, typer.Option(
+        help="Decoded images in ram, on disk (memory-mapped, for sets larger than RAM) or "
+             "auto (disk when they would fill half the free memory).")] = None,
     accelerator: Annotated[str | None, typer.Option(help="cpu, gpu, auto … (Lightning).")]
     = None,
     devices: Annotated[str | None, typer.Option(help="Number of devices or auto.")] = None,
@@ -296,6 +302,10 @@ def train(
     runs_dir: Annotated[Path | None, typer.Option(help="Parent folder of runs.")] = None,
     name: Annotated[str | None, typer.Option(help="Run name (default <model>-<date>-<time>).")]
     = None,
+    evaluate: Annotated[bool | None, typer.Option(
+        "--evaluate/--no-evaluate", help="Afterwards, evaluate on the test split.")] = None,
+    export: Annotated[bool | None, typer.Option(
+        "--export/--no-export", help="Afterwards, export safetensors + ONNX.")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue this run directory from its last checkpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -305,7 +315,8 @@ def train(
     Every epoch prints precision, recall and F1 per class (train and valid) and appends a row
     to metrics.csv. Training stops when every class's validation F1 reaches --f1-threshold or
     the validation loss stops improving; the checkpoint with the best validation macro F1 is
-    kept. The test split is not touched here.
+    kept. Then the test split is used once (`crystalscope evaluate`) and the model exported
+    (`crystalscope export`), unless --no-evaluate / --no-export.
     """
     from crystalscope.config import resolve_train_config
     from crystalscope.train.run import train as train_run
@@ -321,14 +332,100 @@ def train(
     result = train_run(settings, resume=resume)  # type: ignore[arg-type]
     summary = {"run": str(result.run_dir), "epochs": result.epochs,
                "best_val_f1_macro": result.best_val_f1_macro,
-               "stopped_by_f1_threshold": result.stopped_by_f1, "seconds": round(result.seconds, 1)}
+               "stopped_by_f1_threshold": result.stopped_by_f1, "seconds": round(result.seconds, 1),
+               "test": ({"accuracy": result.evaluation.report["accuracy"],
+                         "macro_f1": result.evaluation.report["macro"]["f1"],
+                         "misclassified": result.evaluation.report["misclassified"]}
+                        if result.evaluation else None),
+               "exported": ({k: str(v) for k, v in result.export.files.items()}
+                            if result.export else None),
+               "notes": result.notes}
     if as_json:
         out.print_json(json.dumps(summary))
+        return
+    best = result.best_val_f1_macro
+    out.print(f"run {result.run_dir}: {result.epochs} epochs in {result.seconds:.1f} s, best "
+              f"validation macro F1 {best:.4f}" if best is not None else
+              f"run {result.run_dir}: {result.epochs} epochs")
+    if result.evaluation:
+        _print_evaluation(result.evaluation)
+    if result.export:
+        out.print("exported " + ", ".join(str(p) for p in result.export.files.values()))
+    for note in result.notes:
+        out.print(note)
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def _print_evaluation(evaluation: Evaluation) -> None:
+    out.print(evaluation.files["report.txt"].read_text(encoding="utf-8"), highlight=False,
+              markup=False)
+    out.print(f"wrote {', '.join(evaluation.files)} to {evaluation.out_dir}")
+
+
+@app.command(epilog="Example: crystalscope evaluate runs/resnet50-20261128-101500  "
+                    "(or: crystalscope evaluate RUN new-batch/ for another labelled folder)")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `crystalscope train`.")],
+    data: Annotated[Path | None, typer.Argument(
+        help="Labelled folder (class sub-folders, or a split folder: its test/). Default: the "
+             "run's own test split.")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for the report and plots (default: the run directory, or "
+                      "RUN/evaluations/<folder> for another folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print report.json's numbers as JSON "
+                                                         "(without per-image rows).")] = False,
+) -> None:
+    """Test the run's best checkpoint: report.txt/json with 95% intervals, and plots.
+
+    Writes report.txt, report.json (with every image's probabilities), confusion_matrix.png,
+    curves.png, errors.png (misclassified images), roc.png and reliability.png.
+    """
+    from crystalscope.evaluate.stage import evaluate_run
+
+    with progress_bar() as progress:
+        task = progress.add_task("evaluate", total=None)
+        evaluation = evaluate_run(run, data, out_dir=out_dir,
+                                  progress=lambda done, total: progress.update(
+                                      task, completed=done, total=total))
+    if as_json:
+        out.print_json(json.dumps(evaluation.report))
     else:
-        best = result.best_val_f1_macro
-        out.print(f"run {result.run_dir}: {result.epochs} epochs in {result.seconds:.1f} s, best "
-                  f"validation macro F1 {best:.4f}" if best is not None else
-                  f"run {result.run_dir}: {result.epochs} epochs")
+        _print_evaluation(evaluation)
+
+
+# ------------------------------------------------------------------------------ export
+
+
+@app.command(epilog="Example: crystalscope export runs/resnet50-20261128-101500")
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `crystalscope train`.")],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for the model files (default: the run directory).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")]
+    = False,
+) -> None:
+    """Write model.safetensors + model.json and model.onnx, checked against the checkpoint.
+
+    ONNX Runtime and torch must agree on every probability within 1e-4, and the model rebuilt
+    from safetensors + json must match the checkpoint; otherwise export fails (exit 1).
+    """
+    from crystalscope.export.stage import export_run
+
+    with err.status("exporting (ONNX export and parity check)"):
+        result = export_run(run, out_dir)
+    summary = {"files": {k: str(v) for k, v in result.files.items()},
+               "onnx_max_abs_difference": result.onnx_max_difference,
+               "rebuilt_max_abs_difference": result.rebuilt_max_difference}
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    for name, path in result.files.items():
+        out.print(f"wrote {name}: {path}")
+    out.print(f"parity: ONNX Runtime vs torch max |Δ probability| "
+              f"{result.onnx_max_difference:.1e}; rebuilt from safetensors "
+              f"{result.rebuilt_max_difference:.1e} (limit 1e-4)")
 
 
 # -------------------------------------------------------------------------------- demo
@@ -342,7 +439,7 @@ def demo(
     per_class: Annotated[int, typer.Option(help="Synthetic crops per class.")] = 120,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Run every stage on a small synthetic data set: synth, data check, split."""
+    """Run every stage on a small synthetic set: synth, check, split, train, evaluate, export."""
     from crystalscope.demo import run_demo
 
     folder = folder or Path(tempfile.mkdtemp(prefix="crystalscope-demo-"))

@@ -38,6 +38,7 @@ class TrainConfig(BaseModel):
     class_weights: Literal["none", "auto"] = "none"
     seed: int = 0
     num_workers: int = Field(0, ge=0)
+    cache: Literal["auto", "ram", "disk"] = "auto"  # disk: a memory-mapped file in runs_dir
     accelerator: str = "auto"
     devices: str = "auto"
     strategy: str = "auto"
@@ -47,6 +48,8 @@ class TrainConfig(BaseModel):
     channels_last: bool = True
     runs_dir: Path = Path("runs")
     name: str | None = None
+    evaluate: bool = True  # after training: evaluate on the test split (when there is one)
+    export: bool = True  # after training: model.safetensors + model.json + model.onnx
 
 
 def resolve_train_config(options: dict[str, Any], config_file: Path | None = None) -> TrainConfig:

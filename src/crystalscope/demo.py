@@ -41,13 +41,25 @@ def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
         say(f"    {name}: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
 
     from crystalscope.config import resolve_train_config
+    from crystalscope.evaluate.report import format_value
     from crystalscope.train.run import train
 
-    say("4/4 train: ResNet-18 (random init) at 64 px, until every class's validation F1 >= 0.99")
+    say("4/4 train: ResNet-18 (random init) at 64 px, until every class's validation F1 >= 0.99;"
+        " then evaluate on the test split and export")
     config = resolve_train_config({"data": splits, "runs_dir": folder / "runs", "name": "demo",
                                    "seed": seed, **DEMO_TRAINING})
     result = train(config, quiet=True)
     say(f"    {result.epochs} epochs in {result.seconds:.0f} s, best validation macro F1 "
         f"{result.best_val_f1_macro:.4f}")
-    return {"images": images, "splits": splits, "manifest": splits / "manifest.csv",
-            "run": result.run_dir, "metrics": result.run_dir / "metrics.csv"}
+    written = {"images": images, "splits": splits, "manifest": splits / "manifest.csv",
+               "run": result.run_dir, "metrics": result.run_dir / "metrics.csv"}
+    if result.evaluation is not None:
+        report = result.evaluation.report
+        say(f"    test: {report['images']} images, {report['misclassified']} misclassified, "
+            f"macro F1 {format_value(report['macro']['f1']['value'])} (95% interval "
+            + ", ".join(format_value(v) for v in report["macro"]["f1"]["ci95"]) + ")")
+        written.update({name: result.evaluation.files[name]
+                        for name in ("report.txt", "confusion_matrix.png", "errors.png")})
+    if result.export is not None:
+        written.update(result.export.files)
+    return written

@@ -3,15 +3,20 @@
 A split folder (``train/valid/test/<class>/…``) becomes one :class:`CachedImages` per split.
 Images are read with the project's safe loader, squashed to ``size`` x ``size`` (bilinear, as
 Keras' directory loader does) and kept as a (N, 3, S, S) uint8 tensor, so later epochs never
-decode a PNG. Normalisation happens in the model, on the device, so batches travel as uint8.
+decode a PNG. The tensor lives in RAM, or in a memory-mapped file when the set is larger than
+half the free memory (``cache="auto"``) or when asked (``cache="disk"``). Normalisation happens
+in the model, on the device, so batches travel as uint8.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -77,23 +82,61 @@ def decode_resized(path: Path, size: int) -> np.ndarray:
     return np.asarray(image).transpose(2, 0, 1).copy()
 
 
+@dataclass
+class DecodedImages:
+    """Images decoded once: (N, 3, S, S) uint8, their labels and paths, and what was skipped."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[Path]
+    skipped: list[str]
+
+
+CacheKind = Literal["auto", "ram", "disk"]
+
+
+def available_memory() -> int | None:
+    """Free physical memory in bytes, where the system says (None where it does not)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # e.g. Windows has no sysconf
+        return None
+
+
+def choose_cache(kind: CacheKind, nbytes: int) -> Literal["ram", "disk"]:
+    """``auto``: a memory-mapped file once the images would fill half the free memory."""
+    if kind != "auto":
+        return kind
+    free = available_memory()
+    return "disk" if free is not None and nbytes > free // 2 else "ram"
+
+
 def build_cache(items: list[tuple[Path, int]], size: int,
-                progress: Callable[[int], None] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode every image once: (N, 3, S, S) uint8 images, (N,) labels, and skipped files."""
-    images = torch.empty((len(items), 3, size, size), dtype=torch.uint8)
-    labels, skipped, kept = [], [], 0
+                progress: Callable[[int], None] | None = None,
+                cache_file: Path | None = None) -> DecodedImages:
+    """Decode every readable image once; unreadable ones are skipped with the reason.
+
+    With ``cache_file`` the images are written to that file and memory-mapped, not held in RAM.
+    """
+    shape = (len(items), 3, size, size)
+    if cache_file is None or not items:
+        images = torch.empty(shape, dtype=torch.uint8)
+    else:  # a .npy file, so the cache can be inspected with numpy.load(mmap_mode="r")
+        images = torch.from_numpy(np.lib.format.open_memmap(cache_file, mode="w+",
+                                                            dtype=np.uint8, shape=shape))
+    labels, paths, skipped = [], [], []
     for path, label in items:
         try:
-            images[kept] = torch.from_numpy(decode_resized(path, size))
+            images[len(paths)] = torch.from_numpy(decode_resized(path, size))
         except ImageLoadError as exc:
             skipped.append(str(exc))
         else:
             labels.append(label)
-            kept += 1
+            paths.append(path)
         if progress:
             progress(1)
-    return images[:kept], torch.tensor(labels, dtype=torch.long), skipped
+    return DecodedImages(images[:len(paths)], torch.tensor(labels, dtype=torch.long), paths,
+                         skipped)
 
 
 class CachedImages(Dataset):
@@ -144,8 +187,11 @@ class SplitDataModule(L.LightningDataModule):
 
     def __init__(self, root: Path, *, image_size: int, batch_size: int, augmentation: str,
                  fraction: float = 1.0, num_workers: int = 0, seed: int = 0,
+                 cache: CacheKind = "auto", cache_dir: Path | None = None,
                  progress: Callable[[str, int], Callable[[int], None]] | None = None) -> None:
         super().__init__()
+        self.cache, self.cache_dir = cache, cache_dir
+        self.cache_used: Literal["ram", "disk"] | None = None
         self.folder = read_split_folder(root)
         self.classes = self.folder.classes
         self.image_size, self.batch_size = image_size, batch_size
@@ -170,12 +216,21 @@ class SplitDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         sets = {}
-        for split in ("train", "valid"):
-            items = self._subset(self.folder.items[split])
+        chosen = {split: self._subset(self.folder.items[split]) for split in ("train", "valid")}
+        nbytes = sum(len(items) for items in chosen.values()) * 3 * self.image_size ** 2
+        self.cache_used = choose_cache(self.cache, nbytes)
+        if self.cache_used == "disk" and self.cache_dir is None:
+            self.cache_dir = Path(tempfile.mkdtemp(prefix="crystalscope-cache-"))
+        for split, items in chosen.items():
             report = self.progress(f"decode {split}", len(items)) if self.progress else None
-            images, labels, skipped = build_cache(items, self.image_size, report)
-            self.skipped += skipped
-            sets[split] = (images, labels)
+            cache_file = None
+            if self.cache_used == "disk":
+                assert self.cache_dir is not None
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                cache_file = self.cache_dir / f"{split}-{self.image_size}px.npy"
+            decoded = build_cache(items, self.image_size, report, cache_file)
+            self.skipped += decoded.skipped
+            sets[split] = (decoded.images, decoded.labels)
         train_images, train_labels = sets["train"]
         if len(train_labels) < self.batch_size:
             raise UserError(f"{self.folder.root}/train: {len(train_labels)} images is fewer "

@@ -7,12 +7,14 @@ epoch), ``checkpoints/{best,last}.ckpt`` and Lightning's CSV/TensorBoard logs. C
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from crystalscope.config import TrainConfig, load_train_config, save_config
 from crystalscope.console import err
 from crystalscope.data.loaders import SplitDataModule
 from crystalscope.errors import UserError
+from crystalscope.evaluate.stage import Evaluation, evaluate_run
+from crystalscope.export.stage import Export, export_run
 from crystalscope.model.backbones import count_parameters
 from crystalscope.model.classifier import CrystalClassifier
 from crystalscope.train.callbacks import (
@@ -44,6 +48,9 @@ class TrainResult:
     best_val_f1_macro: float | None
     stopped_by_f1: bool
     seconds: float
+    evaluation: Evaluation | None = None
+    export: Export | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def new_run_dir(config: TrainConfig) -> Path:
@@ -86,25 +93,37 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
     if quiet or not err.is_terminal:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(config.seed, workers=True, verbose=False)
+    cache_dir = Path(config.runs_dir) / ".cache" / run_dir.name
+    try:
+        return _train(config, run_dir, checkpoint, cache_dir, quiet=quiet,
+                      resuming=resume is not None)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)  # a disk cache, if one was made
+        with contextlib.suppress(OSError):
+            cache_dir.parent.rmdir()  # only if no other run is using it
+
+
+def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_dir: Path, *,
+           quiet: bool, resuming: bool) -> TrainResult:
     data = SplitDataModule(config.data, image_size=config.image_size,
                            batch_size=config.batch_size, augmentation=config.augmentation,
                            fraction=config.fraction, num_workers=config.num_workers,
-                           seed=config.seed)
+                           seed=config.seed, cache=config.cache, cache_dir=cache_dir)
     data.setup()  # decode once, and find bad input before a run folder is made
-    if resume is None:
+    if not resuming:
         (run_dir / "checkpoints").mkdir(parents=True)
         save_config(config, run_dir / "config.yaml")
         (run_dir / "classes.json").write_text(json.dumps(data.classes), encoding="utf-8")
     weights = class_weights(data.class_counts()) if config.class_weights == "auto" else None
     module = CrystalClassifier(
         model=config.model, classes=data.classes,
-        weights=config.weights if resume is None else "none",  # the checkpoint has them
+        weights="none" if resuming else config.weights,  # the checkpoint has them
         head=config.head, trainable=config.trainable, optimizer=config.optimizer, lr=config.lr,
         momentum=config.momentum, weight_decay=config.weight_decay, scheduler=config.scheduler,
         max_epochs=config.epochs, class_weights=weights, channels_last=config.channels_last,
     )
     if config.compile:
-        module.net = torch.compile(module.net)
+        module.net.compile()  # in place: the checkpoint's parameter names stay the same
     trainable, total = count_parameters(module.net)
     if not quiet:
         err.print(f"run {run_dir}: {config.model} ({trainable:,} of {total:,} parameters "
@@ -150,7 +169,22 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
             raise UserError(f"out of memory at batch size {config.batch_size}; try "
                             f"--batch-size {max(1, config.batch_size // 2)}") from exc
     score = best.best_model_score
-    return TrainResult(run_dir=run_dir, epochs=trainer.current_epoch,
-                       best_val_f1_macro=float(score) if score is not None else None,
-                       stopped_by_f1=f1_stop.stopped_epoch is not None,
-                       seconds=time.perf_counter() - start)
+    result = TrainResult(run_dir=run_dir, epochs=trainer.current_epoch,
+                         best_val_f1_macro=float(score) if score is not None else None,
+                         stopped_by_f1=f1_stop.stopped_epoch is not None,
+                         seconds=time.perf_counter() - start)
+    if trainer.interrupted:
+        return result
+    finish_run(result, config)
+    return result
+
+
+def finish_run(result: TrainResult, config: TrainConfig) -> None:
+    """The stages after training: evaluate on the test split once, then export."""
+    if config.evaluate:
+        if any(p.is_file() for p in (Path(config.data) / "test").rglob("*")):
+            result.evaluation = evaluate_run(result.run_dir)
+        else:
+            result.notes.append(f"not evaluated: {config.data} has no test images")
+    if config.export:
+        result.export = export_run(result.run_dir)

@@ -1,0 +1,1 @@
+"""Evaluate a trained run on labelled images: report, intervals, plots."""

@@ -1,0 +1,89 @@
+"""`crystalscope evaluate`: a run's best checkpoint on its test split (or any labelled folder).
+
+Writes report.txt, report.json, confusion_matrix.png, curves.png, errors.png, roc.png and
+reliability.png — into the run directory for its own test split, or into
+``RUN/evaluations/<folder name>/`` for another folder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crystalscope.errors import UserError
+from crystalscope.evaluate import plots
+from crystalscope.evaluate.predictions import Predictions, labelled_images, predict_items
+from crystalscope.evaluate.report import compute_report, write_report
+from crystalscope.model.inference import load_run
+
+
+@dataclass
+class Evaluation:
+    """Where the evaluation went and what it found."""
+
+    out_dir: Path
+    data: Path
+    report: dict[str, Any]
+    predictions: Predictions
+    files: dict[str, Path]
+
+
+def _out_dir_for(run_dir: Path, data: Path) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", data.resolve().name).strip("-") or "data"
+    if data.name == "test":
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", data.resolve().parent.name) + "-test"
+    return run_dir / "evaluations" / slug
+
+
+def evaluate_run(run_dir: Path, data: Path | None = None, *, out_dir: Path | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Evaluation:
+    """Evaluate ``run_dir``'s best checkpoint on ``data`` (default: the run's test split).
+
+    ``progress(done, total)`` is called as images are decoded.
+    """
+    run = load_run(run_dir)
+    if data is None:
+        data = Path(run.config.data) / "test"
+        if not data.is_dir():
+            raise UserError(f"{run.config.data}: has no test/ split to evaluate on; give a "
+                            "labelled folder: crystalscope evaluate RUN DATA")
+        default_out = run.run_dir
+    else:
+        default_out = None
+    folder, items = labelled_images(Path(data), run.classes)
+    out_dir = Path(out_dir or default_out or _out_dir_for(run.run_dir, folder))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, len(items))
+
+    predictions = predict_items(run.net, run.classes, items, run.image_size, advance)
+    report = compute_report(predictions, seed=run.config.seed)
+    title = (f"crystalscope evaluation of {run.run_dir} ({run.checkpoint.name}, "
+             f"{run.config.model} at {run.image_size} px) on {folder}")
+    text_path, json_path = write_report(
+        report, predictions, out_dir, title=title,
+        extra={"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "data": str(folder)})
+    files = {"report.txt": text_path, "report.json": json_path}
+    files["confusion_matrix.png"] = out_dir / "confusion_matrix.png"
+    plots.plot_confusion_matrix(report["confusion_matrix"], run.classes,
+                                files["confusion_matrix.png"])
+    metrics_csv = run.run_dir / "metrics.csv"
+    if metrics_csv.is_file():
+        files["curves.png"] = out_dir / "curves.png"
+        plots.plot_curves(metrics_csv, files["curves.png"])
+    for name, draw in (("errors.png", plots.plot_errors), ("roc.png", plots.plot_roc)):
+        files[name] = out_dir / name
+        draw(predictions, files[name])
+    files["reliability.png"] = out_dir / "reliability.png"
+    plots.plot_reliability(report["calibration"], files["reliability.png"])
+    return Evaluation(out_dir=out_dir, data=folder, report=report, predictions=predictions,
+                      files=files)

@@ -1,0 +1,1 @@
+"""Export a trained run: safetensors + model.json, ONNX with a parity check."""

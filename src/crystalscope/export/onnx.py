@@ -1,0 +1,129 @@
+"""``model.onnx``: dynamic batch, class names and preprocessing in its metadata, and a parity
+check against torch before the file is given its name.
+
+The graph is :class:`~crystalscope.model.inference.InferenceNet`: input ``images`` (float32
+RGB 0-255, NCHW, resized to the input size), outputs ``probabilities`` and ``embedding``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from crystalscope.errors import CrystalscopeError
+from crystalscope.model.inference import InferenceNet
+
+PARITY_TOLERANCE = 1e-4
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("probabilities", "embedding")
+METADATA_PREFIX = "crystalscope."
+
+
+class ExportParityError(CrystalscopeError):
+    """ONNX Runtime and torch disagree about the exported model."""
+
+
+def _to_onnx(net: InferenceNet, path: Path, image_size: int) -> None:
+    """torch -> ONNX with the dynamo exporter (the TorchScript one as a fallback)."""
+    example = torch.zeros(2, 3, image_size, image_size)
+    common = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            torch.onnx.export(net, (example,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes={INPUT_NAME: {0: batch}}, verbose=False,
+                              **common)
+            return
+        except Exception as dynamo_error:
+            try:
+                torch.onnx.export(net, (example,), str(path), dynamo=False, opset_version=17,
+                                  dynamic_axes={INPUT_NAME: {0: "batch"},
+                                                **{name: {0: "batch"} for name in OUTPUT_NAMES}},
+                                  **common)
+            except Exception as legacy_error:
+                raise CrystalscopeError(
+                    f"ONNX export failed: {type(dynamo_error).__name__}: "
+                    f"{str(dynamo_error)[:200]}; TorchScript exporter: "
+                    f"{type(legacy_error).__name__}: {str(legacy_error)[:200]}"
+                ) from legacy_error
+
+
+def add_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Store ``metadata`` as the model's metadata_props (values as JSON text)."""
+    model = onnx.load(str(path))
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in metadata.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        entry = existing.get(METADATA_PREFIX + key) or model.metadata_props.add()
+        entry.key, entry.value = METADATA_PREFIX + key, text
+    model.producer_name = "crystalscope"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The crystalscope entries of an ONNX file's metadata, JSON values decoded."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    entries = session.get_modelmeta().custom_metadata_map
+    decoded = {}
+    for key, value in entries.items():
+        if key.startswith(METADATA_PREFIX):
+            try:
+                decoded[key[len(METADATA_PREFIX):]] = json.loads(value)
+            except json.JSONDecodeError:
+                decoded[key[len(METADATA_PREFIX):]] = value
+    return decoded
+
+
+def check_parity(path: Path, net: InferenceNet, images: torch.Tensor,
+                 tolerance: float = PARITY_TOLERANCE) -> float:
+    """Run ``images`` through ONNX Runtime and torch; raise unless probabilities agree.
+
+    Returns the largest absolute difference of the probabilities.
+    """
+    import onnxruntime as ort
+
+    batch = images.float()
+    with torch.inference_mode():
+        expected = net(batch)[0].numpy()
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: batch.numpy()})[0]
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportParityError(f"{path}: ONNX Runtime cannot run the exported model "
+                                f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if got.shape != expected.shape:
+        raise ExportParityError(f"{path}: ONNX Runtime gives shape {got.shape}, torch "
+                                f"{expected.shape}")
+    difference = float(np.abs(got - expected).max())
+    if not difference <= tolerance:  # also catches NaN
+        raise ExportParityError(f"{path}: ONNX Runtime and torch disagree: max |Δ probability| "
+                                f"= {difference:.2e} > {tolerance:.0e}; the export is broken")
+    return difference
+
+
+def export_onnx(net: InferenceNet, path: Path, image_size: int, metadata: dict[str, Any],
+                parity_images: torch.Tensor) -> float:
+    """Export, add metadata, check parity, then move into place; returns the max difference.
+
+    A model that fails the check never appears under ``path``.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        _to_onnx(net, partial, image_size)
+        add_metadata(partial, metadata)
+        difference = check_parity(partial, net, parity_images)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return difference

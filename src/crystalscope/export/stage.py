@@ -1,0 +1,110 @@
+"""`crystalscope export`: a run's best checkpoint as model.safetensors + model.json + model.onnx.
+
+After writing, the model is rebuilt from safetensors + json and run against the checkpoint,
+and ONNX Runtime is run against torch; either disagreement fails the export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
+from crystalscope.data.loaders import build_cache
+from crystalscope.errors import CrystalscopeError
+from crystalscope.evaluate.plots import read_metrics_csv
+from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx
+from crystalscope.export.weights import load_model, model_description, save_model
+from crystalscope.model.inference import LoadedRun, load_run
+
+PARITY_IMAGES = 16
+
+
+@dataclass
+class Export:
+    """What export wrote and how closely the copies agree with the checkpoint."""
+
+    files: dict[str, Path]
+    onnx_max_difference: float
+    rebuilt_max_difference: float
+
+
+def data_summary(data: Path, classes: list[str]) -> dict[str, Any]:
+    """Images per split and class of the training data (as far as it is still there)."""
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLIT_NAMES:
+        if (Path(data) / split).is_dir():
+            counts[split] = {name: sum(1 for p in list_files(Path(data) / split / name)
+                                       if is_image_name(p))
+                             for name in classes if (Path(data) / split / name).is_dir()}
+    return {"path": str(data), "images": counts}
+
+
+def run_metrics(run: LoadedRun) -> dict[str, Any]:
+    """The best validation epoch (the checkpoint's) and, when evaluated, the test report."""
+    metrics: dict[str, Any] = {}
+    metrics_csv = run.run_dir / "metrics.csv"
+    if metrics_csv.is_file():
+        columns = read_metrics_csv(metrics_csv)
+        if columns.get("val_f1_macro"):
+            best = max(range(len(columns["epoch"])), key=lambda i: columns["val_f1_macro"][i])
+            metrics["validation"] = {k[4:]: v[best] for k, v in columns.items()
+                                     if k.startswith("val_")}
+            metrics["validation"]["epoch"] = int(columns["epoch"][best])
+    report = run.run_dir / "report.json"
+    if report.is_file():
+        test = json.loads(report.read_text(encoding="utf-8"))
+        metrics["test"] = {"data": test.get("data"), "images": test["images"],
+                           "misclassified": test["misclassified"],
+                           "accuracy": test["accuracy"], "macro_f1": test["macro"]["f1"],
+                           "roc_auc": test["roc_auc"]}
+    return metrics
+
+
+def parity_images(run: LoadedRun) -> torch.Tensor:
+    """Real images for the parity checks (test, then valid), else seeded random ones."""
+    for split in ("test", "valid"):
+        folder = Path(run.config.data) / split
+        if folder.is_dir():
+            items = [(p, 0) for p in list_files(folder) if is_image_name(p)][:PARITY_IMAGES]
+            decoded = build_cache(items, run.image_size)
+            if len(decoded.paths):
+                return decoded.images
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (PARITY_IMAGES, 3, run.image_size, run.image_size),
+                         dtype=torch.uint8, generator=generator)
+
+
+def export_run(run_dir: Path, out_dir: Path | None = None) -> Export:
+    """Write model.safetensors, model.json and model.onnx for ``run_dir``'s best checkpoint."""
+    run = load_run(run_dir)
+    out_dir = Path(out_dir or run.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = run.config.model_dump(mode="json")
+    description = model_description(
+        backbone=run.config.model, head=run.config.head, classes=run.classes,
+        image_size=run.image_size, embedding_size=run.net.net.backbone.num_features,
+        recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
+        metrics=run_metrics(run), data=data_summary(run.config.data, run.classes))
+    weights_path, json_path = save_model(run.net, description, out_dir)
+
+    images = parity_images(run).float()
+    rebuilt, _ = load_model(json_path)
+    with torch.inference_mode():
+        rebuilt_difference = float((rebuilt(images)[0] - run.net(images)[0]).abs().max())
+    if not rebuilt_difference <= PARITY_TOLERANCE:
+        raise CrystalscopeError(f"{weights_path}: the rebuilt model differs from the checkpoint "
+                                f"(max |Δ probability| {rebuilt_difference:.2e})")
+    onnx_path = out_dir / "model.onnx"
+    metadata = {"classes": run.classes, "preprocessing": description["preprocessing"],
+                "architecture": description["architecture"], "format": description["format"],
+                "format_version": description["format_version"]}
+    onnx_difference = export_onnx(run.net, onnx_path, run.image_size, metadata, images)
+    return Export(files={"model.safetensors": weights_path, "model.json": json_path,
+                         "model.onnx": onnx_path},
+                  onnx_max_difference=onnx_difference,
+                  rebuilt_max_difference=rebuilt_difference)

@@ -1,0 +1,92 @@
+"""The trained network as used after training: preprocessing and softmax included.
+
+:class:`InferenceNet` takes RGB images as float (or uint8) values 0-255, (N, 3, S, S), already
+resized to the model's input size, and returns (probabilities, embedding). The same module is
+what evaluate runs, what export writes to ONNX, and what a model rebuilt from
+``model.safetensors`` + ``model.json`` computes — so all three agree by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from crystalscope.config import TrainConfig, load_train_config
+from crystalscope.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from crystalscope.errors import UserError
+from crystalscope.model.backbones import Classifier
+
+
+class InferenceNet(nn.Module):
+    """Normalise -> backbone -> head -> softmax; also returns the pooled embedding."""
+
+    def __init__(self, net: Classifier, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (images.float() - self.mean) / self.std
+        embedding = self.net.backbone(x)
+        probabilities = torch.softmax(self.net.head(embedding), dim=1)
+        return probabilities, embedding
+
+
+@dataclass
+class LoadedRun:
+    """A run's best checkpoint, ready for inference."""
+
+    run_dir: Path
+    config: TrainConfig
+    classes: list[str]
+    net: InferenceNet
+    checkpoint: Path
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+
+def load_run(run_dir: Path, checkpoint: str = "best") -> LoadedRun:
+    """Load ``run_dir/checkpoints/<checkpoint>.ckpt`` (CPU, eval mode) with its config."""
+    from crystalscope.model.classifier import CrystalClassifier
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml); give the folder "
+                        "`crystalscope train` wrote, e.g. runs/resnet50-20261128-101500")
+    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: has no checkpoints/{checkpoint}.ckpt (training did not "
+                        "finish an epoch); continue it with `crystalscope train --resume`")
+    config = load_train_config(run_dir / "config.yaml")
+    try:
+        # weights="none": the checkpoint holds them; never reach for the hub here.
+        module = CrystalClassifier.load_from_checkpoint(path, map_location="cpu",
+                                                        weights="none")
+    except Exception as exc:
+        raise UserError(f"{path}: not a loadable crystalscope checkpoint "
+                        f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+    net = module.net.to(memory_format=torch.contiguous_format).float()
+    inference = InferenceNet(net).eval()
+    return LoadedRun(run_dir=run_dir, config=config, classes=list(module.classes),
+                     net=inference, checkpoint=path)
+
+
+@torch.inference_mode()
+def run_batches(net: InferenceNet, images: torch.Tensor, batch_size: int = 64
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and embeddings for (N, 3, S, S) images, in batches."""
+    probabilities, embeddings = [], []
+    for start in range(0, len(images), batch_size):
+        p, e = net(images[start:start + batch_size])
+        probabilities.append(p)
+        embeddings.append(e)
+    if not probabilities:
+        return torch.empty(0), torch.empty(0)
+    return torch.cat(probabilities), torch.cat(embeddings)

@@ -1,0 +1,130 @@
+"""Export: safetensors + model.json rebuild the checkpoint's model; the ONNX file carries its
+classes and preprocessing, agrees with torch, and a broken export is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from crystalscope.cli import main
+from crystalscope.errors import UserError
+from crystalscope.export import onnx as onnx_export
+from crystalscope.export.onnx import ExportParityError, read_metadata
+from crystalscope.export.stage import export_run, parity_images
+from crystalscope.export.weights import load_model
+from crystalscope.model.inference import load_run
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exported")
+    export_run(trained_run, out)
+    return out
+
+
+def _images(run_dir: Path, count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    images = parity_images(load_run(run_dir))
+    noise = torch.randint(0, 256, (count, *images.shape[1:]), generator=generator)
+    return torch.cat([images, noise.to(torch.uint8)])[: max(count, 1)].float()
+
+
+def test_export_writes_the_three_files_with_their_description(exported: Path) -> None:
+    assert {p.name for p in exported.iterdir()} == {"model.safetensors", "model.json",
+                                                    "model.onnx"}
+    description = json.loads((exported / "model.json").read_text())
+    assert description["classes"] == ["cex", "pg"]
+    assert description["architecture"]["backbone"] == "resnet18"
+    assert description["preprocessing"]["input_size"] == 32
+    assert description["recipe"]["optimizer"] == "adamw"
+    assert "validation" in description["metrics"]
+    assert set(description["data"]["images"]) == {"train", "valid", "test"}
+    assert "torch" in description["versions"] and "timm" in description["versions"]
+
+
+def test_model_rebuilt_from_safetensors_equals_the_checkpoint(trained_run: Path,
+                                                              exported: Path,
+                                                              tmp_path: Path) -> None:
+    # Only the two files, far from the run: no pickle, no run directory.
+    for name in ("model.safetensors", "model.json"):
+        shutil.copy(exported / name, tmp_path / name)
+    rebuilt, description = load_model(tmp_path / "model.safetensors")
+    checkpoint = load_run(trained_run).net
+    images = _images(trained_run, 8)
+    with torch.inference_mode():
+        for got, expected in zip(rebuilt(images), checkpoint(images), strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert description["classes"] == load_run(trained_run).classes
+
+
+def test_onnx_agrees_with_torch_for_any_batch_size(trained_run: Path, exported: Path) -> None:
+    session = ort.InferenceSession(str(exported / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    net = load_run(trained_run).net
+    for batch in (1, 5, 19):
+        images = _images(trained_run, batch)[:batch]
+        probabilities, embedding = session.run(None, {"images": images.numpy()})
+        with torch.inference_mode():
+            expected_p, expected_e = net(images)
+        assert probabilities.shape == (batch, 2)
+        assert np.abs(probabilities - expected_p.numpy()).max() <= 1e-4
+        assert np.allclose(embedding, expected_e.numpy(), rtol=1e-3, atol=1e-3)
+    metadata = read_metadata(exported / "model.onnx")
+    assert metadata["classes"] == ["cex", "pg"]
+    assert metadata["preprocessing"]["input_size"] == 32
+    assert metadata["preprocessing"]["value_range"] == "0-255"
+
+
+def _break_weights(path: Path) -> None:
+    """Scale the first large initializer: a valid ONNX file with wrong numbers."""
+    model = onnx.load(str(path))
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.size > 1000:
+            tensor.CopyFrom(numpy_helper.from_array((values * 3).astype(values.dtype),
+                                                    tensor.name))
+            break
+    onnx.save(model, str(path))
+
+
+def test_a_broken_export_fails_and_leaves_no_model_onnx(trained_run: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    real = onnx_export._to_onnx
+
+    def broken(net: torch.nn.Module, path: Path, image_size: int) -> None:
+        real(net, path, image_size)
+        _break_weights(path)
+
+    monkeypatch.setattr(onnx_export, "_to_onnx", broken)
+    with pytest.raises(ExportParityError, match="disagree"):
+        export_run(trained_run, tmp_path / "a")
+    assert not (tmp_path / "a" / "model.onnx").exists()
+    assert not list((tmp_path / "a").glob(".*partial"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(trained_run), "--out", str(tmp_path / "b")])
+    assert exit_info.value.code == 1
+    assert "disagree" in capsys.readouterr().err
+
+
+def test_load_model_refuses_incomplete_or_foreign_files(exported: Path, tmp_path: Path) -> None:
+    shutil.copy(exported / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match=r"model\.json"):
+        load_model(tmp_path / "model.safetensors")
+    (tmp_path / "model.json").write_text(json.dumps({"format": "keras"}))
+    with pytest.raises(UserError, match=r"not a crystalscope model\.json"):
+        load_model(tmp_path)
+    description = json.loads((exported / "model.json").read_text())
+    description["architecture"]["backbone"] = "resnet34"
+    (tmp_path / "model.json").write_text(json.dumps(description))
+    with pytest.raises(UserError, match="does not fit"):
+        load_model(tmp_path)
