@@ -141,10 +141,14 @@ def test_resume_after_kill(split_folder: Path, tmp_path: Path) -> None:
     process.wait()
     done_before = len(_rows(tmp_path / "killed"))
     assert 2 <= done_before < 6, "the kill should land mid-run"
+    first_log = (tmp_path / "killed" / "logs" / "metrics.csv").read_text()
     result = train(None, resume=tmp_path / "killed", quiet=True)
     epochs = [int(r["epoch"]) for r in _rows(result.run_dir)]
     assert epochs == list(range(1, len(epochs) + 1))
     assert epochs[-1] == 6 or result.stopped_by_f1
+    # Lightning's own log of the first part survives; the resumed part logs beside it.
+    assert (tmp_path / "killed" / "logs" / "metrics.csv").read_text() == first_log
+    assert len(list((tmp_path / "killed" / "logs").glob("resumed-*/metrics.csv"))) == 1
 
 
 def test_class_weights_auto() -> None:

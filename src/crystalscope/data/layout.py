@@ -47,7 +47,8 @@ def find_class_root(root: Path) -> Path:
     """Return the folder whose sub-folders are the classes.
 
     Descends through folders that hold exactly one sub-folder and no files, so that
-    ``archive/`` from Kaggle resolves to ``archive/cropped/cropped``.
+    ``archive/`` from Kaggle resolves to ``archive/cropped/cropped``; a sub-folder that holds
+    images itself is a class (a data set of one class), so the descent stops above it.
     """
     root = Path(root)
     if not root.exists():
@@ -58,7 +59,8 @@ def find_class_root(root: Path) -> Path:
     while True:
         children = [c for c in current.iterdir() if _visible(c)]
         subdirs = [c for c in children if c.is_dir()]
-        if len(subdirs) == 1 and not any(c.is_file() for c in children):
+        if (len(subdirs) == 1 and not any(c.is_file() for c in children)
+                and not any(is_image_name(p) for p in subdirs[0].iterdir() if p.is_file())):
             current = subdirs[0]
             continue
         return current

@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from crystalscope.data.loaders import IMAGENET_MEAN, IMAGENET_STD
@@ -105,7 +105,7 @@ def load_model(path: Path) -> tuple[InferenceNet, dict[str, Any]]:
     net = Classifier(backbone, len(classes), architecture["head"])
     try:
         net.load_state_dict(load_file(weights_path), strict=True)
-    except (SafetensorsError, RuntimeError, OSError) as exc:
+    except (SafetensorError, RuntimeError, OSError) as exc:
         raise UserError(f"{weights_path}: does not fit the architecture in {json_path.name} "
                         f"({str(exc)[:200]})") from exc
     return InferenceNet(net).eval(), description

@@ -147,7 +147,10 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
     show_bar = not quiet and err.is_terminal
     if show_bar:
         callbacks.append(RichProgressBar())
-    loggers: list = [CSVLogger(run_dir, name="logs", version="")]
+    # A resumed run logs to logs/resumed-<time>/: Lightning's CSV logger would otherwise
+    # replace the first part's logs/metrics.csv.
+    version = f"resumed-{datetime.now():%Y%m%d-%H%M%S}" if resuming else ""
+    loggers: list = [CSVLogger(run_dir, name="logs", version=version)]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
     trainer = L.Trainer(
@@ -162,6 +165,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*deterministic.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # on resume
         try:
             trainer.fit(module, datamodule=data,
                         ckpt_path=str(checkpoint) if checkpoint else None)
