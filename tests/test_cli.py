@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = [["synth"], ["data", "check"], ["data", "download"], ["split"], ["demo"]]
+COMMANDS = [["synth"], ["data", "check"], ["data", "download"], ["split"], ["train"],
+            ["evaluate"], ["export"], ["predict"], ["index"], ["similar"], ["demo"]]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -80,3 +81,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "splits" / "manifest.csv").is_file()
     report = json.loads((tmp_path / "demo" / "splits" / "split.json").read_text())
     assert report["status"] == "complete"
+    run_dir = tmp_path / "demo" / "runs" / "demo"
+    for name in ("report.txt", "confusion_matrix.png", "model.onnx", "model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    predictions = (tmp_path / "demo" / "predictions.csv").read_text().splitlines()
+    assert len(predictions) == 1 + len(list((tmp_path / "demo" / "splits" / "test")
+                                             .rglob("*.png")))
+    assert (tmp_path / "demo" / "similar.html").is_file()
+    assert "6/6 index" in result.stdout

@@ -25,17 +25,17 @@ def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
         raise UserError(f"{folder}: is not empty; give a new folder for the demo")
     images, splits = folder / "images", folder / "splits"
 
-    say(f"1/4 synth: {per_class} CEX and {per_class} PG crops (PG with rotated copies) -> {images}")
+    say(f"1/6 synth: {per_class} CEX and {per_class} PG crops (PG with rotated copies) -> {images}")
     synthesize(images, SynthSettings(per_class=per_class, difficulty=0.3, dihedral_copies=2,
                                      seed=seed))
 
-    say(f"2/4 data check: {images}")
+    say(f"2/6 data check: {images}")
     report = summarize(scan_dataset(images))
     say(f"    {report['readable']} readable images, {len(report['duplicate_groups'])} duplicate "
         f"groups holding {report['duplicate_files']} extra copies, "
         f"{report['label_conflicts']} label conflicts")
 
-    say(f"3/4 split 70/25/5, duplicate groups kept together -> {splits}")
+    say(f"3/6 split 70/25/5, duplicate groups kept together -> {splits}")
     result = split_dataset(images, splits, seed=seed)
     for name, counts in result.report["counts"].items():
         say(f"    {name}: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
@@ -44,7 +44,7 @@ def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
     from crystalscope.evaluate.report import format_value
     from crystalscope.train.run import train
 
-    say("4/4 train: ResNet-18 (random init) at 64 px, until every class's validation F1 >= 0.99;"
+    say("4/6 train: ResNet-18 (random init) at 64 px, until every class's validation F1 >= 0.99;"
         " then evaluate on the test split and export")
     config = resolve_train_config({"data": splits, "runs_dir": folder / "runs", "name": "demo",
                                    "seed": seed, **DEMO_TRAINING})
@@ -62,4 +62,42 @@ def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
                         for name in ("report.txt", "confusion_matrix.png", "errors.png")})
     if result.export is not None:
         written.update(result.export.files)
+        written.update(_predict_index_similar(result.run_dir, splits, folder, say))
     return written
+
+
+def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
+                           say: Callable[[str], None]) -> dict[str, Path]:
+    """predict the test images, index train + valid, and ask for the neighbours of one."""
+    from crystalscope.data.layout import expand_paths
+    from crystalscope.infer.output import PredictionWriter
+    from crystalscope.infer.predictor import load_predictor
+    from crystalscope.infer.stream import predict_stream
+    from crystalscope.vectors.indexing import find_similar, index_images, similar_html
+    from crystalscope.vectors.store import open_store
+
+    predictor = load_predictor(run_dir / "model.onnx")
+    test_images = expand_paths([splits / "test"])
+    predictions = folder / "predictions.csv"
+    with predictions.open("w", encoding="utf-8", newline="") as handle:
+        writer = PredictionWriter(handle, "csv", predictor.classes)
+        for item in predict_stream(predictor, test_images):
+            writer.write(item)
+        writer.close()
+    say(f"5/6 predict (ONNX Runtime): {writer.count} test images -> {predictions}")
+
+    store = open_store(folder / "crystalscope.lance")
+    try:
+        indexed = index_images(predictor, expand_paths([splits / "train", splits / "valid"]),
+                               store)
+        query, neighbours = find_similar(predictor, test_images[-1], store, 5)
+    finally:
+        store.close()
+    page = folder / "similar.html"
+    page.write_text(similar_html(query, neighbours, predictor.classes), encoding="utf-8")
+    say(f"6/6 index {indexed.indexed} train + valid embeddings -> {folder / 'crystalscope.lance'};"
+        f" nearest to {test_images[-1].name}: "
+        + ", ".join(f"{Path(n.record.path).name} ({n.distance:.3f})" for n in neighbours[:3])
+        + f" … -> {page}")
+    return {"predictions": predictions, "store": folder / "crystalscope.lance",
+            "similar": page}

@@ -7,6 +7,7 @@ sub-folder and no images.
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,3 +94,33 @@ def read_class_folders(root: Path, *, min_classes: int = 2) -> list[ClassFolder]
 def count_files(root: Path) -> int:
     """How many files the class folders under ``root`` hold."""
     return sum(len(c.files) for c in read_class_folders(root))
+
+
+def expand_paths(paths: list[str] | list[Path]) -> list[Path]:
+    """Files, folders (their images, recursively) and globs -> image paths, in given order.
+
+    A file named explicitly is kept whatever its extension (reading it says if it is no
+    image); a name that matches nothing is an error.
+    """
+    found: dict[Path, None] = {}
+    for given in paths:
+        path = Path(given)
+        if path.is_file():
+            found[path] = None
+        elif path.is_dir():
+            found.update(dict.fromkeys(p for p in list_files(path) if is_image_name(p)))
+        elif any(ch in str(given) for ch in "*?["):
+            # glob.glob, not Path.glob: the pattern may be absolute or start with '..'
+            matches = sorted(glob.glob(str(given), recursive=True))  # noqa: PTH207
+            if not matches:
+                raise UserError(f"{given}: matches no files")
+            for match in map(Path, matches):
+                if match.is_dir():
+                    found.update(dict.fromkeys(p for p in list_files(match) if is_image_name(p)))
+                elif is_image_name(match):
+                    found[match] = None
+        else:
+            raise UserError(f"{given}: no such file or folder")
+    if not found:
+        raise UserError(f"no images found in {', '.join(map(str, paths))}")
+    return list(found)

@@ -1,0 +1,96 @@
+"""Write predictions as they come: an aligned table, CSV, JSON or JSON lines.
+
+Every number is named for what it is: ``probability_of_predicted`` is the probability of the
+predicted class (whichever it is), ``probability_<class>`` that of each class.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Literal, TextIO
+
+from crystalscope.errors import UserError
+from crystalscope.infer.stream import Failure, ImageResult
+
+Format = Literal["table", "csv", "json", "jsonl"]
+LEGEND = ("predicted_class: the most probable class; probability_of_predicted: its "
+          "probability; probability_<class>: each class's probability (they sum to 1)")
+
+
+def columns(classes: list[str]) -> list[str]:
+    return ["file", "predicted_class", "probability_of_predicted",
+            *(f"probability_{name}" for name in classes)]
+
+
+def as_row(result: ImageResult, classes: list[str]) -> dict[str, object]:
+    best = int(result.probabilities.argmax())
+    return {"file": str(result.path), "predicted_class": classes[best],
+            "probability_of_predicted": round(float(result.probabilities[best]), 6),
+            **{f"probability_{name}": round(float(p), 6)
+               for name, p in zip(classes, result.probabilities, strict=True)}}
+
+
+class PredictionWriter:
+    """Streams rows to ``handle`` in one of the formats."""
+
+    def __init__(self, handle: TextIO, fmt: Format, classes: list[str]) -> None:
+        self.handle, self.format, self.classes = handle, fmt, classes
+        self.count = 0  # predictions written
+        self.json_records = 0  # records (predictions and failures) in the JSON array
+        names = columns(classes)
+        if fmt == "csv":
+            self.csv = csv.DictWriter(handle, fieldnames=names)
+            self.csv.writeheader()
+        elif fmt == "json":
+            handle.write("[")
+        elif fmt == "table":
+            self.widths = [40, max(15, *(len(c) for c in classes)), 24,
+                           *(max(12, len(n)) for n in names[3:])]
+            handle.write(self._line(names) + "\n")
+
+    def _line(self, values: list[object]) -> str:
+        cells = [str(v) if not isinstance(v, float) else f"{v:.4f}" for v in values]
+        first = cells[0] if len(cells[0]) <= 40 else "…" + cells[0][-39:]
+        return "  ".join([first.ljust(self.widths[0]),
+                          *(c.ljust(w) for c, w in zip(cells[1:], self.widths[1:],
+                                                       strict=True))]).rstrip()
+
+    def write(self, item: ImageResult | Failure) -> None:
+        if isinstance(item, Failure):
+            if self.format in ("json", "jsonl"):
+                self._json({"file": str(item.path), "error": item.reason})
+            return
+        row = as_row(item, self.classes)
+        if self.format == "csv":
+            self.csv.writerow(row)
+        elif self.format == "table":
+            self.handle.write(self._line(list(row.values())) + "\n")
+        else:
+            self._json(row)
+        self.count += 1
+
+    def _json(self, record: dict) -> None:
+        if self.format == "jsonl":
+            self.handle.write(json.dumps(record) + "\n")
+        else:
+            self.handle.write(("," if self.json_records else "") + "\n  " + json.dumps(record))
+            self.json_records += 1
+
+    def close(self) -> None:
+        if self.format == "json":
+            self.handle.write("\n]\n")
+        self.handle.flush()
+
+
+def open_output(path: Path | None) -> TextIO | None:
+    """A new file for --output (an existing file is never replaced)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.exists():
+        raise UserError(f"--output {path}: exists; remove it or choose another name")
+    if not path.parent.is_dir():
+        raise UserError(f"--output {path}: folder {path.parent} does not exist")
+    return path.open("x", encoding="utf-8", newline="")

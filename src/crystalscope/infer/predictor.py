@@ -1,0 +1,200 @@
+"""Load a model for inference — ONNX Runtime by default, torch optionally — with its
+preprocessing, and run it on batches of decoded images.
+
+MODEL is a run directory, an exported ``model.onnx`` or ``model.safetensors`` (+ model.json),
+or any ONNX image classifier whose preprocessing is given (``Preprocessing``): so a model from
+another tool, e.g. the original project's Keras ResNet-101 (NHWC, caffe preprocessing, one
+sigmoid output), can be run and compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from crystalscope.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from crystalscope.errors import UserError
+
+Backend = Literal["onnx", "torch"]
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # Keras' "caffe" mode: BGR, mean subtracted
+
+
+@dataclass
+class Preprocessing:
+    """How RGB uint8 images (N, 3, S, S) become the model's input.
+
+    ``mode``: ``raw`` (float 0-255, the model normalises: crystalscope's own exports),
+    ``imagenet`` ((x/255 - mean) / std), ``caffe`` (BGR, minus the Keras caffe means),
+    ``tf`` (x / 127.5 - 1).
+    """
+
+    input_size: int
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    mode: Literal["raw", "imagenet", "caffe", "tf"] = "raw"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        x = images.astype(np.float32)
+        if self.mode == "imagenet":
+            mean = np.asarray(self.mean, np.float32).reshape(1, 3, 1, 1)
+            std = np.asarray(self.std, np.float32).reshape(1, 3, 1, 1)
+            x = (x / 255.0 - mean) / std
+        elif self.mode == "caffe":
+            x = x[:, ::-1] - np.asarray(CAFFE_BGR_MEAN, np.float32).reshape(1, 3, 1, 1)
+        elif self.mode == "tf":
+            x = x / 127.5 - 1.0
+        if self.layout == "nhwc":
+            x = x.transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(x)
+
+
+@dataclass
+class Predictor:
+    """A loaded model: classes, preprocessing, and a function from images to outputs."""
+
+    classes: list[str]
+    preprocessing: Preprocessing
+    backend: Backend
+    source: Path
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
+    has_embedding: bool = True
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.input_size
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 RGB (N, 3, S, S) -> probabilities (N, C) and embeddings (N, D) or None."""
+        probabilities, embedding = self.run(self.preprocessing.apply(images))
+        return to_probabilities(probabilities, len(self.classes)), embedding
+
+
+def to_probabilities(output: np.ndarray, num_classes: int) -> np.ndarray:
+    """Model output -> class probabilities: a single sigmoid column becomes [1 - p, p];
+    rows that are not already probabilities get a softmax."""
+    output = np.asarray(output, dtype=np.float64)
+    if output.ndim == 1:
+        output = output[:, None]
+    if output.shape[1] == 1 and num_classes == 2:
+        p = output[:, 0]
+        if p.min() < 0 or p.max() > 1:  # a logit, not a sigmoid output
+            p = 1.0 / (1.0 + np.exp(-p))
+        return np.stack([1 - p, p], axis=1)
+    if output.shape[1] != num_classes:
+        raise UserError(f"the model gives {output.shape[1]} outputs per image but "
+                        f"{num_classes} class names are known; give --classes")
+    is_probability = (output.min() >= 0) and np.allclose(output.sum(axis=1), 1.0, atol=1e-3)
+    if is_probability:
+        return output
+    shifted = np.exp(output - output.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
+    import onnxruntime as ort
+
+    from crystalscope.export.onnx import read_metadata
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise UserError(f"{path}: not a loadable ONNX model ({str(exc)[:200]})") from exc
+    metadata = read_metadata(path)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        raise UserError(f"{path}: has {len(inputs)} inputs; an image classifier has one")
+    classes = backend_overrides.get("classes") or metadata.get("classes")
+    if not classes:
+        raise UserError(f"{path}: carries no class names; give them, e.g. --classes cex,pg")
+    if "preprocessing" in metadata and not backend_overrides.get("preprocessing"):
+        preprocessing = Preprocessing(input_size=int(metadata["preprocessing"]["input_size"]))
+    else:
+        preprocessing = backend_overrides.get("preprocessing") or _guess(inputs[0].shape, path)
+    names = [o.name for o in outputs]
+    embedding_name = "embedding" if "embedding" in names else None
+    wanted = [names[0] if "probabilities" not in names else "probabilities"]
+    if embedding_name:
+        wanted.append(embedding_name)
+    input_name = inputs[0].name
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        results = session.run(wanted, {input_name: x})
+        return results[0], (results[1] if embedding_name else None)
+
+    return Predictor(classes=list(classes), preprocessing=preprocessing, backend="onnx",
+                     source=path, run=run, has_embedding=embedding_name is not None)
+
+
+def _guess(shape: list, path: Path) -> Preprocessing:
+    """A foreign model without our metadata: the input size from its static shape, if any."""
+    sizes = [d for d in shape[1:] if isinstance(d, int) and d > 4]
+    if len(sizes) != 2 or sizes[0] != sizes[1]:
+        raise UserError(f"{path}: give its preprocessing: --input-size, --layout, "
+                        "--preprocess caffe|imagenet|tf|raw (or --mean/--std)")
+    layout = "nhwc" if isinstance(shape[-1], int) and shape[-1] == 3 else "nchw"
+    return Preprocessing(input_size=sizes[0], layout=layout, mode="imagenet")
+
+
+def _torch_predictor(net: torch.nn.Module, classes: list[str], size: int,
+                     source: Path) -> Predictor:
+    net = net.eval()
+
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probabilities, embedding = net(torch.from_numpy(x))
+        return probabilities.numpy(), embedding.numpy()
+
+    return Predictor(classes=list(classes), preprocessing=Preprocessing(input_size=size),
+                     backend="torch", source=source, run=run)
+
+
+def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str] | None = None,
+                   preprocessing: Preprocessing | None = None) -> Predictor:
+    """Open MODEL (run directory, model.onnx, model.safetensors/model.json) for inference."""
+    model = Path(model)
+    if not model.exists():
+        raise UserError(f"{model}: no such model; give a run directory, a model.onnx or a "
+                        "model.safetensors")
+    overrides = {"classes": classes, "preprocessing": preprocessing}
+    if model.is_dir():
+        if backend == "onnx":
+            if not (model / "model.onnx").is_file():
+                raise UserError(f"{model}: has no model.onnx; run `crystalscope export {model}` "
+                                "or use --backend torch")
+            return _onnx_predictor(model / "model.onnx", overrides)
+        from crystalscope.model.inference import load_run
+
+        run = load_run(model)
+        return _torch_predictor(run.net, run.classes, run.image_size, model)
+    suffix = model.suffix.lower()
+    if suffix == ".onnx":
+        if backend == "torch":
+            raise UserError(f"{model}: an ONNX file runs on ONNX Runtime; for --backend torch "
+                            "give the run directory or model.safetensors")
+        return _onnx_predictor(model, overrides)
+    if suffix in (".safetensors", ".json"):
+        from crystalscope.export.weights import load_model
+
+        net, description = load_model(model)
+        return _torch_predictor(net, description["classes"],
+                                int(description["preprocessing"]["input_size"]), model)
+    raise UserError(f"{model}: not a model file; give a run directory, a .onnx or a "
+                    ".safetensors file")
+
+
+def parse_classes(text: str | None) -> list[str] | None:
+    """``cex,pg`` or a JSON list -> class names."""
+    if not text:
+        return None
+    names = json.loads(text) if text.strip().startswith("[") else text.split(",")
+    names = [str(n).strip() for n in names if str(n).strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise UserError(f"--classes {text}: give at least two distinct names, e.g. cex,pg")
+    return names

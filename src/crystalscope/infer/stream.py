@@ -1,0 +1,79 @@
+"""Predict over any number of images in fixed-size batches: memory stays bounded.
+
+Images are decoded a batch at a time (in threads: PIL releases the GIL while decoding),
+squashed to the model's input size, run, and handed on; unreadable files come out as
+:class:`Failure` in their place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from crystalscope.data.images import ImageLoadError, load_image
+from crystalscope.infer.predictor import Predictor
+
+
+@dataclass
+class ImageResult:
+    """One image's prediction (and embedding, when the model gives one)."""
+
+    path: Path
+    probabilities: np.ndarray
+    embedding: np.ndarray | None
+    width: int
+    height: int
+
+
+@dataclass
+class Failure:
+    """An image that could not be read, and why."""
+
+    path: Path
+    reason: str
+
+
+def decode_with_size(path: Path, size: int) -> tuple[np.ndarray, int, int]:
+    """(3, size, size) uint8 RGB, squashed bilinearly, and the original width and height."""
+    image = load_image(path, warn_on_mismatch=False).convert("RGB")
+    width, height = image.size
+    resized = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized).transpose(2, 0, 1).copy(), width, height
+
+
+def _decode(job: tuple[Path, int]) -> tuple[np.ndarray, int, int] | str:
+    path, size = job
+    try:
+        return decode_with_size(path, size)
+    except ImageLoadError as exc:
+        return str(exc)
+
+
+def predict_stream(predictor: Predictor, paths: Sequence[Path], *, batch_size: int = 32,
+                   progress: Callable[[int], None] | None = None
+                   ) -> Iterator[ImageResult | Failure]:
+    """Results in the order of ``paths``, one batch in memory at a time."""
+    size = predictor.input_size
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            decoded = list(pool.map(_decode, [(p, size) for p in chunk]))
+            good = [d for d in decoded if not isinstance(d, str)]
+            if good:
+                probabilities, embeddings = predictor.predict(np.stack([d[0] for d in good]))
+            row = 0
+            for path, item in zip(chunk, decoded, strict=True):
+                if isinstance(item, str):
+                    yield Failure(path, item)
+                    continue
+                yield ImageResult(path, probabilities[row],
+                                  None if embeddings is None else embeddings[row],
+                                  item[1], item[2])
+                row += 1
+            if progress:
+                progress(len(chunk))

@@ -1,0 +1,1 @@
+"""Vector stores for image embeddings: the contract, LanceDB (embedded), Weaviate (server)."""

@@ -1,0 +1,199 @@
+"""LanceDB, embedded: the default store, a folder on disk, nothing to start.
+
+Small tables are searched exactly (a flat scan). From ``index_threshold`` rows on, an ANN
+index is built automatically (IVF partitions with HNSW graphs over scalar-quantised vectors,
+cosine distance) and searched with enough partitions probed, and candidates re-ranked on the
+full vectors, to keep recall@10 high; ``benchmarks/vectors.py`` measures it against exact
+search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from crystalscope.errors import CrystalscopeError, UserError
+from crystalscope.vectors.store import Neighbour, Record, StoreInfo, check_vector
+
+# Lance warns at every index_stats call unless this choice is made; we need no centroids.
+os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
+
+TABLE = "crystals"
+INDEX_THRESHOLD = 10_000
+NPROBES = 24
+REFINE_FACTOR: int | None = 4
+PARTITION_DIVISOR = 4
+FIELDS = ("id", "path", "sha256", "predicted", "probabilities", "true_class", "width",
+          "height", "added")
+
+
+def partitions_for(rows: int) -> int:
+    """IVF partitions: about sqrt(rows) / 4 (a few thousand vectors per partition)."""
+    return max(1, round(math.sqrt(rows) / PARTITION_DIVISOR))
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _schema(dimension: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), dimension)),
+        pa.field("path", pa.string()), pa.field("sha256", pa.string()),
+        pa.field("predicted", pa.string()), pa.field("probabilities", pa.string()),
+        pa.field("true_class", pa.string()), pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()), pa.field("added", pa.string()),
+    ])
+
+
+class LanceStore:
+    """A :class:`~crystalscope.vectors.store.VectorStore` in a LanceDB folder."""
+
+    def __init__(self, path: Path, *, dimension: int | None = None,
+                 index_threshold: int = INDEX_THRESHOLD) -> None:
+        import lancedb
+
+        self.path, self.index_threshold = Path(path), index_threshold
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--store {path}: is a file; give a folder for the LanceDB store")
+        try:
+            self.db = lancedb.connect(str(self.path))
+            names = self.db.list_tables()
+            names = getattr(names, "tables", names)
+            self.table = self.db.open_table(TABLE) if TABLE in names else None
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--store {path}: cannot open or create it ({exc})") from exc
+        self.dimension = dimension
+        if self.table is not None:
+            stored = self.table.schema.field("vector").type.list_size
+            if dimension is not None and stored != dimension:
+                check_vector(np.zeros(dimension), stored)  # raises the explained error
+            self.dimension = stored
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _arrow(self, records: list[Record]) -> pa.Table:
+        assert self.dimension is not None
+        vectors = np.stack([check_vector(r.vector, self.dimension) for r in records])
+        columns = {name: [getattr(r, name) for r in records] for name in FIELDS}
+        columns["probabilities"] = [json.dumps(r.probabilities) for r in records]
+        return pa.Table.from_pydict(
+            {**columns, "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), pa.float32()), self.dimension)},
+            schema=_schema(self.dimension))
+
+    def upsert(self, records: list[Record]) -> None:
+        if not records:
+            return
+        if self.dimension is None:
+            self.dimension = int(np.asarray(records[0].vector).size)
+        data = self._arrow(records)
+        try:
+            if self.table is None:
+                self.table = self.db.create_table(TABLE, data=data, schema=data.schema)
+            else:
+                (self.table.merge_insert("id").when_matched_update_all()
+                 .when_not_matched_insert_all().execute(data))
+        except OSError as exc:
+            raise UserError(f"--store {self.path}: cannot write to it ({exc})") from exc
+        self._maintain_index()
+
+    def _maintain_index(self) -> None:
+        """Build the ANN index past the threshold; fold new rows into it as they come."""
+        assert self.table is not None
+        rows = self.table.count_rows()
+        if rows < self.index_threshold:
+            return
+        if not self._indexed():
+            from lancedb.index import IvfHnswSq
+
+            self.table.create_index("vector", config=IvfHnswSq(
+                distance_type="cosine", num_partitions=partitions_for(rows)))
+        else:
+            stats = self.table.index_stats(self._index_name())
+            if stats is not None and stats.num_unindexed_rows > 0.1 * rows:
+                self.table.optimize()
+
+    def _index_name(self) -> str | None:
+        assert self.table is not None
+        for index in self.table.list_indices():
+            if "vector" in index.columns:
+                return index.name
+        return None
+
+    def _indexed(self) -> bool:
+        return self.table is not None and self._index_name() is not None
+
+    def delete(self, ids: list[str]) -> int:
+        if self.table is None or not ids:
+            return 0
+        before = self.table.count_rows()
+        self.table.delete(f"id IN ({', '.join(_quote(i) for i in ids)})")
+        return before - self.table.count_rows()
+
+    def truncate(self) -> None:
+        if self.table is not None:
+            self.db.drop_table(TABLE)
+            self.table = None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return 0 if self.table is None else self.table.count_rows()
+
+    @staticmethod
+    def _record(row: dict) -> Record:
+        return Record(id=row["id"], vector=np.asarray(row["vector"], dtype=np.float32),
+                      path=row["path"], sha256=row["sha256"], predicted=row["predicted"],
+                      probabilities=json.loads(row["probabilities"]),
+                      true_class=row["true_class"], width=row["width"], height=row["height"],
+                      added=row["added"])
+
+    def get(self, record_id: str) -> Record | None:
+        if self.table is None:
+            return None
+        rows = self.table.search().where(f"id = {_quote(record_id)}").limit(1).to_list()
+        return self._record(rows[0]) if rows else None
+
+    def nearest(self, vector: np.ndarray, k: int, *,
+                predicted: str | None = None) -> list[Neighbour]:
+        if k < 1:
+            raise UserError(f"-k {k}: give at least 1")
+        if self.table is None:
+            return []
+        query = (self.table.search(check_vector(vector, self.dimension),
+                                   vector_column_name="vector")
+                 .distance_type("cosine").limit(k))
+        if predicted is not None:
+            query = query.where(f"predicted = {_quote(predicted)}", prefilter=True)
+        if self._indexed():
+            query = query.nprobes(NPROBES)
+            if REFINE_FACTOR:
+                query = query.refine_factor(REFINE_FACTOR)
+        try:
+            rows = query.to_list()
+        except (OSError, RuntimeError) as exc:
+            raise CrystalscopeError(f"--store {self.path}: search failed ({exc})") from exc
+        return [Neighbour(self._record(row), float(row["_distance"])) for row in rows]
+
+    def exact_nearest(self, vector: np.ndarray, k: int) -> list[Neighbour]:
+        """Flat-scan search, ignoring any index (the reference for recall)."""
+        if self.table is None:
+            return []
+        rows = (self.table.search(check_vector(vector, self.dimension),
+                                  vector_column_name="vector")
+                .distance_type("cosine").limit(k).bypass_vector_index().to_list())
+        return [Neighbour(self._record(row), float(row["_distance"])) for row in rows]
+
+    def info(self) -> StoreInfo:
+        return StoreInfo(uri=str(self.path), count=self.count(), dimension=self.dimension,
+                         indexed=self._indexed())
+
+    def close(self) -> None:
+        self.table = None

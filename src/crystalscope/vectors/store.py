@@ -1,0 +1,113 @@
+"""The vector store contract: what `index` writes and `similar` reads, whatever the backend.
+
+A record is one image: its embedding and what we know of it. Its id is derived from the
+image's absolute path, so indexing the same file again updates its record. Distances are
+cosine distances (1 - cosine similarity), smallest first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from crystalscope.errors import UserError
+
+
+def record_id(path: Path) -> str:
+    """A stable UUID for an image file: the same path, the same record."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, Path(path).resolve().as_uri()))
+
+
+@dataclass
+class Record:
+    """One indexed image."""
+
+    id: str
+    vector: np.ndarray
+    path: str
+    sha256: str
+    predicted: str
+    probabilities: dict[str, float]
+    true_class: str | None = None
+    width: int = 0
+    height: int = 0
+    added: str = ""
+
+
+@dataclass
+class Neighbour:
+    """A stored record and its cosine distance to the query."""
+
+    record: Record
+    distance: float
+
+
+@dataclass
+class StoreInfo:
+    """What a store says about itself (for messages and benchmarks)."""
+
+    uri: str
+    count: int
+    dimension: int | None
+    indexed: bool = False
+    details: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """Add, read, delete and search image embeddings."""
+
+    def upsert(self, records: list[Record]) -> None:
+        """Insert records; a record whose id exists replaces the stored one."""
+
+    def get(self, record_id: str) -> Record | None:
+        """The record with this id, or None."""
+
+    def delete(self, ids: list[str]) -> int:
+        """Delete these records; returns how many existed."""
+
+    def truncate(self) -> None:
+        """Delete every record."""
+
+    def count(self) -> int:
+        """How many records the store holds."""
+
+    def nearest(self, vector: np.ndarray, k: int, *,
+                predicted: str | None = None) -> list[Neighbour]:
+        """The k records closest to ``vector``, optionally only those predicted as a class."""
+
+    def info(self) -> StoreInfo:
+        """Size, dimension and index state."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+DEFAULT_STORE = "crystalscope.lance"
+
+
+def open_store(uri: str | Path, *, dimension: int | None = None,
+               timeout_s: float = 10.0) -> VectorStore:
+    """``http(s)://host:port`` -> Weaviate; anything else -> a LanceDB folder."""
+    text = str(uri)
+    if text.startswith(("http://", "https://")):
+        from crystalscope.vectors.weaviate import WeaviateStore
+
+        return WeaviateStore(text, dimension=dimension, timeout_s=timeout_s)
+    from crystalscope.vectors.lance import LanceStore
+
+    return LanceStore(Path(text), dimension=dimension)
+
+
+def check_vector(vector: np.ndarray, dimension: int | None) -> np.ndarray:
+    """A 1-D float32 vector of the store's dimension."""
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if dimension is not None and vector.shape[0] != dimension:
+        raise UserError(f"the model's embeddings have {vector.shape[0]} values but the store "
+                        f"holds {dimension}-value vectors (another model indexed it); use "
+                        "another --store")
+    return vector

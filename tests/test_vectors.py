@@ -1,0 +1,174 @@
+"""The vector store contract on LanceDB (and on Weaviate when a server is given); nearest
+neighbours against numpy's exact search; index and similar through the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalscope.cli import main
+from crystalscope.errors import CrystalscopeError, UserError
+from crystalscope.evaluate.stage import evaluate_run
+from crystalscope.export.stage import export_run
+from crystalscope.vectors.lance import LanceStore
+from crystalscope.vectors.store import Record, VectorStore, open_store, record_id
+
+WEAVIATE_URL = os.environ.get("CRYSTALSCOPE_WEAVIATE_URL")
+DIM = 16
+
+
+def _records(n: int, seed: int = 0, dim: int = DIM) -> list[Record]:
+    rng = np.random.default_rng(seed)
+    vectors = np.abs(rng.normal(size=(n, dim))).astype(np.float32)
+    return [Record(id=record_id(Path(f"/data/img{seed}-{i}.png")), vector=vectors[i],
+                   path=f"/data/img{seed}-{i}.png", sha256=f"{i:064x}",
+                   predicted="cex" if i % 3 else "pg",
+                   probabilities={"cex": 0.7, "pg": 0.3} if i % 3 else {"cex": 0.2, "pg": 0.8},
+                   true_class=None if i % 5 == 0 else "cex", width=151, height=151,
+                   added="2026-11-28T12:00:00+00:00") for i in range(n)]
+
+
+def _exact(records: list[Record], query: np.ndarray, k: int,
+           predicted: str | None = None) -> list[tuple[str, float]]:
+    chosen = [r for r in records if predicted is None or r.predicted == predicted]
+    matrix = np.stack([r.vector for r in chosen])
+    cosine = matrix @ query / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(query))
+    order = np.argsort(1 - cosine, kind="stable")[:k]
+    return [(chosen[i].id, float(1 - cosine[i])) for i in order]
+
+
+@pytest.fixture(params=["lance", "weaviate"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorStore]:
+    if request.param == "weaviate":
+        if not WEAVIATE_URL:
+            pytest.skip("set CRYSTALSCOPE_WEAVIATE_URL=http://host:8080 to run the contract "
+                        "against a Weaviate server")
+        opened = open_store(WEAVIATE_URL)
+        opened.truncate()
+    else:
+        opened = open_store(tmp_path / "store.lance")
+    yield opened
+    opened.close()
+
+
+def test_contract_add_get_update_delete_truncate(store: VectorStore) -> None:
+    records = _records(30)
+    assert isinstance(store, VectorStore)
+    assert store.count() == 0 and store.get(records[0].id) is None
+    store.upsert(records)
+    assert store.count() == 30
+    got = store.get(records[4].id)
+    assert got is not None and got.path == records[4].path and got.sha256 == records[4].sha256
+    assert got.probabilities == records[4].probabilities and got.true_class == "cex"
+    assert np.allclose(got.vector, records[4].vector)
+    assert store.get(records[0].id).true_class is None  # type: ignore[union-attr]
+    changed = Record(**{**records[4].__dict__, "predicted": "pg", "width": 99})
+    store.upsert([changed])
+    assert store.count() == 30  # updated, not duplicated
+    assert store.get(records[4].id).predicted == "pg"  # type: ignore[union-attr]
+    assert store.delete([records[1].id, records[2].id, record_id(Path("/never"))]) == 2
+    assert store.count() == 28 and store.get(records[1].id) is None
+    store.truncate()
+    assert store.count() == 0
+
+
+def test_contract_nearest_equals_numpy_exact_search(store: VectorStore) -> None:
+    records = _records(60, seed=1)
+    store.upsert(records)
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        query = np.abs(rng.normal(size=DIM)).astype(np.float32)
+        found = store.nearest(query, 7)
+        expected = _exact(records, query, 7)
+        assert [n.record.id for n in found] == [i for i, _ in expected]
+        assert [n.distance for n in found] == pytest.approx([d for _, d in expected], abs=1e-4)
+        only_pg = store.nearest(query, 4, predicted="pg")
+        assert [n.record.id for n in only_pg] == [i for i, _ in _exact(records, query, 4, "pg")]
+        assert all(n.record.predicted == "pg" for n in only_pg)
+    with pytest.raises(UserError, match="-value vectors"):
+        store.nearest(np.ones(DIM + 1, dtype=np.float32), 3)
+
+
+def test_lance_builds_an_ann_index_with_high_recall(tmp_path: Path) -> None:
+    records = _records(3000, seed=2, dim=32)
+    store = LanceStore(tmp_path / "ann.lance", index_threshold=2000)
+    store.upsert(records[:1000])
+    assert not store.info().indexed  # small: exact search
+    store.upsert(records[1000:])
+    assert store.info().indexed
+    rng = np.random.default_rng(3)
+    hits = 0
+    for _ in range(20):
+        query = np.abs(rng.normal(size=32)).astype(np.float32)
+        expected = {i for i, _ in _exact(records, query, 10)}
+        hits += len(expected & {n.record.id for n in store.nearest(query, 10)})
+        assert [n.record.id for n in store.exact_nearest(query, 10)] == \
+            [i for i, _ in _exact(records, query, 10)]
+    assert hits / 200 >= 0.95
+
+
+def test_store_errors_are_clear(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        open_store(tmp_path / "file")
+    with pytest.raises(UserError, match="cannot open or create"):
+        open_store(tmp_path / "file" / "inside.lance").upsert(_records(1))
+    start = time.monotonic()
+    with pytest.raises(CrystalscopeError, match="cannot reach Weaviate"):
+        open_store("http://127.0.0.1:9", timeout_s=2)  # nothing listens there
+    assert time.monotonic() - start < 15  # an error, not a hang
+
+
+@pytest.fixture(scope="module")
+def exported_run(trained_run: Path) -> Path:
+    if not (trained_run / "report.json").is_file():
+        evaluate_run(trained_run)
+    if not (trained_run / "model.onnx").is_file():
+        export_run(trained_run)
+    return trained_run
+
+
+def test_index_and_similar_from_the_command_line(exported_run: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    splits = exported_run.parent.parent / "splits"
+    store = tmp_path / "crystals.lance"
+    train_images = sorted((splits / "train").rglob("*.png"))
+    for attempt in range(2):  # the second time updates every record
+        with pytest.raises(SystemExit) as exit_info:
+            main(["index", str(exported_run), str(splits / "train"), "--store", str(store),
+                  "--json"])
+        assert exit_info.value.code == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["indexed"] == len(train_images) == summary["total"]
+        assert summary["new"] == (len(train_images) if attempt == 0 else 0)
+    query = train_images[3]
+    with pytest.raises(SystemExit):
+        main(["similar", str(exported_run), str(query), "-k", "3", "--store", str(store),
+              "--json", "--html", str(tmp_path / "similar.html")])
+    result = json.loads(capsys.readouterr().out)
+    first = result["neighbours"][0]
+    assert first["path"] == str(query.resolve()) and first["distance"] < 1e-4
+    assert first["true_class"] == query.parent.name
+    assert len(result["neighbours"]) == 3
+    page = (tmp_path / "similar.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and query.name in page
+    record = LanceStore(store).get(record_id(query))
+    assert record is not None and record.width > 0
+    import hashlib
+
+    assert record.sha256 == hashlib.sha256(query.read_bytes()).hexdigest()
+
+
+def test_similar_on_an_empty_store_says_so(exported_run: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    image = next((exported_run.parent.parent / "splits" / "test").rglob("*.png"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["similar", str(exported_run), str(image), "--store", str(tmp_path / "s.lance")])
+    assert exit_info.value.code == 2
+    assert "store is empty" in capsys.readouterr().err
