@@ -128,3 +128,19 @@ def test_load_model_refuses_incomplete_or_foreign_files(exported: Path, tmp_path
     (tmp_path / "model.json").write_text(json.dumps(description))
     with pytest.raises(UserError, match="does not fit"):
         load_model(tmp_path)
+
+
+def test_int8_export_is_quantised_close_and_usable(trained_run: Path, tmp_path: Path) -> None:
+    from crystalscope.infer.predictor import load_predictor
+
+    result = export_run(trained_run, tmp_path, int8=True)
+    int8_path = result.files["model.int8.onnx"]
+    model = onnx.load(str(int8_path))
+    assert any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+    assert read_metadata(int8_path)["classes"] == ["cex", "pg"]
+    change = result.int8
+    assert change is not None and change["images"] > 0
+    assert 0 < change["max_abs_probability_difference"] < 0.25
+    assert change["same_class"] >= 0.75
+    predictor = load_predictor(int8_path)
+    assert predictor.classes == ["cex", "pg"] and predictor.input_size == 32

@@ -404,6 +404,10 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run directory written by `crystalscope train`.")],
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Folder for the model files (default: the run directory).")] = None,
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="Also write model.int8.onnx (static int8, calibrated on validation "
+                       "images) and report how its predictions differ on the test split.")]
+    = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")]
     = False,
 ) -> None:
@@ -415,10 +419,11 @@ def export(
     from crystalscope.export.stage import export_run
 
     with err.status("exporting (ONNX export and parity check)"):
-        result = export_run(run, out_dir)
+        result = export_run(run, out_dir, int8=int8)
     summary = {"files": {k: str(v) for k, v in result.files.items()},
                "onnx_max_abs_difference": result.onnx_max_difference,
-               "rebuilt_max_abs_difference": result.rebuilt_max_difference}
+               "rebuilt_max_abs_difference": result.rebuilt_max_difference,
+               "int8": result.int8}
     if as_json:
         out.print_json(json.dumps(summary))
         return
@@ -427,6 +432,12 @@ def export(
     out.print(f"parity: ONNX Runtime vs torch max |Δ probability| "
               f"{result.onnx_max_difference:.1e}; rebuilt from safetensors "
               f"{result.rebuilt_max_difference:.1e} (limit 1e-4)")
+    if result.int8:
+        change = result.int8
+        out.print(f"int8 vs fp32 on {change['images']} test images: same class for "
+                  f"{100 * change['same_class']:.1f}%, max |Δ probability| "
+                  f"{change['max_abs_probability_difference']:.4f}, accuracy "
+                  f"{change['accuracy_fp32']:.4f} -> {change['accuracy_int8']:.4f}")
 
 
 # ----------------------------------------------------------------------------- predict

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
 from crystalscope.data.loaders import build_cache
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluate.plots import read_metrics_csv
-from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx
+from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int8
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run
 
@@ -31,6 +32,7 @@ class Export:
     files: dict[str, Path]
     onnx_max_difference: float
     rebuilt_max_difference: float
+    int8: dict[str, Any] | None = None
 
 
 def data_summary(data: Path, classes: list[str]) -> dict[str, Any]:
@@ -79,8 +81,42 @@ def parity_images(run: LoadedRun) -> torch.Tensor:
                          dtype=torch.uint8, generator=generator)
 
 
-def export_run(run_dir: Path, out_dir: Path | None = None) -> Export:
-    """Write model.safetensors, model.json and model.onnx for ``run_dir``'s best checkpoint."""
+def _split_images(run: LoadedRun, split: str, limit: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded images and labels of one split of the run's data (empty when it is absent)."""
+    folder = Path(run.config.data) / split
+    items = [(p, run.classes.index(p.parent.name)) for p in list_files(folder)
+             if is_image_name(p) and p.parent.name in run.classes] if folder.is_dir() else []
+    decoded = build_cache(items[:limit], run.image_size)
+    return decoded.images, decoded.labels
+
+
+def int8_comparison(fp32_path: Path, int8_path: Path, images: torch.Tensor,
+                    labels: torch.Tensor) -> dict[str, Any]:
+    """How the int8 model's predictions differ from the fp32 model's on the same images."""
+    import onnxruntime as ort
+
+    outputs = []
+    for path in (fp32_path, int8_path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs.append(np.concatenate([
+            session.run(["probabilities"], {"images": images[i:i + 32].float().numpy()})[0]
+            for i in range(0, len(images), 32)]))
+    fp32, int8 = outputs
+    truth = labels.numpy()
+    return {"images": len(truth),
+            "same_class": float((fp32.argmax(1) == int8.argmax(1)).mean()),
+            "max_abs_probability_difference": float(np.abs(fp32 - int8).max()),
+            "accuracy_fp32": float((fp32.argmax(1) == truth).mean()),
+            "accuracy_int8": float((int8.argmax(1) == truth).mean())}
+
+
+def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False) -> Export:
+    """Write model.safetensors, model.json and model.onnx for ``run_dir``'s best checkpoint.
+
+    With ``int8``, also model.int8.onnx, calibrated on validation images and compared with
+    the fp32 model on the test split.
+    """
     run = load_run(run_dir)
     out_dir = Path(out_dir or run.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +140,18 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> Export:
                 "architecture": description["architecture"], "format": description["format"],
                 "format_version": description["format_version"]}
     onnx_difference = export_onnx(run.net, onnx_path, run.image_size, metadata, images)
-    return Export(files={"model.safetensors": weights_path, "model.json": json_path,
-                         "model.onnx": onnx_path},
-                  onnx_max_difference=onnx_difference,
-                  rebuilt_max_difference=rebuilt_difference)
+    result = Export(files={"model.safetensors": weights_path, "model.json": json_path,
+                           "model.onnx": onnx_path},
+                    onnx_max_difference=onnx_difference,
+                    rebuilt_max_difference=rebuilt_difference)
+    if int8:
+        calibration, _ = _split_images(run, "valid", limit=64)
+        if not len(calibration):
+            calibration = images  # no validation split left: the parity images
+        int8_path = out_dir / "model.int8.onnx"
+        quantize_int8(onnx_path, int8_path, calibration)
+        result.files["model.int8.onnx"] = int8_path
+        test_images, test_labels = _split_images(run, "test")
+        if len(test_images):
+            result.int8 = int8_comparison(onnx_path, int8_path, test_images, test_labels)
+    return result

@@ -105,20 +105,37 @@ class LanceStore:
         self._maintain_index()
 
     def _maintain_index(self) -> None:
-        """Build the ANN index past the threshold; fold new rows into it as they come."""
+        """Build the ANN index past the threshold; keep it fitted as the table grows.
+
+        New rows are folded into the index (``optimize``) while the table is less than twice
+        the size the index was trained on; past that the partitions are too few and the
+        index is rebuilt (searching many small delta indices is slow: measured).
+        """
         assert self.table is not None
         rows = self.table.count_rows()
         if rows < self.index_threshold:
             return
-        if not self._indexed():
+        trained_on = self._index_meta().get("rows_at_build", 0)
+        if not self._indexed() or rows >= 2 * trained_on:
             from lancedb.index import IvfHnswSq
 
-            self.table.create_index("vector", config=IvfHnswSq(
+            self.table.create_index("vector", replace=True, config=IvfHnswSq(
                 distance_type="cosine", num_partitions=partitions_for(rows)))
-        else:
-            stats = self.table.index_stats(self._index_name())
-            if stats is not None and stats.num_unindexed_rows > 0.1 * rows:
-                self.table.optimize()
+            self._index_meta_path().write_text(json.dumps({"rows_at_build": rows}),
+                                               encoding="utf-8")
+            return
+        stats = self.table.index_stats(self._index_name())
+        if stats is not None and stats.num_unindexed_rows > 0.1 * rows:
+            self.table.optimize()
+
+    def _index_meta_path(self) -> Path:
+        return self.path / "crystalscope-index.json"
+
+    def _index_meta(self) -> dict:
+        try:
+            return json.loads(self._index_meta_path().read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
 
     def _index_name(self) -> str | None:
         assert self.table is not None
@@ -141,6 +158,7 @@ class LanceStore:
         if self.table is not None:
             self.db.drop_table(TABLE)
             self.table = None
+        self._index_meta_path().unlink(missing_ok=True)
 
     # -- reading ---------------------------------------------------------------------------
 

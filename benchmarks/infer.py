@@ -1,0 +1,100 @@
+"""Inference speed: ONNX Runtime vs torch eager at batch 1 and 32, fp32 (and int8 with
+--int8), and peak memory of `predict`'s streaming over 10,000 images.
+
+Models are random-initialised (speed does not depend on the weights). Run:
+    .venv/bin/python benchmarks/infer.py [--model resnet50 --size 160] [--images 64] [--int8]
+        [--stream 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from crystalscope.data.synth import SynthSettings, synthesize
+from crystalscope.export.onnx import export_onnx, quantize_int8
+from crystalscope.infer.predictor import load_predictor
+from crystalscope.infer.stream import predict_stream
+from crystalscope.model.backbones import Classifier, create_backbone
+from crystalscope.model.inference import InferenceNet
+
+
+def _rate(function, images: np.ndarray, batch: int) -> float:
+    function(images[:batch])  # warm-up
+    start = time.perf_counter()
+    for begin in range(0, len(images), batch):
+        function(images[begin:begin + batch])
+    return len(images) / (time.perf_counter() - start)
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--images", type=int, default=64, help="images per speed measurement")
+    parser.add_argument("--int8", action="store_true", help="also time the int8 ONNX model")
+    parser.add_argument("--stream", type=int, default=10_000,
+                        help="images for the streaming memory check (0: skip)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    net = InferenceNet(Classifier(create_backbone(args.model), 2)).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.images, 3, args.size, args.size)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_onnx(net, onnx_path, args.size, {"classes": ["cex", "pg"]},
+                    torch.from_numpy(images[:4]))
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        runners = {"onnxruntime fp32": lambda x: session.run(["probabilities"], {"images": x})}
+        if args.int8:
+            int8_path = Path(tmp) / "model.int8.onnx"
+            quantize_int8(onnx_path, int8_path, torch.from_numpy(images[:16]))
+            int8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+            runners["onnxruntime int8"] = lambda x: int8.run(["probabilities"], {"images": x})
+
+        def torch_eager(x: np.ndarray) -> None:
+            with torch.inference_mode():
+                net(torch.from_numpy(x))
+
+        runners["torch eager fp32"] = torch_eager
+        print(f"{args.model}@{args.size}, {args.images} images, "
+              f"{torch.get_num_threads()} threads (images/s)")
+        for name, function in runners.items():
+            print(f"  {name:18s} batch 1: {_rate(function, images, 1):7.1f}   "
+                  f"batch 32: {_rate(function, images, 32):7.1f}", flush=True)
+
+        if args.stream:
+            # Streaming memory: a small model, real PNG files (repeated), predict's code path.
+            files = synthesize(Path(tmp) / "frames", SynthSettings(per_class=50, size=151))
+            paths = sorted((Path(tmp) / "frames").rglob("*.png"))
+            small = InferenceNet(Classifier(create_backbone("resnet18"), 2)).eval()
+            small_path = Path(tmp) / "small.onnx"
+            export_onnx(small, small_path, 64, {"classes": ["cex", "pg"],
+                                                "preprocessing": {"input_size": 64}},
+                        torch.zeros(2, 3, 64, 64))
+            predictor = load_predictor(small_path)
+            for count in (1_000, args.stream):
+                before = _peak_mb()
+                start = time.perf_counter()
+                done = sum(1 for _ in predict_stream(predictor, (paths * (count // len(paths)
+                                                                          + 1))[:count]))
+                seconds = time.perf_counter() - start
+                print(f"  predict streaming {done:6d} images (resnet18@64, batch 32): "
+                      f"{done / seconds:6.1f} images/s, peak RSS {_peak_mb():7.1f} MB "
+                      f"(before: {before:7.1f} MB)", flush=True)
+            del files
+
+
+if __name__ == "__main__":
+    main()
