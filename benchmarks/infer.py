@@ -34,8 +34,10 @@ def _rate(function, images: np.ndarray, batch: int) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _rss_mb() -> float:
+    """Resident memory now (Linux /proc), in MB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
 
 
 def main() -> None:
@@ -85,14 +87,17 @@ def main() -> None:
                         torch.zeros(2, 3, 64, 64))
             predictor = load_predictor(small_path)
             for count in (1_000, args.stream):
-                before = _peak_mb()
+                before, peak = _rss_mb(), 0.0
                 start = time.perf_counter()
-                done = sum(1 for _ in predict_stream(predictor, (paths * (count // len(paths)
-                                                                          + 1))[:count]))
+                done = 0
+                for _ in predict_stream(predictor, (paths * (count // len(paths) + 1))[:count]):
+                    done += 1
+                    if done % 32 == 0:
+                        peak = max(peak, _rss_mb())
                 seconds = time.perf_counter() - start
                 print(f"  predict streaming {done:6d} images (resnet18@64, batch 32): "
-                      f"{done / seconds:6.1f} images/s, peak RSS {_peak_mb():7.1f} MB "
-                      f"(before: {before:7.1f} MB)", flush=True)
+                      f"{done / seconds:6.1f} images/s, resident memory {before:6.0f} MB "
+                      f"before, at most {peak:6.0f} MB while streaming", flush=True)
             del files
 
 

@@ -60,3 +60,16 @@ def trained_run(synthetic_set: Path, tmp_path_factory: pytest.TempPathFactory) -
         "optimizer": "adamw", "lr": 1e-3, "scheduler": "none", "augmentation": "dihedral",
         "epochs": 3, "accelerator": "cpu", "devices": "1", "evaluate": False, "export": False})
     return train(config, quiet=True).run_dir
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run: Path) -> Path:
+    """The tiny run, evaluated on its test split and exported into its own folder."""
+    from crystalscope.evaluate.stage import evaluate_run
+    from crystalscope.export.stage import export_run
+
+    if not (trained_run / "report.json").is_file():
+        evaluate_run(trained_run)
+    if not (trained_run / "model.onnx").is_file():
+        export_run(trained_run)
+    return trained_run

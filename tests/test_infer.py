@@ -15,21 +15,9 @@ from PIL import Image
 
 from crystalscope.cli import main
 from crystalscope.errors import UserError
-from crystalscope.evaluate.stage import evaluate_run
-from crystalscope.export.stage import export_run
 from crystalscope.infer import stream
 from crystalscope.infer.predictor import Preprocessing, load_predictor
 from crystalscope.infer.stream import decode_with_size, predict_stream
-
-
-@pytest.fixture(scope="module")
-def exported_run(trained_run: Path) -> Path:
-    """The shared tiny run, evaluated and exported into its own folder."""
-    if not (trained_run / "report.json").is_file():
-        evaluate_run(trained_run)
-    if not (trained_run / "model.onnx").is_file():
-        export_run(trained_run)
-    return trained_run
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -14,8 +14,6 @@ import pytest
 
 from crystalscope.cli import main
 from crystalscope.errors import CrystalscopeError, UserError
-from crystalscope.evaluate.stage import evaluate_run
-from crystalscope.export.stage import export_run
 from crystalscope.vectors.lance import LanceStore
 from crystalscope.vectors.store import Record, VectorStore, open_store, record_id
 
@@ -123,15 +121,6 @@ def test_store_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(CrystalscopeError, match="cannot reach Weaviate"):
         open_store("http://127.0.0.1:9", timeout_s=2)  # nothing listens there
     assert time.monotonic() - start < 15  # an error, not a hang
-
-
-@pytest.fixture(scope="module")
-def exported_run(trained_run: Path) -> Path:
-    if not (trained_run / "report.json").is_file():
-        evaluate_run(trained_run)
-    if not (trained_run / "model.onnx").is_file():
-        export_run(trained_run)
-    return trained_run
 
 
 def test_index_and_similar_from_the_command_line(exported_run: Path, tmp_path: Path,

@@ -30,8 +30,12 @@ class WeaviateStore:
 
     def __init__(self, url: str, *, dimension: int | None = None, timeout_s: float = 10.0,
                  collection: str = COLLECTION) -> None:
-        import weaviate
-        from weaviate.classes.init import AdditionalConfig, Timeout
+        try:
+            import weaviate
+            from weaviate.classes.init import AdditionalConfig, Timeout
+        except ImportError as exc:
+            raise UserError("--store http://…: the Weaviate client is not installed; "
+                            "pip install 'crystalscope[weaviate]'") from exc
 
         parsed = urlparse(url)
         if not parsed.hostname:
