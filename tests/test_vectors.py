@@ -70,6 +70,9 @@ def test_contract_add_get_update_delete_truncate(store: VectorStore) -> None:
     store.upsert([changed])
     assert store.count() == 30  # updated, not duplicated
     assert store.get(records[4].id).predicted == "pg"  # type: ignore[union-attr]
+    listed = {r.id: r for r in store.records()}
+    assert set(listed) == {r.id for r in records} and listed[records[4].id].predicted == "pg"
+    assert np.allclose(listed[records[7].id].vector, records[7].vector)
     assert store.delete([records[1].id, records[2].id, record_id(Path("/never"))]) == 2
     assert store.count() == 28 and store.get(records[1].id) is None
     store.truncate()

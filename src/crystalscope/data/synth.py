@@ -214,6 +214,12 @@ def render_cex(rng: np.random.Generator, h: int, w: int, difficulty: float) -> n
 
 def render_pg(rng: np.random.Generator, h: int, w: int, difficulty: float) -> np.ndarray:
     """One PG crop: a bright agglomerate in front of blurred needles."""
+    return render_pg_with_mask(rng, h, w, difficulty)[0]
+
+
+def render_pg_with_mask(rng: np.random.Generator, h: int, w: int, difficulty: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """A PG crop and where its agglomerate is (float mask 0-1): the truth for CAM checks."""
     ambiguous = rng.uniform() < 0.3 * difficulty
     behind = _background(rng, h, w) + _needle_depths(rng, h, w, rng.uniform(0.4, 0.9),
                                                      rng.uniform(0.7, 1.1))
@@ -221,7 +227,7 @@ def render_pg(rng: np.random.Generator, h: int, w: int, difficulty: float) -> np
     if ambiguous:
         body = body * rng.uniform(0.55, 0.8)
     image = behind * (1 - mask) + body * mask
-    return _finish(rng, image, difficulty)
+    return _finish(rng, image, difficulty), mask
 
 
 RENDERERS: dict[str, Callable[[np.random.Generator, int, int, float], np.ndarray]] = {

@@ -51,10 +51,13 @@ class MetricsCsv(L.Callback):
         if self.path.exists():  # after a resume, drop rows of epochs that are run again
             with self.path.open(newline="", encoding="utf-8") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) < row["epoch"]]
-        with self.path.open("w", newline="", encoding="utf-8") as handle:
+        # Write beside, then rename: a Ctrl-C or kill mid-write never leaves a cut file.
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        with partial.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(row))
             writer.writeheader()
             writer.writerows([*rows, row])
+        partial.replace(self.path)
 
 
 class EpochTable(L.Callback):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,12 @@ class LanceStore:
                       probabilities=json.loads(row["probabilities"]),
                       true_class=row["true_class"], width=row["width"], height=row["height"],
                       added=row["added"])
+
+    def records(self) -> Iterator[Record]:
+        if self.table is None:
+            return
+        for batch in self.table.to_arrow().to_batches(max_chunksize=1024):
+            yield from map(self._record, batch.to_pylist())
 
     def get(self, record_id: str) -> Record | None:
         if self.table is None:

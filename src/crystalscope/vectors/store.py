@@ -8,6 +8,7 @@ cosine distances (1 - cosine similarity), smallest first.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -75,6 +76,9 @@ class VectorStore(Protocol):
 
     def count(self) -> int:
         """How many records the store holds."""
+
+    def records(self) -> Iterator[Record]:
+        """Every record, vectors included (for maps of the whole store)."""
 
     def nearest(self, vector: np.ndarray, k: int, *,
                 predicted: str | None = None) -> list[Neighbour]:

@@ -8,6 +8,7 @@ server that is down or unreachable gives an error, not a hang.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -122,6 +123,14 @@ class WeaviateStore:
         if failed:
             raise CrystalscopeError(f"--store {self.url}: {len(failed)} records were not "
                                     f"written ({str(failed[0])[:200]})")
+
+    def records(self) -> Iterator[Record]:
+        try:
+            for obj in self.collection.iterator(include_vector=True):
+                yield self._record(obj)
+        except Exception as exc:  # network errors, timeouts, server errors
+            raise CrystalscopeError(f"--store {self.url}: reading failed "
+                                    f"({type(exc).__name__}: {_one_line(exc)})") from exc
 
     def get(self, record_id: str) -> Record | None:
         obj = self._call("reading", self.collection.query.fetch_object_by_id, record_id,

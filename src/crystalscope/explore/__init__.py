@@ -1,0 +1,1 @@
+"""Explore and explain: maps of the embeddings, interactive pages, class activation maps."""
