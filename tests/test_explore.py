@@ -218,3 +218,24 @@ def test_explain_bad_input(pg_detector: Path, exported_run: Path, samples: Path,
             main(argv)
         assert exit_info.value.code == 2
         assert expected in capsys.readouterr().err
+
+
+def test_large_maps_use_dots_and_zoom_shows_one_region(tmp_path: Path) -> None:
+    from crystalscope.explore.plots import plot_map
+    from crystalscope.explore.projection import Points
+
+    rng = np.random.default_rng(4)
+    n = 400  # above the thumbnail limit: a dot map
+    embeddings = np.abs(rng.normal(size=(n, 16))) + np.repeat(np.eye(2, 16) * 5, n // 2, 0)
+    points = Points(paths=[f"/nowhere/{i}.png" for i in range(n)], embeddings=embeddings,
+                    classes=["cex", "pg"], predicted=["cex"] * (n // 2) + ["pg"] * (n // 2),
+                    probability=np.full(n, 0.9), true=[None] * n)
+    projection = project(embeddings, k=2, seed=0)
+    figure = plot_map(points, projection, tmp_path / "map.png")
+    assert not figure.axes[0].artists  # no thumbnails
+    x0, x1 = np.percentile(projection.coords[:, 0], [10, 50])
+    y0, y1 = projection.coords[:, 1].min(), projection.coords[:, 1].max()
+    zoomed = plot_map(points, projection, tmp_path / "zoom.png", zoom=(x0, x1, y0, y1))
+    inside = ((projection.coords[:, 0] >= x0) & (projection.coords[:, 0] <= x1)).sum()
+    assert len(zoomed.axes[0].lines) == inside
+    assert f"{inside} crystals" in zoomed.axes[0].get_title()
