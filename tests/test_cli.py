@@ -9,7 +9,7 @@ import pytest
 
 COMMANDS = [["synth"], ["data", "check"], ["data", "download"], ["split"], ["train"],
             ["evaluate"], ["export"], ["predict"], ["index"], ["similar"], ["explore"],
-            ["explain"], ["demo"]]
+            ["explain"], ["monitor"], ["synth", "batch"], ["demo"]]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -89,6 +89,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert len(predictions) == 1 + len(list((tmp_path / "demo" / "splits" / "test")
                                              .rglob("*.png")))
     assert (tmp_path / "demo" / "similar.html").is_file()
-    assert "6/7 index" in result.stdout and "7/7 explore" in result.stdout
+    assert "6/8 index" in result.stdout and "7/8 explore" in result.stdout
+    assert "8/8 monitor" in result.stdout
+    assert (tmp_path / "demo" / "monitor" / "timeline.png").is_file()
     assert (tmp_path / "demo" / "maps" / "graph.html").is_file()
     assert (tmp_path / "demo" / "cams" / "sheet.png").is_file()

@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from crystalscope.cli import main
-from crystalscope.data.split import split_dataset
-from crystalscope.data.synth import SynthSettings, render_pg_with_mask, synthesize
+from crystalscope.data.synth import render_pg_with_mask
 from crystalscope.errors import UserError
 from crystalscope.explore.cam import explain_image, load_torch_model
 from crystalscope.explore.html import top_k_edges
@@ -148,27 +147,6 @@ def test_explore_from_a_store(exported_run: Path, tmp_path: Path,
     summary = json.loads((tmp_path / "maps" / "clusters.json").read_text())
     assert summary["images"] == len(list(images.rglob("*.png")))
     capsys.readouterr()
-
-
-@pytest.fixture(scope="module")
-def pg_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ResNet-18 at 96 px trained until it tells PG from CEX (about 10 s)."""
-    from crystalscope.config import resolve_train_config
-    from crystalscope.train.run import train
-
-    root = tmp_path_factory.mktemp("cam")
-    synthesize(root / "images", SynthSettings(per_class=80, size=96, uniform_size=96,
-                                              difficulty=0.1, seed=5), workers=2)
-    split_dataset(root / "images", root / "splits", workers=2)
-    config = resolve_train_config({
-        "data": root / "splits", "runs_dir": root / "runs", "name": "cam",
-        "model": "resnet18", "weights": "none", "image_size": 96, "trainable": 1.0,
-        "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "scheduler": "none",
-        "augmentation": "dihedral", "epochs": 12, "f1_threshold": 0.97,
-        "accelerator": "cpu", "devices": "1", "evaluate": False, "export": False})
-    result = train(config, quiet=True)
-    assert result.best_val_f1_macro is not None and result.best_val_f1_macro >= 0.9
-    return result.run_dir
 
 
 def test_cams_concentrate_on_the_pg_agglomerate(pg_detector: Path, tmp_path: Path) -> None:

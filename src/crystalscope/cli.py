@@ -60,7 +60,8 @@ def _main(
 
 
 @app.command(epilog="Example: crystalscope synth data/synthetic --per-class 500 "
-                    "--difficulty hard --uniform-size 151 --dihedral-copies 3")
+                    "--difficulty hard --uniform-size 151 --dihedral-copies 3.   A simulated "
+                    "batch over time: crystalscope synth batch OUT (see --help there).")
 def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the crops.")],
     per_class: Annotated[int, typer.Option(help="Images per class (copies included).")] = 200,
@@ -801,6 +802,132 @@ def explain(
     return 1 if skipped else 0
 
 
+# ----------------------------------------------------------------------------- monitor
+
+
+@app.command(name="synth-batch", hidden=True,
+             epilog="Example: crystalscope synth batch batches/ --windows 60 --onset 30")
+def synth_batch(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the batches.")],
+    windows: Annotated[int, typer.Option(help="Time windows.")] = 60,
+    per_window: Annotated[int, typer.Option(help="Crops per window.")] = 40,
+    onset: Annotated[int, typer.Option(help="First window in which PG can appear.")] = 30,
+    rate: Annotated[float, typer.Option(help="PG share added per window after the onset.")]
+    = 0.02,
+    max_fraction: Annotated[float, typer.Option(help="Largest PG share.")] = 0.5,
+    size: Annotated[int, typer.Option(help="Crop side in pixels.")] = 96,
+    difficulty: Annotated[float, typer.Option(help="0 (easy) to 1 (hard).")] = 0.3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """A simulated batch: crops over time with PG from a known onset, plus a control batch
+    and a calibration batch (both PG-free).
+
+    Writes OUT/pg-batch/t0001/…, OUT/control/t0001/… and OUT/calibration/t0001/…, each with
+    truth.csv, and batch.json.
+    """
+    from crystalscope.data.batch import BatchSettings, synthesize_batch
+
+    settings = BatchSettings(windows=windows, per_window=per_window, onset=onset, rate=rate,
+                             max_fraction=max_fraction, size=size, difficulty=difficulty,
+                             seed=seed)
+    with progress_bar() as progress:
+        task = progress.add_task("synth batch", total=2 * windows * per_window)
+        summary = synthesize_batch(out_dir, settings,
+                                   progress=lambda n: progress.advance(task, n))
+    for batch in summary["batches"].values():
+        out.print(f"{batch['folder']}: {windows} windows of {per_window} crops; first PG in "
+                  f"window {batch['first_pg_window'] or '-'}")
+
+
+@app.command(epilog="Example: crystalscope monitor runs/demo batches/pg-batch --positive pg "
+                    "--out monitor/  (live: add --watch)")
+def monitor(
+    model: Annotated[Path, typer.Argument(help="Run directory or model.onnx.")],
+    stream: Annotated[Path, typer.Argument(
+        help="Folder of time folders (t0001/ …) or a CSV of time,path.")],
+    positive: Annotated[str, typer.Option(
+        help="The impurity class to watch, e.g. pg.")] = "",
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the outputs.")]
+    = Path("monitor"),
+    false_positive_rate: Annotated[float | None, typer.Option(
+        help="The model's rate of false impurity calls (default: measured with --calibrate, "
+             "else from the run's test report; upper 95% bound).")] = None,
+    calibrate: Annotated[Path | None, typer.Option(
+        help="A known-clean stream (no impurity) to measure the false-positive rate on.")]
+    = None,
+    alpha: Annotated[float, typer.Option(
+        help="Significance of one window (one-sided binomial test).")] = 1e-3,
+    consecutive: Annotated[int, typer.Option(
+        help="Significant windows in a row that raise the alarm.")] = 2,
+    watch_mode: Annotated[bool, typer.Option(
+        "--watch", help="Follow the folder as the probe writes it (Ctrl-C stops).")] = False,
+    poll: Annotated[float, typer.Option(help="--watch: seconds between looks.")] = 1.0,
+    settle: Annotated[float, typer.Option(
+        help="--watch: a window is complete when unchanged this long (or a later one "
+             "exists).")] = 5.0,
+    stop_when_idle: Annotated[float | None, typer.Option(
+        help="--watch: stop after this many seconds without a new window.")] = None,
+    on_alarm: Annotated[str | None, typer.Option(
+        help="Command to run when the alarm fires (evidence in $CRYSTALSCOPE_ALARM).")]
+    = None,
+    post: Annotated[str | None, typer.Option(
+        help="URL to POST the alarm's evidence to (JSON).")] = None,
+) -> int:
+    """Impurity share per time window, with a 95% interval and an alarm that accounts for the
+    model's own false positives; writes trend.csv, events.jsonl, timeline.png.
+
+    Exit code 3 when the alarm fired (so scripts can act), 0 when it did not.
+    """
+    from crystalscope.infer.predictor import load_predictor
+    from crystalscope.monitor.run import Monitor, replay, watch
+    from crystalscope.monitor.trend import AlarmRule, false_positive_rate_from_report
+
+    if not positive:
+        raise UserError("give --positive CLASS: the impurity to watch (e.g. --positive pg)")
+    if not 0 < alpha < 1 or consecutive < 1:
+        raise UserError("--alpha: give a probability in (0, 1); --consecutive: at least 1")
+    predictor = load_predictor(model)
+    if false_positive_rate is None and calibrate is not None:
+        from crystalscope.infer.stream import ImageResult, predict_stream
+        from crystalscope.monitor.frames import read_stream
+        from crystalscope.monitor.trend import false_positive_rate_from_clean_stream
+
+        calls = [predictor.classes[int(item.probabilities.argmax())]
+                 for window in read_stream(calibrate)
+                 for item in predict_stream(predictor, window.paths)
+                 if isinstance(item, ImageResult)]
+        rate, source = false_positive_rate_from_clean_stream(calls, positive)
+    elif false_positive_rate is None:
+        report = Path(model) / "report.json" if Path(model).is_dir() else \
+            Path(model).parent / "report.json"
+        if not report.is_file():
+            raise UserError(f"no test report beside {model} to take the false-positive rate "
+                            "from; run `crystalscope evaluate RUN` or give "
+                            "--false-positive-rate")
+        rate, source = false_positive_rate_from_report(report, positive)
+    else:
+        rate, source = false_positive_rate, "given"
+    rule = AlarmRule(positive=positive, false_positive_rate=rate, alpha=alpha,
+                     consecutive=consecutive, source=source)
+    err.print(f"alarm rule: {consecutive} window(s) in a row with P(this many {positive} calls "
+              f"| false-positive rate {rate:.4f}) < {alpha:g}  [{source}]", highlight=False)
+    runner = Monitor(predictor, rule, out_dir, on_alarm=on_alarm, post_url=post)
+    if watch_mode:
+        if not stream.is_dir():
+            raise UserError(f"--watch {stream}: give the folder the probe writes time folders to")
+        result = watch(runner, stream, poll_s=poll, settle_s=settle, idle_stop_s=stop_when_idle)
+    else:
+        with progress_bar() as progress:
+            task = progress.add_task("monitor", total=None)
+            result = replay(runner, stream, progress=lambda n: progress.advance(task, n))
+    rate_text = f"{result.crops / result.seconds:.0f} crops/s" if result.seconds else "-"
+    out.print(f"{len(result.windows)} windows, {result.crops} crops ({rate_text}); "
+              + (f"alarm at window {result.alarm.index} ({result.alarm.time})" if result.alarm
+                 else "no alarm"))
+    out.print(f"wrote {', '.join(result.files)} to {out_dir}")
+    return 3 if result.alarm else 0
+
+
 # -------------------------------------------------------------------------------- demo
 
 
@@ -827,8 +954,11 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:2] == ["synth", "batch"]:  # `synth batch` is its own command, next to `synth OUT`
+        args = ["synth-batch", *args[2:]]
     try:
-        result = app(args=argv, prog_name="crystalscope", standalone_mode=False)
+        result = app(args=args, prog_name="crystalscope", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

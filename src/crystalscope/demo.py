@@ -25,17 +25,17 @@ def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
         raise UserError(f"{folder}: is not empty; give a new folder for the demo")
     images, splits = folder / "images", folder / "splits"
 
-    say(f"1/7 synth: {per_class} CEX and {per_class} PG crops (PG with rotated copies) -> {images}")
+    say(f"1/8 synth: {per_class} CEX and {per_class} PG crops (PG with rotated copies) -> {images}")
     synthesize(images, SynthSettings(per_class=per_class, difficulty=0.3, dihedral_copies=2,
                                      seed=seed))
 
-    say(f"2/7 data check: {images}")
+    say(f"2/8 data check: {images}")
     report = summarize(scan_dataset(images))
     say(f"    {report['readable']} readable images, {len(report['duplicate_groups'])} duplicate "
         f"groups holding {report['duplicate_files']} extra copies, "
         f"{report['label_conflicts']} label conflicts")
 
-    say(f"3/7 split 70/25/5, duplicate groups kept together -> {splits}")
+    say(f"3/8 split 70/25/5, duplicate groups kept together -> {splits}")
     result = split_dataset(images, splits, seed=seed)
     for name, counts in result.report["counts"].items():
         say(f"    {name}: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
@@ -44,7 +44,7 @@ def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
     from crystalscope.evaluate.report import format_value
     from crystalscope.train.run import train
 
-    say("4/7 train: ResNet-18 (random init) at 64 px, until every class's validation F1 >= 0.99;"
+    say("4/8 train: ResNet-18 (random init) at 64 px, until every class's validation F1 >= 0.99;"
         " then evaluate on the test split and export")
     config = resolve_train_config({"data": splits, "runs_dir": folder / "runs", "name": "demo",
                                    "seed": seed, **DEMO_TRAINING})
@@ -64,7 +64,37 @@ def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
         written.update(result.export.files)
         written.update(_predict_index_similar(result.run_dir, splits, folder, say))
         written.update(_explore_explain(result.run_dir, splits, folder, say))
+        written.update(_monitor_batch(result.run_dir, folder, seed, say))
     return written
+
+
+def _monitor_batch(run_dir: Path, folder: Path, seed: int,
+                   say: Callable[[str], None]) -> dict[str, Path]:
+    """Replay a simulated batch in which PG appears, with the alarm calibrated on a clean one."""
+    from crystalscope.data.batch import BatchSettings, synthesize_batch
+    from crystalscope.infer.predictor import load_predictor
+    from crystalscope.infer.stream import ImageResult, predict_stream
+    from crystalscope.monitor.frames import read_stream
+    from crystalscope.monitor.run import Monitor, replay
+    from crystalscope.monitor.trend import AlarmRule, false_positive_rate_from_clean_stream
+
+    settings = BatchSettings(windows=24, per_window=24, onset=12, rate=0.06, seed=seed)
+    batches = folder / "batches"
+    summary = synthesize_batch(batches, settings)
+    predictor = load_predictor(run_dir / "model.onnx")
+    calls = [predictor.classes[int(r.probabilities.argmax())]
+             for w in read_stream(batches / "calibration")
+             for r in predict_stream(predictor, w.paths) if isinstance(r, ImageResult)]
+    rate, source = false_positive_rate_from_clean_stream(calls, "pg")
+    rule = AlarmRule(positive="pg", false_positive_rate=rate, source=source)
+    result = replay(Monitor(predictor, rule, folder / "monitor", say=lambda _: None),
+                    batches / "pg-batch")
+    first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
+    say(f"8/8 monitor: simulated batch, PG from window {first_pg}; false-positive rate "
+        f"{rate:.3f} measured on a clean batch; "
+        + (f"alarm at window {result.alarm.index}" if result.alarm else "no alarm")
+        + f" -> {folder / 'monitor' / 'timeline.png'}")
+    return {"batches": batches, "timeline": result.files["timeline.png"]}
 
 
 def _explore_explain(run_dir: Path, splits: Path, folder: Path,
@@ -77,7 +107,7 @@ def _explore_explain(run_dir: Path, splits: Path, folder: Path,
 
     maps = explore(folder / "maps", predictor=load_predictor(run_dir / "model.onnx"),
                    files=expand_paths([splits / "valid", splits / "test"]), k=4)
-    say(f"7/7 explore: {len(maps.points.paths)} images, {maps.projection.k} clusters (purity "
+    say(f"7/8 explore: {len(maps.points.paths)} images, {maps.projection.k} clusters (purity "
         + ", ".join(f"{c['purity']:.2f}" for c in maps.clusters) + f") -> {folder / 'maps'}")
     test_images = expand_paths([splits / "test"])
     crops = test_images[:2] + test_images[-2:]  # two of each class (folders sort by class)
@@ -106,7 +136,7 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
         for item in predict_stream(predictor, test_images):
             writer.write(item)
         writer.close()
-    say(f"5/7 predict (ONNX Runtime): {writer.count} test images -> {predictions}")
+    say(f"5/8 predict (ONNX Runtime): {writer.count} test images -> {predictions}")
 
     store = open_store(folder / "crystalscope.lance")
     try:
@@ -117,7 +147,7 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
         store.close()
     page = folder / "similar.html"
     page.write_text(similar_html(query, neighbours, predictor.classes), encoding="utf-8")
-    say(f"6/7 index {indexed.indexed} train + valid embeddings -> {folder / 'crystalscope.lance'};"
+    say(f"6/8 index {indexed.indexed} train + valid embeddings -> {folder / 'crystalscope.lance'};"
         f" nearest to {test_images[-1].name}: "
         + ", ".join(f"{Path(n.record.path).name} ({n.distance:.3f})" for n in neighbours[:3])
         + f" … -> {page}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -16,6 +17,13 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _context() -> multiprocessing.context.BaseContext:
+    """forkserver where it exists: forking a process that holds threads of native libraries
+    (LanceDB's async runtime, ONNX Runtime, torch) can deadlock the child; Windows spawns."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
+
+
 def ordered_map(function: Callable[[Job], Result], jobs: Sequence[Job], *,
                 workers: int | None = None, min_parallel: int = 32,
                 chunksize: int = 8) -> Iterator[Result]:
@@ -27,5 +35,5 @@ def ordered_map(function: Callable[[Job], Result], jobs: Sequence[Job], *,
     if workers <= 1 or len(jobs) < min_parallel:
         yield from map(function, jobs)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
         yield from pool.map(function, jobs, chunksize=chunksize)

@@ -1,0 +1,101 @@
+"""`crystalscope synth batch`: a simulated crystallization, crops over time, PG from a known
+onset on — and a control batch without PG — to test and demonstrate `monitor`.
+
+Layout: ``OUT/pg-batch/t0001/crop-0001.png …``, ``OUT/control/t0001/…`` and
+``OUT/calibration/t0001/…`` (a second PG-free batch, to measure the model's false-positive rate
+under the same imaging, as a plant would on a known-clean batch), one folder per time window,
+plus ``truth.csv`` in each batch (window, PG crops, all crops) and ``batch.json``.
+The PG share is 0 before ``onset`` and grows by ``rate`` per window after it (up to
+``max_fraction``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from crystalscope.data.synth import render_cex, render_pg
+from crystalscope.errors import UserError
+from crystalscope.parallel import ordered_map
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Everything that decides a simulated batch."""
+
+    windows: int = 60
+    per_window: int = 40
+    onset: int = 30
+    rate: float = 0.02
+    max_fraction: float = 0.5
+    size: int = 96
+    difficulty: float = 0.3
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.windows < 1 or self.per_window < 1:
+            raise UserError("--windows and --per-window: give at least 1")
+        if not 1 <= self.onset <= self.windows:
+            raise UserError(f"--onset {self.onset}: give a window from 1 to {self.windows}")
+        if not 0 < self.rate <= 1 or not 0 < self.max_fraction <= 1:
+            raise UserError("--rate and --max-fraction: give values in (0, 1]")
+        if not 32 <= self.size <= 512:
+            raise UserError(f"--size {self.size}: give 32 to 512 pixels")
+
+
+def pg_fraction(settings: BatchSettings, window: int) -> float:
+    """The true PG share of window ``window`` (1-based) in the PG batch."""
+    if window < settings.onset:
+        return 0.0
+    return min(settings.max_fraction, settings.rate * (window - settings.onset + 1))
+
+
+def _render_window(job: tuple[Path, int, int, bool, BatchSettings, int]) -> tuple[int, int]:
+    folder, window, count, with_pg, settings, stream = job
+    rng = np.random.default_rng([settings.seed, window, stream])
+    n_pg = int(rng.binomial(count, pg_fraction(settings, window))) if with_pg else 0
+    kinds = np.array([True] * n_pg + [False] * (count - n_pg))
+    rng.shuffle(kinds)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, is_pg in enumerate(kinds, 1):
+        render = render_pg if is_pg else render_cex
+        crop = render(rng, settings.size, settings.size, settings.difficulty)
+        Image.fromarray(crop).save(folder / f"crop-{index:04d}.png")
+    return n_pg, count
+
+
+def synthesize_batch(out: Path, settings: BatchSettings, *, workers: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> dict:
+    """Write the PG batch and the control batch under ``out``; returns batch.json's content."""
+    settings.validate()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: is not empty; give a new folder")
+    summary = {"settings": asdict(settings), "batches": {}}
+    for stream, (name, with_pg) in enumerate((("pg-batch", True), ("control", False),
+                                              ("calibration", False))):
+        jobs = [(out / name / f"t{w:04d}", w, settings.per_window, with_pg, settings, stream)
+                for w in range(1, settings.windows + 1)]
+        counts = []
+        for result in ordered_map(_render_window, jobs, workers=workers, min_parallel=4,
+                                  chunksize=1):
+            counts.append(result)
+            if progress:
+                progress(settings.per_window)
+        with (out / name / "truth.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["window", "pg", "crops", "true_pg_fraction"])
+            for w, (n_pg, n) in enumerate(counts, 1):
+                writer.writerow([w, n_pg, n, pg_fraction(settings, w) if with_pg else 0.0])
+        summary["batches"][name] = {"folder": str(out / name),
+                                    "first_pg_window": next((w for w, (n_pg, _) in
+                                                             enumerate(counts, 1) if n_pg),
+                                                            None)}
+    (out / "batch.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary

@@ -1,0 +1,1 @@
+"""Monitor a crystallization: impurity fraction over time and a statistically sound alarm."""

@@ -1,0 +1,190 @@
+"""`crystalscope monitor`: classify each window's crops, follow the impurity fraction, raise
+the alarm — over a recorded stream (replay) or while the probe writes it (``--watch``).
+
+Writes trend.csv (one row per window), events.jsonl (alarm, empty windows, unreadable crops,
+hook failures) and timeline.png. Problems in the stream are events, never the end of a live run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from crystalscope.console import err
+from crystalscope.data.layout import is_image_name, list_files
+from crystalscope.infer.predictor import Predictor
+from crystalscope.infer.stream import Failure, predict_stream
+from crystalscope.monitor.frames import Window, read_stream
+from crystalscope.monitor.report import plot_timeline
+from crystalscope.monitor.trend import AlarmRule, Trend, WindowResult
+
+TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
+                 "p_value", "significant", "alarm")
+
+
+@dataclass
+class MonitorResult:
+    """What the run saw."""
+
+    windows: list[WindowResult] = field(default_factory=list)
+    alarm: WindowResult | None = None
+    alarm_text: str | None = None
+    crops: int = 0
+    seconds: float = 0.0
+    examples: dict[int, list[Path]] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+class Monitor:
+    """Holds the model, the rule, the outputs; processes one window at a time."""
+
+    def __init__(self, predictor: Predictor, rule: AlarmRule, out_dir: Path, *,
+                 on_alarm: str | None = None, post_url: str | None = None,
+                 say: Callable[[str], None] = err.print) -> None:
+        self.predictor, self.rule, self.say = predictor, rule, say
+        self.trend = Trend(predictor.classes, rule)
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.on_alarm, self.post_url = on_alarm, post_url
+        self.result = MonitorResult(files={"trend.csv": self.out_dir / "trend.csv",
+                                           "events.jsonl": self.out_dir / "events.jsonl",
+                                           "timeline.png": self.out_dir / "timeline.png"})
+        for name in ("trend.csv", "events.jsonl"):
+            self.result.files[name].unlink(missing_ok=True)  # a new run, new files
+        with self.result.files["trend.csv"].open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerow(TREND_COLUMNS)
+
+    def event(self, kind: str, **details: object) -> None:
+        record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "event": kind,
+                  **details}
+        with self.result.files["events.jsonl"].open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def process(self, window: Window) -> WindowResult:
+        start = time.perf_counter()
+        predicted, unreadable, positives = [], [], []
+        for item in predict_stream(self.predictor, window.paths):
+            if isinstance(item, Failure):
+                unreadable.append(item.reason)
+                continue
+            label = self.predictor.classes[int(item.probabilities.argmax())]
+            predicted.append(label)
+            if label == self.rule.positive:
+                positives.append(item.path)
+        result = self.trend.add(window.index, window.time, predicted, unreadable)
+        self.result.windows.append(result)
+        self.result.examples[window.index] = positives[:4]
+        self.result.crops += len(predicted)
+        self.result.seconds += time.perf_counter() - start
+        self._write_row(result)
+        if unreadable:
+            self.event("unreadable", window=window.index, time=window.time, files=unreadable)
+        if not predicted:
+            self.event("empty_window", window=window.index, time=window.time)
+            self.say(f"[yellow]window {window.time}: no readable crops[/yellow]")
+        if result.alarm:
+            self._raise_alarm(result)
+        return result
+
+    def _write_row(self, r: WindowResult) -> None:
+        with self.result.files["trend.csv"].open("a", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerow([
+                r.index, r.time, r.crops, _round(r.fraction),
+                _round(r.interval[0] if r.interval else None),
+                _round(r.interval[1] if r.interval else None), _round(r.smoothed),
+                "" if r.p_value is None else f"{r.p_value:.3e}", int(r.significant),
+                int(r.alarm)])
+
+    def _raise_alarm(self, window: WindowResult) -> None:
+        text = self.trend.explain_alarm(window)
+        self.result.alarm, self.result.alarm_text = window, text
+        self.say(f"[bold red]{text}[/bold red]")
+        evidence = {"window": window.index, "time": window.time, "crops": window.crops,
+                    "counts": window.counts, "fraction": window.fraction,
+                    "interval": window.interval, "p_value": window.p_value,
+                    "false_positive_rate": self.rule.false_positive_rate,
+                    "alpha": self.rule.alpha, "message": text}
+        self.event("alarm", **evidence)
+        if self.on_alarm:
+            try:
+                subprocess.run(shlex.split(self.on_alarm), check=True, timeout=30,
+                               env={**os.environ, "CRYSTALSCOPE_ALARM": json.dumps(evidence)})
+            except (OSError, subprocess.SubprocessError) as exc:
+                self.event("hook_failed", hook="command", error=str(exc))
+                self.say(f"[yellow]--on-alarm failed: {exc}[/yellow]")
+        if self.post_url:
+            request = urllib.request.Request(self.post_url, data=json.dumps(evidence).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(request, timeout=5).close()
+            except OSError as exc:
+                self.event("hook_failed", hook="post", error=str(exc))
+                self.say(f"[yellow]--post {self.post_url} failed: {exc}[/yellow]")
+
+    def finish(self) -> MonitorResult:
+        if self.result.windows:
+            plot_timeline(self.result, self.rule, self.result.files["timeline.png"])
+        return self.result
+
+
+def _round(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def replay(monitor: Monitor, stream: Path,
+           progress: Callable[[int], None] | None = None) -> MonitorResult:
+    """Every window of a recorded stream, in time order."""
+    for window in read_stream(stream):
+        monitor.process(window)
+        if progress:
+            progress(1)
+    return monitor.finish()
+
+
+def _window_folders(stream: Path) -> list[Path]:
+    return sorted(d for d in stream.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def watch(monitor: Monitor, stream: Path, *, poll_s: float = 1.0, settle_s: float = 5.0,
+          idle_stop_s: float | None = None) -> MonitorResult:
+    """Process time folders as the probe writes them, until Ctrl-C (or ``idle_stop_s``).
+
+    A window is complete once a later window folder exists, or when nothing in it has changed
+    for ``settle_s`` seconds.
+    """
+    done: set[str] = set()
+    last_activity = time.monotonic()
+    monitor.say(f"watching {stream} (Ctrl-C to stop)")
+    try:
+        while True:
+            try:
+                folders = _window_folders(Path(stream))
+            except OSError as exc:
+                monitor.event("stream_unreadable", error=str(exc))
+                folders = []
+            for position, folder in enumerate(folders):
+                if folder.name in done:
+                    continue
+                files = [p for p in list_files(folder) if is_image_name(p)]
+                newest = max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime)
+                later_exists = position < len(folders) - 1
+                if not later_exists and time.time() - newest < settle_s:
+                    break  # the probe may still be writing this window
+                done.add(folder.name)
+                monitor.process(Window(len(done), folder.name, files))
+                last_activity = time.monotonic()
+            if idle_stop_s is not None and time.monotonic() - last_activity > idle_stop_s:
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        monitor.say("stopped")
+    return monitor.finish()

@@ -1,0 +1,142 @@
+"""monitor: no alarm on a clean batch, an alarm after the onset (never before) on a PG batch,
+the alarm's statistics against scipy, live watching, and streams with problems."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from scipy.stats import binomtest
+
+from crystalscope.cli import main
+from crystalscope.data.batch import BatchSettings, synthesize_batch
+from crystalscope.monitor.trend import AlarmRule, Trend
+
+SETTINGS = BatchSettings(windows=14, per_window=24, onset=7, rate=0.1, max_fraction=0.6,
+                         size=96, difficulty=0.1, seed=2)
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("batch") / "batches"
+    synthesize_batch(out, SETTINGS, workers=2)
+    return out
+
+
+def _monitor(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["monitor", *argv])
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err
+
+
+def _rows(out: Path) -> list[dict]:
+    with (out / "trend.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_alarm_p_values_are_scipys_one_sided_binomial_test() -> None:
+    trend = Trend(["cex", "pg"], AlarmRule(positive="pg", false_positive_rate=0.1, alpha=1e-3,
+                                           consecutive=2))
+    history = [(2, 30), (9, 30), (11, 30), (12, 30), (3, 30)]
+    results = [trend.add(i, f"t{i}", ["pg"] * k + ["cex"] * (n - k))
+               for i, (k, n) in enumerate(history, 1)]
+    significant = []
+    for (k, n), result in zip(history, results, strict=True):
+        reference = binomtest(k, n, 0.1, alternative="greater").pvalue
+        assert result.p_value == pytest.approx(reference, rel=1e-9)
+        assert result.significant == (reference < 1e-3)
+        significant.append(reference < 1e-3)
+        assert result.interval is not None and result.interval[0] <= k / n <= result.interval[1]
+    first = next(i for i in range(1, len(history)) if significant[i - 1] and significant[i])
+    assert [r.alarm for r in results] == [i == first for i in range(len(history))]  # once
+    assert f"ALARM at window {first + 1}" in trend.explain_alarm(results[first])
+
+
+def test_no_alarm_on_the_control_batch_and_an_alarm_after_the_onset(
+        pg_detector: Path, batches: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _monitor([str(pg_detector), str(batches / "control"), "--positive", "pg",
+                               "--calibrate", str(batches / "calibration"),
+                               "--out", str(tmp_path / "control")], capsys)
+    assert code == 0 and "no alarm" in out, err
+    assert not any(r["alarm"] == "1" for r in _rows(tmp_path / "control"))
+    code, out, err = _monitor([str(pg_detector), str(batches / "pg-batch"), "--positive", "pg",
+                               "--calibrate", str(batches / "calibration"),
+                               "--out", str(tmp_path / "pg")], capsys)
+    assert code == 3, out + err  # the alarm's exit code
+    rows = _rows(tmp_path / "pg")
+    alarm_window = next(int(r["window"]) for r in rows if r["alarm"] == "1")
+    first_pg = json.loads((batches / "batch.json").read_text())["batches"]["pg-batch"][
+        "first_pg_window"]
+    assert first_pg <= alarm_window <= SETTINGS.windows
+    events = [json.loads(line) for line in (tmp_path / "pg" / "events.jsonl").open()]
+    alarm = next(e for e in events if e["event"] == "alarm")
+    assert alarm["window"] == alarm_window and alarm["p_value"] < 1e-3
+    assert (tmp_path / "pg" / "timeline.png").stat().st_size > 10_000
+    assert "ALARM at window" in err
+
+
+def test_the_alarm_runs_the_users_command(pg_detector: Path, batches: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    evidence = tmp_path / "evidence.json"
+    hook = (f"{sys.executable} -c \"import os, pathlib; pathlib.Path(r'{evidence}')"
+            ".write_text(os.environ['CRYSTALSCOPE_ALARM'])\"")
+    code, _, _ = _monitor([str(pg_detector), str(batches / "pg-batch"), "--positive", "pg",
+                           "--false-positive-rate", "0.05", "--out", str(tmp_path / "m"),
+                           "--on-alarm", hook], capsys)
+    assert code == 3
+    assert json.loads(evidence.read_text())["false_positive_rate"] == 0.05
+
+
+def test_watch_picks_up_windows_written_after_it_starts(pg_detector: Path, batches: Path,
+                                                       tmp_path: Path) -> None:
+    live = tmp_path / "probe"
+    live.mkdir()
+    command = [sys.executable, "-m", "crystalscope.cli", "monitor", str(pg_detector), str(live),
+               "--positive", "pg", "--false-positive-rate", "0.1", "--watch", "--poll", "0.2",
+               "--settle", "1", "--stop-when-idle", "6", "--out", str(tmp_path / "out")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(3)  # the monitor is up and sees an empty folder
+    sources = sorted((batches / "control").glob("t*"))[:3]
+    for source in sources:
+        shutil.copytree(source, live / source.name)
+        time.sleep(0.5)
+    (live / "t0004").mkdir()  # an empty window
+    (live / "t0005").mkdir()
+    (live / "t0005" / "broken.png").write_bytes(b"\x89PNG not really")
+    shutil.copy(next(sources[0].glob("*.png")), live / "t0005" / "ok.png")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    rows = _rows(tmp_path / "out")
+    assert [r["time"] for r in rows] == ["t0001", "t0002", "t0003", "t0004", "t0005"]
+    assert [int(r["crops"]) for r in rows] == [24, 24, 24, 0, 1]
+    events = [json.loads(line)["event"] for line in (tmp_path / "out" / "events.jsonl").open()]
+    assert "empty_window" in events and "unreadable" in events
+
+
+def test_bad_streams_give_one_line(pg_detector: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "no_time.csv").write_text("path\na.png\n")
+    (tmp_path / "blank_time.csv").write_text("time,path\n,a.png\n")
+    (tmp_path / "flat").mkdir()
+    for argv, expected in (
+        ([str(tmp_path / "no_time.csv")], "needs the columns time and path"),
+        ([str(tmp_path / "blank_time.csv")], "has no time"),
+        ([str(tmp_path / "flat")], "holds no time folders"),
+        ([str(tmp_path / "missing")], "no such folder"),
+    ):
+        code, _, err = _monitor([str(pg_detector), *argv, "--positive", "pg",
+                                 "--false-positive-rate", "0.1", "--out",
+                                 str(tmp_path / "o")], capsys)
+        assert code == 2 and expected in err and "Traceback" not in err
+    code, _, err = _monitor([str(pg_detector), str(tmp_path / "flat"), "--out",
+                             str(tmp_path / "o")], capsys)
+    assert code == 2 and "--positive" in err
