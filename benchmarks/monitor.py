@@ -22,10 +22,8 @@ from crystalscope.data.batch import BatchSettings, synthesize_batch
 from crystalscope.data.split import split_dataset
 from crystalscope.data.synth import SynthSettings, synthesize
 from crystalscope.infer.predictor import load_predictor
-from crystalscope.infer.stream import ImageResult, predict_stream
-from crystalscope.monitor.frames import read_stream
-from crystalscope.monitor.run import Monitor, replay
-from crystalscope.monitor.trend import AlarmRule, false_positive_rate_from_clean_stream
+from crystalscope.monitor.run import Monitor, calibrate, replay
+from crystalscope.monitor.trend import AlarmRule
 from crystalscope.train.run import train
 
 
@@ -62,10 +60,7 @@ def main() -> None:
                                      difficulty=args.difficulty, seed=seed)
             out = Path(tmp) / f"batch{seed}"
             summary = synthesize_batch(out, settings)
-            calls = [predictor.classes[int(r.probabilities.argmax())]
-                     for w in read_stream(out / "calibration")
-                     for r in predict_stream(predictor, w.paths) if isinstance(r, ImageResult)]
-            rate, source = false_positive_rate_from_clean_stream(calls, "pg")
+            rate, source = calibrate(predictor, out / "calibration", "pg")
             rule = AlarmRule(positive="pg", false_positive_rate=rate, source=source)
             first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
             for name in ("pg-batch", "control"):

@@ -888,15 +888,9 @@ def monitor(
         raise UserError("--alpha: give a probability in (0, 1); --consecutive: at least 1")
     predictor = load_predictor(model)
     if false_positive_rate is None and calibrate is not None:
-        from crystalscope.infer.stream import ImageResult, predict_stream
-        from crystalscope.monitor.frames import read_stream
-        from crystalscope.monitor.trend import false_positive_rate_from_clean_stream
+        from crystalscope.monitor.run import calibrate as measure_rate
 
-        calls = [predictor.classes[int(item.probabilities.argmax())]
-                 for window in read_stream(calibrate)
-                 for item in predict_stream(predictor, window.paths)
-                 if isinstance(item, ImageResult)]
-        rate, source = false_positive_rate_from_clean_stream(calls, positive)
+        rate, source = measure_rate(predictor, calibrate, positive)
     elif false_positive_rate is None:
         report = Path(model) / "report.json" if Path(model).is_dir() else \
             Path(model).parent / "report.json"
@@ -910,7 +904,8 @@ def monitor(
     rule = AlarmRule(positive=positive, false_positive_rate=rate, alpha=alpha,
                      consecutive=consecutive, source=source)
     err.print(f"alarm rule: {consecutive} window(s) in a row with P(this many {positive} calls "
-              f"| false-positive rate {rate:.4f}) < {alpha:g}  [{source}]", highlight=False)
+              f"| false-positive rate {rate:.4f}) < {alpha:g}; rate: {source}", highlight=False,
+              markup=False)
     runner = Monitor(predictor, rule, out_dir, on_alarm=on_alarm, post_url=post)
     if watch_mode:
         if not stream.is_dir():

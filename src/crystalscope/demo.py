@@ -73,19 +73,14 @@ def _monitor_batch(run_dir: Path, folder: Path, seed: int,
     """Replay a simulated batch in which PG appears, with the alarm calibrated on a clean one."""
     from crystalscope.data.batch import BatchSettings, synthesize_batch
     from crystalscope.infer.predictor import load_predictor
-    from crystalscope.infer.stream import ImageResult, predict_stream
-    from crystalscope.monitor.frames import read_stream
-    from crystalscope.monitor.run import Monitor, replay
-    from crystalscope.monitor.trend import AlarmRule, false_positive_rate_from_clean_stream
+    from crystalscope.monitor.run import Monitor, calibrate, replay
+    from crystalscope.monitor.trend import AlarmRule
 
     settings = BatchSettings(windows=24, per_window=24, onset=12, rate=0.06, seed=seed)
     batches = folder / "batches"
     summary = synthesize_batch(batches, settings)
     predictor = load_predictor(run_dir / "model.onnx")
-    calls = [predictor.classes[int(r.probabilities.argmax())]
-             for w in read_stream(batches / "calibration")
-             for r in predict_stream(predictor, w.paths) if isinstance(r, ImageResult)]
-    rate, source = false_positive_rate_from_clean_stream(calls, "pg")
+    rate, source = calibrate(predictor, batches / "calibration", "pg")
     rule = AlarmRule(positive="pg", false_positive_rate=rate, source=source)
     result = replay(Monitor(predictor, rule, folder / "monitor", say=lambda _: None),
                     batches / "pg-batch")

@@ -22,10 +22,15 @@ from pathlib import Path
 from crystalscope.console import err
 from crystalscope.data.layout import is_image_name, list_files
 from crystalscope.infer.predictor import Predictor
-from crystalscope.infer.stream import Failure, predict_stream
+from crystalscope.infer.stream import Failure, ImageResult, predict_stream
 from crystalscope.monitor.frames import Window, read_stream
 from crystalscope.monitor.report import plot_timeline
-from crystalscope.monitor.trend import AlarmRule, Trend, WindowResult
+from crystalscope.monitor.trend import (
+    AlarmRule,
+    Trend,
+    WindowResult,
+    false_positive_rate_from_clean_stream,
+)
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
                  "p_value", "significant", "alarm")
@@ -138,6 +143,15 @@ class Monitor:
 
 def _round(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
+
+
+def calibrate(predictor: Predictor, clean_stream: Path, positive: str) -> tuple[float, str]:
+    """The false-positive rate (upper 95% bound) measured on a stream known to be clean."""
+    calls = [predictor.classes[int(item.probabilities.argmax())]
+             for window in read_stream(clean_stream)
+             for item in predict_stream(predictor, window.paths)
+             if isinstance(item, ImageResult)]
+    return false_positive_rate_from_clean_stream(calls, positive)
 
 
 def replay(monitor: Monitor, stream: Path,
