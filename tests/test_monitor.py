@@ -16,6 +16,7 @@ from scipy.stats import binomtest
 
 from crystalscope.cli import main
 from crystalscope.data.batch import BatchSettings, synthesize_batch
+from crystalscope.errors import UserError
 from crystalscope.monitor.trend import AlarmRule, Trend
 
 SETTINGS = BatchSettings(windows=14, per_window=24, onset=7, rate=0.1, max_fraction=0.6,
@@ -140,3 +141,29 @@ def test_bad_streams_give_one_line(pg_detector: Path, tmp_path: Path,
     code, _, err = _monitor([str(pg_detector), str(tmp_path / "flat"), "--out",
                              str(tmp_path / "o")], capsys)
     assert code == 2 and "--positive" in err
+
+
+def test_flat_folders_take_time_from_names_or_mtimes(batches: Path, tmp_path: Path) -> None:
+    import os
+
+    from crystalscope.monitor.frames import parse_time, read_stream
+
+    crops = sorted((batches / "control" / "t0001").glob("*.png"))[:6]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    stamps = ["20261128-101500", "20261128-101530", "20261128-101610", "20261128-101655",
+              "20261128-101720", "20261128-102000"]
+    for crop, stamp in zip(crops, stamps, strict=True):
+        shutil.copy(crop, flat / f"frame_{stamp}.png")
+        os.utime(flat / f"frame_{stamp}.png", (parse_time(stamp), parse_time(stamp)))
+    by_name = read_stream(flat, time_from="name", window_seconds=60)
+    # windows start at 10:15:00 and are 60 s long: {10:15:00, 10:15:30}, {10:16:10, 10:16:55}
+    # {10:17:20}, {10:20:00}; an empty minute in between is no window
+    assert [len(w.paths) for w in by_name] == [2, 2, 1, 1]
+    assert by_name[0].time == "2026-11-28T10:15:00+00:00"
+    by_mtime = read_stream(flat, time_from="mtime", window_seconds=60)
+    assert [w.paths for w in by_mtime] == [w.paths for w in by_name]
+    assert parse_time("2026-11-28T10:15:00") == parse_time("20261128-101500")
+    (flat / "no_time.png").write_bytes(crops[0].read_bytes())
+    with pytest.raises(UserError, match="no timestamp matches"):
+        read_stream(flat, time_from="name")

@@ -867,6 +867,14 @@ def monitor(
              "exists).")] = 5.0,
     stop_when_idle: Annotated[float | None, typer.Option(
         help="--watch: stop after this many seconds without a new window.")] = None,
+    time_from: Annotated[str, typer.Option(
+        help="folders (time folders or a CSV), name (a timestamp in each file name) or mtime "
+             "(file times), for a flat folder of crops.")] = "folders",
+    time_pattern: Annotated[str, typer.Option(
+        help="--time-from name: regular expression whose first group is the time.")]
+    = r"(\d{8}[T_-]?\d{6})",
+    window_seconds: Annotated[float, typer.Option(
+        help="--time-from name|mtime: window length in seconds.")] = 60.0,
     on_alarm: Annotated[str | None, typer.Option(
         help="Command to run when the alarm fires (evidence in $CRYSTALSCOPE_ALARM).")]
     = None,
@@ -914,7 +922,9 @@ def monitor(
     else:
         with progress_bar() as progress:
             task = progress.add_task("monitor", total=None)
-            result = replay(runner, stream, progress=lambda n: progress.advance(task, n))
+            result = replay(runner, stream, progress=lambda n: progress.advance(task, n),
+                            time_from=time_from, pattern=time_pattern,
+                            window_seconds=window_seconds)
     rate_text = f"{result.crops / result.seconds:.0f} crops/s" if result.seconds else "-"
     out.print(f"{len(result.windows)} windows, {result.crops} crops ({rate_text}); "
               + (f"alarm at window {result.alarm.index} ({result.alarm.time})" if result.alarm

@@ -1,14 +1,18 @@
 """A time-ordered stream of crops, as windows.
 
 STREAM is a folder of time folders (``t0001/``, ``2026-11-28T10-15/`` …: one window each, in
-name order), or a CSV with ``time,path`` columns (one window per distinct time, in time
-order; relative paths are relative to the CSV).
+name order), a CSV with ``time,path`` columns (one window per distinct time, in time order;
+relative paths are relative to the CSV), or a flat folder of crops whose time comes from their
+file names (``time_from="name"``, a regular expression whose first group is the time) or their
+modification times (``time_from="mtime"``), grouped into windows of ``window_seconds``.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from crystalscope.data.layout import is_image_name, list_files
@@ -28,7 +32,7 @@ def _from_folders(stream: Path) -> list[Window]:
     folders = sorted(d for d in stream.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         raise UserError(f"{stream}: holds no time folders (t0001/, t0002/ …); give a folder "
-                        "of time folders or a CSV of time,path")
+                        "of time folders, a CSV of time,path, or --time-from name|mtime")
     return [Window(i, d.name, [p for p in list_files(d) if is_image_name(p)])
             for i, d in enumerate(folders, 1)]
 
@@ -52,9 +56,65 @@ def _from_csv(stream: Path) -> list[Window]:
     return [Window(i, t, by_time[t]) for i, t in enumerate(sorted(by_time), 1)]
 
 
-def read_stream(stream: Path) -> list[Window]:
-    """The windows of STREAM, in time order."""
+DEFAULT_TIME_PATTERN = r"(\d{8}[T_-]?\d{6})"
+TIME_FORMATS = ("%Y%m%d%H%M%S", "%Y%m%dT%H%M%S", "%Y%m%d_%H%M%S", "%Y%m%d-%H%M%S")
+
+
+def parse_time(text: str) -> float:
+    """Seconds since the epoch from a timestamp: 20261128-101500, ISO 8601, or plain seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    for fmt in TIME_FORMATS:
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            continue
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"{text!r}: not a time I can read (use e.g. 20261128-101500, "
+                        "2026-11-28T10:15:00 or seconds)") from None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
+def _from_times(stream: Path, time_from: str, pattern: str, window_seconds: float
+                ) -> list[Window]:
+    files = [p for p in list_files(stream) if is_image_name(p)]
+    if not files:
+        raise UserError(f"{stream}: holds no images")
+    stamps = []
+    for path in files:
+        if time_from == "mtime":
+            stamps.append(path.stat().st_mtime)
+            continue
+        match = re.search(pattern, path.name)
+        if not match:
+            raise UserError(f"{path.name}: no timestamp matches --time-pattern {pattern!r}")
+        stamps.append(parse_time(match.group(1) if match.groups() else match.group(0)))
+    start = min(stamps)
+    windows: dict[int, list[tuple[float, Path]]] = {}
+    for stamp, path in zip(stamps, files, strict=True):
+        windows.setdefault(int((stamp - start) // window_seconds), []).append((stamp, path))
+    return [Window(i, datetime.fromtimestamp(start + n * window_seconds, UTC)
+                   .isoformat(timespec="seconds"), [p for _, p in sorted(windows[n])])
+            for i, n in enumerate(sorted(windows), 1)]
+
+
+def read_stream(stream: Path, *, time_from: str = "folders",
+                pattern: str = DEFAULT_TIME_PATTERN, window_seconds: float = 60.0
+                ) -> list[Window]:
+    """The windows of STREAM, in time order (``time_from``: folders, name or mtime)."""
     stream = Path(stream)
     if not stream.exists():
         raise UserError(f"{stream}: no such folder or CSV")
-    return _from_csv(stream) if stream.is_file() else _from_folders(stream)
+    if stream.is_file():
+        return _from_csv(stream)
+    if time_from in ("name", "mtime"):
+        if window_seconds <= 0:
+            raise UserError(f"--window-seconds {window_seconds}: give a positive duration")
+        return _from_times(stream, time_from, pattern, window_seconds)
+    if time_from != "folders":
+        raise UserError(f"--time-from {time_from}: use folders, name or mtime")
+    return _from_folders(stream)

@@ -155,9 +155,10 @@ def calibrate(predictor: Predictor, clean_stream: Path, positive: str) -> tuple[
 
 
 def replay(monitor: Monitor, stream: Path,
-           progress: Callable[[int], None] | None = None) -> MonitorResult:
-    """Every window of a recorded stream, in time order."""
-    for window in read_stream(stream):
+           progress: Callable[[int], None] | None = None, **stream_options: object
+           ) -> MonitorResult:
+    """Every window of a recorded stream, in time order (options: see ``read_stream``)."""
+    for window in read_stream(stream, **stream_options):  # type: ignore[arg-type]
         monitor.process(window)
         if progress:
             progress(1)
