@@ -20,6 +20,7 @@ from rich.table import Table
 from crystalscope import __version__
 from crystalscope.console import err, out, progress_bar
 from crystalscope.errors import CrystalscopeError, UserError
+from crystalscope.monitor.frames import DEFAULT_TIME_PATTERN  # light: the option's default
 
 if TYPE_CHECKING:  # the heavy stages load only when their command runs
     from crystalscope.evaluate.stage import Evaluation
@@ -872,7 +873,7 @@ def monitor(
              "(file times), for a flat folder of crops.")] = "folders",
     time_pattern: Annotated[str, typer.Option(
         help="--time-from name: regular expression whose first group is the time.")]
-    = r"(\d{8}[T_-]?\d{6})",
+    = DEFAULT_TIME_PATTERN,
     window_seconds: Annotated[float, typer.Option(
         help="--time-from name|mtime: window length in seconds.")] = 60.0,
     on_alarm: Annotated[str | None, typer.Option(
