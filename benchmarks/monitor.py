@@ -22,7 +22,7 @@ from crystalscope.data.batch import BatchSettings, synthesize_batch
 from crystalscope.data.split import split_dataset
 from crystalscope.data.synth import SynthSettings, synthesize
 from crystalscope.infer.predictor import load_predictor
-from crystalscope.monitor.run import Monitor, calibrate, replay
+from crystalscope.monitor.run import FrameCutting, Monitor, calibrate, replay
 from crystalscope.monitor.trend import AlarmRule
 from crystalscope.train.run import train
 
@@ -48,24 +48,36 @@ def main() -> None:
     parser.add_argument("--onset", type=int, default=25)
     parser.add_argument("--rate", type=float, default=0.02)
     parser.add_argument("--difficulty", type=float, default=0.3)
+    parser.add_argument("--frames", type=int, default=0,
+                        help="full frames per window (cut with each of --cut) instead of crops")
+    parser.add_argument("--cut", nargs="+", default=["tiles", "particles"])
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as model_dir:
+        run = args.run or small_model(Path(model_dir))
+        for cutter in (args.cut if args.frames else [None]):
+            run_all(args, cutter, run)
+
+
+def run_all(args: argparse.Namespace, cutter: str | None, run: Path) -> None:
+    """``args.seeds`` PG and control batches, one way of cutting frames."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = args.run or small_model(Path(tmp) / "model")
         predictor = load_predictor(run)
         delays, false_alarms, clean_windows, significant_clean = [], 0, 0, 0
         crops, seconds = 0, 0.0
         for seed in range(args.seeds):
             settings = BatchSettings(windows=args.windows, per_window=args.per_window,
                                      onset=args.onset, rate=args.rate,
-                                     difficulty=args.difficulty, seed=seed)
+                                     difficulty=args.difficulty, seed=seed,
+                                     frames=args.frames)
+            cutting = FrameCutting(settings.size, cutter) if cutter else None
             out = Path(tmp) / f"batch{seed}"
             summary = synthesize_batch(out, settings)
-            rate, source = calibrate(predictor, out / "calibration", "pg")
+            rate, source = calibrate(predictor, out / "calibration", "pg", cutting)
             rule = AlarmRule(positive="pg", false_positive_rate=rate, source=source)
             first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
             for name in ("pg-batch", "control"):
                 result = replay(Monitor(predictor, rule, out / f"monitor-{name}",
-                                        say=lambda _: None), out / name)
+                                        cutting=cutting, say=lambda _: None), out / name)
                 crops += result.crops
                 seconds += result.seconds
                 clean = [w for w in result.windows if name == "control" or w.index < first_pg]
@@ -78,8 +90,10 @@ def main() -> None:
             print(json.dumps({"seed": seed, "false_positive_rate": round(rate, 4),
                               "first_pg_window": first_pg,
                               "delay_windows": delays[-1] if delays else None}), flush=True)
+        what = (f"{args.frames} frames cut into {cutter}" if cutter
+                else f"{args.per_window} crops")
         print(f"{args.seeds} PG + {args.seeds} control batches of {args.windows} windows x "
-              f"{args.per_window} crops (PG onset window {args.onset}, +{args.rate:.0%} per "
+              f"{what} (PG onset window {args.onset}, +{args.rate:.0%} per "
               "window), alpha 1e-3, 2 windows in a row:")
         print(f"  detection delay after the first PG crop: "
               f"{np.median(delays) if delays else float('nan'):.1f} windows median "

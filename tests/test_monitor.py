@@ -167,3 +167,40 @@ def test_flat_folders_take_time_from_names_or_mtimes(batches: Path, tmp_path: Pa
     (flat / "no_time.png").write_bytes(crops[0].read_bytes())
     with pytest.raises(UserError, match="no timestamp matches"):
         read_stream(flat, time_from="name")
+
+
+def test_frames_are_cut_into_tiles_or_particles() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from crystalscope.data.synth import render_frame
+    from crystalscope.monitor.cutting import cut_particles, cut_tiles, particle_boxes
+
+    rng = np.random.default_rng(8)
+    frame, truth = render_frame(rng, 384, 96, 0.1, 3)
+    image = Image.fromarray(frame).convert("RGB")
+    tiles = cut_tiles(image, 96)
+    assert len(tiles) == 16 and all(t.size == (96, 96) for t in tiles)
+    boxes = particle_boxes(image, 96)
+    assert len(cut_particles(image, 96)) == len(boxes) >= 1
+    centres = [truth[(top + bottom) // 2, (left + right) // 2] for left, top, right, bottom
+               in boxes]
+    assert max(centres) > 0.5  # a segment sits on an agglomerate
+
+
+def test_monitor_cuts_full_frames(pg_detector: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    settings = BatchSettings(windows=16, per_window=1, onset=6, rate=0.08, size=96,
+                             difficulty=0.1, seed=4, frames=2, frame_size=384)
+    summary = synthesize_batch(tmp_path / "frames", settings, workers=2)
+    first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
+    common = ["--positive", "pg", "--frames", "--crop-size", "96", "--calibrate",
+              str(tmp_path / "frames" / "calibration")]
+    code, out, err = _monitor([str(pg_detector), str(tmp_path / "frames" / "control"),
+                               *common, "--out", str(tmp_path / "control")], capsys)
+    assert code == 0 and "no alarm" in out, err
+    code, out, err = _monitor([str(pg_detector), str(tmp_path / "frames" / "pg-batch"),
+                               *common, "--out", str(tmp_path / "pg")], capsys)
+    assert code == 3, out + err
+    alarm = next(int(r["window"]) for r in _rows(tmp_path / "pg") if r["alarm"] == "1")
+    assert first_pg <= alarm

@@ -819,6 +819,10 @@ def synth_batch(
     size: Annotated[int, typer.Option(help="Crop side in pixels.")] = 96,
     difficulty: Annotated[float, typer.Option(help="0 (easy) to 1 (hard).")] = 0.3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    frames: Annotated[int, typer.Option(
+        help="Write this many full probe frames per window instead of crops (0: crops).")]
+    = 0,
+    frame_size: Annotated[int, typer.Option(help="--frames: frame side in pixels.")] = 384,
 ) -> None:
     """A simulated batch: crops over time with PG from a known onset, plus a control batch
     and a calibration batch (both PG-free).
@@ -830,9 +834,9 @@ def synth_batch(
 
     settings = BatchSettings(windows=windows, per_window=per_window, onset=onset, rate=rate,
                              max_fraction=max_fraction, size=size, difficulty=difficulty,
-                             seed=seed)
+                             seed=seed, frames=frames, frame_size=frame_size)
     with progress_bar() as progress:
-        task = progress.add_task("synth batch", total=2 * windows * per_window)
+        task = progress.add_task("synth batch", total=3 * windows * per_window)
         summary = synthesize_batch(out_dir, settings,
                                    progress=lambda n: progress.advance(task, n))
     for batch in summary["batches"].values():
@@ -876,6 +880,15 @@ def monitor(
     = DEFAULT_TIME_PATTERN,
     window_seconds: Annotated[float, typer.Option(
         help="--time-from name|mtime: window length in seconds.")] = 60.0,
+    frames: Annotated[bool, typer.Option(
+        "--frames", help="STREAM holds full probe frames: cut them into crops first.")]
+    = False,
+    cut: Annotated[str, typer.Option(
+        help="--frames: particles (segmented bright particles; measured better) or tiles "
+             "(the whole frame in crop-sized squares).")] = "particles",
+    crop_size: Annotated[int, typer.Option(
+        help="--frames: crop side in the frame's pixels (the crops the model learnt).")]
+    = 151,
     on_alarm: Annotated[str | None, typer.Option(
         help="Command to run when the alarm fires (evidence in $CRYSTALSCOPE_ALARM).")]
     = None,
@@ -896,10 +909,16 @@ def monitor(
     if not 0 < alpha < 1 or consecutive < 1:
         raise UserError("--alpha: give a probability in (0, 1); --consecutive: at least 1")
     predictor = load_predictor(model)
+    from crystalscope.monitor.run import FrameCutting
+
+    if cut not in ("tiles", "particles") or crop_size < 8:
+        raise UserError(f"--cut {cut} / --crop-size {crop_size}: use tiles or particles, and "
+                        "a crop side of at least 8 pixels")
+    cutting = FrameCutting(crop_size, cut) if frames else None  # type: ignore[arg-type]
     if false_positive_rate is None and calibrate is not None:
         from crystalscope.monitor.run import calibrate as measure_rate
 
-        rate, source = measure_rate(predictor, calibrate, positive)
+        rate, source = measure_rate(predictor, calibrate, positive, cutting)
     elif false_positive_rate is None:
         report = Path(model) / "report.json" if Path(model).is_dir() else \
             Path(model).parent / "report.json"
@@ -915,7 +934,8 @@ def monitor(
     err.print(f"alarm rule: {consecutive} window(s) in a row with P(this many {positive} calls "
               f"| false-positive rate {rate:.4f}) < {alpha:g}; rate: {source}", highlight=False,
               markup=False)
-    runner = Monitor(predictor, rule, out_dir, on_alarm=on_alarm, post_url=post)
+    runner = Monitor(predictor, rule, out_dir, on_alarm=on_alarm, post_url=post,
+                     cutting=cutting)
     if watch_mode:
         if not stream.is_dir():
             raise UserError(f"--watch {stream}: give the folder the probe writes time folders to")

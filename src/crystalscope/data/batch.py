@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from crystalscope.data.synth import render_cex, render_pg
+from crystalscope.data.synth import render_cex, render_frame, render_pg
 from crystalscope.errors import UserError
 from crystalscope.parallel import ordered_map
 
@@ -37,6 +37,8 @@ class BatchSettings:
     size: int = 96
     difficulty: float = 0.3
     seed: int = 0
+    frames: int = 0  # > 0: this many full probe frames per window instead of crops
+    frame_size: int = 384
 
     def validate(self) -> None:
         if self.windows < 1 or self.per_window < 1:
@@ -47,6 +49,9 @@ class BatchSettings:
             raise UserError("--rate and --max-fraction: give values in (0, 1]")
         if not 32 <= self.size <= 512:
             raise UserError(f"--size {self.size}: give 32 to 512 pixels")
+        if self.frames < 0 or (self.frames and self.frame_size < 2 * self.size):
+            raise UserError("--frames: give 0 (crops) or more; --frame-size: at least twice "
+                            "--size")
 
 
 def pg_fraction(settings: BatchSettings, window: int) -> float:
@@ -56,9 +61,27 @@ def pg_fraction(settings: BatchSettings, window: int) -> float:
     return min(settings.max_fraction, settings.rate * (window - settings.onset + 1))
 
 
+def _render_frames(folder: Path, rng: np.random.Generator, with_pg: bool, window: int,
+                   settings: BatchSettings) -> tuple[int, int]:
+    """Full frames: needles at the crops' scale, PG agglomerates at random places. The PG
+    share is that of crop-sized places holding an agglomerate."""
+    places = (settings.frame_size // settings.size) ** 2
+    pasted = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(1, settings.frames + 1):
+        count = int(rng.binomial(places, pg_fraction(settings, window))) if with_pg else 0
+        frame, _ = render_frame(rng, settings.frame_size, settings.size, settings.difficulty,
+                                count)
+        Image.fromarray(frame).save(folder / f"frame-{index:04d}.png")
+        pasted += count
+    return pasted, settings.frames * places
+
+
 def _render_window(job: tuple[Path, int, int, bool, BatchSettings, int]) -> tuple[int, int]:
     folder, window, count, with_pg, settings, stream = job
     rng = np.random.default_rng([settings.seed, window, stream])
+    if settings.frames:
+        return _render_frames(folder, rng, with_pg, window, settings)
     n_pg = int(rng.binomial(count, pg_fraction(settings, window))) if with_pg else 0
     kinds = np.array([True] * n_pg + [False] * (count - n_pg))
     rng.shuffle(kinds)

@@ -82,11 +82,15 @@ def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
 
 def _needles(rng: np.random.Generator, h: int, w: int, count: int, *, length: tuple[float, float],
              width: tuple[int, int], intensity: tuple[float, float], sigma: float,
-             main_angle: float, spread: float) -> np.ndarray:
-    """Additive layer of straight needles (overlaps add up, so crossings are brighter)."""
+             main_angle: float, spread: float, scale: int | None = None) -> np.ndarray:
+    """Additive layer of straight needles (overlaps add up, so crossings are brighter).
+
+    Needle lengths are fractions of ``scale`` (default: the image side): a full probe frame
+    passes the crop side, so its needles have the crops' size.
+    """
     layer = np.zeros(h * w, np.float32)
     scratch = np.zeros(h * w, np.float32)  # one needle at a time: max within, sum across
-    side = max(h, w)
+    side = scale or max(h, w)
     for _ in range(count):
         angle = main_angle + rng.normal(0, spread)
         half = rng.uniform(*length) * side / 2
@@ -116,7 +120,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _needle_depths(rng: np.random.Generator, h: int, w: int, density: float,
-                   brightness: float) -> np.ndarray:
+                   brightness: float, scale: int | None = None) -> np.ndarray:
     """Needles at three depths of focus: far (blurred, dim), middle, near (sharp, bright)."""
     main = rng.uniform(0, np.pi)
     spread = rng.uniform(0.15, 0.9)
@@ -131,7 +135,7 @@ def _needle_depths(rng: np.random.Generator, h: int, w: int, density: float,
         n = max(1, int(rng.poisson(count * density * area)))
         out += _needles(rng, h, w, n, length=length, width=width,
                         intensity=(intensity[0] * brightness, intensity[1] * brightness),
-                        sigma=sigma, main_angle=main, spread=spread)
+                        sigma=sigma, main_angle=main, spread=spread, scale=scale)
     return out
 
 
@@ -309,3 +313,19 @@ def synthesize(out: Path, settings: SynthSettings, *, workers: int | None = None
     summary = {"settings": asdict(settings), "classes": list(CLASSES), "files": files}
     (out / "synth.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
+
+
+def render_frame(rng: np.random.Generator, side: int, crop: int, difficulty: float,
+                 pg_particles: int) -> tuple[np.ndarray, np.ndarray]:
+    """A full probe frame (``side`` px): CEX needles at the crops' scale (``crop`` px) with
+    ``pg_particles`` PG agglomerates at random places; returns the frame and the PG mask."""
+    image = _background(rng, side, side) + _needle_depths(
+        rng, side, side, rng.uniform(0.8, 1.4), rng.uniform(0.9, 1.5), scale=crop)
+    truth = np.zeros((side, side), np.float32)
+    for _ in range(pg_particles):
+        body, mask = _agglomerate(rng, crop, crop, small=False)
+        y, x = (int(v) for v in rng.integers(0, side - crop, 2))
+        region = image[y:y + crop, x:x + crop]
+        region[:] = region * (1 - mask) + body * mask
+        truth[y:y + crop, x:x + crop] = np.maximum(truth[y:y + crop, x:x + crop], mask)
+    return _finish(rng, image, difficulty), truth

@@ -14,15 +14,17 @@ import shlex
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from crystalscope.console import err
+from crystalscope.data.images import ImageLoadError
 from crystalscope.data.layout import is_image_name, list_files
 from crystalscope.infer.predictor import Predictor
-from crystalscope.infer.stream import Failure, ImageResult, predict_stream
+from crystalscope.infer.stream import Failure, predict_stream
+from crystalscope.monitor.cutting import Cutter, cut_frame
 from crystalscope.monitor.frames import Window, read_stream
 from crystalscope.monitor.report import plot_timeline
 from crystalscope.monitor.trend import (
@@ -49,13 +51,42 @@ class MonitorResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FrameCutting:
+    """STREAM holds full frames: cut each into ``crop``-px pieces with ``cutter``."""
+
+    crop: int
+    cutter: Cutter = "particles"
+
+
+def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None = None
+          ) -> Iterator[tuple[Path, str] | Failure]:
+    """(image, predicted class) per crop — or per piece of each frame when cutting frames."""
+    classes = predictor.classes
+    if cutting is None:
+        for item in predict_stream(predictor, paths):
+            yield item if isinstance(item, Failure) else (
+                item.path, classes[int(item.probabilities.argmax())])
+        return
+    for path in paths:
+        try:
+            pieces = cut_frame(path, cutting.crop, cutting.cutter, predictor.input_size)
+        except ImageLoadError as exc:
+            yield Failure(path, str(exc))
+            continue
+        if len(pieces):
+            for row in predictor.predict(pieces)[0]:
+                yield path, classes[int(row.argmax())]
+
+
 class Monitor:
     """Holds the model, the rule, the outputs; processes one window at a time."""
 
     def __init__(self, predictor: Predictor, rule: AlarmRule, out_dir: Path, *,
                  on_alarm: str | None = None, post_url: str | None = None,
+                 cutting: FrameCutting | None = None,
                  say: Callable[[str], None] = err.print) -> None:
-        self.predictor, self.rule, self.say = predictor, rule, say
+        self.predictor, self.rule, self.say, self.cutting = predictor, rule, say, cutting
         self.trend = Trend(predictor.classes, rule)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,14 +108,14 @@ class Monitor:
     def process(self, window: Window) -> WindowResult:
         start = time.perf_counter()
         predicted, unreadable, positives = [], [], []
-        for item in predict_stream(self.predictor, window.paths):
+        for item in calls(self.predictor, window.paths, self.cutting):
             if isinstance(item, Failure):
                 unreadable.append(item.reason)
                 continue
-            label = self.predictor.classes[int(item.probabilities.argmax())]
+            path, label = item
             predicted.append(label)
-            if label == self.rule.positive:
-                positives.append(item.path)
+            if label == self.rule.positive and path not in positives:
+                positives.append(path)
         result = self.trend.add(window.index, window.time, predicted, unreadable)
         self.result.windows.append(result)
         self.result.examples[window.index] = positives[:4]
@@ -145,13 +176,13 @@ def _round(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
-def calibrate(predictor: Predictor, clean_stream: Path, positive: str) -> tuple[float, str]:
+def calibrate(predictor: Predictor, clean_stream: Path, positive: str,
+              cutting: FrameCutting | None = None) -> tuple[float, str]:
     """The false-positive rate (upper 95% bound) measured on a stream known to be clean."""
-    calls = [predictor.classes[int(item.probabilities.argmax())]
-             for window in read_stream(clean_stream)
-             for item in predict_stream(predictor, window.paths)
-             if isinstance(item, ImageResult)]
-    return false_positive_rate_from_clean_stream(calls, positive)
+    labels = [item[1] for window in read_stream(clean_stream)
+              for item in calls(predictor, window.paths, cutting)
+              if not isinstance(item, Failure)]
+    return false_positive_rate_from_clean_stream(labels, positive)
 
 
 def replay(monitor: Monitor, stream: Path,
