@@ -119,6 +119,7 @@ def test_watch_picks_up_windows_written_after_it_starts(pg_detector: Path, batch
     rows = _rows(tmp_path / "out")
     assert [r["time"] for r in rows] == ["t0001", "t0002", "t0003", "t0004", "t0005"]
     assert [int(r["crops"]) for r in rows] == [24, 24, 24, 0, 1]
+    assert all(int(r["count_cex"]) + int(r["count_pg"]) == int(r["crops"]) for r in rows)
     events = [json.loads(line)["event"] for line in (tmp_path / "out" / "events.jsonl").open()]
     assert "empty_window" in events and "unreadable" in events
 
@@ -202,5 +203,6 @@ def test_monitor_cuts_full_frames(pg_detector: Path, tmp_path: Path,
     code, out, err = _monitor([str(pg_detector), str(tmp_path / "frames" / "pg-batch"),
                                *common, "--out", str(tmp_path / "pg")], capsys)
     assert code == 3, out + err
+    assert "frames/s" in out and f"{2 * settings.windows} frames" in out
     alarm = next(int(r["window"]) for r in _rows(tmp_path / "pg") if r["alarm"] == "1")
     assert first_pg <= alarm

@@ -946,8 +946,12 @@ def monitor(
             result = replay(runner, stream, progress=lambda n: progress.advance(task, n),
                             time_from=time_from, pattern=time_pattern,
                             window_seconds=window_seconds)
-    rate_text = f"{result.crops / result.seconds:.0f} crops/s" if result.seconds else "-"
-    out.print(f"{len(result.windows)} windows, {result.crops} crops ({rate_text}); "
+    per_second = result.seconds or float("inf")
+    rate_text = (f"{result.images / per_second:.1f} frames/s, {result.crops / per_second:.0f} "
+                 "crops/s" if frames else f"{result.crops / per_second:.0f} crops/s")
+    counted = (f"{result.images} frames, {result.crops} crops" if frames
+               else f"{result.crops} crops")
+    out.print(f"{len(result.windows)} windows, {counted} ({rate_text}); "
               + (f"alarm at window {result.alarm.index} ({result.alarm.time})" if result.alarm
                  else "no alarm"))
     out.print(f"wrote {', '.join(result.files)} to {out_dir}")

@@ -35,7 +35,7 @@ from crystalscope.monitor.trend import (
 )
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
-                 "p_value", "significant", "alarm")
+                 "p_value", "significant", "alarm")  # then one count column per class
 
 
 @dataclass
@@ -46,6 +46,7 @@ class MonitorResult:
     alarm: WindowResult | None = None
     alarm_text: str | None = None
     crops: int = 0
+    images: int = 0
     seconds: float = 0.0
     examples: dict[int, list[Path]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
@@ -97,7 +98,8 @@ class Monitor:
         for name in ("trend.csv", "events.jsonl"):
             self.result.files[name].unlink(missing_ok=True)  # a new run, new files
         with self.result.files["trend.csv"].open("w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerow(TREND_COLUMNS)
+            csv.writer(handle).writerow([*TREND_COLUMNS,
+                                         *(f"count_{c}" for c in predictor.classes)])
 
     def event(self, kind: str, **details: object) -> None:
         record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "event": kind,
@@ -120,6 +122,7 @@ class Monitor:
         self.result.windows.append(result)
         self.result.examples[window.index] = positives[:4]
         self.result.crops += len(predicted)
+        self.result.images += len(window.paths) - len(unreadable)
         self.result.seconds += time.perf_counter() - start
         self._write_row(result)
         if unreadable:
@@ -138,7 +141,7 @@ class Monitor:
                 _round(r.interval[0] if r.interval else None),
                 _round(r.interval[1] if r.interval else None), _round(r.smoothed),
                 "" if r.p_value is None else f"{r.p_value:.3e}", int(r.significant),
-                int(r.alarm)])
+                int(r.alarm), *r.counts.values()])
 
     def _raise_alarm(self, window: WindowResult) -> None:
         text = self.trend.explain_alarm(window)
