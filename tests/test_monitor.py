@@ -206,3 +206,35 @@ def test_monitor_cuts_full_frames(pg_detector: Path, tmp_path: Path,
     assert "frames/s" in out and f"{2 * settings.windows} frames" in out
     alarm = next(int(r["window"]) for r in _rows(tmp_path / "pg") if r["alarm"] == "1")
     assert first_pg <= alarm
+
+
+def test_the_alarm_is_posted_to_a_url(pg_detector: Path, batches: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            return
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code, _, _ = _monitor([str(pg_detector), str(batches / "pg-batch"), "--positive", "pg",
+                               "--false-positive-rate", "0.05", "--out", str(tmp_path / "m"),
+                               "--post", f"http://127.0.0.1:{server.server_port}/alarm"],
+                              capsys)
+    finally:
+        server.shutdown()
+    assert code == 3
+    assert len(received) == 1 and received[0]["p_value"] < 1e-3
+    assert received[0]["counts"]["pg"] > 0
