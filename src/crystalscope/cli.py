@@ -958,6 +958,64 @@ def monitor(
     return 3 if result.alarm else 0
 
 
+# ------------------------------------------------------------------------------- serve
+
+
+@app.command(epilog="Example: crystalscope serve runs/demo --store crystals.lance --port 8000  "
+                    "then open http://127.0.0.1:8000/")
+def serve(
+    model: Annotated[Path, typer.Argument(help="Run directory or model.onnx.")],
+    store: Annotated[str | None, typer.Option(help="Vector store for /similar.")] = None,
+    monitor_stream: Annotated[Path | None, typer.Option(
+        "--monitor", help="Follow this stream folder (as monitor --watch) for /monitor.")]
+    = None,
+    positive: Annotated[str, typer.Option(help="--monitor: the impurity class.")] = "",
+    false_positive_rate: Annotated[float | None, typer.Option(
+        help="--monitor: the model's false impurity rate (default: from the run's report).")]
+    = None,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    token: Annotated[str | None, typer.Option(
+        envvar="CRYSTALSCOPE_TOKEN", help="Require Authorization: Bearer TOKEN on the API.")]
+    = None,
+) -> None:
+    """The model behind HTTP: /predict, /similar, /model, /monitor, /health, /docs, and a
+    dashboard page at / (drop images, see classes and similar crystals, follow a batch)."""
+    import uvicorn
+
+    from crystalscope.infer.predictor import load_predictor
+    from crystalscope.serve.app import ServeSettings, create_app
+    from crystalscope.serve.server import LOOPBACK
+    from crystalscope.vectors.store import open_store
+
+    if host not in LOOPBACK and not token:
+        err.print(f"[yellow]serving on {host} without a token: anyone who reaches it can use "
+                  "it (give --token)[/yellow]")
+    predictor = load_predictor(model)
+    settings = ServeSettings(predictor=predictor, token=token,
+                             store=open_store(store) if store else None)
+    if monitor_stream is not None:
+        import threading
+
+        from crystalscope.monitor.run import Monitor, watch
+        from crystalscope.monitor.trend import AlarmRule, false_positive_rate_from_report
+
+        if not positive:
+            raise UserError("--monitor needs --positive CLASS (the impurity)")
+        if false_positive_rate is None:
+            rate, source = false_positive_rate_from_report(Path(model) / "report.json",
+                                                           positive)
+        else:
+            rate, source = false_positive_rate, "given"
+        runner = Monitor(predictor, AlarmRule(positive, rate, source=source),
+                         Path(tempfile.mkdtemp(prefix="crystalscope-serve-monitor-")))
+        settings.monitor = runner
+        threading.Thread(target=watch, args=(runner, monitor_stream), daemon=True).start()
+    err.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
 # -------------------------------------------------------------------------------- demo
 
 

@@ -1,0 +1,1 @@
+"""Serve the model over HTTP with a dashboard page."""

@@ -1,0 +1,167 @@
+"""`crystalscope serve`: the model behind HTTP (FastAPI) and a dashboard page.
+
+Endpoints: ``POST /predict`` (one or several images), ``POST /similar`` (one image, nearest
+stored crystals with thumbnails), ``GET /model``, ``GET /monitor`` (trend and alarm state while
+monitoring), ``GET /health``; OpenAPI docs at ``/docs``; the dashboard at ``/``.
+
+Safe by default: uploads are size- and pixel-limited, read by content through the project's
+safe loader, never looked up by a client-given path; every error is JSON ``{"error": …}`` with
+the right status code; with a token, API calls need ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+
+from crystalscope.data.images import ImageLoadError, load_image
+from crystalscope.infer.predictor import Predictor
+from crystalscope.serve.page import DASHBOARD
+from crystalscope.vectors.store import VectorStore
+
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_FILES = 64
+
+
+@dataclass
+class ServeSettings:
+    """What the app serves and its limits."""
+
+    predictor: Predictor
+    store: VectorStore | None = None
+    monitor: Any = None  # a crystalscope.monitor.run.Monitor fed by a watch thread
+    token: str | None = None
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    model_info: dict[str, Any] | None = None
+
+
+def _thumbnail(image: Image.Image, side: int = 128) -> str:
+    copy = image.convert("RGB")
+    copy.thumbnail((side, side))
+    buffer = io.BytesIO()
+    copy.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The FastAPI application."""
+    app = FastAPI(title="crystalscope", description="Classify crystal images; find similar "
+                  "ones; follow a batch.", version="1")
+    predictor, store_lock = settings.predictor, threading.Lock()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", []) if p != "body")
+        return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
+
+    def authorised(authorization: str | None = Header(default=None)) -> None:
+        if settings.token and authorization != f"Bearer {settings.token}":
+            raise HTTPException(401, "missing or wrong token: send Authorization: Bearer …")
+
+    def read_upload(upload: UploadFile) -> tuple[np.ndarray, Image.Image]:
+        data = upload.file.read(settings.max_upload_bytes + 1)
+        name = Path(upload.filename or "upload").name
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(413, f"{name}: larger than {settings.max_upload_bytes:,} bytes")
+        with tempfile.TemporaryDirectory() as folder:  # the safe loader reads files
+            path = Path(folder) / "upload"
+            path.write_bytes(data)
+            try:
+                image = load_image(path, warn_on_mismatch=False)
+            except ImageLoadError as exc:
+                raise HTTPException(400, f"{name}: {exc.reason}") from exc
+        size = predictor.input_size
+        pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        return pixels.transpose(2, 0, 1), image
+
+    def describe(probabilities: np.ndarray, name: str) -> dict[str, Any]:
+        best = int(probabilities.argmax())
+        return {"file": name, "predicted_class": predictor.classes[best],
+                "probability_of_predicted": float(probabilities[best]),
+                "probabilities": {c: float(p) for c, p in
+                                  zip(predictor.classes, probabilities, strict=True)}}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard() -> str:
+        return DASHBOARD
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/model", dependencies=[Depends(authorised)])
+    def model() -> dict[str, Any]:
+        return {"classes": predictor.classes, "input_size": predictor.input_size,
+                "backend": predictor.backend, "store": store is not None,
+                "monitoring": settings.monitor is not None, **(settings.model_info or {})}
+
+    store = settings.store
+
+    @app.post("/predict", dependencies=[Depends(authorised)])
+    def predict(files: list[UploadFile] = File(...)) -> dict[str, Any]:
+        """Classes and probabilities for each uploaded image (form field ``files``)."""
+        if len(files) > MAX_FILES:
+            raise HTTPException(413, f"at most {MAX_FILES} images per request")
+        results = []
+        for upload in files:
+            pixels, _ = read_upload(upload)
+            probabilities, _ = predictor.predict(pixels[None])
+            results.append(describe(probabilities[0], Path(upload.filename or "").name))
+        return {"results": results}
+
+    @app.post("/similar", dependencies=[Depends(authorised)])
+    def similar(file: UploadFile = File(...), k: int = Form(5)) -> dict[str, Any]:
+        """The ``k`` stored crystals nearest to the uploaded image."""
+        if store is None:
+            raise HTTPException(404, "no vector store: start serve with --store")
+        if not 1 <= k <= 100:
+            raise HTTPException(422, "k: give 1 to 100")
+        pixels, _ = read_upload(file)
+        probabilities, embedding = predictor.predict(pixels[None])
+        if embedding is None:
+            raise HTTPException(400, "this model gives no embeddings")
+        with store_lock:
+            neighbours = store.nearest(embedding[0], k)
+        found = []
+        for n in neighbours:
+            try:
+                thumbnail = _thumbnail(load_image(n.record.path, warn_on_mismatch=False))
+            except ImageLoadError:
+                thumbnail = None
+            found.append({"path": n.record.path, "distance": n.distance,
+                          "predicted": n.record.predicted, "true_class": n.record.true_class,
+                          "thumbnail": thumbnail})
+        return {"query": describe(probabilities[0], Path(file.filename or "").name),
+                "neighbours": found}
+
+    @app.get("/monitor", dependencies=[Depends(authorised)])
+    def monitor() -> dict[str, Any]:
+        """The trend so far and the alarm state (404 when not monitoring)."""
+        if settings.monitor is None:
+            raise HTTPException(404, "not monitoring: start serve with --monitor STREAM")
+        result = settings.monitor.result
+        return {"positive": settings.monitor.rule.positive,
+                "false_positive_rate": settings.monitor.rule.false_positive_rate,
+                "windows": [{"window": w.index, "time": w.time, "crops": w.crops,
+                             "fraction": w.fraction,
+                             "interval": list(w.interval) if w.interval else None,
+                             "alarm": w.alarm} for w in list(result.windows)],
+                "alarm": result.alarm_text}
+
+    return app

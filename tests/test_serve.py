@@ -1,0 +1,174 @@
+"""serve: real HTTP against a started server — good and bad images, missing fields, the token —
+and the dashboard in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crystalscope.infer.predictor import load_predictor
+from crystalscope.serve.app import ServeSettings, create_app
+from crystalscope.serve.server import running
+from crystalscope.vectors.indexing import index_images
+from crystalscope.vectors.store import open_store
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _post(url: str, files: list[tuple[str, str, bytes]], fields: dict | None = None,
+          token: str | None = None) -> tuple[int, dict]:
+    """multipart/form-data POST with urllib (real HTTP, no test client)."""
+    boundary = uuid.uuid4().hex
+    body = b""
+    for field, name, data in files:
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
+                 f"filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                 ).encode() + data + b"\r\n"
+    for key, value in (fields or {}).items():
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{key}\"\r\n\r\n"
+                 f"{value}\r\n").encode()
+    body += f"--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
+                                     if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def server(exported_run: Path, tmp_path_factory: pytest.TempPathFactory):
+    predictor = load_predictor(exported_run)
+    store = open_store(tmp_path_factory.mktemp("serve") / "s.lance")
+    splits = exported_run.parent.parent / "splits"
+    index_images(predictor, sorted((splits / "train").rglob("*.png")), store)
+    app = create_app(ServeSettings(predictor=predictor, store=store,
+                                   max_upload_bytes=2_000_000))
+    with running(app) as url:
+        yield url, splits
+
+
+def test_predict_good_images_over_http(server: tuple[str, Path], exported_run: Path) -> None:
+    url, splits = server
+    images = sorted((splits / "test").rglob("*.png"))[:3]
+    code, body = _post(f"{url}/predict", [("files", p.name, p.read_bytes()) for p in images])
+    assert code == 200 and len(body["results"]) == 3
+    report = json.loads((exported_run / "report.json").read_text())
+    expected = {Path(r["path"]).name: r["probabilities"] for r in report["predictions"]}
+    for image, result in zip(images, body["results"], strict=True):
+        assert result["file"] == image.name
+        for name, p in result["probabilities"].items():  # the same as evaluate's
+            assert abs(p - expected[image.name][name]) <= 1e-4
+    assert _get(f"{url}/health") == (200, {"status": "ok"})
+    code, model = _get(f"{url}/model")
+    assert code == 200 and model["classes"] == ["cex", "pg"] and model["store"] is True
+
+
+def test_bad_uploads_get_json_errors(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, splits = server
+    good = next((splits / "test").rglob("*.png")).read_bytes()
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (9000, 9000)).save(bomb)  # 81 megapixels: over the 64 MP limit
+    cases = [
+        ([("files", "cut.png", good[: len(good) // 2])], 400, "truncated"),
+        ([("files", "text.png", b"hello, not an image")], 400, "not an image"),
+        ([("files", "big.png", b"\x89PNG" + bytes(2_000_001))], 413, "larger than"),
+        ([("files", "bomb.png", bomb.read_bytes())], 400, "pixels"),
+        ([("wrong_field", "a.png", good)], 422, "files"),
+    ]
+    for files, status, words in cases:
+        code, body = _post(f"{url}/predict", files)
+        assert code == status and words in body["error"], (files[0][1], code, body)
+    code, body = _post(f"{url}/similar", [("file", "a.png", good)], {"k": "0"})
+    assert code == 422 and "k" in body["error"]
+
+
+def test_similar_returns_neighbours_with_thumbnails(server: tuple[str, Path]) -> None:
+    url, splits = server
+    image = sorted((splits / "train").rglob("*.png"))[5]
+    code, body = _post(f"{url}/similar", [("file", image.name, image.read_bytes())], {"k": 3})
+    assert code == 200 and len(body["neighbours"]) == 3
+    first = body["neighbours"][0]
+    assert Path(first["path"]).name == image.name and first["distance"] < 1e-4
+    assert first["thumbnail"].startswith("data:image/png;base64,")
+    code, body = _get(f"{url}/monitor")
+    assert code == 404 and "not monitoring" in body["error"]
+
+
+def test_the_token_guards_the_api(exported_run: Path) -> None:
+    app = create_app(ServeSettings(predictor=load_predictor(exported_run), token="s3cret"))
+    with running(app) as url:
+        assert _get(f"{url}/model")[0] == 401
+        assert _get(f"{url}/model", token="wrong")[0] == 401
+        assert _get(f"{url}/model", token="s3cret")[0] == 200
+        assert _get(f"{url}/health")[0] == 200
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install "
+                                              "chromium); .ci/run installs it")
+def test_dashboard_shows_a_prediction_in_chromium(server: tuple[str, Path],
+                                                  tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    url, splits = server
+    image = next((splits / "test" / "pg").glob("*.png"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                            "--disable-background-networking",
+                                            "--no-first-run"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url + "/")
+        page.wait_for_selector("text=classes: cex, pg")
+        page.set_input_files("#files", str(image))
+        page.wait_for_selector(".prediction", timeout=30_000)
+        prediction = page.locator(".prediction").first.inner_text()
+        page.wait_for_selector(".similar img", timeout=30_000)
+        screenshot = Path(__file__).parent.parent / "test-artifacts" / "dashboard.png"
+        screenshot.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    assert ("cex" in prediction or "pg" in prediction) and "probability" in prediction
+    assert errors == []
+    with Image.open(screenshot) as shot:
+        assert shot.width > 300 and np.asarray(shot.convert("L")).std() > 5
+
+
+def test_monitor_endpoint_reports_the_trend(exported_run: Path, tmp_path: Path) -> None:
+    from crystalscope.monitor.frames import Window
+    from crystalscope.monitor.run import Monitor
+    from crystalscope.monitor.trend import AlarmRule
+
+    predictor = load_predictor(exported_run)
+    runner = Monitor(predictor, AlarmRule("pg", 0.1), tmp_path, say=lambda _: None)
+    images = sorted((exported_run.parent.parent / "splits" / "test").rglob("*.png"))
+    runner.process(Window(1, "t0001", images[:4]))
+    runner.process(Window(2, "t0002", images[4:8]))
+    with running(create_app(ServeSettings(predictor=predictor, monitor=runner))) as url:
+        code, body = _get(f"{url}/monitor")
+    assert code == 200 and body["positive"] == "pg"
+    assert [w["time"] for w in body["windows"]] == ["t0001", "t0002"]
+    assert body["windows"][0]["crops"] == 4 and body["alarm"] is None
