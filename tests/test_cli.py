@@ -9,7 +9,7 @@ import pytest
 
 COMMANDS = [["synth"], ["data", "check"], ["data", "download"], ["split"], ["train"],
             ["evaluate"], ["export"], ["predict"], ["index"], ["similar"], ["explore"],
-            ["explain"], ["monitor"], ["synth", "batch"], ["demo"]]
+            ["explain"], ["monitor"], ["synth", "batch"], ["serve"], ["demo"]]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
