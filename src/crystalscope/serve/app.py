@@ -11,8 +11,6 @@ the right status code; with a token, API calls need ``Authorization: Bearer <tok
 
 from __future__ import annotations
 
-import base64
-import io
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -23,11 +21,12 @@ import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image
 
-from crystalscope.data.images import ImageLoadError, load_image
+from crystalscope.data.images import ImageLoadError
 from crystalscope.infer.predictor import Predictor
+from crystalscope.infer.stream import decode_with_size
 from crystalscope.serve.page import DASHBOARD
+from crystalscope.vectors.indexing import thumbnail_uri
 from crystalscope.vectors.store import VectorStore
 
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -44,14 +43,6 @@ class ServeSettings:
     token: str | None = None
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     model_info: dict[str, Any] | None = None
-
-
-def _thumbnail(image: Image.Image, side: int = 128) -> str:
-    copy = image.convert("RGB")
-    copy.thumbnail((side, side))
-    buffer = io.BytesIO()
-    copy.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -74,7 +65,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if settings.token and authorization != f"Bearer {settings.token}":
             raise HTTPException(401, "missing or wrong token: send Authorization: Bearer …")
 
-    def read_upload(upload: UploadFile) -> tuple[np.ndarray, Image.Image]:
+    def read_upload(upload: UploadFile) -> np.ndarray:
+        """The upload as the model's input (3, S, S), through the same loader as files."""
         data = upload.file.read(settings.max_upload_bytes + 1)
         name = Path(upload.filename or "upload").name
         if len(data) > settings.max_upload_bytes:
@@ -83,12 +75,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
             path = Path(folder) / "upload"
             path.write_bytes(data)
             try:
-                image = load_image(path, warn_on_mismatch=False)
+                pixels, _, _ = decode_with_size(path, predictor.input_size)
             except ImageLoadError as exc:
                 raise HTTPException(400, f"{name}: {exc.reason}") from exc
-        size = predictor.input_size
-        pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
-        return pixels.transpose(2, 0, 1), image
+        return pixels
 
     def describe(probabilities: np.ndarray, name: str) -> dict[str, Any]:
         best = int(probabilities.argmax())
@@ -120,7 +110,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise HTTPException(413, f"at most {MAX_FILES} images per request")
         results = []
         for upload in files:
-            pixels, _ = read_upload(upload)
+            pixels = read_upload(upload)
             probabilities, _ = predictor.predict(pixels[None])
             results.append(describe(probabilities[0], Path(upload.filename or "").name))
         return {"results": results}
@@ -132,21 +122,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise HTTPException(404, "no vector store: start serve with --store")
         if not 1 <= k <= 100:
             raise HTTPException(422, "k: give 1 to 100")
-        pixels, _ = read_upload(file)
+        pixels = read_upload(file)
         probabilities, embedding = predictor.predict(pixels[None])
         if embedding is None:
             raise HTTPException(400, "this model gives no embeddings")
         with store_lock:
             neighbours = store.nearest(embedding[0], k)
-        found = []
-        for n in neighbours:
-            try:
-                thumbnail = _thumbnail(load_image(n.record.path, warn_on_mismatch=False))
-            except ImageLoadError:
-                thumbnail = None
-            found.append({"path": n.record.path, "distance": n.distance,
-                          "predicted": n.record.predicted, "true_class": n.record.true_class,
-                          "thumbnail": thumbnail})
+        found = [{"path": n.record.path, "distance": n.distance,
+                  "predicted": n.record.predicted, "true_class": n.record.true_class,
+                  "thumbnail": thumbnail_uri(n.record.path, 128) or None}
+                 for n in neighbours]
         return {"query": describe(probabilities[0], Path(file.filename or "").name),
                 "neighbours": found}
 

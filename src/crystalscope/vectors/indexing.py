@@ -94,7 +94,7 @@ def find_similar(predictor: Predictor, image: Path, store: VectorStore, k: int, 
     return query, store.nearest(query.embedding, k, predicted=predicted)  # type: ignore[arg-type]
 
 
-def _thumbnail(path: str | Path, size: int = 160) -> str:
+def thumbnail_uri(path: str | Path, size: int = 160) -> str:
     """A data: URI of a PNG thumbnail, or '' when the file is gone or unreadable."""
     try:
         image = load_image(path, warn_on_mismatch=False).convert("RGB")
@@ -113,13 +113,13 @@ def similar_html(query: ImageResult, neighbours: list[Neighbour], classes: list[
         return f'<figure>{image}<figcaption>{caption}</figcaption></figure>'
 
     best = int(query.probabilities.argmax())
-    cards = [card(_thumbnail(query.path),
+    cards = [card(thumbnail_uri(query.path),
                   f"<b>query</b><br>{html.escape(query.path.name)}<br>predicted "
                   f"{html.escape(classes[best])} ({query.probabilities[best]:.4f})")]
     for rank, neighbour in enumerate(neighbours, 1):
         record = neighbour.record
         truth = f", true {html.escape(record.true_class)}" if record.true_class else ""
-        cards.append(card(_thumbnail(record.path),
+        cards.append(card(thumbnail_uri(record.path),
                           f"#{rank} distance {neighbour.distance:.4f}<br>"
                           f"{html.escape(Path(record.path).name)}<br>predicted "
                           f"{html.escape(record.predicted)}{truth}"))
