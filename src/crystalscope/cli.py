@@ -353,7 +353,11 @@ def train(
     if result.evaluation:
         _print_evaluation(result.evaluation)
     if result.export:
+        from crystalscope.ood.detector import ood_summary
+
         out.print("exported " + ", ".join(str(p) for p in result.export.files.values()))
+        if result.export.ood:
+            out.print(ood_summary(result.export.ood))
     for note in result.notes:
         out.print(note)
 
@@ -410,22 +414,30 @@ def export(
         "--int8", help="Also write model.int8.onnx (static int8, calibrated on validation "
                        "images) and report how its predictions differ on the test split.")]
     = False,
+    false_reject: Annotated[float, typer.Option(
+        help="Share of validation crystals the unknown-detector may call unknown: its "
+             "threshold.")] = 0.01,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")]
     = False,
 ) -> None:
-    """Write model.safetensors + model.json and model.onnx, checked against the checkpoint.
+    """Write model.safetensors + model.json and model.onnx, checked against the checkpoint,
+    and ood.safetensors: the unknown-detector fitted on the training split and calibrated on
+    the validation split.
 
     ONNX Runtime and torch must agree on every probability within 1e-4, and the model rebuilt
     from safetensors + json must match the checkpoint; otherwise export fails (exit 1).
     """
     from crystalscope.export.stage import export_run
+    from crystalscope.ood.detector import ood_summary
 
+    if not 0 < false_reject < 1:
+        raise UserError(f"--false-reject {false_reject}: give a rate between 0 and 1, e.g. 0.01")
     with err.status("exporting (ONNX export and parity check)"):
-        result = export_run(run, out_dir, int8=int8)
+        result = export_run(run, out_dir, int8=int8, false_reject=false_reject)
     summary = {"files": {k: str(v) for k, v in result.files.items()},
                "onnx_max_abs_difference": result.onnx_max_difference,
                "rebuilt_max_abs_difference": result.rebuilt_max_difference,
-               "int8": result.int8}
+               "int8": result.int8, "ood": result.ood, "notes": result.notes}
     if as_json:
         out.print_json(json.dumps(summary))
         return
@@ -434,6 +446,10 @@ def export(
     out.print(f"parity: ONNX Runtime vs torch max |Δ probability| "
               f"{result.onnx_max_difference:.1e}; rebuilt from safetensors "
               f"{result.rebuilt_max_difference:.1e} (limit 1e-4)")
+    if result.ood:
+        out.print(ood_summary(result.ood))
+    for note in result.notes:
+        err.print(f"[yellow]{note}[/yellow]", highlight=False)
     if result.int8:
         change = result.int8
         out.print(f"int8 vs fp32 on {change['images']} test images: same class for "
@@ -515,14 +531,19 @@ def predict(
     mean: Annotated[str | None, typer.Option(help="Per-channel mean for imagenet mode.")]
     = None,
     std: Annotated[str | None, typer.Option(help="Per-channel std for imagenet mode.")] = None,
+    reject_unknown: Annotated[bool, typer.Option(
+        "--reject-unknown", help="Give the class 'unknown' to images the unknown-detector "
+                                 "flags (ood_score > 1) instead of forcing a class.")] = False,
 ) -> int:
     """Classify images: the predicted class, its probability, and every class's probability.
 
-    Streams in batches, so memory stays bounded however many images. Unreadable files are
-    listed on stderr and skipped; the exit code is then 1.
+    A model exported with its unknown-detector (crystalscope export) adds the columns
+    unknown (yes/no) and ood_score (above 1: unlike the training images). Streams in
+    batches, so memory stays bounded however many images. Unreadable files are listed on
+    stderr and skipped; the exit code is then 1.
     """
     from crystalscope.data.layout import expand_paths
-    from crystalscope.infer.output import LEGEND, PredictionWriter, open_output
+    from crystalscope.infer.output import LEGEND, OOD_LEGEND, PredictionWriter, open_output
     from crystalscope.infer.predictor import load_predictor, parse_classes
     from crystalscope.infer.stream import Failure, predict_stream
 
@@ -531,11 +552,16 @@ def predict(
     predictor = load_predictor(
         model, backend=backend.value, classes=parse_classes(classes),
         preprocessing=_preprocessing(input_size, layout, preprocess, mean, std))
+    if reject_unknown and predictor.ood is None:
+        raise UserError(f"--reject-unknown: {model} has no unknown-detector; export the run "
+                        "again (crystalscope export RUN) to fit one")
     files = expand_paths(paths)
     handle = open_output(output)
-    writer = PredictionWriter(handle or sys.stdout, output_format.value, predictor.classes)
+    has_ood = predictor.ood is not None
+    writer = PredictionWriter(handle or sys.stdout, output_format.value, predictor.classes,
+                              ood=has_ood, reject_unknown=reject_unknown)
     if output_format == OutputFormat.table:
-        err.print(LEGEND, highlight=False)
+        err.print(LEGEND + (OOD_LEGEND if has_ood else ""), highlight=False)
     failures: list[Failure] = []
     try:
         with progress_bar() as progress:
@@ -553,6 +579,9 @@ def predict(
         err.print(f"[yellow]skipped[/yellow] {failure.reason}", highlight=False)
     if output:
         err.print(f"wrote {writer.count} predictions to {output}")
+    if has_ood:
+        err.print(f"{writer.unknown} of {writer.count} images unknown (unlike the training "
+                  "images)")
     if failures:
         err.print(f"{len(failures)} of {len(files)} images could not be read")
         return 1

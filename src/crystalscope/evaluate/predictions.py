@@ -58,7 +58,7 @@ def predict_items(net: InferenceNet, classes: list[str], items: list[tuple[Path,
     decoded = build_cache(items, image_size, progress)
     if not decoded.paths:
         raise UserError("none of the images could be read: " + "; ".join(decoded.skipped[:3]))
-    probabilities, _ = run_batches(net, decoded.images)
+    probabilities, _, _ = run_batches(net, decoded.images)
     return Predictions(classes=list(classes), paths=decoded.paths,
                        labels=decoded.labels.numpy(),
                        probabilities=probabilities.double().numpy(), skipped=decoded.skipped)

@@ -2,7 +2,8 @@
 check against torch before the file is given its name.
 
 The graph is :class:`~crystalscope.model.inference.InferenceNet`: input ``images`` (float32
-RGB 0-255, NCHW, resized to the input size), outputs ``probabilities`` and ``embedding``.
+RGB 0-255, NCHW, resized to the input size), outputs ``probabilities``, ``embedding`` and
+``statistics`` (the stages' feature statistics the out-of-distribution detector reads).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from crystalscope.model.inference import InferenceNet
 
 PARITY_TOLERANCE = 1e-4
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("probabilities", "embedding")
+OUTPUT_NAMES = ("probabilities", "embedding", "statistics")
 METADATA_PREFIX = "crystalscope."
 
 
@@ -86,7 +87,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def check_parity(path: Path, net: InferenceNet, images: torch.Tensor,
                  tolerance: float = PARITY_TOLERANCE) -> float:
-    """Run ``images`` through ONNX Runtime and torch; raise unless probabilities agree.
+    """Run ``images`` through ONNX Runtime and torch; raise unless probabilities agree within
+    ``tolerance`` and the feature statistics within ``tolerance`` relative to their scale.
 
     Returns the largest absolute difference of the probabilities.
     """
@@ -94,20 +96,27 @@ def check_parity(path: Path, net: InferenceNet, images: torch.Tensor,
 
     batch = images.float()
     with torch.inference_mode():
-        expected = net(batch)[0].numpy()
+        expected = [t.numpy() for t in net(batch)]
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: batch.numpy()})[0]
+        got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ExportParityError(f"{path}: ONNX Runtime cannot run the exported model "
                                 f"({type(exc).__name__}: {str(exc)[:200]})") from exc
-    if got.shape != expected.shape:
-        raise ExportParityError(f"{path}: ONNX Runtime gives shape {got.shape}, torch "
-                                f"{expected.shape}")
-    difference = float(np.abs(got - expected).max())
+    for name, ours, theirs in zip(OUTPUT_NAMES, expected, got, strict=True):
+        if theirs.shape != ours.shape:
+            raise ExportParityError(f"{path}: ONNX Runtime gives {name} of shape {theirs.shape}, "
+                                    f"torch {ours.shape}")
+    difference = float(np.abs(got[0] - expected[0]).max())
     if not difference <= tolerance:  # also catches NaN
         raise ExportParityError(f"{path}: ONNX Runtime and torch disagree: max |Δ probability| "
                                 f"= {difference:.2e} > {tolerance:.0e}; the export is broken")
+    scale = max(float(np.abs(expected[2]).max()), 1.0)
+    statistics_difference = float(np.abs(got[2] - expected[2]).max()) / scale
+    if not statistics_difference <= tolerance:
+        raise ExportParityError(f"{path}: ONNX Runtime and torch disagree on the feature "
+                                f"statistics (relative {statistics_difference:.2e} > "
+                                f"{tolerance:.0e}); the export is broken")
     return difference
 
 

@@ -1,4 +1,5 @@
-"""`crystalscope export`: a run's best checkpoint as model.safetensors + model.json + model.onnx.
+"""`crystalscope export`: a run's best checkpoint as model.safetensors + model.json + model.onnx,
+and its unknown-detector (ood.safetensors, described in model.json).
 
 After writing, the model is rebuilt from safetensors + json and run against the checkpoint,
 and ONNX Runtime is run against torch; either disagreement fails the export.
@@ -7,7 +8,7 @@ and ONNX Runtime is run against torch; either disagreement fails the export.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int8
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run
+from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
+from crystalscope.ood.stage import fit_run_detector
 
 PARITY_IMAGES = 16
 
@@ -33,6 +36,8 @@ class Export:
     onnx_max_difference: float
     rebuilt_max_difference: float
     int8: dict[str, Any] | None = None
+    ood: dict[str, Any] | None = None  # the unknown-detector's entry in model.json
+    notes: list[str] = field(default_factory=list)
 
 
 def data_summary(data: Path, classes: list[str]) -> dict[str, Any]:
@@ -111,8 +116,11 @@ def int8_comparison(fp32_path: Path, int8_path: Path, images: torch.Tensor,
             "accuracy_int8": float((int8.argmax(1) == truth).mean())}
 
 
-def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False) -> Export:
-    """Write model.safetensors, model.json and model.onnx for ``run_dir``'s best checkpoint.
+def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False,
+               false_reject: float = DEFAULT_FALSE_REJECT) -> Export:
+    """Write model.safetensors, model.json and model.onnx for ``run_dir``'s best checkpoint,
+    and ood.safetensors: the unknown-detector, fitted on the training split and calibrated on
+    the validation split to ``false_reject``.
 
     With ``int8``, also model.int8.onnx, calibrated on validation images and compared with
     the fp32 model on the test split.
@@ -126,6 +134,14 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
         image_size=run.image_size, embedding_size=run.net.net.backbone.num_features,
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
         metrics=run_metrics(run), data=data_summary(run.config.data, run.classes))
+    detector = fit_run_detector(run, false_reject)
+    notes = []
+    if isinstance(detector, str):
+        notes.append(detector)
+        (out_dir / FILE_NAME).unlink(missing_ok=True)  # never pair a stale detector with it
+    else:
+        description["ood"] = detector.describe()
+        save_detector(detector, out_dir)
     weights_path, json_path = save_model(run.net, description, out_dir)
 
     images = parity_images(run).float()
@@ -143,7 +159,10 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
     result = Export(files={"model.safetensors": weights_path, "model.json": json_path,
                            "model.onnx": onnx_path},
                     onnx_max_difference=onnx_difference,
-                    rebuilt_max_difference=rebuilt_difference)
+                    rebuilt_max_difference=rebuilt_difference,
+                    ood=description.get("ood"), notes=notes)
+    if "ood" in description:
+        result.files["ood.safetensors"] = out_dir / "ood.safetensors"
     if int8:
         calibration, _ = _split_images(run, "valid", limit=64)
         if not len(calibration):

@@ -1,7 +1,9 @@
 """Write predictions as they come: an aligned table, CSV, JSON or JSON lines.
 
 Every number is named for what it is: ``probability_of_predicted`` is the probability of the
-predicted class (whichever it is), ``probability_<class>`` that of each class.
+predicted class (whichever it is), ``probability_<class>`` that of each class. A model with an
+unknown-detector adds ``unknown`` (yes/no) and ``ood_score`` (above 1 = unknown); with
+``reject_unknown`` the predicted class of an unknown image is ``unknown``.
 """
 
 from __future__ import annotations
@@ -17,29 +19,45 @@ from crystalscope.infer.stream import Failure, ImageResult
 Format = Literal["table", "csv", "json", "jsonl"]
 LEGEND = ("predicted_class: the most probable class; probability_of_predicted: its "
           "probability; probability_<class>: each class's probability (they sum to 1)")
+OOD_LEGEND = ("; unknown: yes when the image is unlike the training images; ood_score: how "
+              "unlike (1 = the threshold, above it = unknown)")
+UNKNOWN = "unknown"
 
 
-def columns(classes: list[str]) -> list[str]:
+def columns(classes: list[str], ood: bool = False) -> list[str]:
     return ["file", "predicted_class", "probability_of_predicted",
-            *(f"probability_{name}" for name in classes)]
+            *(f"probability_{name}" for name in classes),
+            *(("unknown", "ood_score") if ood else ())]
 
 
-def as_row(result: ImageResult, classes: list[str]) -> dict[str, object]:
+def as_row(result: ImageResult, classes: list[str], *, ood: bool = False,
+           reject_unknown: bool = False) -> dict[str, object]:
+    """One prediction as named values (``ood``: with the unknown and ood_score columns)."""
     best = int(result.probabilities.argmax())
-    return {"file": str(result.path), "predicted_class": classes[best],
-            "probability_of_predicted": round(float(result.probabilities[best]), 6),
-            **{f"probability_{name}": round(float(p), 6)
-               for name, p in zip(classes, result.probabilities, strict=True)}}
+    row: dict[str, object] = {
+        "file": str(result.path), "predicted_class": classes[best],
+        "probability_of_predicted": round(float(result.probabilities[best]), 6),
+        **{f"probability_{name}": round(float(p), 6)
+           for name, p in zip(classes, result.probabilities, strict=True)}}
+    if ood:
+        row["unknown"] = "yes" if result.unknown else "no"
+        row["ood_score"] = None if result.ood_score is None else round(result.ood_score, 4)
+        if reject_unknown and result.unknown:
+            row["predicted_class"], row["probability_of_predicted"] = UNKNOWN, None
+    return row
 
 
 class PredictionWriter:
     """Streams rows to ``handle`` in one of the formats."""
 
-    def __init__(self, handle: TextIO, fmt: Format, classes: list[str]) -> None:
+    def __init__(self, handle: TextIO, fmt: Format, classes: list[str], *, ood: bool = False,
+                 reject_unknown: bool = False) -> None:
         self.handle, self.format, self.classes = handle, fmt, classes
+        self.ood, self.reject_unknown = ood, reject_unknown
         self.count = 0  # predictions written
+        self.unknown = 0  # of which unknown
         self.json_records = 0  # records (predictions and failures) in the JSON array
-        names = columns(classes)
+        names = columns(classes, ood)
         if fmt == "csv":
             self.csv = csv.DictWriter(handle, fieldnames=names)
             self.csv.writeheader()
@@ -48,10 +66,13 @@ class PredictionWriter:
         elif fmt == "table":
             self.widths = [40, max(15, *(len(c) for c in classes)), 24,
                            *(max(12, len(n)) for n in names[3:])]
+            if ood:
+                self.widths[-2] = 7
             handle.write(self._line(names) + "\n")
 
     def _line(self, values: list[object]) -> str:
-        cells = [str(v) if not isinstance(v, float) else f"{v:.4f}" for v in values]
+        cells = ["-" if v is None else str(v) if not isinstance(v, float) else f"{v:.4f}"
+                 for v in values]
         first = cells[0] if len(cells[0]) <= 40 else "…" + cells[0][-39:]
         return "  ".join([first.ljust(self.widths[0]),
                           *(c.ljust(w) for c, w in zip(cells[1:], self.widths[1:],
@@ -62,7 +83,8 @@ class PredictionWriter:
             if self.format in ("json", "jsonl"):
                 self._json({"file": str(item.path), "error": item.reason})
             return
-        row = as_row(item, self.classes)
+        row = as_row(item, self.classes, ood=self.ood, reject_unknown=self.reject_unknown)
+        self.unknown += int(bool(item.unknown))
         if self.format == "csv":
             self.csv.writerow(row)
         elif self.format == "table":

@@ -20,6 +20,7 @@ import torch
 
 from crystalscope.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from crystalscope.errors import UserError
+from crystalscope.ood.detector import OODDetector, load_detector
 
 Backend = Literal["onnx", "torch"]
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # Keras' "caffe" mode: BGR, mean subtracted
@@ -55,25 +56,44 @@ class Preprocessing:
         return np.ascontiguousarray(x)
 
 
+RawOutputs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+@dataclass
+class Outputs:
+    """A batch's results: probabilities (N, C); embeddings (N, D) and ``ood_scores`` (N,;
+    above 1 = unknown) when the model has them."""
+
+    probabilities: np.ndarray
+    embeddings: np.ndarray | None
+    ood_scores: np.ndarray | None
+
+
 @dataclass
 class Predictor:
-    """A loaded model: classes, preprocessing, and a function from images to outputs."""
+    """A loaded model: classes, preprocessing, a function from images to outputs, and its
+    unknown-detector when it has one."""
 
     classes: list[str]
     preprocessing: Preprocessing
     backend: Backend
     source: Path
-    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
+    run: Callable[[np.ndarray], RawOutputs] = field(repr=False)
     has_embedding: bool = True
+    ood: OODDetector | None = field(default=None, repr=False)
 
     @property
     def input_size(self) -> int:
         return self.preprocessing.input_size
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 RGB (N, 3, S, S) -> probabilities (N, C) and embeddings (N, D) or None."""
-        probabilities, embedding = self.run(self.preprocessing.apply(images))
-        return to_probabilities(probabilities, len(self.classes)), embedding
+    def predict(self, images: np.ndarray) -> Outputs:
+        """uint8 RGB (N, 3, S, S) -> probabilities, embeddings and ood scores."""
+        raw, embeddings, statistics = self.run(self.preprocessing.apply(images))
+        probabilities = to_probabilities(raw, len(self.classes))
+        scores = None
+        if self.ood is not None and statistics is not None:
+            scores = self.ood.score(statistics, probabilities)
+        return Outputs(probabilities, embeddings, scores)
 
 
 def to_probabilities(output: np.ndarray, num_classes: int) -> np.ndarray:
@@ -118,18 +138,22 @@ def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
     else:
         preprocessing = backend_overrides.get("preprocessing") or _guess(inputs[0].shape, path)
     names = [o.name for o in outputs]
-    embedding_name = "embedding" if "embedding" in names else None
     wanted = [names[0] if "probabilities" not in names else "probabilities"]
-    if embedding_name:
-        wanted.append(embedding_name)
+    optional = [name for name in ("embedding", "statistics") if name in names]
     input_name = inputs[0].name
 
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        results = session.run(wanted, {input_name: x})
-        return results[0], (results[1] if embedding_name else None)
+    def run(x: np.ndarray) -> RawOutputs:
+        results = dict(zip([*wanted, *optional],
+                           session.run([*wanted, *optional], {input_name: x}), strict=True))
+        return results[wanted[0]], results.get("embedding"), results.get("statistics")
 
+    # The detector was calibrated on this model's own fp32 statistics: an int8 or foreign
+    # model beside a model.json is not given it.
+    detector = (load_detector(path.with_name("model.json"))
+                if "statistics" in optional and path.name == "model.onnx" else None)
     return Predictor(classes=list(classes), preprocessing=preprocessing, backend="onnx",
-                     source=path, run=run, has_embedding=embedding_name is not None)
+                     source=path, run=run, has_embedding="embedding" in optional,
+                     ood=detector)
 
 
 def _guess(shape: list, path: Path) -> Preprocessing:
@@ -142,17 +166,17 @@ def _guess(shape: list, path: Path) -> Preprocessing:
     return Preprocessing(input_size=sizes[0], layout=layout, mode="imagenet")
 
 
-def _torch_predictor(net: torch.nn.Module, classes: list[str], size: int,
-                     source: Path) -> Predictor:
+def _torch_predictor(net: torch.nn.Module, classes: list[str], size: int, source: Path,
+                     model_json: Path) -> Predictor:
     net = net.eval()
 
     @torch.inference_mode()
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probabilities, embedding = net(torch.from_numpy(x))
-        return probabilities.numpy(), embedding.numpy()
+    def run(x: np.ndarray) -> RawOutputs:
+        probabilities, embedding, statistics = net(torch.from_numpy(x))
+        return probabilities.numpy(), embedding.numpy(), statistics.numpy()
 
     return Predictor(classes=list(classes), preprocessing=Preprocessing(input_size=size),
-                     backend="torch", source=source, run=run)
+                     backend="torch", source=source, run=run, ood=load_detector(model_json))
 
 
 def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str] | None = None,
@@ -172,7 +196,8 @@ def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str]
         from crystalscope.model.inference import load_run
 
         run = load_run(model)
-        return _torch_predictor(run.net, run.classes, run.image_size, model)
+        return _torch_predictor(run.net, run.classes, run.image_size, model,
+                                model / "model.json")
     suffix = model.suffix.lower()
     if suffix == ".onnx":
         if backend == "torch":
@@ -184,7 +209,8 @@ def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str]
 
         net, description = load_model(model)
         return _torch_predictor(net, description["classes"],
-                                int(description["preprocessing"]["input_size"]), model)
+                                int(description["preprocessing"]["input_size"]), model,
+                                model.with_suffix(".json"))
     raise UserError(f"{model}: not a model file; give a run directory, a .onnx or a "
                     ".safetensors file")
 

@@ -21,13 +21,19 @@ from crystalscope.infer.predictor import Predictor
 
 @dataclass
 class ImageResult:
-    """One image's prediction (and embedding, when the model gives one)."""
+    """One image's prediction (and embedding and ood score, when the model gives them)."""
 
     path: Path
     probabilities: np.ndarray
     embedding: np.ndarray | None
     width: int
     height: int
+    ood_score: float | None = None
+
+    @property
+    def unknown(self) -> bool | None:
+        """True when the image is unlike the training images (None: no detector)."""
+        return None if self.ood_score is None else bool(self.ood_score > 1.0)
 
 
 @dataclass
@@ -65,15 +71,17 @@ def predict_stream(predictor: Predictor, paths: Sequence[Path], *, batch_size: i
             decoded = list(pool.map(_decode, [(p, size) for p in chunk]))
             good = [d for d in decoded if not isinstance(d, str)]
             if good:
-                probabilities, embeddings = predictor.predict(np.stack([d[0] for d in good]))
+                outputs = predictor.predict(np.stack([d[0] for d in good]))
             row = 0
             for path, item in zip(chunk, decoded, strict=True):
                 if isinstance(item, str):
                     yield Failure(path, item)
                     continue
-                yield ImageResult(path, probabilities[row],
-                                  None if embeddings is None else embeddings[row],
-                                  item[1], item[2])
+                yield ImageResult(
+                    path, outputs.probabilities[row],
+                    None if outputs.embeddings is None else outputs.embeddings[row],
+                    item[1], item[2],
+                    None if outputs.ood_scores is None else float(outputs.ood_scores[row]))
                 row += 1
             if progress:
                 progress(len(chunk))

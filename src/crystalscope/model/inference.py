@@ -1,7 +1,9 @@
 """The trained network as used after training: preprocessing and softmax included.
 
 :class:`InferenceNet` takes RGB images as float (or uint8) values 0-255, (N, 3, S, S), already
-resized to the model's input size, and returns (probabilities, embedding). The same module is
+resized to the model's input size, and returns (probabilities, embedding, statistics). The
+statistics — each backbone stage's channel means and standard deviations — are what the
+out-of-distribution detector (:mod:`crystalscope.ood`) measures. The same module is
 what evaluate runs, what export writes to ONNX, and what a model rebuilt from
 ``model.safetensors`` + ``model.json`` computes — so all three agree by construction.
 """
@@ -20,8 +22,14 @@ from crystalscope.errors import UserError
 from crystalscope.model.backbones import Classifier
 
 
+def stage_statistics(stages: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per stage, (N, 2C): each channel's spatial mean, then its spatial standard deviation."""
+    return [torch.cat([s.mean(dim=(2, 3)), s.std(dim=(2, 3))], dim=1) for s in stages]
+
+
 class InferenceNet(nn.Module):
-    """Normalise -> backbone -> head -> softmax; also returns the pooled embedding."""
+    """Normalise -> backbone -> head -> softmax; also returns the pooled embedding and the
+    per-stage feature statistics (concatenated; :meth:`stages` gives them one by one)."""
 
     def __init__(self, net: Classifier, mean: tuple[float, ...] = IMAGENET_MEAN,
                  std: tuple[float, ...] = IMAGENET_STD) -> None:
@@ -30,11 +38,24 @@ class InferenceNet(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stages(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                    list[torch.Tensor]]:
+        """(probabilities, embedding, statistics of each stage)."""
         x = (images.float() - self.mean) / self.std
-        embedding = self.net.backbone(x)
+        backbone = self.net.backbone
+        try:  # timm >= 1.0: the stages' outputs in the same pass as the final features
+            final, stages = backbone.forward_intermediates(x)
+            embedding = backbone.forward_head(final)
+            statistics = stage_statistics([s for s in stages if s.ndim == 4]) or [embedding]
+        except (AttributeError, NotImplementedError):
+            embedding = backbone(x)
+            statistics = [embedding]
         probabilities = torch.softmax(self.net.head(embedding), dim=1)
-        return probabilities, embedding
+        return probabilities, embedding, statistics
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probabilities, embedding, statistics = self.stages(images)
+        return probabilities, embedding, torch.cat(statistics, dim=1)
 
 
 @dataclass
@@ -80,13 +101,13 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> LoadedRun:
 
 @torch.inference_mode()
 def run_batches(net: InferenceNet, images: torch.Tensor, batch_size: int = 64
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities and embeddings for (N, 3, S, S) images, in batches."""
-    probabilities, embeddings = [], []
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities, embeddings and stage statistics for (N, 3, S, S) images, in batches."""
+    outputs: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(images), batch_size):
-        p, e = net(images[start:start + batch_size])
-        probabilities.append(p)
-        embeddings.append(e)
-    if not probabilities:
-        return torch.empty(0), torch.empty(0)
-    return torch.cat(probabilities), torch.cat(embeddings)
+        outputs.append(net(images[start:start + batch_size]))
+    if not outputs:
+        return torch.empty(0), torch.empty(0), torch.empty(0)
+    probabilities, embeddings, statistics = (torch.cat(parts) for parts in zip(*outputs,
+                                                                              strict=True))
+    return probabilities, embeddings, statistics

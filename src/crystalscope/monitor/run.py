@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from crystalscope.monitor.cutting import Cutter, cut_frame
 from crystalscope.monitor.frames import Window, read_stream
 from crystalscope.monitor.report import plot_timeline
 from crystalscope.monitor.trend import (
+    UNKNOWN,
     AlarmRule,
     Trend,
     WindowResult,
@@ -35,7 +36,8 @@ from crystalscope.monitor.trend import (
 )
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
-                 "p_value", "significant", "alarm")  # then one count column per class
+                 "p_value", "significant", "alarm")  # then one count column per class, then
+UNKNOWN_COLUMNS = ("count_unknown", "unknown_fraction", "unknown_p_value", "unfamiliar")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class MonitorResult:
     windows: list[WindowResult] = field(default_factory=list)
     alarm: WindowResult | None = None
     alarm_text: str | None = None
+    unfamiliar: list[WindowResult] = field(default_factory=list)  # where such events began
     crops: int = 0
     images: int = 0
     seconds: float = 0.0
@@ -60,14 +63,24 @@ class FrameCutting:
     cutter: Cutter = "particles"
 
 
+def unknown_rate(predictor: Predictor) -> float | None:
+    """The share of in-distribution crops the model's detector calls unknown: its calibrated
+    bound (None without a detector)."""
+    if predictor.ood is None:
+        return None
+    bound = predictor.ood.calibration.get("false_reject_bound")
+    return float(bound if bound is not None else predictor.ood.target_false_reject)
+
+
 def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None = None
           ) -> Iterator[tuple[Path, str] | Failure]:
-    """(image, predicted class) per crop — or per piece of each frame when cutting frames."""
+    """(image, predicted class or ``unknown``) per crop — or per piece of each frame when
+    cutting frames. ``unknown``: the model's unknown-detector flags the crop."""
     classes = predictor.classes
     if cutting is None:
         for item in predict_stream(predictor, paths):
             yield item if isinstance(item, Failure) else (
-                item.path, classes[int(item.probabilities.argmax())])
+                item.path, UNKNOWN if item.unknown else classes[int(item.probabilities.argmax())])
         return
     for path in paths:
         try:
@@ -76,8 +89,11 @@ def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None 
             yield Failure(path, str(exc))
             continue
         if len(pieces):
-            for row in predictor.predict(pieces)[0]:
-                yield path, classes[int(row.argmax())]
+            outputs = predictor.predict(pieces)
+            scores = outputs.ood_scores
+            for row, probabilities in enumerate(outputs.probabilities):
+                unknown = scores is not None and scores[row] > 1.0
+                yield path, UNKNOWN if unknown else classes[int(probabilities.argmax())]
 
 
 class Monitor:
@@ -87,6 +103,8 @@ class Monitor:
                  on_alarm: str | None = None, post_url: str | None = None,
                  cutting: FrameCutting | None = None,
                  say: Callable[[str], None] = err.print) -> None:
+        if rule.unknown_rate is None and predictor.ood is not None:
+            rule = replace(rule, unknown_rate=unknown_rate(predictor))
         self.predictor, self.rule, self.say, self.cutting = predictor, rule, say, cutting
         self.trend = Trend(predictor.classes, rule)
         self.out_dir = Path(out_dir)
@@ -99,7 +117,9 @@ class Monitor:
             self.result.files[name].unlink(missing_ok=True)  # a new run, new files
         with self.result.files["trend.csv"].open("w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerow([*TREND_COLUMNS,
-                                         *(f"count_{c}" for c in predictor.classes)])
+                                         *(f"count_{c}" for c in predictor.classes),
+                                         *(UNKNOWN_COLUMNS if rule.unknown_rate is not None
+                                           else ())])
 
     def event(self, kind: str, **details: object) -> None:
         record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "event": kind,
@@ -109,19 +129,21 @@ class Monitor:
 
     def process(self, window: Window) -> WindowResult:
         start = time.perf_counter()
-        predicted, unreadable, positives = [], [], []
+        predicted, unreadable, positives, unknowns = [], [], [], []
         for item in calls(self.predictor, window.paths, self.cutting):
             if isinstance(item, Failure):
                 unreadable.append(item.reason)
                 continue
             path, label = item
             predicted.append(label)
+            if label == UNKNOWN and path not in unknowns:
+                unknowns.append(path)
             if label == self.rule.positive and path not in positives:
                 positives.append(path)
         result = self.trend.add(window.index, window.time, predicted, unreadable)
         self.result.windows.append(result)
         self.result.examples[window.index] = positives[:4]
-        self.result.crops += len(predicted)
+        self.result.crops += result.crops
         self.result.images += len(window.paths) - len(unreadable)
         self.result.seconds += time.perf_counter() - start
         self._write_row(result)
@@ -130,6 +152,14 @@ class Monitor:
         if not predicted:
             self.event("empty_window", window=window.index, time=window.time)
             self.say(f"[yellow]window {window.time}: no readable crops[/yellow]")
+        if result.unfamiliar:
+            text = self.trend.explain_unfamiliar(result)
+            self.result.unfamiliar.append(result)
+            self.say(f"[bold yellow]{text}[/bold yellow]")
+            self.event("unfamiliar_particles", window=window.index, time=window.time,
+                       unknown=result.unknown, crops=result.crops + result.unknown,
+                       fraction=result.unknown_fraction, p_value=result.unknown_p_value,
+                       examples=[str(p) for p in unknowns[:4]], message=text)
         if result.alarm:
             self._raise_alarm(result)
         return result
@@ -141,7 +171,10 @@ class Monitor:
                 _round(r.interval[0] if r.interval else None),
                 _round(r.interval[1] if r.interval else None), _round(r.smoothed),
                 "" if r.p_value is None else f"{r.p_value:.3e}", int(r.significant),
-                int(r.alarm), *r.counts.values()])
+                int(r.alarm), *r.counts.values(),
+                *((r.unknown, _round(r.unknown_fraction),
+                   "" if r.unknown_p_value is None else f"{r.unknown_p_value:.3e}",
+                   int(r.unfamiliar)) if self.rule.unknown_rate is not None else ())])
 
     def _raise_alarm(self, window: WindowResult) -> None:
         text = self.trend.explain_alarm(window)
@@ -184,7 +217,7 @@ def calibrate(predictor: Predictor, clean_stream: Path, positive: str,
     """The false-positive rate (upper 95% bound) measured on a stream known to be clean."""
     labels = [item[1] for window in read_stream(clean_stream)
               for item in calls(predictor, window.paths, cutting)
-              if not isinstance(item, Failure)]
+              if not isinstance(item, Failure) and item[1] != UNKNOWN]
     return false_positive_rate_from_clean_stream(labels, positive)
 
 

@@ -7,6 +7,12 @@ P(X >= k) < alpha (one-sided binomial test); the alarm fires once ``consecutive`
 row are significant. By default f is the upper end of the 95% Wilson interval of the rate
 measured on the run's test split — conservative, so a small test set gives a late alarm
 rather than a false one — or the rate given with ``--false-positive-rate``.
+
+Crops the model's unknown-detector flags are counted apart (``unknown``) and left out of the
+impurity share: they are neither PG nor CEX. Their own test asks whether more are unknown than
+the detector's calibrated false-reject rate explains; ``consecutive`` significant windows in a
+row make an "unfamiliar particles" event (bubbles, fouling, a new crystal form …), never the
+impurity alarm.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from crystalscope.errors import UserError
 from crystalscope.evaluate.report import wilson_interval
 
 SMOOTHING = 0.3  # weight of the newest window in the exponentially smoothed fraction
+UNKNOWN = "unknown"  # the label of crops the unknown-detector flags
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class AlarmRule:
     alpha: float = 1e-3
     consecutive: int = 2
     source: str = "given"
+    unknown_rate: float | None = None  # the detector's false-reject rate; None: no detector
 
 
 @dataclass
@@ -49,6 +57,10 @@ class WindowResult:
     significant: bool
     alarm: bool
     unreadable: list[str] = field(default_factory=list)
+    unknown: int = 0  # crops flagged unknown (not in ``crops``)
+    unknown_fraction: float | None = None  # of all classified crops, unknown included
+    unknown_p_value: float | None = None
+    unfamiliar: bool = False  # the "unfamiliar particles" event starts at this window
 
 
 def false_positive_rate_from_report(report_json: Path, positive: str) -> tuple[float, str]:
@@ -99,12 +111,15 @@ class Trend:
         self.classes, self.rule = classes, rule
         self.smoothed: float | None = None
         self.run_of_significant = 0
+        self.run_of_unfamiliar = 0
         self.alarm_window: WindowResult | None = None
 
     def add(self, index: int, time: str, predicted: list[str],
             unreadable: list[str] | None = None) -> WindowResult:
+        """One window's calls (class names, or ``unknown``) -> its counts, share and tests."""
+        unknown = predicted.count(UNKNOWN)
         counts = {c: predicted.count(c) for c in self.classes}
-        n, k = len(predicted), counts[self.rule.positive]
+        n, k = len(predicted) - unknown, counts[self.rule.positive]
         fraction = k / n if n else None
         p_value = float(binom.sf(k - 1, n, self.rule.false_positive_rate)) if n else None
         significant = p_value is not None and p_value < self.rule.alpha
@@ -119,7 +134,31 @@ class Trend:
                               alarm=alarm, unreadable=unreadable or [])
         if alarm:
             self.alarm_window = result
+        if self.rule.unknown_rate is not None:
+            self._add_unknown(result, unknown, len(predicted))
         return result
+
+    def _add_unknown(self, result: WindowResult, unknown: int, total: int) -> None:
+        """Could the detector's own false rejects explain this many unknown crops?"""
+        result.unknown = unknown
+        if not total:
+            self.run_of_unfamiliar = 0
+            return
+        result.unknown_fraction = unknown / total
+        result.unknown_p_value = float(binom.sf(unknown - 1, total, self.rule.unknown_rate))
+        significant = result.unknown_p_value < self.rule.alpha
+        self.run_of_unfamiliar = self.run_of_unfamiliar + 1 if significant else 0
+        result.unfamiliar = self.run_of_unfamiliar == self.rule.consecutive
+
+    def explain_unfamiliar(self, window: WindowResult) -> str:
+        """The "unfamiliar particles" message."""
+        return (f"UNFAMILIAR PARTICLES from window {window.index} ({window.time}): "
+                f"{window.unknown} of {window.unknown + window.crops} crops unlike anything "
+                f"the model was trained on ({100 * (window.unknown_fraction or 0):.1f}%; "
+                f"expected at most {100 * (self.rule.unknown_rate or 0):.1f}%, probability "
+                f"{window.unknown_p_value:.2e} < {self.rule.alpha:g}, {self.rule.consecutive} "
+                f"window(s) in a row); they are kept out of the {self.rule.positive} share — "
+                "look at the probe (bubbles, fouling, a new crystal form?)")
 
     def explain_alarm(self, window: WindowResult) -> str:
         """When, why, with which evidence."""

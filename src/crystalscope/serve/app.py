@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from crystalscope.data.images import ImageLoadError
-from crystalscope.infer.predictor import Predictor
+from crystalscope.infer.predictor import Outputs, Predictor
 from crystalscope.infer.stream import decode_with_size
 from crystalscope.serve.page import DASHBOARD
 from crystalscope.vectors.indexing import thumbnail_uri
@@ -80,12 +80,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 raise HTTPException(400, f"{name}: {exc.reason}") from exc
         return pixels
 
-    def describe(probabilities: np.ndarray, name: str) -> dict[str, Any]:
+    def describe(outputs: Outputs, name: str) -> dict[str, Any]:
+        probabilities = outputs.probabilities[0]
         best = int(probabilities.argmax())
-        return {"file": name, "predicted_class": predictor.classes[best],
-                "probability_of_predicted": float(probabilities[best]),
-                "probabilities": {c: float(p) for c, p in
-                                  zip(predictor.classes, probabilities, strict=True)}}
+        result = {"file": name, "predicted_class": predictor.classes[best],
+                  "probability_of_predicted": float(probabilities[best]),
+                  "probabilities": {c: float(p) for c, p in
+                                    zip(predictor.classes, probabilities, strict=True)}}
+        if outputs.ood_scores is not None:
+            score = float(outputs.ood_scores[0])
+            result.update(unknown=score > 1.0, ood_score=score)
+        return result
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> str:
@@ -111,8 +116,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         results = []
         for upload in files:
             pixels = read_upload(upload)
-            probabilities, _ = predictor.predict(pixels[None])
-            results.append(describe(probabilities[0], Path(upload.filename or "").name))
+            results.append(describe(predictor.predict(pixels[None]),
+                                    Path(upload.filename or "").name))
         return {"results": results}
 
     @app.post("/similar", dependencies=[Depends(authorised)])
@@ -123,16 +128,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if not 1 <= k <= 100:
             raise HTTPException(422, "k: give 1 to 100")
         pixels = read_upload(file)
-        probabilities, embedding = predictor.predict(pixels[None])
-        if embedding is None:
+        outputs = predictor.predict(pixels[None])
+        if outputs.embeddings is None:
             raise HTTPException(400, "this model gives no embeddings")
         with store_lock:
-            neighbours = store.nearest(embedding[0], k)
+            neighbours = store.nearest(outputs.embeddings[0], k)
         found = [{"path": n.record.path, "distance": n.distance,
                   "predicted": n.record.predicted, "true_class": n.record.true_class,
                   "thumbnail": thumbnail_uri(n.record.path, 128) or None}
                  for n in neighbours]
-        return {"query": describe(probabilities[0], Path(file.filename or "").name),
+        return {"query": describe(outputs, Path(file.filename or "").name),
                 "neighbours": found}
 
     @app.get("/monitor", dependencies=[Depends(authorised)])

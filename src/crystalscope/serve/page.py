@@ -12,6 +12,7 @@ body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
 .card img { width: 100%; height: 160px; object-fit: contain; background: #111; }
 .similar img { width: 48px; height: 48px; object-fit: cover; margin: 2px; }
 .error { color: #b00; }
+.unknown { color: #a60; font-weight: bold; }
 #alarm { font-weight: bold; }
 #alarm.on { color: #b00; }
 </style></head>
@@ -48,6 +49,9 @@ async function classify(file) {
     const result = (await api("/predict", {method: "POST", body: form})).results[0];
     card.append(text("div", result.predicted_class + " (probability " +
                      result.probability_of_predicted.toFixed(4) + ")", "prediction"));
+    if (result.unknown) card.append(text("div", "unknown: unlike the training crystals " +
+                                         "(ood score " + result.ood_score.toFixed(2) + ")",
+                                         "unknown"));
     if (info.store) {
       const query = new FormData(); query.append("file", file); query.append("k", "5");
       const similar = await api("/similar", {method: "POST", body: query});

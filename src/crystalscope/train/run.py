@@ -191,4 +191,5 @@ def finish_run(result: TrainResult, config: TrainConfig) -> None:
         else:
             result.notes.append(f"not evaluated: {config.data} has no test images")
     if config.export:
-        result.export = export_run(result.run_dir)
+        result.export = export_run(result.run_dir, false_reject=config.false_reject)
+        result.notes.extend(result.export.notes)

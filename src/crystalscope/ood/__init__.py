@@ -1,0 +1,1 @@
+"""Out-of-distribution detection: say "unknown" instead of forcing a class."""

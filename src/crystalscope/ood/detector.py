@@ -1,0 +1,172 @@
+"""The out-of-distribution detector: is this image like the crystals the model was trained on?
+
+How the score is made (chosen by measuring, see ``benchmarks/ood.py``):
+
+1. For each stage of the backbone, the channel means and standard deviations of its feature
+   maps (:func:`crystalscope.model.inference.stage_statistics`) — early stages see blur,
+   texture and brightness, late ones shapes;
+2. per stage, the Mahalanobis distance to the nearest class of the training split
+   (:class:`~crystalscope.ood.scores.GaussianDistance`), plus 1 − the top softmax probability;
+3. each of these put on one scale with the validation split (0 = its median, 1 = its 99th
+   percentile), and the largest taken;
+4. the threshold: the validation split's conformal quantile for the chosen false-reject rate
+   (default 1%): with n validation images, an in-distribution image scores above it with
+   probability at most ``bound`` = 1 − k/(n+1), k the rank used.
+
+``ood_score`` is that score divided by the threshold: above 1 means "unknown".
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from crystalscope.errors import UserError
+from crystalscope.ood.scores import GaussianDistance, max_softmax_score
+
+METHOD = "stage-mahalanobis+max-softmax"
+FILE_NAME = "ood.safetensors"
+DEFAULT_FALSE_REJECT = 0.01
+
+
+def conformal_threshold(scores: np.ndarray, rate: float) -> tuple[float, float]:
+    """(threshold, bound): the ⌈(n+1)(1−rate)⌉-th smallest score (the largest when n is too
+    small for ``rate``) and the false-reject rate it guarantees for exchangeable images."""
+    if not 0 < rate < 1:
+        raise UserError(f"--false-reject {rate}: give a rate between 0 and 1, e.g. 0.01")
+    ordered = np.sort(np.asarray(scores, np.float64))
+    n = len(ordered)
+    if n == 0:
+        raise UserError("no validation images to calibrate the unknown-detector on")
+    rank = min(n, math.ceil((n + 1) * (1 - rate)))
+    return float(ordered[rank - 1]), 1.0 - rank / (n + 1)
+
+
+@dataclass
+class OODDetector:
+    """Scores images from the model's outputs (stage statistics and probabilities)."""
+
+    stage_sizes: list[int]
+    distances: list[GaussianDistance]
+    center: np.ndarray  # per component: the validation median
+    scale: np.ndarray  # per component: validation 99th percentile − median
+    threshold: float
+    target_false_reject: float
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def components(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        """(N, stages + 1): each stage's distance, then the max-softmax score."""
+        statistics = np.asarray(statistics)
+        if statistics.shape[1] != sum(self.stage_sizes):
+            raise UserError(f"the model gives {statistics.shape[1]} feature statistics but its "
+                            f"unknown-detector expects {sum(self.stage_sizes)}; export the "
+                            "model again")
+        edges = np.cumsum([0, *self.stage_sizes])
+        parts = [distance(statistics[:, a:b]) for distance, a, b
+                 in zip(self.distances, edges[:-1], edges[1:], strict=True)]
+        return np.stack([*parts, max_softmax_score(probabilities)], axis=1)
+
+    def raw_score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        return ((self.components(statistics, probabilities) - self.center) / self.scale).max(1)
+
+    def score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        """``ood_score`` per image: 1 is the threshold, above it the image is unknown."""
+        return self.raw_score(statistics, probabilities) / self.threshold
+
+    def describe(self) -> dict[str, Any]:
+        """The detector's entry in model.json."""
+        return {"method": METHOD, "file": FILE_NAME, "stage_sizes": self.stage_sizes,
+                "center": self.center.tolist(), "scale": self.scale.tolist(),
+                "threshold": self.threshold, "target_false_reject": self.target_false_reject,
+                "calibration": self.calibration}
+
+
+def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
+                 valid_statistics: np.ndarray, valid_probabilities: np.ndarray,
+                 stage_sizes: list[int], false_reject: float = DEFAULT_FALSE_REJECT
+                 ) -> OODDetector:
+    """Fit the per-stage Gaussians on the training split, calibrate on the validation split."""
+    if len(train_statistics) < 3:
+        raise UserError("too few training images to fit the unknown-detector (need 3)")
+    edges = np.cumsum([0, *stage_sizes])
+    distances = [GaussianDistance.fit(train_statistics[:, a:b], train_labels)
+                 for a, b in itertools.pairwise(edges)]
+    detector = OODDetector(stage_sizes=list(map(int, stage_sizes)), distances=distances,
+                           center=np.zeros(len(distances) + 1),
+                           scale=np.ones(len(distances) + 1), threshold=1.0,
+                           target_false_reject=false_reject)
+    components = detector.components(valid_statistics, valid_probabilities)
+    center = np.median(components, axis=0)
+    spread = np.quantile(components, 0.99, axis=0) - center
+    fallback = components.std(axis=0)
+    detector.center = center
+    detector.scale = np.where(spread > 1e-9, spread, np.where(fallback > 1e-9, fallback, 1.0))
+    raw = detector.raw_score(valid_statistics, valid_probabilities)
+    threshold, bound = conformal_threshold(raw, false_reject)
+    if threshold <= 0:  # cannot happen with the 99th-percentile scaling; guards the division
+        threshold = float(np.abs(raw).max()) or 1.0
+    detector.threshold = threshold
+    detector.calibration = {
+        "train_images": len(train_statistics), "validation_images": len(raw),
+        "false_reject_bound": bound,
+        "validation_false_reject": float(np.mean(raw > threshold)),
+    }
+    return detector
+
+
+def save_detector(detector: OODDetector, folder: Path) -> Path:
+    """Write ``folder/ood.safetensors`` (the fitted arrays); model.json holds the rest."""
+    arrays: dict[str, np.ndarray] = {}
+    for index, distance in enumerate(detector.distances):
+        arrays.update(distance.arrays(f"stage{index}"))
+    path = Path(folder) / FILE_NAME
+    save_file(arrays, path, metadata={"method": METHOD})
+    return path
+
+
+def load_detector(model_json: Path) -> OODDetector | None:
+    """The detector described in ``model_json`` (its arrays beside it), or None if it has none."""
+    model_json = Path(model_json)
+    if not model_json.is_file():
+        return None
+    try:
+        info = json.loads(model_json.read_text(encoding="utf-8")).get("ood")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not info:
+        return None
+    path = model_json.parent / info.get("file", FILE_NAME)
+    try:
+        arrays = load_file(path)
+        distances = [GaussianDistance.from_arrays(arrays, f"stage{i}")
+                     for i in range(len(info["stage_sizes"]))]
+        return OODDetector(stage_sizes=list(info["stage_sizes"]), distances=distances,
+                           center=np.asarray(info["center"], np.float64),
+                           scale=np.asarray(info["scale"], np.float64),
+                           threshold=float(info["threshold"]),
+                           target_false_reject=float(info["target_false_reject"]),
+                           calibration=dict(info.get("calibration", {})))
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: the unknown-detector of {model_json} cannot be read "
+                        f"({type(exc).__name__}: {exc}); export the model again") from exc
+
+
+def ood_summary(info: dict[str, Any]) -> str:
+    """One plain sentence about a fitted detector (its model.json entry)."""
+    calibration = info.get("calibration", {})
+    n, bound = calibration.get("validation_images", 0), calibration.get("false_reject_bound")
+    target = info.get("target_false_reject", DEFAULT_FALSE_REJECT)
+    text = (f"unknown-detector: fitted on {calibration.get('train_images', '?')} training "
+            f"images; threshold from {n} validation images for a {100 * target:g}% false-reject "
+            f"rate (bound for new in-distribution images: {100 * (bound or 0):.2f}%)")
+    if bound is not None and bound > target:
+        text += (f"; {n} validation images are too few to hold {100 * target:g}% — "
+                 f"{math.ceil(1 / target) - 1} or more are needed")
+    return text

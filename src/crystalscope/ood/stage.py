@@ -1,0 +1,51 @@
+"""Fit a run's unknown-detector: stage statistics of its training split, calibrated on its
+validation split. Export calls this and stores the result with the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crystalscope.data.layout import is_image_name, list_files
+from crystalscope.data.loaders import build_cache
+from crystalscope.model.inference import InferenceNet, LoadedRun
+from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, OODDetector, fit_detector
+
+
+@torch.inference_mode()
+def stage_outputs(net: InferenceNet, images: torch.Tensor, batch_size: int = 64
+                  ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(statistics (N, D), probabilities (N, C), width of each stage's statistics)."""
+    statistics, probabilities, sizes = [], [], []
+    for start in range(0, len(images), batch_size):
+        p, _, stages = net.stages(images[start:start + batch_size].float())
+        sizes = [s.shape[1] for s in stages]
+        statistics.append(torch.cat(stages, dim=1).double().numpy())
+        probabilities.append(p.double().numpy())
+    return np.concatenate(statistics), np.concatenate(probabilities), sizes
+
+
+def split_items(run: LoadedRun, split: str) -> list[tuple[Path, int]]:
+    """(image, class index) of one split of the run's data; empty when it is gone."""
+    folder = Path(run.config.data) / split
+    if not folder.is_dir():
+        return []
+    return [(p, run.classes.index(p.parent.name)) for p in list_files(folder)
+            if is_image_name(p) and p.parent.name in run.classes]
+
+
+def fit_run_detector(run: LoadedRun, false_reject: float = DEFAULT_FALSE_REJECT
+                     ) -> OODDetector | str:
+    """The fitted detector, or why it could not be fitted (the data is no longer there)."""
+    train_items, valid_items = split_items(run, "train"), split_items(run, "valid")
+    if not train_items or not valid_items:
+        return (f"no unknown-detector: {run.config.data} no longer has the train/ and valid/ "
+                "images it needs")
+    train = build_cache(train_items, run.image_size)
+    valid = build_cache(valid_items, run.image_size)
+    train_statistics, _, sizes = stage_outputs(run.net, train.images)
+    valid_statistics, valid_probabilities, _ = stage_outputs(run.net, valid.images)
+    return fit_detector(train_statistics, train.labels.numpy(), valid_statistics,
+                        valid_probabilities, sizes, false_reject)
