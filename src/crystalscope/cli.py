@@ -62,7 +62,8 @@ def _main(
 
 @app.command(epilog="Example: crystalscope synth data/synthetic --per-class 500 "
                     "--difficulty hard --uniform-size 151 --dihedral-copies 3.   A simulated "
-                    "batch over time: crystalscope synth batch OUT (see --help there).")
+                    "batch over time: crystalscope synth batch OUT; images that are neither "
+                    "CEX nor PG: crystalscope synth ood OUT (see --help there).")
 def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the crops.")],
     per_class: Annotated[int, typer.Option(help="Images per class (copies included).")] = 200,
@@ -96,6 +97,41 @@ def synth(
                              progress=lambda n: progress.advance(task, n))
     err.print(f"wrote {len(summary['files'])} crops to {out_dir} "
               f"({', '.join(summary['classes'])}) and {out_dir / 'synth.json'}")
+
+
+@app.command(name="synth-ood", hidden=True,
+             epilog="Example: crystalscope synth ood unfamiliar/ --per-kind 100 --size 151")
+def synth_ood(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the images.")],
+    per_kind: Annotated[int, typer.Option(help="Images of each kind.")] = 50,
+    kinds: Annotated[str, typer.Option(
+        help="Comma-separated: bubble, empty, defocus, cube (near), natural (far), or near, "
+             "far, all.")] = "all",
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 151,
+    difficulty: Annotated[str, typer.Option(
+        help="easy, medium, hard or 0..1, as for CEX/PG crops.")] = "medium",
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same images.")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Processes (default: CPU cores).")] = None,
+) -> None:
+    """Images a CEX/PG model never saw, to test its unknown flag: bubbles, empty frames,
+    heavy defocus, cubes (a third habit) drawn like probe crops, and pieces of scikit-image's
+    bundled photographs (the cat, the astronaut, …).
+
+    Writes OUT/<kind>/<kind>-0001.png … and OUT/ood.json.
+    """
+    from crystalscope.data.synth import parse_difficulty
+    from crystalscope.data.unfamiliar import parse_kinds, synthesize_unfamiliar
+
+    chosen = parse_kinds(kinds)
+    with progress_bar() as progress:
+        task = progress.add_task("synth ood", total=per_kind * len(chosen))
+        summary = synthesize_unfamiliar(out_dir, per_kind=per_kind, kinds=chosen, size=size,
+                                        difficulty=parse_difficulty(difficulty), seed=seed,
+                                        workers=workers,
+                                        progress=lambda n: progress.advance(task, n))
+    err.print(f"wrote {len(summary['files'])} images to {out_dir} "
+              f"({', '.join(f'{k}: {v}' for k, v in summary['kinds'].items())}) and "
+              f"{out_dir / 'ood.json'}")
 
 
 # -------------------------------------------------------------------------------- data
@@ -1072,8 +1108,8 @@ def demo(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:2] == ["synth", "batch"]:  # `synth batch` is its own command, next to `synth OUT`
-        args = ["synth-batch", *args[2:]]
+    if args[:2] in (["synth", "batch"], ["synth", "ood"]):  # own commands next to `synth OUT`
+        args = [f"synth-{args[1]}", *args[2:]]
     try:
         result = app(args=args, prog_name="crystalscope", standalone_mode=False)
     except typer.Exit as exc:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crystalscope.data.check import scan_dataset, summarize
 from crystalscope.data.split import split_dataset
 from crystalscope.data.synth import SynthSettings, synthesize
 from crystalscope.errors import UserError
+
+if TYPE_CHECKING:
+    from crystalscope.infer.predictor import Predictor
 
 # Small and fast: a random-initialised ResNet-18 at 64 px trains to F1 ~1 in about half a minute.
 DEMO_TRAINING = {"model": "resnet18", "weights": "none", "image_size": 64, "trainable": 1.0,
@@ -127,11 +131,14 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
     test_images = expand_paths([splits / "test"])
     predictions = folder / "predictions.csv"
     with predictions.open("w", encoding="utf-8", newline="") as handle:
-        writer = PredictionWriter(handle, "csv", predictor.classes)
+        writer = PredictionWriter(handle, "csv", predictor.classes,
+                                  ood=predictor.ood is not None)
         for item in predict_stream(predictor, test_images):
             writer.write(item)
         writer.close()
-    say(f"5/8 predict (ONNX Runtime): {writer.count} test images -> {predictions}")
+    say(f"5/8 predict (ONNX Runtime): {writer.count} test images -> {predictions}; "
+        f"{writer.unknown} of them unknown")
+    flagged = _flag_unfamiliar(predictor, folder, say) if predictor.ood else None
 
     store = open_store(folder / "crystalscope.lance")
     try:
@@ -146,5 +153,44 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
         f" nearest to {test_images[-1].name}: "
         + ", ".join(f"{Path(n.record.path).name} ({n.distance:.3f})" for n in neighbours[:3])
         + f" … -> {page}")
-    return {"predictions": predictions, "store": folder / "crystalscope.lance",
-            "similar": page}
+    written = {"predictions": predictions, "store": folder / "crystalscope.lance",
+               "similar": page}
+    return written | ({"unfamiliar": flagged} if flagged else {})
+
+
+def _flag_unfamiliar(predictor: Predictor, folder: Path, say: Callable[[str], None]) -> Path:
+    """predict --reject-unknown on images that are neither CEX nor PG."""
+    from crystalscope.infer.output import PredictionWriter
+    from crystalscope.infer.stream import ImageResult, predict_stream
+
+    unfamiliar = _unfamiliar_images(folder / "unfamiliar")
+    flagged = folder / "unfamiliar.csv"
+    with flagged.open("w", encoding="utf-8", newline="") as handle:
+        writer = PredictionWriter(handle, "csv", predictor.classes, ood=True,
+                                  reject_unknown=True)
+        for item in predict_stream(predictor, unfamiliar):
+            writer.write(item)
+            if isinstance(item, ImageResult):
+                forced = predictor.classes[int(item.probabilities.argmax())]
+                say(f"    {item.path.name}: " + (
+                    f"unknown (ood_score {item.ood_score:.1f}; forced, it would be {forced})"
+                    if item.unknown else f"{forced} (ood_score {item.ood_score:.2f}, not "
+                                         "flagged)"))
+        writer.close()
+    say(f"    unfamiliar images: {writer.unknown} of {writer.count} flagged unknown -> {flagged}")
+    return flagged
+
+
+def _unfamiliar_images(folder: Path) -> list[Path]:
+    """The cat the original project's model called PG, a blank frame, a bubble and cubes."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from crystalscope.data.unfamiliar import synthesize_unfamiliar
+
+    synthesize_unfamiliar(folder, per_kind=1, kinds=("bubble", "cube"), seed=1)
+    Image.fromarray(skimage.data.chelsea()).save(folder / "cat.png")
+    Image.fromarray(np.full((151, 151), 60, np.uint8)).save(folder / "blank-frame.png")
+    return [folder / "cat.png", folder / "blank-frame.png", folder / "bubble" / "bubble-0001.png",
+            folder / "cube" / "cube-0001.png"]

@@ -1,5 +1,6 @@
 """timeline.png: the impurity fraction per window with its 95% interval, the smoothed trend,
-the alarm, and example crops called impurity around the alarm."""
+the alarm, the share of unknown crops and "unfamiliar particles" events, and example crops
+called impurity around the alarm."""
 
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def plot_timeline(result: MonitorResult, rule: AlarmRule, path: Path) -> None:
     axes.plot(x, smoothed, "-", color="black", linewidth=1, label="smoothed")
     axes.axhline(rule.false_positive_rate, color="grey", linestyle=":",
                  label=f"false-positive rate {rule.false_positive_rate:.3f}")
+    if rule.unknown_rate is not None:
+        unknown = np.array([np.nan if w.unknown_fraction is None else w.unknown_fraction
+                            for w in windows])
+        axes.plot(x, unknown, "s-", color="tab:purple", markersize=2, linewidth=1,
+                  label="share of crops unknown (kept out of the share above)")
+        for window in result.unfamiliar:
+            axes.axvline(window.index, color="tab:purple", linestyle="--", linewidth=1.5,
+                         label=f"unfamiliar particles: window {window.index}")
     if result.alarm:
         axes.axvline(result.alarm.index, color="red", linewidth=2,
                      label=f"alarm: window {result.alarm.index} ({result.alarm.time})")

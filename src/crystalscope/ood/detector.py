@@ -5,13 +5,14 @@ How the score is made (chosen by measuring, see ``benchmarks/ood.py``):
 1. For each stage of the backbone, the channel means and standard deviations of its feature
    maps (:func:`crystalscope.model.inference.stage_statistics`) — early stages see blur,
    texture and brightness, late ones shapes;
-2. per stage, the Mahalanobis distance to the nearest class of the training split
-   (:class:`~crystalscope.ood.scores.GaussianDistance`), plus 1 − the top softmax probability;
-3. each of these put on one scale with the validation split (0 = its median, 1 = its 99th
-   percentile), and the largest taken;
-4. the threshold: the validation split's conformal quantile for the chosen false-reject rate
-   (default 1%): with n validation images, an in-distribution image scores above it with
-   probability at most ``bound`` = 1 − k/(n+1), k the rank used.
+2. per stage, the Mahalanobis distance to the nearest class of the training split and the
+   part outside the directions the training split varied in
+   (:class:`~crystalscope.ood.scores.GaussianDistance`); plus 1 − the top softmax probability;
+3. each of these put on one scale with half of the validation split (0 = its median, 1 = its
+   99th percentile), and the largest taken;
+4. the threshold: the conformal quantile of the other half's scores for the chosen
+   false-reject rate (default 1%): with n such images, an in-distribution image scores above
+   it with probability at most ``bound`` = 1 − k/(n+1), k the rank used.
 
 ``ood_score`` is that score divided by the threshold: above 1 means "unknown".
 """
@@ -62,15 +63,16 @@ class OODDetector:
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def components(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        """(N, stages + 1): each stage's distance, then the max-softmax score."""
+        """(N, 2 stages + 1): each stage's distance and residual, then the max-softmax score."""
         statistics = np.asarray(statistics)
         if statistics.shape[1] != sum(self.stage_sizes):
             raise UserError(f"the model gives {statistics.shape[1]} feature statistics but its "
                             f"unknown-detector expects {sum(self.stage_sizes)}; export the "
                             "model again")
         edges = np.cumsum([0, *self.stage_sizes])
-        parts = [distance(statistics[:, a:b]) for distance, a, b
-                 in zip(self.distances, edges[:-1], edges[1:], strict=True)]
+        parts = []
+        for distance, a, b in zip(self.distances, edges[:-1], edges[1:], strict=True):
+            parts += [distance(statistics[:, a:b]), distance.residual(statistics[:, a:b])]
         return np.stack([*parts, max_softmax_score(probabilities)], axis=1)
 
     def raw_score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -92,31 +94,37 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
                  valid_statistics: np.ndarray, valid_probabilities: np.ndarray,
                  stage_sizes: list[int], false_reject: float = DEFAULT_FALSE_REJECT
                  ) -> OODDetector:
-    """Fit the per-stage Gaussians on the training split, calibrate on the validation split."""
+    """Fit the per-stage Gaussians on the training split; put the parts on one scale with
+    half of the validation split and set the threshold with the other half (so the threshold
+    is set on images the score never saw, as the guarantee needs)."""
     if len(train_statistics) < 3:
         raise UserError("too few training images to fit the unknown-detector (need 3)")
+    if len(valid_statistics) < 2:
+        raise UserError("too few validation images to calibrate the unknown-detector (need 2)")
     edges = np.cumsum([0, *stage_sizes])
     distances = [GaussianDistance.fit(train_statistics[:, a:b], train_labels)
                  for a, b in itertools.pairwise(edges)]
     detector = OODDetector(stage_sizes=list(map(int, stage_sizes)), distances=distances,
-                           center=np.zeros(len(distances) + 1),
-                           scale=np.ones(len(distances) + 1), threshold=1.0,
+                           center=np.zeros(2 * len(distances) + 1),
+                           scale=np.ones(2 * len(distances) + 1), threshold=1.0,
                            target_false_reject=false_reject)
-    components = detector.components(valid_statistics, valid_probabilities)
+    scaling, calibration = np.arange(0, len(valid_statistics), 2), \
+        np.arange(1, len(valid_statistics), 2)  # alternate images: both halves hold every class
+    components = detector.components(valid_statistics[scaling], valid_probabilities[scaling])
     center = np.median(components, axis=0)
     spread = np.quantile(components, 0.99, axis=0) - center
     fallback = components.std(axis=0)
     detector.center = center
     detector.scale = np.where(spread > 1e-9, spread, np.where(fallback > 1e-9, fallback, 1.0))
-    raw = detector.raw_score(valid_statistics, valid_probabilities)
+    raw = detector.raw_score(valid_statistics[calibration], valid_probabilities[calibration])
     threshold, bound = conformal_threshold(raw, false_reject)
-    if threshold <= 0:  # cannot happen with the 99th-percentile scaling; guards the division
+    if threshold <= 0:  # a degenerate validation set; keep the division meaningful
         threshold = float(np.abs(raw).max()) or 1.0
     detector.threshold = threshold
     detector.calibration = {
-        "train_images": len(train_statistics), "validation_images": len(raw),
-        "false_reject_bound": bound,
-        "validation_false_reject": float(np.mean(raw > threshold)),
+        "train_images": len(train_statistics), "scaling_images": len(scaling),
+        "calibration_images": len(raw), "false_reject_bound": bound,
+        "calibration_false_reject": float(np.mean(raw > threshold)),
     }
     return detector
 
@@ -161,12 +169,14 @@ def load_detector(model_json: Path) -> OODDetector | None:
 def ood_summary(info: dict[str, Any]) -> str:
     """One plain sentence about a fitted detector (its model.json entry)."""
     calibration = info.get("calibration", {})
-    n, bound = calibration.get("validation_images", 0), calibration.get("false_reject_bound")
+    n, bound = calibration.get("calibration_images", 0), calibration.get("false_reject_bound")
     target = info.get("target_false_reject", DEFAULT_FALSE_REJECT)
     text = (f"unknown-detector: fitted on {calibration.get('train_images', '?')} training "
-            f"images; threshold from {n} validation images for a {100 * target:g}% false-reject "
-            f"rate (bound for new in-distribution images: {100 * (bound or 0):.2f}%)")
+            f"images; threshold from {n} validation images (the other "
+            f"{calibration.get('scaling_images', '?')} set its scale) for a {100 * target:g}% "
+            f"false-reject rate (bound for new in-distribution images: "
+            f"{100 * (bound or 0):.2f}%)")
     if bound is not None and bound > target:
-        text += (f"; {n} validation images are too few to hold {100 * target:g}% — "
-                 f"{math.ceil(1 / target) - 1} or more are needed")
+        text += (f"; {n} are too few to hold {100 * target:g}% — a validation split of "
+                 f"{2 * (math.ceil(1 / target) - 1)} or more images is needed")
     return text

@@ -2,7 +2,9 @@
 
 - :class:`GaussianDistance`: the Mahalanobis distance of a feature vector to the nearest class
   of the training set (class means, one shared covariance — Lee et al., 2018), measured in the
-  leading principal components so that it stays well-conditioned and small to store.
+  leading principal components so that it stays well-conditioned and small to store; and the
+  residual, the part of the vector outside those components (where the training set never
+  varied — with fewer images than features, many directions).
 - :func:`max_softmax_score`: 1 − the largest class probability (Hendrycks & Gimpel, 2017).
 - :func:`knn_distance`: cosine distance to the k-th nearest training embedding (Sun et al.,
   2022) — measured as an alternative in ``benchmarks/ood.py``, not used by the detector.
@@ -51,6 +53,13 @@ class GaussianDistance:
         squared = [np.sum((projected - mean) ** 2 / self.variances, axis=1)
                    for mean in self.class_means]
         return np.sqrt(np.min(squared, axis=0))
+
+    def residual(self, features: np.ndarray) -> np.ndarray:
+        """Length of the part of each row outside the principal subspace: how far it lies
+        from every direction in which the training features varied."""
+        centred = np.asarray(features, np.float64) - self.origin
+        inside = (centred @ self.components.T) @ self.components
+        return np.linalg.norm(centred - inside, axis=1)
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}.{name}": np.asarray(getattr(self, name), np.float32)

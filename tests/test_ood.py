@@ -1,0 +1,229 @@
+"""The unknown-detector: its pieces against independent references, its calibration, and how
+predict and monitor use it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+from scipy.spatial.distance import mahalanobis
+from scipy.stats import binom, norm
+
+from crystalscope.cli import main
+from crystalscope.data.synth import SynthSettings, synthesize
+from crystalscope.data.unfamiliar import KINDS, parse_kinds, synthesize_unfamiliar
+from crystalscope.errors import UserError
+from crystalscope.infer.predictor import load_predictor
+from crystalscope.infer.stream import ImageResult, predict_stream
+from crystalscope.monitor.run import Monitor, replay
+from crystalscope.monitor.trend import UNKNOWN, AlarmRule, Trend
+from crystalscope.ood.detector import conformal_threshold, load_detector
+from crystalscope.ood.scores import GaussianDistance, knn_distance
+
+
+def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err
+
+
+# ------------------------------------------------------------------------------ the pieces
+
+
+def test_gaussian_distance_is_the_mahalanobis_distance_to_the_nearest_class() -> None:
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(4, 4))
+    labels = np.repeat([0, 1], 300)
+    features = rng.normal(size=(600, 4)) @ mixing + np.where(labels[:, None] == 0, 0.0, 3.0)
+    distance = GaussianDistance.fit(features, labels)
+    means = [features[labels == c].mean(axis=0) for c in (0, 1)]
+    centred = features - np.stack(means)[labels]
+    inverse = np.linalg.inv(centred.T @ centred / (len(features) - 2))  # shared covariance
+    queries = rng.normal(size=(20, 4)) * 3
+    expected = [min(mahalanobis(q, m, inverse) for m in means) for q in queries]
+    np.testing.assert_allclose(distance(queries), expected, rtol=1e-6)
+
+
+def test_knn_distance_matches_a_sorted_brute_force() -> None:
+    rng = np.random.default_rng(1)
+    bank, queries = rng.normal(size=(50, 8)), rng.normal(size=(7, 8))
+    unit = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    for k in (1, 5):
+        expected = [1 - np.sort(unit @ (q / np.linalg.norm(q)))[-k] for q in queries]
+        np.testing.assert_allclose(knn_distance(bank, queries, k), expected, rtol=1e-9)
+
+
+def test_conformal_threshold_holds_its_rate_on_average() -> None:
+    # Exchangeable N(0,1) scores: the exact false-reject rate of a threshold t is 1 - Φ(t);
+    # averaged over calibration sets it must equal the promised bound (here exactly 1%).
+    rng = np.random.default_rng(2)
+    rates, bounds = [], set()
+    for _ in range(2000):
+        threshold, bound = conformal_threshold(rng.normal(size=199), 0.01)
+        rates.append(norm.sf(threshold))
+        bounds.add(round(bound, 12))
+    assert bounds == {0.01}
+    assert np.mean(rates) == pytest.approx(0.01, abs=0.001)
+    small, bound = conformal_threshold(np.arange(40.0), 0.01)  # too few for 1%: the largest
+    assert small == 39.0 and bound == pytest.approx(1 / 41)
+    with pytest.raises(UserError, match="false-reject"):
+        conformal_threshold(np.arange(10.0), 0)
+
+
+# ----------------------------------------------------------------------- synthetic unknowns
+
+
+def test_synth_ood_writes_each_kind_the_same_way_every_time(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        synthesize_unfamiliar(tmp_path / name, per_kind=2, size=48, seed=4, workers=1)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 2 * len(KINDS)
+    for file in files:
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    empty = np.asarray(Image.open(tmp_path / "a" / "empty" / "empty-0001.png"), np.float64)
+    cube = np.asarray(Image.open(tmp_path / "a" / "cube" / "cube-0001.png"), np.float64)
+    assert empty.std() < cube.std()  # nothing in front of the probe vs bright faceted cubes
+    assert parse_kinds("near") == ("bubble", "empty", "defocus", "cube")
+    with pytest.raises(UserError, match="not one of"):
+        parse_kinds("bubble,cat")
+    with pytest.raises(UserError, match="not an empty folder"):
+        synthesize_unfamiliar(tmp_path / "a", per_kind=1)
+
+
+# ----------------------------------------------------- a trained model (pg_detector fixture)
+
+
+@pytest.fixture(scope="module")
+def unfamiliar_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The scikit-image cat (the original project's model called it PG) and blank frames."""
+    folder = tmp_path_factory.mktemp("unfamiliar")
+    Image.fromarray(skimage.data.chelsea()).save(folder / "cat.png")
+    Image.fromarray(np.full((96, 96), 60, np.uint8)).save(folder / "blank-dark.png")
+    Image.fromarray(np.full((151, 151), 200, np.uint8)).save(folder / "blank-bright.png")
+    return {p.stem: p for p in folder.glob("*.png")}
+
+
+def test_the_cat_and_blank_frames_are_unknown(pg_detector: Path, unfamiliar_images: dict,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    description = json.loads((pg_detector / "model.json").read_text())
+    assert description["ood"]["method"].startswith("stage-mahalanobis")
+    assert (pg_detector / "ood.safetensors").is_file()
+    paths = [str(p) for p in unfamiliar_images.values()]
+    code, out, err = _run_cli(["predict", str(pg_detector), *paths, "--format", "csv"], capsys)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(rows) == 3
+    for row in rows:
+        assert row["unknown"] == "yes" and float(row["ood_score"]) > 1, row
+        assert row["predicted_class"] in ("cex", "pg")  # forced, without --reject-unknown
+    assert "3 of 3 images unknown" in err
+    code, out, _ = _run_cli(["predict", str(pg_detector), *paths, "--format", "jsonl",
+                             "--reject-unknown"], capsys)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert all(r["predicted_class"] == "unknown" and r["probability_of_predicted"] is None
+               for r in records)
+
+
+def test_onnx_and_torch_give_the_same_ood_scores(pg_detector: Path,
+                                                 unfamiliar_images: dict) -> None:
+    images = [*sorted((pg_detector.parent.parent / "splits" / "test").rglob("*.png"))[:6],
+              *unfamiliar_images.values()]
+    onnx = list(predict_stream(load_predictor(pg_detector), images))
+    torch_ = list(predict_stream(load_predictor(pg_detector, backend="torch"), images))
+    for a, b in zip(onnx, torch_, strict=True):
+        assert isinstance(a, ImageResult) and isinstance(b, ImageResult)
+        assert a.ood_score == pytest.approx(b.ood_score, rel=1e-3)
+
+
+def test_the_calibration_holds_on_fresh_crystals(pg_detector: Path, tmp_path: Path) -> None:
+    # The same simulator, a new seed: in-distribution crystals the model never saw.
+    synthesize(tmp_path / "fresh", SynthSettings(per_class=150, size=96, uniform_size=96,
+                                                 difficulty=0.1, seed=1234), workers=2)
+    predictor = load_predictor(pg_detector)
+    results = [r for r in predict_stream(predictor, sorted((tmp_path / "fresh").rglob("*.png")))
+               if isinstance(r, ImageResult)]
+    rejected = sum(bool(r.unknown) for r in results)
+    detector = load_detector(pg_detector / "model.json")
+    assert detector is not None
+    bound = detector.calibration["false_reject_bound"]
+    # Not more rejections than the calibrated bound explains (one-sided binomial, 0.1%).
+    assert binom.sf(rejected - 1, len(results), bound) > 1e-3, (rejected, len(results), bound)
+
+
+def test_export_without_the_training_data_leaves_no_detector(pg_detector: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    run = Path(shutil.copytree(pg_detector, tmp_path / "run"))
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace(str(pg_detector.parent.parent / "splits"),
+                                                    str(tmp_path / "gone")))
+    code, _, err = _run_cli(["export", str(run)], capsys)
+    assert code == 0 and "no unknown-detector" in err
+    assert not (run / "ood.safetensors").exists()
+    assert "ood" not in json.loads((run / "model.json").read_text())
+    assert load_predictor(run).ood is None
+
+
+# ------------------------------------------------------------------------------- monitor
+
+
+def test_trend_keeps_unknowns_out_of_the_impurity_share() -> None:
+    trend = Trend(["cex", "pg"], AlarmRule("pg", 0.05, alpha=1e-3, consecutive=2,
+                                           unknown_rate=0.01))
+    calls = ["cex"] * 18 + ["pg"] * 2 + [UNKNOWN] * 20
+    first = trend.add(1, "t1", calls)
+    assert first.crops == 20 and first.fraction == pytest.approx(0.1)
+    assert first.counts == {"cex": 18, "pg": 2} and first.unknown == 20
+    assert first.unknown_fraction == pytest.approx(0.5)
+    assert first.unknown_p_value == pytest.approx(binom.sf(19, 40, 0.01))
+    assert not first.unfamiliar  # one window is not yet an event
+    second = trend.add(2, "t2", calls)
+    assert second.unfamiliar and not second.alarm
+    assert not trend.add(3, "t3", calls).unfamiliar  # one event per episode
+    assert "UNFAMILIAR PARTICLES" in trend.explain_unfamiliar(second)
+
+
+def test_monitor_counts_unknowns_apart_and_raises_unfamiliar_particles(
+        pg_detector: Path, tmp_path: Path) -> None:
+    predictor = load_predictor(pg_detector)
+    synthesize(tmp_path / "cex", SynthSettings(per_class=24, size=96, uniform_size=96,
+                                               difficulty=0.1, seed=99), workers=1)
+    synthesize_unfamiliar(tmp_path / "odd", per_kind=12, kinds=("natural", "empty"), size=96,
+                          seed=5, workers=1)
+    crystals = sorted((tmp_path / "cex" / "cex").glob("*.png"))
+    odd = [r.path for r in predict_stream(predictor, sorted((tmp_path / "odd").rglob("*.png")))
+           if isinstance(r, ImageResult) and r.unknown]
+    assert len(odd) >= 8  # enough images the detector flags to make the point
+    stream = tmp_path / "stream"
+    for window in range(4):  # CEX crystals throughout; unfamiliar particles from window 3 on
+        folder = stream / f"t{window + 1:04d}"
+        folder.mkdir(parents=True)
+        for image in crystals[6 * window:6 * window + 6]:
+            shutil.copy(image, folder / image.name)
+        if window >= 2:
+            for image in odd[:8]:
+                shutil.copy(image, folder / f"odd-{image.parent.name}-{image.name}")
+    result = replay(Monitor(predictor, AlarmRule("pg", 0.05), tmp_path / "out",
+                            say=lambda _: None), stream)
+    rows = list(csv.DictReader((tmp_path / "out" / "trend.csv").open(newline="")))
+    flagged = [sum(bool(r.unknown) for r in predict_stream(predictor, sorted(folder.iterdir())))
+               for folder in sorted(stream.iterdir())]
+    assert [int(r["count_unknown"]) for r in rows] == flagged
+    assert flagged[2] >= 8 and flagged[3] >= 8
+    for row in rows:  # the share is taken over classified crystals only
+        known = int(row["count_cex"]) + int(row["count_pg"])
+        assert int(row["crops"]) == known
+        assert float(row["fraction"]) == pytest.approx(int(row["count_pg"]) / known, abs=1e-6)
+    assert [int(r["unfamiliar"]) for r in rows] == [0, 0, 0, 1]
+    events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").open()]
+    unfamiliar = [e for e in events if e["event"] == "unfamiliar_particles"]
+    assert len(unfamiliar) == 1 and unfamiliar[0]["window"] == 4
+    assert result.alarm is None  # unknowns never move the PG alarm
