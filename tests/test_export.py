@@ -37,9 +37,9 @@ def _images(run_dir: Path, count: int) -> torch.Tensor:
     return torch.cat([images, noise.to(torch.uint8)])[: max(count, 1)].float()
 
 
-def test_export_writes_the_three_files_with_their_description(exported: Path) -> None:
+def test_export_writes_the_model_files_with_their_description(exported: Path) -> None:
     assert {p.name for p in exported.iterdir()} == {"model.safetensors", "model.json",
-                                                    "model.onnx"}
+                                                    "model.onnx", "ood.safetensors"}
     description = json.loads((exported / "model.json").read_text())
     assert description["classes"] == ["cex", "pg"]
     assert description["architecture"]["backbone"] == "resnet18"
@@ -48,6 +48,7 @@ def test_export_writes_the_three_files_with_their_description(exported: Path) ->
     assert "validation" in description["metrics"]
     assert set(description["data"]["images"]) == {"train", "valid", "test"}
     assert "torch" in description["versions"] and "timm" in description["versions"]
+    assert description["ood"]["file"] == "ood.safetensors"
 
 
 def test_model_rebuilt_from_safetensors_equals_the_checkpoint(trained_run: Path,
@@ -71,12 +72,13 @@ def test_onnx_agrees_with_torch_for_any_batch_size(trained_run: Path, exported: 
     net = load_run(trained_run).net
     for batch in (1, 5, 19):
         images = _images(trained_run, batch)[:batch]
-        probabilities, embedding = session.run(None, {"images": images.numpy()})
+        probabilities, embedding, statistics = session.run(None, {"images": images.numpy()})
         with torch.inference_mode():
-            expected_p, expected_e = net(images)
+            expected_p, expected_e, expected_s = net(images)
         assert probabilities.shape == (batch, 2)
         assert np.abs(probabilities - expected_p.numpy()).max() <= 1e-4
         assert np.allclose(embedding, expected_e.numpy(), rtol=1e-3, atol=1e-3)
+        assert np.allclose(statistics, expected_s.numpy(), rtol=1e-3, atol=1e-3)
     metadata = read_metadata(exported / "model.onnx")
     assert metadata["classes"] == ["cex", "pg"]
     assert metadata["preprocessing"]["input_size"] == 32

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from crystalscope.infer.predictor import load_predictor
+from crystalscope.infer.stream import predict_stream
 from crystalscope.serve.app import ServeSettings, create_app
 from crystalscope.serve.server import running
 from crystalscope.vectors.indexing import index_images
@@ -80,6 +81,10 @@ def test_predict_good_images_over_http(server: tuple[str, Path], exported_run: P
         assert result["file"] == image.name
         for name, p in result["probabilities"].items():  # the same as evaluate's
             assert abs(p - expected[image.name][name]) <= 1e-4
+    local = list(predict_stream(load_predictor(exported_run), images))  # the same as predict's
+    assert [r["ood_score"] for r in body["results"]] == pytest.approx(
+        [r.ood_score for r in local], rel=1e-5)
+    assert [r["unknown"] for r in body["results"]] == [r.unknown for r in local]
     assert _get(f"{url}/health") == (200, {"status": "ok"})
     code, model = _get(f"{url}/model")
     assert code == 200 and model["classes"] == ["cex", "pg"] and model["store"] is True
@@ -171,4 +176,6 @@ def test_monitor_endpoint_reports_the_trend(exported_run: Path, tmp_path: Path) 
         code, body = _get(f"{url}/monitor")
     assert code == 200 and body["positive"] == "pg"
     assert [w["time"] for w in body["windows"]] == ["t0001", "t0002"]
-    assert body["windows"][0]["crops"] == 4 and body["alarm"] is None
+    first = body["windows"][0]
+    assert first["crops"] + first["unknown"] == 4 and body["alarm"] is None
+    assert first["unknown"] == runner.result.windows[0].unknown

@@ -24,7 +24,8 @@ from crystalscope.model.backbones import Classifier
 
 def stage_statistics(stages: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per stage, (N, 2C): each channel's spatial mean, then its spatial standard deviation."""
-    return [torch.cat([s.mean(dim=(2, 3)), s.std(dim=(2, 3))], dim=1) for s in stages]
+    return [torch.cat([s.mean(dim=(2, 3)), s.std(dim=(2, 3), correction=0)], dim=1)
+            for s in stages]
 
 
 class InferenceNet(nn.Module):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from crystalscope.errors import UserError
+from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.ood.scores import GaussianDistance, max_softmax_score
 
 METHOD = "stage-mahalanobis+max-softmax"
@@ -76,7 +76,8 @@ class OODDetector:
         return np.stack([*parts, max_softmax_score(probabilities)], axis=1)
 
     def raw_score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        return ((self.components(statistics, probabilities) - self.center) / self.scale).max(1)
+        parts = (self.components(statistics, probabilities) - self.center) / self.scale
+        return np.nan_to_num(parts.max(axis=1), nan=np.inf)  # broken features: unknown
 
     def score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """``ood_score`` per image: 1 is the threshold, above it the image is unknown."""
@@ -101,6 +102,9 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
         raise UserError("too few training images to fit the unknown-detector (need 3)")
     if len(valid_statistics) < 2:
         raise UserError("too few validation images to calibrate the unknown-detector (need 2)")
+    if not (np.isfinite(train_statistics).all() and np.isfinite(valid_statistics).all()):
+        raise CrystalscopeError("the model gives non-finite feature statistics; the "
+                                "unknown-detector cannot be fitted")
     edges = np.cumsum([0, *stage_sizes])
     distances = [GaussianDistance.fit(train_statistics[:, a:b], train_labels)
                  for a, b in itertools.pairwise(edges)]

@@ -151,7 +151,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 "windows": [{"window": w.index, "time": w.time, "crops": w.crops,
                              "fraction": w.fraction,
                              "interval": list(w.interval) if w.interval else None,
-                             "alarm": w.alarm} for w in list(result.windows)],
-                "alarm": result.alarm_text}
+                             "alarm": w.alarm, "unknown": w.unknown,
+                             "unknown_fraction": w.unknown_fraction,
+                             "unfamiliar": w.unfamiliar} for w in list(result.windows)],
+                "alarm": result.alarm_text,
+                "unfamiliar": [settings.monitor.trend.explain_unfamiliar(w)
+                               for w in result.unfamiliar]}
 
     return app
