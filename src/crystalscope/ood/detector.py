@@ -9,7 +9,7 @@ How the score is made (chosen by measuring, see ``benchmarks/ood.py``):
    part outside the directions the training split varied in
    (:class:`~crystalscope.ood.scores.GaussianDistance`); plus 1 − the top softmax probability;
 3. each of these put on one scale with half of the validation split (0 = its median, 1 = its
-   99th percentile), and the largest taken;
+   standard deviation), and the largest taken;
 4. the threshold: the conformal quantile of the other half's scores for the chosen
    false-reject rate (default 1%): with n such images, an in-distribution image scores above
    it with probability at most ``bound`` = 1 − k/(n+1), k the rank used.
@@ -57,7 +57,7 @@ class OODDetector:
     stage_sizes: list[int]
     distances: list[GaussianDistance]
     center: np.ndarray  # per component: the validation median
-    scale: np.ndarray  # per component: validation 99th percentile − median
+    scale: np.ndarray  # per component: the validation standard deviation
     threshold: float
     target_false_reject: float
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -115,14 +115,12 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
     scaling, calibration = np.arange(0, len(valid_statistics), 2), \
         np.arange(1, len(valid_statistics), 2)  # alternate images: both halves hold every class
     components = detector.components(valid_statistics[scaling], valid_probabilities[scaling])
-    center = np.median(components, axis=0)
-    spread = np.quantile(components, 0.99, axis=0) - center
-    fallback = components.std(axis=0)
-    detector.center = center
-    detector.scale = np.where(spread > 1e-9, spread, np.where(fallback > 1e-9, fallback, 1.0))
+    spread = components.std(axis=0)
+    detector.center = np.median(components, axis=0)
+    detector.scale = np.where(spread > 1e-9, spread, 1.0)  # a constant part: left as it is
     raw = detector.raw_score(valid_statistics[calibration], valid_probabilities[calibration])
     threshold, bound = conformal_threshold(raw, false_reject)
-    if threshold <= 0:  # a degenerate validation set; keep the division meaningful
+    if threshold <= 0:  # a degenerate validation split; keep the division meaningful
         threshold = float(np.abs(raw).max()) or 1.0
     detector.threshold = threshold
     detector.calibration = {
