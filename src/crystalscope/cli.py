@@ -345,6 +345,9 @@ def train(
         "--evaluate/--no-evaluate", help="Afterwards, evaluate on the test split.")] = None,
     export: Annotated[bool | None, typer.Option(
         "--export/--no-export", help="Afterwards, export safetensors + ONNX.")] = None,
+    false_reject: Annotated[float | None, typer.Option(
+        help="Export: share of validation crystals the unknown-detector may call unknown "
+             "(default 0.01).")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue this run directory from its last checkpoint.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
