@@ -227,3 +227,48 @@ def test_monitor_counts_unknowns_apart_and_raises_unfamiliar_particles(
     unfamiliar = [e for e in events if e["event"] == "unfamiliar_particles"]
     assert len(unfamiliar) == 1 and unfamiliar[0]["window"] == 4
     assert result.alarm is None  # unknowns never move the PG alarm
+
+
+def test_a_backbone_without_stages_gives_its_embedding_as_statistics() -> None:
+    import torch
+
+    from crystalscope.model.backbones import Classifier
+    from crystalscope.model.inference import InferenceNet
+
+    class Plain(torch.nn.Module):  # no timm forward_intermediates
+        num_features = 4
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean(dim=(2, 3))
+
+    net = InferenceNet(Classifier(Plain(), 2, "linear")).eval()
+    images = torch.randint(0, 256, (3, 3, 16, 16)).float()
+    with torch.inference_mode():
+        probabilities, embedding, statistics = net(images)
+    assert probabilities.shape == (3, 2)
+    torch.testing.assert_close(statistics, embedding)
+
+
+def test_stage_statistics_are_channel_means_and_deviations(pg_detector: Path) -> None:
+    import torch
+
+    from crystalscope.model.inference import load_run
+
+    net = load_run(pg_detector).net
+    images = torch.randint(0, 256, (2, 3, 96, 96)).float()
+    with torch.inference_mode():
+        _, embedding, stages = net.stages(images)
+        maps = net.net.backbone.forward_intermediates((images - net.mean) / net.std,
+                                                      intermediates_only=True)
+    assert len(stages) == len(maps)
+    for stage, feature_map in zip(stages, maps, strict=True):
+        flat = feature_map.flatten(2).numpy()
+        np.testing.assert_allclose(stage.numpy(), np.concatenate(
+            [flat.mean(axis=2), flat.std(axis=2)], axis=1), rtol=1e-4, atol=1e-5)
+    # the final stage's means are the pooled embedding
+    channels = maps[-1].shape[1]
+    torch.testing.assert_close(stages[-1][:, :channels], embedding, rtol=1e-4, atol=1e-5)

@@ -23,7 +23,7 @@ from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
-from crystalscope.ood.stage import fit_run_detector
+from crystalscope.ood.stage import fit_run_detector, split_items
 
 PARITY_IMAGES = 16
 
@@ -89,10 +89,7 @@ def parity_images(run: LoadedRun) -> torch.Tensor:
 def _split_images(run: LoadedRun, split: str, limit: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded images and labels of one split of the run's data (empty when it is absent)."""
-    folder = Path(run.config.data) / split
-    items = [(p, run.classes.index(p.parent.name)) for p in list_files(folder)
-             if is_image_name(p) and p.parent.name in run.classes] if folder.is_dir() else []
-    decoded = build_cache(items[:limit], run.image_size)
+    decoded = build_cache(split_items(run, split)[:limit], run.image_size)
     return decoded.images, decoded.labels
 
 
