@@ -52,10 +52,12 @@ def plot_timeline(result: MonitorResult, rule: AlarmRule, path: Path) -> None:
         axes.axvline(result.alarm.index, color="red", linewidth=2,
                      label=f"alarm: window {result.alarm.index} ({result.alarm.time})")
     axes.set_xlabel("window")
-    axes.set_ylabel(f"{rule.positive} share")
+    axes.set_ylabel(f"{rule.positive} share" if rule.unknown_rate is None else "share of crops")
     axes.set_ylim(0, 1)
     axes.set_title(f"{rule.positive} over time: {len(windows)} windows, "
-                   f"{result.crops} crops" + ("" if result.alarm else ", no alarm"))
+                   f"{result.crops} crops" + ("" if result.alarm else ", no alarm")
+                   + (f", unfamiliar particles from window {result.unfamiliar[0].index}"
+                      if result.unfamiliar else ""))
     axes.legend(fontsize=8, loc="upper left")
     axes.grid(alpha=0.3)
     for column, crop in enumerate(examples):
