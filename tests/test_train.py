@@ -151,6 +151,37 @@ def test_resume_after_kill(split_folder: Path, tmp_path: Path) -> None:
     assert len(list((tmp_path / "killed" / "logs").glob("resumed-*/metrics.csv"))) == 1
 
 
+def test_trainer_keeps_frozen_batchnorm_statistics(split_folder: Path, tmp_path: Path) -> None:
+    # Through Lightning's loop, not only module.train(): Lightning 2.x never calls .train().
+    result = train(_config(split_folder, tmp_path, epochs=1, fraction=0.25, image_size=32,
+                           trainable=0.25, name="frozen"), quiet=True)
+    state = torch.load(result.run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)["state_dict"]
+    fresh = CrystalClassifier(model="resnet18", classes=["cex", "pg"], trainable=0.25)
+    assert not fresh.net.backbone.bn1.training  # frozen norms in eval mode from the start
+    initial = fresh.state_dict()
+    for key in ("net.backbone.bn1.running_mean", "net.backbone.bn1.running_var",
+                "net.backbone.layer2.0.bn1.running_mean"):
+        assert torch.equal(state[key], initial[key]), key
+    assert not torch.equal(state["net.backbone.layer4.1.bn1.running_mean"],
+                           initial["net.backbone.layer4.1.bn1.running_mean"])
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(
+        split_folder: Path, tmp_path: Path) -> None:
+    # A frozen backbone, a linear head and a vanishing learning rate: validation F1 stays the
+    # same, so only the first epoch is "best"; last.ckpt must still follow every epoch.
+    result = train(_config(split_folder, tmp_path, epochs=3, fraction=0.25, image_size=32,
+                           trainable=0.0, head="linear", lr=1e-12, f1_threshold=1.0,
+                           name="flat"), quiet=True)
+    f1 = {row["val_f1_macro"] for row in _rows(result.run_dir)}
+    assert len(f1) == 1, f1
+    epoch = {name: torch.load(result.run_dir / "checkpoints" / f"{name}.ckpt",
+                              map_location="cpu", weights_only=False)["epoch"]
+             for name in ("best", "last")}
+    assert epoch == {"best": 0, "last": 2}
+
+
 def test_class_weights_auto() -> None:
     assert class_weights([30, 10]) == [40 / 60, 40 / 20]
     assert class_weights([5, 5, 5]) == [1.0, 1.0, 1.0]

@@ -372,6 +372,8 @@ def train(
     else:
         settings = None
     result = train_run(settings, resume=resume)  # type: ignore[arg-type]
+    if not result.primary:
+        return  # a helper process of a DDP run: the first process reports
     summary = {"run": str(result.run_dir), "epochs": result.epochs,
                "best_val_f1_macro": result.best_val_f1_macro,
                "stopped_by_f1_threshold": result.stopped_by_f1, "seconds": round(result.seconds, 1),

@@ -21,8 +21,9 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from crystalscope.data.images import ImageLoadError, load_image
@@ -182,6 +183,12 @@ def make_augmentation(kind: str) -> Callable[[torch.Tensor], torch.Tensor] | Non
     raise UserError(f"augmentation {kind!r}: use none, dihedral or georgia")
 
 
+def _world_size() -> int:
+    """Processes in this DDP run (1 outside one)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
+
+
 class SplitDataModule(L.LightningDataModule):
     """Train and validation data from a split folder, decoded once into RAM."""
 
@@ -243,10 +250,15 @@ class SplitDataModule(L.LightningDataModule):
         assert self.train_set is not None
         return torch.bincount(self.train_set.labels, minlength=len(self.classes)).tolist()
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool,
+                sampler: Sampler | None = None) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          drop_last=shuffle and len(dataset) > self.batch_size,
+        # Under DDP each process sees its share of the images: drop a ragged last batch only
+        # when that share holds more than one batch.
+        share = math.ceil(len(dataset) / _world_size())
+        return DataLoader(dataset, batch_size=self.batch_size,
+                          shuffle=shuffle if sampler is None else None, sampler=sampler,
+                          drop_last=shuffle and share > self.batch_size,
                           num_workers=self.num_workers, generator=generator,
                           persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
@@ -257,4 +269,10 @@ class SplitDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None
-        return self._loader(self.val_set, shuffle=False)
+        sampler = None
+        if _world_size() > 1:
+            # Lightning's DistributedSampler pads the last batch with repeated images, which
+            # would count them twice in the validation metrics; this sampler gives every
+            # image to exactly one process (uneven counts are safe: no gradients here).
+            sampler = UnrepeatedDistributedSampler(self.val_set, shuffle=False)
+        return self._loader(self.val_set, shuffle=False, sampler=sampler)

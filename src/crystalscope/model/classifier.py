@@ -68,6 +68,7 @@ class CrystalClassifier(L.LightningModule):
         self.val_metrics = _metrics(len(classes))
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
         self.epoch_results: dict[str, Any] = {}
+        self.train()  # frozen BatchNorm layers to eval mode from the start
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> normalised float, channels_last if configured."""
@@ -84,6 +85,11 @@ class CrystalClassifier(L.LightningModule):
         if mode:
             set_frozen_norms_eval(self.net.backbone)
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning 2.x never calls .train() itself (it restores whatever modes the modules
+        # had), so make sure here that frozen BatchNorm layers keep their running statistics.
+        set_frozen_norms_eval(self.net.backbone)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection,
               loss_metric: MeanMetric) -> torch.Tensor:
@@ -114,6 +120,14 @@ class CrystalClassifier(L.LightningModule):
         loss.reset()
         return values
 
+    def on_validation_epoch_start(self) -> None:
+        # Under DDP every process updates its BatchNorm running statistics with its own last
+        # batch, so they differ a little: validate everywhere with the first process's, the
+        # ones its checkpoint saves.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buffer in self.net.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def on_validation_epoch_end(self) -> None:
         # Validation runs after the epoch's last training batch, so both are complete here;
         # callbacks read ``epoch_results`` in on_train_epoch_end, which comes next.
@@ -124,7 +138,9 @@ class CrystalClassifier(L.LightningModule):
         values = {**self._flatten("train", self.train_metrics, self.train_loss),
                   **self._flatten("val", self.val_metrics, self.val_loss)}
         self.epoch_results = {"epoch": self.current_epoch, **values}
-        self.log_dict(values, sync_dist=False)
+        # torchmetrics has already synchronised these across DDP processes, so they agree;
+        # sync_dist only averages equal numbers (and keeps Lightning from warning).
+        self.log_dict(values, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

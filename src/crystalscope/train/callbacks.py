@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+import time
 from pathlib import Path
 
 import lightning as L
@@ -36,8 +36,10 @@ class StopWhenEveryClassF1(L.Callback):
 class MetricsCsv(L.Callback):
     """One row per epoch in ``metrics.csv`` (kept across resumes; rank 0 only)."""
 
-    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
-        self.path, self.clock = Path(path), clock
+    def __init__(self, path: Path, started: float) -> None:
+        # ``started`` is a time.time(): a plain number survives DDP-spawn's pickling, and the
+        # wall clock is shared by all of a machine's processes.
+        self.path, self.started = Path(path), started
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         results = _results(module)
@@ -46,7 +48,7 @@ class MetricsCsv(L.Callback):
         row = {"epoch": trainer.current_epoch + 1,
                **{k: round(v, 6) for k, v in results.items() if k != "epoch"},
                "lr": trainer.optimizers[0].param_groups[0]["lr"],
-               "elapsed_s": round(self.clock(), 3)}
+               "elapsed_s": round(time.time() - self.started, 3)}
         rows = []
         if self.path.exists():  # after a resume, drop rows of epochs that are run again
             with self.path.open(newline="", encoding="utf-8") as handle:

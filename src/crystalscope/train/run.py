@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -27,6 +29,7 @@ from crystalscope.config import TrainConfig, load_train_config, save_config
 from crystalscope.console import err
 from crystalscope.data.loaders import SplitDataModule
 from crystalscope.errors import UserError
+from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.evaluate.stage import Evaluation, evaluate_run
 from crystalscope.export.stage import Export, export_run
 from crystalscope.model.backbones import count_parameters
@@ -51,6 +54,29 @@ class TrainResult:
     evaluation: Evaluation | None = None
     export: Export | None = None
     notes: list[str] = field(default_factory=list)
+    primary: bool = True  # False in the helper processes of a DDP run: they report nothing
+
+
+# Set by the first process of a DDP run for the processes Lightning starts after it, so that
+# they join its run folder instead of making their own.
+RUN_DIR_VARIABLE = "CRYSTALSCOPE_RUN_DIR"
+# Where the launchers (Lightning's own, torchrun, SLURM) put a process's place in the run.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def is_primary_process() -> bool:
+    """True unless a launcher started this process as DDP rank > 0 (node or local rank > 0)."""
+    return all(os.environ.get(name, "0").strip() in ("", "0") for name in _RANK_VARIABLES)
+
+
+def joined_run_dir(config: TrainConfig) -> Path:
+    """The run folder of a DDP helper process: the first process's, which it does not create."""
+    if os.environ.get(RUN_DIR_VARIABLE):
+        return Path(os.environ[RUN_DIR_VARIABLE])
+    if config.name:
+        return Path(config.runs_dir) / config.name
+    raise UserError("this process is one of several of a distributed run started by torchrun "
+                    "or SLURM: give every process the same --name, so they share one run")
 
 
 def new_run_dir(config: TrainConfig) -> Path:
@@ -77,6 +103,7 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
           quiet: bool = False) -> TrainResult:
     """Train a new run from ``config``, or continue the run ``resume`` (its own config)."""
     checkpoint = None
+    primary = is_primary_process()
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -89,14 +116,15 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
     elif config is None:
         raise UserError("give a training config or a run to resume")
     else:
-        run_dir = new_run_dir(config)
-    if quiet or not err.is_terminal:
+        run_dir = new_run_dir(config) if primary else joined_run_dir(config)
+    if quiet or not primary or not err.is_terminal:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    cache_dir = Path(config.runs_dir) / ".cache" / run_dir.name
+    cache_name = run_dir.name if primary else f"{run_dir.name}-rank{os.getpid()}"
+    cache_dir = Path(config.runs_dir) / ".cache" / cache_name
     try:
-        return _train(config, run_dir, checkpoint, cache_dir, quiet=quiet,
-                      resuming=resume is not None)
+        return _train(config, run_dir, checkpoint, cache_dir, quiet=quiet or not primary,
+                      resuming=resume is not None, primary=primary)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)  # a disk cache, if one was made
         with contextlib.suppress(OSError):
@@ -104,16 +132,12 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
 
 
 def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_dir: Path, *,
-           quiet: bool, resuming: bool) -> TrainResult:
+           quiet: bool, resuming: bool, primary: bool) -> TrainResult:
     data = SplitDataModule(config.data, image_size=config.image_size,
                            batch_size=config.batch_size, augmentation=config.augmentation,
                            fraction=config.fraction, num_workers=config.num_workers,
                            seed=config.seed, cache=config.cache, cache_dir=cache_dir)
     data.setup()  # decode once, and find bad input before a run folder is made
-    if not resuming:
-        (run_dir / "checkpoints").mkdir(parents=True)
-        save_config(config, run_dir / "config.yaml")
-        (run_dir / "classes.json").write_text(json.dumps(data.classes), encoding="utf-8")
     weights = class_weights(data.class_counts()) if config.class_weights == "auto" else None
     module = CrystalClassifier(
         model=config.model, classes=data.classes,
@@ -124,22 +148,72 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
     )
     if config.compile:
         module.net.compile()  # in place: the checkpoint's parameter names stay the same
+    start = time.perf_counter()
+    trainer, f1_stop, best = make_trainer(config, run_dir, started=time.time(), quiet=quiet,
+                                          resuming=resuming)
+    if not resuming and primary:  # everything that can refuse the settings has been built
+        (run_dir / "checkpoints").mkdir(parents=True)
+        save_config(config, run_dir / "config.yaml")
+        (run_dir / "classes.json").write_text(json.dumps(data.classes), encoding="utf-8")
     trainable, total = count_parameters(module.net)
     if not quiet:
         err.print(f"run {run_dir}: {config.model} ({trainable:,} of {total:,} parameters "
                   f"train), {len(data.train_set)} train / {len(data.val_set)} valid images at "
                   f"{config.image_size} px, classes {', '.join(data.classes)}")
-    for skipped in data.skipped:
+    for skipped in data.skipped if primary else []:
         err.print(f"[yellow]skipped[/yellow] {skipped}")
 
-    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # Lightning's hints (GPU lists, tips, worker counts) are noise for our users.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*deterministic.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # on resume
+        if primary:  # read by the processes that a DDP launch starts from here
+            os.environ[RUN_DIR_VARIABLE] = str(run_dir.resolve())
+        try:
+            trainer.fit(module, datamodule=data,
+                        ckpt_path=str(checkpoint) if checkpoint else None)
+        except torch.OutOfMemoryError as exc:
+            raise UserError(f"out of memory at batch size {config.batch_size}; try "
+                            f"--batch-size {max(1, config.batch_size // 2)}") from exc
+        finally:
+            if primary:
+                os.environ.pop(RUN_DIR_VARIABLE, None)
+    score = best.best_model_score
+    epochs, stopped = trainer.current_epoch, f1_stop.stopped_epoch is not None
+    metrics_csv = run_dir / "metrics.csv"
+    if score is None and primary and metrics_csv.is_file():
+        # Under --strategy ddp_spawn the epochs ran in other processes, whose callbacks kept
+        # these; their metrics.csv holds the same.
+        columns = read_metrics_csv(metrics_csv)
+        epochs, score = len(columns["epoch"]), max(columns["val_f1_macro"])
+        stopped = all(columns[f"val_f1_{name}"][-1] >= config.f1_threshold
+                      for name in data.classes)
+    result = TrainResult(run_dir=run_dir, epochs=epochs,
+                         best_val_f1_macro=float(score) if score is not None else None,
+                         stopped_by_f1=stopped, seconds=time.perf_counter() - start,
+                         primary=primary)
+    if trainer.interrupted or not primary:  # evaluation and export are the first process's
+        return result
+    finish_run(result, config)
+    return result
+
+
+def make_trainer(config: TrainConfig, run_dir: Path, *, started: float, quiet: bool,
+                 resuming: bool
+                 ) -> tuple[L.Trainer, StopWhenEveryClassF1, ModelCheckpoint]:
+    """The Lightning trainer with our callbacks; settings it refuses are a UserError."""
     f1_stop = StopWhenEveryClassF1(config.f1_threshold)
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
-                           monitor="val_f1_macro", mode="max", save_last=True,
-                           enable_version_counter=False)
+                           monitor="val_f1_macro", mode="max", enable_version_counter=False)
+    # Not save_last=True: since Lightning 2.6 that writes last.ckpt only in epochs that
+    # improved the best one, and --resume would repeat the epochs since.
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
+                           save_top_k=1, enable_version_counter=False)
     callbacks: list[L.Callback] = [
-        f1_stop, MetricsCsv(run_dir / "metrics.csv", lambda: time.perf_counter() - start),
-        best, EarlyStopping(monitor="val_loss", mode="min", patience=config.patience),
+        f1_stop, MetricsCsv(run_dir / "metrics.csv", started), best, last,
+        EarlyStopping(monitor="val_loss", mode="min", patience=config.patience),
         CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt"),
     ]
     if not quiet:
@@ -153,34 +227,21 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
     loggers: list = [CSVLogger(run_dir, name="logs", version=version)]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
-    trainer = L.Trainer(
-        max_epochs=config.epochs, accelerator=config.accelerator,
-        devices=_devices(config.devices), strategy=config.strategy, num_nodes=config.num_nodes,
-        precision=config.precision, deterministic="warn", callbacks=callbacks, logger=loggers,
-        default_root_dir=run_dir, enable_progress_bar=show_bar, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=1,
-    )
-    with warnings.catch_warnings():
-        # Lightning's hints (GPU lists, tips, worker counts) are noise for our users.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        warnings.filterwarnings("ignore", message=".*deterministic.*")
-        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # on resume
-        try:
-            trainer.fit(module, datamodule=data,
-                        ckpt_path=str(checkpoint) if checkpoint else None)
-        except torch.OutOfMemoryError as exc:
-            raise UserError(f"out of memory at batch size {config.batch_size}; try "
-                            f"--batch-size {max(1, config.batch_size // 2)}") from exc
-    score = best.best_model_score
-    result = TrainResult(run_dir=run_dir, epochs=trainer.current_epoch,
-                         best_val_f1_macro=float(score) if score is not None else None,
-                         stopped_by_f1=f1_stop.stopped_epoch is not None,
-                         seconds=time.perf_counter() - start)
-    if trainer.interrupted:
-        return result
-    finish_run(result, config)
-    return result
+    try:
+        trainer = L.Trainer(
+            max_epochs=config.epochs, accelerator=config.accelerator,
+            devices=_devices(config.devices), strategy=config.strategy,
+            num_nodes=config.num_nodes, precision=config.precision, deterministic="warn",
+            callbacks=callbacks, logger=loggers, default_root_dir=run_dir,
+            enable_progress_bar=show_bar, enable_model_summary=False, num_sanity_val_steps=0,
+            log_every_n_steps=1,
+        )
+    except (ValueError, TypeError, ImportError, MisconfigurationException) as exc:
+        raise UserError(
+            f"--accelerator {config.accelerator} --devices {config.devices} --strategy "
+            f"{config.strategy} --num-nodes {config.num_nodes} --precision {config.precision}: "
+            f"Lightning refused these: {str(exc).splitlines()[0]}") from exc
+    return trainer, f1_stop, best
 
 
 def finish_run(result: TrainResult, config: TrainConfig) -> None:
