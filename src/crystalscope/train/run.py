@@ -169,6 +169,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*deterministic.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # on resume
+        warnings.filterwarnings("ignore", message=".*in eval mode at the start of training.*")
         if primary:  # read by the processes that a DDP launch starts from here
             os.environ[RUN_DIR_VARIABLE] = str(run_dir.resolve())
         try:
