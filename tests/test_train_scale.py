@@ -169,3 +169,14 @@ def test_compile_keeps_checkpoint_names_and_the_numbers(odd_split: Path,
     plain, compiled = (_rows(runs[c].run_dir)[0] for c in (False, True))
     assert float(compiled["train_loss"]) == pytest.approx(float(plain["train_loss"]), rel=2e-2)
     assert float(compiled["val_loss"]) == pytest.approx(float(plain["val_loss"]), rel=2e-2)
+
+
+def test_compile_without_a_compiler_is_a_clear_error(odd_split: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    config = resolve_train_config({"data": odd_split, "runs_dir": tmp_path, **SMALL,
+                                   "epochs": 1, "compile": True})
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
+        train(config, quiet=True)
+    assert list(tmp_path.iterdir()) == []

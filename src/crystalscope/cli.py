@@ -331,13 +331,16 @@ def train(
              "auto (disk when they would fill half the free memory).")] = None,
     accelerator: Annotated[str | None, typer.Option(help="cpu, gpu, auto … (Lightning).")]
     = None,
-    devices: Annotated[str | None, typer.Option(help="Number of devices or auto.")] = None,
+    devices: Annotated[str | None, typer.Option(
+        help="Number of devices (one process each under --strategy ddp) or auto.")] = None,
     strategy: Annotated[str | None, typer.Option(help="auto, ddp, fsdp … (Lightning).")] = None,
     num_nodes: Annotated[int | None, typer.Option(help="Machines (Lightning).")] = None,
     precision: Annotated[str | None, typer.Option(help="32-true, bf16-mixed, 16-mixed.")]
     = None,
     compile: Annotated[bool | None, typer.Option(
-        "--compile/--no-compile", help="torch.compile the model (GPU).")] = None,
+        "--compile/--no-compile",
+        help="torch.compile the network (slower first epoch; on a CPU needs a C++ compiler).")]
+    = None,
     runs_dir: Annotated[Path | None, typer.Option(help="Parent folder of runs.")] = None,
     name: Annotated[str | None, typer.Option(help="Run name (default <model>-<date>-<time>).")]
     = None,

@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -120,7 +121,7 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
     if quiet or not primary or not err.is_terminal:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    cache_name = run_dir.name if primary else f"{run_dir.name}-rank{os.getpid()}"
+    cache_name = run_dir.name if primary else f"{run_dir.name}-process{os.getpid()}"
     cache_dir = Path(config.runs_dir) / ".cache" / cache_name
     try:
         return _train(config, run_dir, checkpoint, cache_dir, quiet=quiet or not primary,
@@ -242,6 +243,10 @@ def make_trainer(config: TrainConfig, run_dir: Path, *, started: float, quiet: b
             f"--accelerator {config.accelerator} --devices {config.devices} --strategy "
             f"{config.strategy} --num-nodes {config.num_nodes} --precision {config.precision}: "
             f"Lightning refused these: {str(exc).splitlines()[0]}") from exc
+    if config.compile and isinstance(trainer.accelerator, CPUAccelerator) and not (
+            os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "clang++", "cl"))):
+        raise UserError("--compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl); "
+                        "install one, or train without --compile")
     return trainer, f1_stop, best
 
 
