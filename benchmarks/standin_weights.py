@@ -13,7 +13,7 @@ million images. Numbers measured with them say how the recipes behave on top of 
 pretrained features, not how they behave on ImageNet's. No crystal image is used here.
 
     .venv/bin/python benchmarks/standin_weights.py OUT [--models resnet50 resnet101]
-        [--minutes 10] [--image-size 96]
+        [--minutes 10 | --steps 640] [--image-size 96]
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ def dihedral(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def pretrain(model_name: str, images: torch.Tensor, labels: torch.Tensor, *, minutes: float,
-             batch_size: int, lr: float, seed: int) -> tuple[nn.Module, float, int]:
-    """Train every layer for ``minutes``; return the model, held-out accuracy and steps."""
+             steps: int | None, batch_size: int, lr: float, seed: int
+             ) -> tuple[nn.Module, float, int]:
+    """Train every layer for ``steps`` batches, or ``minutes`` when steps is None; return the
+    model, its held-out accuracy and the steps taken."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
@@ -81,9 +83,13 @@ def pretrain(model_name: str, images: torch.Tensor, labels: torch.Tensor, *, min
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     deadline = time.monotonic() + minutes * 60
-    steps = 0
+
+    def done() -> bool:
+        return taken >= steps if steps is not None else time.monotonic() >= deadline
+
+    taken = 0
     model.train()
-    while time.monotonic() < deadline:
+    while not done():
         shuffled = train[torch.randperm(len(train), generator=generator)]
         for start in range(0, len(shuffled) - batch_size + 1, batch_size):
             index = shuffled[start:start + batch_size]
@@ -92,15 +98,15 @@ def pretrain(model_name: str, images: torch.Tensor, labels: torch.Tensor, *, min
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            steps += 1
-            if time.monotonic() >= deadline:
+            taken += 1
+            if done():
                 break
     model.eval()
     with torch.inference_mode():
         predicted = torch.cat([model(normalise(images[held[i:i + 128]])).argmax(1)
                                for i in range(0, len(held), 128)])
     accuracy = float((predicted == labels[held]).float().mean())
-    return model, accuracy, steps
+    return model, accuracy, taken
 
 
 def main() -> None:
@@ -109,6 +115,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--models", nargs="+", default=["resnet50", "resnet101"])
     parser.add_argument("--minutes", type=float, default=10.0, help="training time per model")
+    parser.add_argument("--steps", type=int, help="batches per model (instead of --minutes), "
+                        "so that deeper models are not trained less")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--per-photo", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -120,14 +128,15 @@ def main() -> None:
     print(f"{len(labels)} pieces of {len(NATURAL_IMAGES)} photographs at {args.image_size} px, "
           f"{torch.get_num_threads()} threads, {args.minutes:g} min per model")
     for name in args.models:
+        started = time.monotonic()
         model, accuracy, steps = pretrain(name, images, labels, minutes=args.minutes,
-                                          batch_size=args.batch_size, lr=args.lr,
-                                          seed=args.seed)
+                                          steps=args.steps, batch_size=args.batch_size,
+                                          lr=args.lr, seed=args.seed)
         model.reset_classifier(0)
         path = args.out / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        print(f"{name}: {steps} steps of {args.batch_size}, held-out accuracy {accuracy:.3f} "
-              f"(chance {1 / len(NATURAL_IMAGES):.3f}) -> {path}")
+        print(f"{name}: {steps} steps of {args.batch_size} in {time.monotonic() - started:.0f} s, "
+              f"held-out accuracy {accuracy:.3f} (chance {1 / len(NATURAL_IMAGES):.3f}) -> {path}")
 
 
 if __name__ == "__main__":
