@@ -10,6 +10,7 @@ what evaluate runs, what export writes to ONNX, and what a model rebuilt from
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +45,19 @@ class InferenceNet(nn.Module):
         """(probabilities, embedding, statistics of each stage)."""
         x = (images.float() - self.mean) / self.std
         backbone = self.net.backbone
-        try:  # timm >= 1.0: the stages' outputs in the same pass as the final features
-            final, stages = backbone.forward_intermediates(x)
-            embedding = backbone.forward_head(final)
-            statistics = stage_statistics([s for s in stages if s.ndim == 4]) or [embedding]
-        except (AttributeError, NotImplementedError):
+        intermediates = None
+        if hasattr(backbone, "forward_intermediates"):  # timm >= 1.0, most models
+            # The stages' outputs in the same pass as the final features; only the call is
+            # guarded, so a real error further on is not mistaken for "no stages".
+            with contextlib.suppress(NotImplementedError):
+                intermediates = backbone.forward_intermediates(x)
+        if intermediates is None:
             embedding = backbone(x)
             statistics = [embedding]
+        else:
+            final, stages = intermediates
+            embedding = backbone.forward_head(final)
+            statistics = stage_statistics([s for s in stages if s.ndim == 4]) or [embedding]
         probabilities = torch.softmax(self.net.head(embedding), dim=1)
         return probabilities, embedding, statistics
 
