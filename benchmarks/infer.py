@@ -18,12 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from crystalscope.data.synth import SynthSettings, synthesize
 from crystalscope.export.onnx import export_onnx, quantize_int8
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.infer.stream import predict_stream
 from crystalscope.model.backbones import Classifier, create_backbone
 from crystalscope.model.inference import InferenceNet
+from crystalscope.synth.crops import SynthSettings, synthesize
 
 
 def _rate(function, images: np.ndarray, batch: int) -> float:

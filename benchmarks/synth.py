@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from crystalscope.data.synth import SynthSettings, synthesize
+from crystalscope.synth.crops import SynthSettings, synthesize
 
 
 def main() -> None:

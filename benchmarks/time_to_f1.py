@@ -22,7 +22,7 @@ import torch
 
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
-from crystalscope.data.synth import SynthSettings, parse_difficulty, synthesize
+from crystalscope.synth.crops import SynthSettings, parse_difficulty, synthesize
 from crystalscope.train.recipes import RECIPES
 from crystalscope.train.run import train
 

@@ -20,8 +20,8 @@ import torch
 
 from crystalscope.data.loaders import SplitDataModule
 from crystalscope.data.split import split_dataset
-from crystalscope.data.synth import SynthSettings, synthesize
 from crystalscope.model.classifier import CrystalClassifier
+from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.train.recipes import RECIPES
 
 

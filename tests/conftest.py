@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from crystalscope.data.split import split_dataset
-from crystalscope.data.synth import SynthSettings, synthesize
+from crystalscope.synth.crops import SynthSettings, synthesize
 
 SAMPLES = Path(__file__).parent / "data" / "opencrystal"
 

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from crystalscope.cli import main
-from crystalscope.data.synth import render_pg_with_mask
 from crystalscope.errors import UserError
 from crystalscope.explore.cam import explain_image, load_torch_model
 from crystalscope.explore.html import top_k_edges
 from crystalscope.explore.projection import project
+from crystalscope.synth.scenes import render_pg_with_mask
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -175,8 +175,8 @@ def test_frames_are_cut_into_tiles_or_particles() -> None:
     import numpy as np
     from PIL import Image
 
-    from crystalscope.data.synth import render_frame
     from crystalscope.monitor.cutting import cut_particles, cut_tiles, particle_boxes
+    from crystalscope.synth.scenes import render_frame
 
     rng = np.random.default_rng(8)
     frame, truth = render_frame(rng, 384, 96, 0.1, 3)

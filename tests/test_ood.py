@@ -17,7 +17,6 @@ from scipy.spatial.distance import mahalanobis
 from scipy.stats import binom, norm
 
 from crystalscope.cli import main
-from crystalscope.data.synth import SynthSettings, synthesize
 from crystalscope.data.unfamiliar import KINDS, parse_kinds, synthesize_unfamiliar
 from crystalscope.errors import UserError
 from crystalscope.infer.predictor import load_predictor
@@ -26,6 +25,7 @@ from crystalscope.monitor.run import Monitor, replay
 from crystalscope.monitor.trend import UNKNOWN, AlarmRule, Trend
 from crystalscope.ood.detector import conformal_threshold, load_detector
 from crystalscope.ood.scores import GaussianDistance, knn_distance
+from crystalscope.synth.crops import SynthSettings, synthesize
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

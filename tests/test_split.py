@@ -101,7 +101,7 @@ def test_same_seed_same_split_other_seed_other_split(synthetic_set: Path, tmp_pa
 
 def test_sorted_order_reproduces_the_original_lexicographic_split(tmp_path: Path) -> None:
     src = tmp_path / "src"
-    from crystalscope.data.synth import SynthSettings, synthesize
+    from crystalscope.synth.crops import SynthSettings, synthesize
 
     synthesize(src, SynthSettings(per_class=23, size=40, seed=9), workers=1)
     result = split_dataset(src, tmp_path / "dest", order="sorted", workers=1)

@@ -10,8 +10,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from crystalscope.data.dedupe import dihedral_arrays
-from crystalscope.data.synth import SynthSettings, parse_difficulty, render_group, synthesize
 from crystalscope.errors import UserError
+from crystalscope.synth.crops import SynthSettings, parse_difficulty, render_group, synthesize
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def synth(
     Files are named like the public data: OUT/cex/CEX (n).png and OUT/pg/PG (n).png, 8-bit
     grayscale PNG, plus OUT/synth.json (settings and duplicate groups).
     """
-    from crystalscope.data.synth import SynthSettings, parse_difficulty, synthesize
+    from crystalscope.synth.crops import SynthSettings, parse_difficulty, synthesize
 
     settings = SynthSettings(per_class=per_class, size=size, uniform_size=uniform_size,
                              difficulty=parse_difficulty(difficulty),
@@ -119,8 +119,8 @@ def synth_ood(
 
     Writes OUT/<kind>/<kind>-0001.png … and OUT/ood.json.
     """
-    from crystalscope.data.synth import parse_difficulty
     from crystalscope.data.unfamiliar import parse_kinds, synthesize_unfamiliar
+    from crystalscope.synth.crops import parse_difficulty
 
     chosen = parse_kinds(kinds)
     with progress_bar() as progress:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from crystalscope.data.check import scan_dataset, summarize
 from crystalscope.data.split import split_dataset
-from crystalscope.data.synth import SynthSettings, synthesize
 from crystalscope.errors import UserError
+from crystalscope.synth.crops import SynthSettings, synthesize
 
 if TYPE_CHECKING:
     from crystalscope.infer.predictor import Predictor

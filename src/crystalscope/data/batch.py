@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from crystalscope.data.synth import render_cex, render_frame, render_pg
 from crystalscope.errors import UserError
 from crystalscope.parallel import ordered_map
+from crystalscope.synth.scenes import render_cex, render_frame, render_pg
 
 
 @dataclass(frozen=True)

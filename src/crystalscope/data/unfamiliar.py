@@ -21,9 +21,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from crystalscope.data.synth import _background, _finish, _needle_depths, render_cex, render_pg
 from crystalscope.errors import UserError
 from crystalscope.parallel import ordered_map
+from crystalscope.synth.draw import background, finish
+from crystalscope.synth.scenes import needle_scene, render_cex, render_pg
 
 NEAR_KINDS = ("bubble", "empty", "defocus", "cube")
 FAR_KINDS = ("natural",)
@@ -36,8 +37,9 @@ NATURAL_IMAGES = ("chelsea", "astronaut", "coffee", "rocket", "camera", "horse",
 
 def _behind(rng: np.random.Generator, side: int) -> np.ndarray:
     """The probe's background with a few far, blurred needles (a sparse suspension)."""
-    return _background(rng, side, side) + _needle_depths(rng, side, side,
-                                                         rng.uniform(0.0, 0.25), 0.6)
+    return background(rng, side, side) + needle_scene(rng, side, side,
+                                                      density=rng.uniform(0.0, 0.25),
+                                                      brightness=0.6)
 
 
 def render_bubble(rng: np.random.Generator, side: int, difficulty: float) -> np.ndarray:
@@ -55,12 +57,12 @@ def render_bubble(rng: np.random.Generator, side: int, difficulty: float) -> np.
                            / (2 * (radius * 0.12) ** 2))
         image = image * (1 - 0.45 * inside) + rng.uniform(150, 230) * ring \
             + rng.uniform(120, 200) * highlight
-    return _finish(rng, image, difficulty)
+    return finish(rng, image, difficulty)
 
 
 def render_empty(rng: np.random.Generator, side: int, difficulty: float) -> np.ndarray:
     """The probe window with nothing in front of it."""
-    return _finish(rng, _background(rng, side, side), difficulty)
+    return finish(rng, background(rng, side, side), difficulty)
 
 
 def render_defocus(rng: np.random.Generator, side: int, difficulty: float) -> np.ndarray:
@@ -100,7 +102,7 @@ def render_cube(rng: np.random.Generator, side: int, difficulty: float) -> np.nd
         ImageDraw.Draw(mask).polygon(_hexagon(center, edge, turn), fill=255)
     alpha = ndimage.gaussian_filter((np.asarray(mask) > 0).astype(np.float32), 0.7)
     image = image * (1 - alpha) + np.asarray(cubes, np.float32) * alpha
-    return _finish(rng, image, difficulty)
+    return finish(rng, image, difficulty)
 
 
 def render_natural(rng: np.random.Generator, side: int, difficulty: float) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Synthetic probe images: crops of each class, simulated batches, unknown kinds."""

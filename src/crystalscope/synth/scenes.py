@@ -1,0 +1,197 @@
+"""What a probe crop shows: CEX needle scenes, PG particles, full frames.
+
+Domain randomisation: rather than one look per class, every crop draws its own imaging and
+its own particle from wide ranges, so that real crops fall inside what is drawn.
+
+- CEX: a hazy, unevenly lit window; needles at several depths of focus, from a few sharp
+  needles to dense bundles; thick out-of-focus rods (bands or fibres, highlights, some
+  saturated); vignetting.
+- PG: one particle cut out by the crop, filling most of it, drawn as one of four kinds with
+  broad ranges: a bright granular agglomerate (grains up to saturation), a bright plate with a
+  flecked granular rim, a dim translucent textured agglomerate, a faint particle with only a
+  bright rim. Needles behind it and, often, in front of it; its own defocus.
+
+``difficulty`` (0 = easy, 1 = hard) lowers contrast, adds blur and noise, and makes a share of
+crops ambiguous: CEX crops with a dense bright glare, PG crops whose particle is small, dim and
+partly out of the frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from crystalscope.synth.draw import (
+    background,
+    blob_mask,
+    composite,
+    finish,
+    granules,
+    haze,
+    needles,
+    rod,
+    smooth_field,
+    vignette,
+)
+
+PARTICLE_KINDS = ("granular", "plate", "translucent", "rim")
+PARTICLE_ODDS = (0.3, 0.22, 0.28, 0.2)
+
+
+def needle_scene(rng: np.random.Generator, h: int, w: int, *, density: float,
+                 brightness: float, scale: float | None = None) -> np.ndarray:
+    """CEX needles at three depths of focus (far: blurred, dim; near: sharp, bright).
+
+    ``density`` 1 is a crowded crop; ``scale`` is the crop side the needles are sized for
+    (default: the image's larger side, so a full frame shows needles at crop scale).
+    """
+    side = float(scale or max(h, w))
+    area = h * w / side ** 2
+    main, spread, bundle = rng.uniform(0, np.pi), rng.uniform(0.1, 1.0), rng.uniform(0, 0.7)
+    depths = [  # count at density 1, length, width (px at 151), level, blur
+        (30, (0.5, 1.6), (2, 8), (10, 35), rng.uniform(2.5, 5.0)),
+        (18, (0.4, 1.4), (1.5, 5), (25, 70), rng.uniform(1.0, 2.2)),
+        (8, (0.3, 1.2), (1, 3), (40, 120), rng.uniform(0.3, 1.0)),
+    ]
+    out = np.zeros((h, w), np.float32)
+    for count, length, width, level, blur in depths:
+        n = int(rng.poisson(count * density * area))
+        if n:
+            layer = needles(rng, h, w, n, length=length, width=width,
+                            level=(level[0] * brightness, level[1] * brightness),
+                            main_angle=main, spread=spread, scale=side, bundle=bundle)
+            out += ndimage.gaussian_filter(layer, blur)
+    return out
+
+
+def rod_scene(rng: np.random.Generator, h: int, w: int, count: int, *, brightness: float,
+              scale: float | None = None) -> np.ndarray:
+    """``count`` thick out-of-focus rods (8-40 px wide at 151 px), roughly parallel."""
+    side = float(scale or max(h, w))
+    canvas = np.zeros((h, w), np.float32)
+    main, spread = rng.uniform(0, np.pi), rng.uniform(0.05, 0.8)
+    for _ in range(count):
+        rod(canvas, rng, center=(rng.uniform(0, h), rng.uniform(0, w)),
+            angle=main + rng.normal(0, spread), length=rng.uniform(0.6, 2.0) * side,
+            width=rng.uniform(8, 40) * side / 151, level=rng.uniform(20, 130) * brightness)
+    return ndimage.gaussian_filter(canvas, rng.uniform(0.8, 3.5))
+
+
+def render_cex(rng: np.random.Generator, h: int, w: int, difficulty: float) -> np.ndarray:
+    """One CEX crop: needles and rods, from a few sharp needles to a crowded bundle."""
+    ambiguous = rng.uniform() < 0.3 * difficulty
+    image = background(rng, h, w) + haze(rng, h, w, rng.uniform(0, 70))
+    density = float(np.exp(rng.uniform(np.log(0.15), np.log(1.6))))
+    image += needle_scene(rng, h, w, density=density, brightness=rng.uniform(0.8, 1.6))
+    rods = int(rng.choice([0, 0, 1, 2, 3, 5]))
+    if rods:
+        image += rod_scene(rng, h, w, rods, brightness=rng.uniform(0.7, 1.8))
+    if rng.uniform() < 0.5:
+        image *= vignette(h, w, rng.uniform(0.1, 0.5), tuple(rng.uniform(0.3, 0.7, 2)))
+    if ambiguous:  # a dense bright bundle or an out-of-focus glare: PG-like brightness
+        center = (h * rng.uniform(0.3, 0.7), w * rng.uniform(0.3, 0.7))
+        glow = blob_mask(rng, h, w, min(h, w) * rng.uniform(0.15, 0.3), center)
+        image += ndimage.gaussian_filter(glow, rng.uniform(3, 8)) * rng.uniform(60, 130)
+    return finish(rng, image, difficulty)
+
+
+def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
+             kind: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One PG particle: (body grey levels, opacity, outline mask), each (h, w) float32.
+
+    ``kind`` is one of :data:`PARTICLE_KINDS` (default: drawn at random).
+    """
+    side = min(h, w)
+    factor = side / 151
+    if small:
+        radius = side * rng.uniform(0.12, 0.22)
+        edge = rng.uniform(0.05, 0.25)
+        center = (rng.uniform(0.1, 0.9) * h, (edge if rng.uniform() < 0.5 else 1 - edge) * w)
+    else:
+        radius = side * rng.uniform(0.28, 0.5)
+        center = (h * rng.uniform(0.35, 0.65), w * rng.uniform(0.35, 0.65))
+    mask = blob_mask(rng, h, w, radius, center, roughness=rng.uniform(0.0, 0.35),
+                     aspect=rng.uniform(0.75, 1.3))
+    depth = ndimage.distance_transform_edt(mask > 0.5).astype(np.float32)  # px from the edge
+    kind = kind or str(rng.choice(PARTICLE_KINDS, p=PARTICLE_ODDS))
+    texture = granules(rng, h, w, rng.uniform(0.01, 0.06), rng.uniform(0.6, 1.5) * factor)
+    if kind == "granular":  # bright grains with darker gaps; grains spill over the rim
+        grains = granules(rng, h, w, rng.uniform(0.008, 0.04), rng.uniform(1.2, 3.5) * factor)
+        gain = rng.uniform(1.2, 2.8)
+        floor = rng.uniform(0.15, 0.6)
+        body = rng.uniform(110, 270) * (floor + (1 - floor) * np.clip(
+            gain * (0.75 * grains + 0.25 * texture), 0, 1.4))
+        halo = ndimage.gaussian_filter(mask, radius * 0.12) * (grains > rng.uniform(0.2, 0.5))
+        alpha = np.maximum(mask, halo) * rng.uniform(0.75, 1.0)
+    elif kind == "plate":  # bright, nearly flat plate; a granular rim with dark flecks
+        body = rng.uniform(190, 275) + rng.uniform(5, 25) * smooth_field(rng, h, w, 3)
+        rim = np.clip(1 - depth / (rng.uniform(0.1, 0.35) * radius), 0, 1) * (mask > 0.05)
+        flecks = granules(rng, h, w, rng.uniform(0.04, 0.15), 0.7 * factor) > rng.uniform(
+            0.2, 0.4)
+        body = body - rim * rng.uniform(70, 170) * flecks + rim * 30 * texture
+        halo = ndimage.gaussian_filter(mask, radius * 0.1) * (texture > 0.4)
+        alpha = np.maximum(mask, halo * rng.uniform(0.3, 0.9)) * rng.uniform(0.85, 1.0)
+    elif kind == "translucent":  # dim, textured, the needles behind show through
+        grains = granules(rng, h, w, rng.uniform(0.01, 0.05), rng.uniform(1.0, 3.0) * factor)
+        body = rng.uniform(60, 170) * (0.5 + rng.uniform(0.5, 1.2) * grains
+                                       + rng.uniform(0.1, 0.5) * texture)
+        alpha = mask * rng.uniform(0.3, 0.75)
+    elif kind == "rim":  # faint inside, a bright rim, fine speckle
+        rim_width = rng.uniform(1.5, 6.0) * factor
+        rim = np.exp(-((depth - rim_width) / rim_width) ** 2) * (mask > 0.05)
+        body = rng.uniform(50, 130) + rng.uniform(100, 200) * rim + rng.uniform(15, 60) * texture
+        interior = rng.uniform(0.2, 0.55)
+        alpha = mask * (interior + (1 - interior) * rim)
+    else:
+        raise ValueError(f"kind {kind!r}: use one of {', '.join(PARTICLE_KINDS)}")
+    body = body * (1 + rng.uniform(0, 0.4) * (texture - 0.5))  # some texture in every kind
+    return body.astype(np.float32), alpha.astype(np.float32), mask.astype(np.float32)
+
+
+def _pg_scene(rng: np.random.Generator, h: int, w: int, *, small: bool
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A PG crop before the camera's effects, and its particle's mask."""
+    behind = background(rng, h, w) + haze(rng, h, w, rng.uniform(0, 50)) + needle_scene(
+        rng, h, w, density=rng.uniform(0.1, 1.0), brightness=rng.uniform(0.6, 1.2))
+    if rng.uniform() < 0.25:
+        behind += rod_scene(rng, h, w, int(rng.integers(1, 3)), brightness=rng.uniform(0.5, 1.2))
+    body, alpha, mask = particle(rng, h, w, small=small)
+    if small:
+        body = body * rng.uniform(0.55, 0.8)
+    image = composite(behind, body, alpha, rng.uniform(0, 2.0) * min(h, w) / 151)
+    if rng.uniform() < 0.5:  # needles crossing in front of the particle
+        image += needle_scene(rng, h, w, density=rng.uniform(0.05, 0.3),
+                              brightness=rng.uniform(0.5, 1.2))
+    if rng.uniform() < 0.5:
+        image *= vignette(h, w, rng.uniform(0.1, 0.5), tuple(rng.uniform(0.3, 0.7, 2)))
+    return image, mask
+
+
+def render_pg(rng: np.random.Generator, h: int, w: int, difficulty: float) -> np.ndarray:
+    """One PG crop: a particle filling most of the crop, needles behind and in front."""
+    return render_pg_with_mask(rng, h, w, difficulty)[0]
+
+
+def render_pg_with_mask(rng: np.random.Generator, h: int, w: int, difficulty: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """A PG crop and where its particle is (float mask 0-1): the truth for CAM checks."""
+    ambiguous = rng.uniform() < 0.3 * difficulty
+    image, mask = _pg_scene(rng, h, w, small=ambiguous)
+    return finish(rng, image, difficulty), mask
+
+
+def render_frame(rng: np.random.Generator, side: int, crop: int, difficulty: float,
+                 pg_particles: int) -> tuple[np.ndarray, np.ndarray]:
+    """A full probe frame (``side`` px): CEX needles at the crops' scale (``crop`` px) with
+    ``pg_particles`` PG particles at random places; returns the frame and the PG mask."""
+    image = background(rng, side, side) + needle_scene(
+        rng, side, side, density=rng.uniform(0.5, 1.4), brightness=rng.uniform(0.9, 1.5),
+        scale=crop)
+    truth = np.zeros((side, side), np.float32)
+    for _ in range(pg_particles):
+        body, alpha, mask = particle(rng, crop, crop)
+        y, x = (int(v) for v in rng.integers(0, side - crop, 2))
+        region = image[y:y + crop, x:x + crop]
+        region[:] = composite(region, body, alpha, 0.0)
+        truth[y:y + crop, x:x + crop] = np.maximum(truth[y:y + crop, x:x + crop], mask)
+    return finish(rng, image, difficulty), truth
