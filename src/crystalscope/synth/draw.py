@@ -98,18 +98,24 @@ def rod(canvas: np.ndarray, rng: np.random.Generator, *, center: tuple[float, fl
         half_w - np.abs(across) + 0.5, 0, 1)
     t = np.clip(np.abs(across) / half_w, 0, 1)
     profile = 1 + rng.uniform(-0.4, 0.5) * (t ** 2 - 0.35)  # edges brighter or darker
-    striation = rng.uniform(0, 0.45)
-    if rng.uniform() < 0.5:  # bands across the rod
-        profile = profile * (1 + striation * np.sin(along / rng.uniform(1.5, 5)
-                                                    + rng.uniform(0, 6.3)))
+    striation = rng.uniform(0, 0.5)
+    if rng.uniform() < 0.5:  # irregular bands across the rod
+        profile = profile * (1 + striation * _wobble(rng, along, rng.uniform(2, 8)))
     else:  # fibres along it
-        profile = profile * (1 + striation * np.sin(across / rng.uniform(0.8, 2.5)
-                                                    + rng.uniform(0, 6.3)))
+        profile = profile * (1 + striation * _wobble(rng, across, rng.uniform(1, 3)))
     if rng.uniform() < 0.6:  # a specular highlight line along the rod
         line = rng.uniform(-0.7, 0.7) * half_w
         profile = profile + rng.uniform(0.3, 1.2) * np.exp(
             -((across - line) / max(1.0, 0.12 * width)) ** 2)
     canvas[y0:y1, x0:x1] += (level * profile * inside).astype(np.float32)
+
+
+def _wobble(rng: np.random.Generator, position: np.ndarray, period: float) -> np.ndarray:
+    """Smooth 1-D noise in about [-1, 1] along ``position`` (knots every ``period`` px)."""
+    low, high = float(position.min()), float(position.max())
+    knots = np.arange(low - period, high + 2 * period, period)
+    values = rng.uniform(-1, 1, knots.size)
+    return np.interp(position, knots, values).astype(np.float32)
 
 
 def blob_mask(rng: np.random.Generator, h: int, w: int, radius: float,
@@ -151,11 +157,23 @@ def composite(behind: np.ndarray, body: np.ndarray, alpha: np.ndarray, defocus: 
 
 
 def finish(rng: np.random.Generator, image: np.ndarray, difficulty: float) -> np.ndarray:
-    """Camera effects: blur, contrast, gain, noise (all growing with difficulty); uint8."""
-    blur = rng.uniform(0.3, 0.9 + 1.6 * difficulty)
-    image = ndimage.gaussian_filter(image, blur)
+    """Camera effects: noise, optics blur, contrast, gain (noise, blur and lost contrast grow
+    with difficulty), then the probe's resampling to the crop's pixels; uint8.
+
+    The probe's crops are smooth at the pixel level (the noise is blurred with the image and
+    crops are resampled from the frame), so noise comes before the blur.
+    """
+    image = image + rng.normal(0, rng.uniform(1, 4) + 10 * difficulty, image.shape)
+    image = ndimage.gaussian_filter(image, rng.uniform(0.4, 1.0 + 1.6 * difficulty))
     contrast = 1 - rng.uniform(0, 0.55) * difficulty
     image = image.mean() + (image - image.mean()) * contrast
     image = image * rng.uniform(0.9 - 0.2 * difficulty, 1.1 + 0.1 * difficulty)
-    image = image + rng.normal(0, rng.uniform(1, 3) + 10 * difficulty, image.shape)
+    image = np.clip(image, 0, 255).astype(np.float32)
+    h, w = image.shape
+    shrink = rng.uniform(1.0, 1.8)
+    if shrink > 1.1:
+        small = Image.fromarray(image, mode="F").resize(
+            (max(8, round(w / shrink)), max(8, round(h / shrink))), Image.Resampling.BILINEAR)
+        image = np.asarray(small.resize((w, h), Image.Resampling.BICUBIC))
+    image = image + rng.normal(0, 0.7, image.shape)  # the sensor's last, faint grain
     return np.clip(image, 0, 255).round().astype(np.uint8)

@@ -35,7 +35,7 @@ from crystalscope.synth.draw import (
 )
 
 PARTICLE_KINDS = ("granular", "plate", "translucent", "rim")
-PARTICLE_ODDS = (0.3, 0.22, 0.28, 0.2)
+PARTICLE_ODDS = (0.35, 0.25, 0.22, 0.18)
 
 
 def needle_scene(rng: np.random.Generator, h: int, w: int, *, density: float,
@@ -51,7 +51,7 @@ def needle_scene(rng: np.random.Generator, h: int, w: int, *, density: float,
     depths = [  # count at density 1, length, width (px at 151), level, blur
         (30, (0.5, 1.6), (2, 8), (10, 35), rng.uniform(2.5, 5.0)),
         (18, (0.4, 1.4), (1.5, 5), (25, 70), rng.uniform(1.0, 2.2)),
-        (8, (0.3, 1.2), (1, 3), (40, 120), rng.uniform(0.3, 1.0)),
+        (8, (0.3, 1.2), (1, 3), (40, 120), rng.uniform(0.4, 1.6)),
     ]
     out = np.zeros((h, w), np.float32)
     for count, length, width, level, blur in depths:
@@ -72,7 +72,7 @@ def rod_scene(rng: np.random.Generator, h: int, w: int, count: int, *, brightnes
     main, spread = rng.uniform(0, np.pi), rng.uniform(0.05, 0.8)
     for _ in range(count):
         rod(canvas, rng, center=(rng.uniform(0, h), rng.uniform(0, w)),
-            angle=main + rng.normal(0, spread), length=rng.uniform(0.6, 2.0) * side,
+            angle=main + rng.normal(0, spread), length=rng.uniform(0.9, 2.5) * side,
             width=rng.uniform(8, 40) * side / 151, level=rng.uniform(20, 130) * brightness)
     return ndimage.gaussian_filter(canvas, rng.uniform(0.8, 3.5))
 
@@ -96,10 +96,12 @@ def render_cex(rng: np.random.Generator, h: int, w: int, difficulty: float) -> n
 
 
 def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
-             kind: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             kind: str | None = None, base: float = 60.0
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One PG particle: (body grey levels, opacity, outline mask), each (h, w) float32.
 
-    ``kind`` is one of :data:`PARTICLE_KINDS` (default: drawn at random).
+    ``kind`` is one of :data:`PARTICLE_KINDS` (default: drawn at random); ``base`` is the grey
+    level behind it, which the dim kinds stay a little above.
     """
     side = min(h, w)
     factor = side / 151
@@ -108,23 +110,26 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
         edge = rng.uniform(0.05, 0.25)
         center = (rng.uniform(0.1, 0.9) * h, (edge if rng.uniform() < 0.5 else 1 - edge) * w)
     else:
-        radius = side * rng.uniform(0.28, 0.5)
-        center = (h * rng.uniform(0.35, 0.65), w * rng.uniform(0.35, 0.65))
-    mask = blob_mask(rng, h, w, radius, center, roughness=rng.uniform(0.0, 0.35),
+        radius = side * rng.uniform(0.3, 0.58)
+        center = (h * rng.uniform(0.3, 0.7), w * rng.uniform(0.3, 0.7))
+    kind = kind or str(rng.choice(PARTICLE_KINDS, p=PARTICLE_ODDS))
+    roughness = rng.uniform(0.0, 0.12 if kind == "rim" else 0.35)
+    mask = blob_mask(rng, h, w, radius, center, roughness=roughness,
                      aspect=rng.uniform(0.75, 1.3))
     depth = ndimage.distance_transform_edt(mask > 0.5).astype(np.float32)  # px from the edge
-    kind = kind or str(rng.choice(PARTICLE_KINDS, p=PARTICLE_ODDS))
     texture = granules(rng, h, w, rng.uniform(0.01, 0.06), rng.uniform(0.6, 1.5) * factor)
-    if kind == "granular":  # bright grains with darker gaps; grains spill over the rim
-        grains = granules(rng, h, w, rng.uniform(0.008, 0.04), rng.uniform(1.2, 3.5) * factor)
-        gain = rng.uniform(1.2, 2.8)
-        floor = rng.uniform(0.15, 0.6)
-        body = rng.uniform(110, 270) * (floor + (1 - floor) * np.clip(
-            gain * (0.75 * grains + 0.25 * texture), 0, 1.4))
-        halo = ndimage.gaussian_filter(mask, radius * 0.12) * (grains > rng.uniform(0.2, 0.5))
-        alpha = np.maximum(mask, halo) * rng.uniform(0.75, 1.0)
+    if kind == "granular":  # a mass of bright grains with darker gaps; grains spill over
+        grains = granules(rng, h, w, rng.uniform(0.01, 0.05), rng.uniform(1.5, 4.5) * factor)
+        inside = mask > 0.5
+        grains = grains / max(float(np.percentile(grains[inside], 90)) if inside.any() else 1,
+                              1e-6)
+        floor = rng.uniform(0.1, 0.5)
+        body = rng.uniform(150, 320) * (floor + (1 - floor) * np.clip(
+            rng.uniform(0.8, 1.6) * (0.8 * grains + 0.2 * texture), 0, 1.3))
+        halo = ndimage.gaussian_filter(mask, radius * 0.12) * (grains > rng.uniform(0.4, 0.9))
+        alpha = np.maximum(mask, halo) * rng.uniform(0.8, 1.0)
     elif kind == "plate":  # bright, nearly flat plate; a granular rim with dark flecks
-        body = rng.uniform(190, 275) + rng.uniform(5, 25) * smooth_field(rng, h, w, 3)
+        body = rng.uniform(205, 300) + rng.uniform(5, 30) * smooth_field(rng, h, w, 3)
         rim = np.clip(1 - depth / (rng.uniform(0.1, 0.35) * radius), 0, 1) * (mask > 0.05)
         flecks = granules(rng, h, w, rng.uniform(0.04, 0.15), 0.7 * factor) > rng.uniform(
             0.2, 0.4)
@@ -133,13 +138,15 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
         alpha = np.maximum(mask, halo * rng.uniform(0.3, 0.9)) * rng.uniform(0.85, 1.0)
     elif kind == "translucent":  # dim, textured, the needles behind show through
         grains = granules(rng, h, w, rng.uniform(0.01, 0.05), rng.uniform(1.0, 3.0) * factor)
-        body = rng.uniform(60, 170) * (0.5 + rng.uniform(0.5, 1.2) * grains
-                                       + rng.uniform(0.1, 0.5) * texture)
-        alpha = mask * rng.uniform(0.3, 0.75)
+        body = base + rng.uniform(30, 110) * (0.4 + rng.uniform(0.5, 1.5) * grains
+                                             + rng.uniform(0.1, 0.6) * texture)
+        alpha = mask * rng.uniform(0.4, 0.8)
     elif kind == "rim":  # faint inside, a bright rim, fine speckle
-        rim_width = rng.uniform(1.5, 6.0) * factor
+        rim_width = rng.uniform(2.0, 8.0) * factor
         rim = np.exp(-((depth - rim_width) / rim_width) ** 2) * (mask > 0.05)
-        body = rng.uniform(50, 130) + rng.uniform(100, 200) * rim + rng.uniform(15, 60) * texture
+        rim = rim * (1 - rng.uniform(0.2, 0.9) * (texture > rng.uniform(0.2, 0.5)))  # broken
+        body = base + rng.uniform(5, 50) + rng.uniform(80, 190) * rim \
+            + rng.uniform(15, 60) * texture
         interior = rng.uniform(0.2, 0.55)
         alpha = mask * (interior + (1 - interior) * rim)
     else:
@@ -155,10 +162,10 @@ def _pg_scene(rng: np.random.Generator, h: int, w: int, *, small: bool
         rng, h, w, density=rng.uniform(0.1, 1.0), brightness=rng.uniform(0.6, 1.2))
     if rng.uniform() < 0.25:
         behind += rod_scene(rng, h, w, int(rng.integers(1, 3)), brightness=rng.uniform(0.5, 1.2))
-    body, alpha, mask = particle(rng, h, w, small=small)
+    body, alpha, mask = particle(rng, h, w, small=small, base=float(np.median(behind)))
     if small:
         body = body * rng.uniform(0.55, 0.8)
-    image = composite(behind, body, alpha, rng.uniform(0, 2.0) * min(h, w) / 151)
+    image = composite(behind, body, alpha, 2.5 * rng.uniform() ** 2 * min(h, w) / 151)
     if rng.uniform() < 0.5:  # needles crossing in front of the particle
         image += needle_scene(rng, h, w, density=rng.uniform(0.05, 0.3),
                               brightness=rng.uniform(0.5, 1.2))
