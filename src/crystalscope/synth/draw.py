@@ -18,7 +18,7 @@ def smooth_field(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nda
     return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BICUBIC))
 
 
-def background(rng: np.random.Generator, h: int, w: int, *, level: tuple[float, float] = (25, 95)
+def background(rng: np.random.Generator, h: int, w: int, *, level: tuple[float, float] = (15, 90)
                ) -> np.ndarray:
     """The probe window: a grey level, uneven illumination and soft haze."""
     base = rng.uniform(*level)
@@ -98,11 +98,15 @@ def rod(canvas: np.ndarray, rng: np.random.Generator, *, center: tuple[float, fl
         half_w - np.abs(across) + 0.5, 0, 1)
     t = np.clip(np.abs(across) / half_w, 0, 1)
     profile = 1 + rng.uniform(-0.4, 0.5) * (t ** 2 - 0.35)  # edges brighter or darker
-    striation = rng.uniform(0, 0.5)
-    if rng.uniform() < 0.5:  # irregular bands across the rod
+    striation, pattern = rng.uniform(0, 0.6), rng.uniform()
+    if pattern < 0.4:  # irregular bands across the rod
         profile = profile * (1 + striation * _wobble(rng, along, rng.uniform(2, 8)))
-    else:  # fibres along it
+    elif pattern < 0.75:  # fibres along it
         profile = profile * (1 + striation * _wobble(rng, across, rng.uniform(1, 3)))
+    else:  # blotchy, granular highlights
+        speckle = ndimage.gaussian_filter(rng.normal(0, 1, along.shape).astype(np.float32),
+                                          rng.uniform(1.0, 3.0))
+        profile = profile * (1 + 2.5 * striation * speckle / max(float(speckle.std()), 1e-6))
     if rng.uniform() < 0.6:  # a specular highlight line along the rod
         line = rng.uniform(-0.7, 0.7) * half_w
         profile = profile + rng.uniform(0.3, 1.2) * np.exp(
@@ -175,5 +179,4 @@ def finish(rng: np.random.Generator, image: np.ndarray, difficulty: float) -> np
         small = Image.fromarray(image, mode="F").resize(
             (max(8, round(w / shrink)), max(8, round(h / shrink))), Image.Resampling.BILINEAR)
         image = np.asarray(small.resize((w, h), Image.Resampling.BICUBIC))
-    image = image + rng.normal(0, 0.7, image.shape)  # the sensor's last, faint grain
     return np.clip(image, 0, 255).round().astype(np.uint8)
