@@ -68,7 +68,10 @@ def test_output_formats_name_every_number(exported_run: Path, tmp_path: Path,
         assert row["unknown"] == ("yes" if float(row["ood_score"]) > 1 else "no")
     code, out, _ = _run_cli(["predict", str(exported_run), str(folder), "--format", "json"],
                             capsys)
-    assert [r["file"] for r in json.loads(out)] == [r["file"] for r in rows]
+    records = json.loads(out)
+    assert [r["file"] for r in records] == [r["file"] for r in rows]
+    assert [r["unknown"] for r in records] == [r["unknown"] == "yes" for r in rows]
+    assert all(isinstance(r["unknown"], bool) for r in records)  # JSON true/false, not a word
     output = tmp_path / "p.jsonl"
     code, _, err = _run_cli(["predict", str(exported_run), str(folder), "--format", "jsonl",
                              "--output", str(output)], capsys)

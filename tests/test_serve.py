@@ -15,13 +15,17 @@ import pytest
 from PIL import Image
 
 from crystalscope.infer.predictor import load_predictor
-from crystalscope.infer.stream import predict_stream
+from crystalscope.infer.stream import decode_with_size, predict_stream
 from crystalscope.serve.app import ServeSettings, create_app
 from crystalscope.serve.server import running
 from crystalscope.vectors.indexing import index_images
 from crystalscope.vectors.store import open_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def predict_input(path: Path, size: int) -> np.ndarray:
+    return decode_with_size(path, size)[0]
 
 
 def _post(url: str, files: list[tuple[str, str, bytes]], fields: dict | None = None,
@@ -121,13 +125,88 @@ def test_similar_returns_neighbours_with_thumbnails(server: tuple[str, Path]) ->
     assert code == 404 and "not monitoring" in body["error"]
 
 
-def test_the_token_guards_the_api(exported_run: Path) -> None:
+def test_the_token_guards_the_api_compared_in_constant_time(
+        exported_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import secrets
+
+    compared: list[tuple[bytes, bytes]] = []
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return secrets.compare_digest(a, b)
+
+    monkeypatch.setattr("crystalscope.serve.app.secrets",
+                        type("S", (), {"compare_digest": staticmethod(spy)}))
     app = create_app(ServeSettings(predictor=load_predictor(exported_run), token="s3cret"))
     with running(app) as url:
         assert _get(f"{url}/model")[0] == 401
         assert _get(f"{url}/model", token="wrong")[0] == 401
         assert _get(f"{url}/model", token="s3cret")[0] == 200
         assert _get(f"{url}/health")[0] == 200
+    assert (b"Bearer wrong", b"Bearer s3cret") in compared and len(compared) == 3
+
+
+def _send_raw(url: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, dict]:
+    """POST with http.client: the headers, then the chunks (as sent), then the answer."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    connection.putrequest("POST", "/predict")
+    for key, value in headers.items():
+        connection.putheader(key, value)
+    connection.endheaders()
+    try:
+        for chunk in chunks:
+            connection.send(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may close as soon as it has answered
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    connection.close()
+    return response.status, body
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(exported_run: Path) -> None:
+    app = create_app(ServeSettings(predictor=load_predictor(exported_run),
+                                   max_request_bytes=1_000_000))
+    with running(app) as url:
+        # 200 MB announced, nothing sent: the answer comes from the header alone
+        code, body = _send_raw(url, {"Content-Type": "multipart/form-data; boundary=x",
+                                     "Content-Length": str(200 * 2**20)}, [])
+        assert code == 413 and "larger than 1,000,000 bytes" in body["error"]
+        # no Content-Length (chunked): cut off once 1 MB has streamed in
+        def chunk(data: bytes) -> bytes:
+            return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+        start = (b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"'
+                 b"\r\nContent-Type: application/octet-stream\r\n\r\n")
+        code, body = _send_raw(url, {"Content-Type": "multipart/form-data; boundary=x",
+                                     "Transfer-Encoding": "chunked"},
+                               [chunk(start)] + [chunk(b"a" * 65536)] * 40)
+        assert code == 413 and "larger than" in body["error"]
+
+
+def test_the_images_of_one_request_share_one_forward_pass(exported_run: Path) -> None:
+    predictor = load_predictor(exported_run)
+    batches: list[int] = []
+    run = predictor.run
+
+    def counted(x: np.ndarray):
+        batches.append(len(x))
+        return run(x)
+
+    predictor.run = counted
+    images = sorted((exported_run.parent.parent / "splits" / "test").rglob("*.png"))[:5]
+    with running(create_app(ServeSettings(predictor=predictor))) as url:
+        code, body = _post(f"{url}/predict", [("files", p.name, p.read_bytes())
+                                              for p in images])
+    assert code == 200 and len(body["results"]) == 5 and batches == [5]
+    single = [predictor.predict(predict_input(p, predictor.input_size)[None]) for p in images]
+    for result, alone in zip(body["results"], single, strict=True):
+        assert result["probabilities"]["pg"] == pytest.approx(
+            float(alone.probabilities[0, 1]), abs=1e-5)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install "

@@ -2,8 +2,9 @@
 
 Every number is named for what it is: ``probability_of_predicted`` is the probability of the
 predicted class (whichever it is), ``probability_<class>`` that of each class. A model with an
-unknown-detector adds ``unknown`` (yes/no) and ``ood_score`` (above 1 = unknown); with
-``reject_unknown`` the predicted class of an unknown image is ``unknown``.
+unknown-detector adds ``unknown`` (true/false in JSON, yes/no in a table or CSV) and
+``ood_score`` (above 1 = unknown); with ``reject_unknown`` the predicted class of an unknown
+image is ``unknown``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def as_row(result: ImageResult, classes: list[str], *, ood: bool = False,
         **{f"probability_{name}": round(float(p), 6)
            for name, p in zip(classes, result.probabilities, strict=True)}}
     if ood:
-        row["unknown"] = "yes" if result.unknown else "no"
+        row["unknown"] = bool(result.unknown)
         row["ood_score"] = None if result.ood_score is None else round(result.ood_score, 4)
         if reject_unknown and result.unknown:
             row["predicted_class"], row["probability_of_predicted"] = UNKNOWN, None
@@ -85,6 +86,8 @@ class PredictionWriter:
             return
         row = as_row(item, self.classes, ood=self.ood, reject_unknown=self.reject_unknown)
         self.unknown += int(bool(item.unknown))
+        if self.ood and self.format in ("csv", "table"):  # text cells: yes/no, not True/False
+            row["unknown"] = "yes" if row["unknown"] else "no"
         if self.format == "csv":
             self.csv.writerow(row)
         elif self.format == "table":

@@ -4,13 +4,17 @@ Endpoints: ``POST /predict`` (one or several images), ``POST /similar`` (one ima
 stored crystals with thumbnails), ``GET /model``, ``GET /monitor`` (trend and alarm state while
 monitoring), ``GET /health``; OpenAPI docs at ``/docs``; the dashboard at ``/``.
 
-Safe by default: uploads are size- and pixel-limited, read by content through the project's
-safe loader, never looked up by a client-given path; every error is JSON ``{"error": …}`` with
-the right status code; with a token, API calls need ``Authorization: Bearer <token>``.
+Safe by default: a request body larger than ``max_request_bytes`` is refused from its
+Content-Length header before it is read (and cut off while streaming when it has none); each
+upload is size- and pixel-limited, read by content through the project's safe loader, never
+looked up by a client-given path; every error is JSON ``{"error": …}`` with the right status
+code; with a token, API calls need ``Authorization: Bearer <token>`` (compared in constant
+time). The images of one request go through the model in one batch.
 """
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ from crystalscope.vectors.indexing import thumbnail_uri
 from crystalscope.vectors.store import VectorStore
 
 MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_REQUEST_BYTES = 64 * 2**20
 MAX_FILES = 64
 
 
@@ -42,13 +47,57 @@ class ServeSettings:
     monitor: Any = None  # a crystalscope.monitor.run.Monitor fed by a watch thread
     token: str | None = None
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_request_bytes: int = MAX_REQUEST_BYTES
     model_info: dict[str, Any] | None = None
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over ``limit`` bytes with 413, from its
+    Content-Length before anything is read, or as soon as a streamed body passes the limit."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(send)
+            return
+        received, refused = 0, False
+
+        async def counted() -> dict:
+            # Past the limit: answer 413 now, then tell the app the client has gone.
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                refused = True
+                await self._refuse(send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: dict) -> None:
+            if not refused:  # nothing more after the 413
+                await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    async def _refuse(self, send: Any) -> None:
+        response = JSONResponse({"error": f"request body larger than {self.limit:,} bytes"},
+                                status_code=413, headers={"Connection": "close"})
+        await response({"type": "http"}, None, send)  # type: ignore[arg-type]
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
     """The FastAPI application."""
     app = FastAPI(title="crystalscope", description="Classify crystal images; find similar "
                   "ones; follow a batch.", version="1")
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     predictor, store_lock = settings.predictor, threading.Lock()
 
     @app.exception_handler(HTTPException)
@@ -62,7 +111,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
 
     def authorised(authorization: str | None = Header(default=None)) -> None:
-        if settings.token and authorization != f"Bearer {settings.token}":
+        if settings.token and not secrets.compare_digest(
+                (authorization or "").encode(), f"Bearer {settings.token}".encode()):
             raise HTTPException(401, "missing or wrong token: send Authorization: Bearer …")
 
     def read_upload(upload: UploadFile) -> np.ndarray:
@@ -80,15 +130,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 raise HTTPException(400, f"{name}: {exc.reason}") from exc
         return pixels
 
-    def describe(outputs: Outputs, name: str) -> dict[str, Any]:
-        probabilities = outputs.probabilities[0]
+    def describe(outputs: Outputs, name: str, row: int = 0) -> dict[str, Any]:
+        probabilities = outputs.probabilities[row]
         best = int(probabilities.argmax())
         result = {"file": name, "predicted_class": predictor.classes[best],
                   "probability_of_predicted": float(probabilities[best]),
                   "probabilities": {c: float(p) for c, p in
                                     zip(predictor.classes, probabilities, strict=True)}}
         if outputs.ood_scores is not None:
-            score = float(outputs.ood_scores[0])
+            score = float(outputs.ood_scores[row])
             result.update(unknown=score > 1.0, ood_score=score)
         return result
 
@@ -113,12 +163,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """Classes and probabilities for each uploaded image (form field ``files``)."""
         if len(files) > MAX_FILES:
             raise HTTPException(413, f"at most {MAX_FILES} images per request")
-        results = []
-        for upload in files:
-            pixels = read_upload(upload)
-            results.append(describe(predictor.predict(pixels[None]),
-                                    Path(upload.filename or "").name))
-        return {"results": results}
+        pixels = np.stack([read_upload(upload) for upload in files])
+        outputs = predictor.predict(pixels)  # one forward pass for the whole request
+        return {"results": [describe(outputs, Path(upload.filename or "").name, row)
+                            for row, upload in enumerate(files)]}
 
     @app.post("/similar", dependencies=[Depends(authorised)])
     def similar(file: UploadFile = File(...), k: int = Form(5)) -> dict[str, Any]:
