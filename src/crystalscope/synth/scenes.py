@@ -73,7 +73,7 @@ def rod_scene(rng: np.random.Generator, h: int, w: int, count: int, *, brightnes
     for _ in range(count):
         rod(canvas, rng, center=(rng.uniform(0, h), rng.uniform(0, w)),
             angle=main + rng.normal(0, spread), length=rng.uniform(0.9, 2.5) * side,
-            width=rng.uniform(8, 40) * side / 151, level=rng.uniform(20, 130) * brightness)
+            width=rng.uniform(8, 50) * side / 151, level=rng.uniform(20, 150) * brightness)
     return ndimage.gaussian_filter(canvas, rng.uniform(0.8, 3.5))
 
 
