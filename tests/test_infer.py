@@ -16,7 +16,7 @@ from PIL import Image
 from crystalscope.cli import main
 from crystalscope.errors import UserError
 from crystalscope.infer import stream
-from crystalscope.infer.predictor import Preprocessing, load_predictor
+from crystalscope.infer.predictor import Preprocessing, load_predictor, to_probabilities
 from crystalscope.infer.stream import decode_with_size, predict_stream
 
 
@@ -142,7 +142,7 @@ def test_a_foreign_onnx_model_with_its_own_preprocessing(tmp_path: Path, samples
     images = sorted(samples.glob("*.png"))[:4]
     code, out, _ = _run_cli(["predict", str(path), *map(str, images), "--format", "jsonl",
                              "--input-size", "48", "--layout", "nhwc", "--preprocess", "caffe",
-                             "--classes", "cex,pg"], capsys)
+                             "--classes", "cex,pg", "--outputs", "probabilities"], capsys)
     assert code == 0
     for image, line in zip(images, out.splitlines(), strict=True):
         pixels, _, _ = decode_with_size(image, 48)  # (3, 48, 48) RGB
@@ -156,8 +156,12 @@ def test_a_foreign_onnx_model_with_its_own_preprocessing(tmp_path: Path, samples
         assert record["probability_cex"] == pytest.approx(1 - p_pg, abs=1e-5)
     with pytest.raises(UserError, match="class names"):
         load_predictor(path, preprocessing=Preprocessing(input_size=48, layout="nhwc"))
+    with pytest.raises(UserError, match="--outputs probabilities"):  # never guessed
+        load_predictor(path, classes=["cex", "pg"],
+                       preprocessing=Preprocessing(input_size=48, layout="nhwc"))
     code, _, err = _run_cli(["predict", str(path), str(images[0]), "--input-size", "48",
-                             "--classes", "cex,pg", "--reject-unknown"], capsys)
+                             "--classes", "cex,pg", "--outputs", "logits", "--reject-unknown"],
+                            capsys)
     assert code == 2 and "has no unknown-detector" in err
 
 
@@ -178,3 +182,29 @@ def test_prediction_streams_one_batch_at_a_time(exported_run: Path, tmp_path: Pa
     next(results)
     assert len(decoded) == 16  # 10,000 images asked for, one batch decoded
     results.close()
+
+
+@pytest.mark.parametrize("kind", ["probabilities", "logits"])
+def test_an_images_probabilities_do_not_depend_on_its_batch_mates(kind: str) -> None:
+    # The old per-batch guess took a batch of sigmoid outputs for logits as soon as one value
+    # fell outside 0..1, and a softmax row for raw scores when another row did not sum to 1.
+    one = np.array([[0.3]])  # as a logit it lies in 0..1 too: the old guess took it for a p
+    mates = np.array([[0.9], [0.1]]) if kind == "probabilities" else np.array([[2.5], [-3.0]])
+    alone = to_probabilities(one, 2, kind)
+    together = to_probabilities(np.vstack([one, mates]), 2, kind)
+    assert together[0] == pytest.approx(alone[0])
+    rows = np.array([[2.0, -1.0, 0.5]])
+    mate = np.array([[0.2, 0.3, 0.5]])  # sums to 1 and is >= 0: looks like probabilities
+    assert to_probabilities(np.vstack([rows, mate]), 3, kind)[0] == pytest.approx(
+        to_probabilities(rows, 3, kind)[0])
+    if kind == "logits":
+        assert to_probabilities(one, 2, kind)[0, 1] == pytest.approx(1 / (1 + np.exp(-0.3)))
+        expected = np.exp(rows[0]) / np.exp(rows[0]).sum()
+        assert to_probabilities(rows, 3, kind)[0] == pytest.approx(expected)
+
+
+def test_our_export_says_its_output_is_probabilities(exported_run: Path) -> None:
+    from crystalscope.export.onnx import read_metadata
+
+    assert read_metadata(exported_run / "model.onnx")["outputs"] == "probabilities"
+    assert load_predictor(exported_run).outputs == "probabilities"

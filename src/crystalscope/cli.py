@@ -578,6 +578,9 @@ def predict(
     reject_unknown: Annotated[bool, typer.Option(
         "--reject-unknown", help="Give the class 'unknown' to images the unknown-detector "
                                  "flags (ood_score > 1) instead of forcing a class.")] = False,
+    outputs: Annotated[str | None, typer.Option(
+        help="Foreign ONNX model: what its output holds, probabilities (softmax or sigmoid "
+             "applied) or logits.")] = None,
 ) -> int:
     """Classify images: the predicted class, its probability, and every class's probability.
 
@@ -588,14 +591,17 @@ def predict(
     """
     from crystalscope.data.layout import expand_paths
     from crystalscope.infer.output import LEGEND, OOD_LEGEND, PredictionWriter, open_output
-    from crystalscope.infer.predictor import load_predictor, parse_classes
+    from crystalscope.infer.predictor import OUTPUT_KINDS, load_predictor, parse_classes
     from crystalscope.infer.stream import Failure, predict_stream
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give at least 1")
+    if outputs not in (None, *OUTPUT_KINDS):
+        raise UserError(f"--outputs {outputs}: use probabilities or logits")
     predictor = load_predictor(
         model, backend=backend.value, classes=parse_classes(classes),
-        preprocessing=_preprocessing(input_size, layout, preprocess, mean, std))
+        preprocessing=_preprocessing(input_size, layout, preprocess, mean, std),
+        outputs=outputs)  # type: ignore[arg-type]
     if reject_unknown and predictor.ood is None:
         raise UserError(f"--reject-unknown: {model} has no unknown-detector; export the run "
                         "again (crystalscope export RUN) to fit one")

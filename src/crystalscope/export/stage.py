@@ -150,6 +150,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
                                 f"(max |Δ probability| {rebuilt_difference:.2e})")
     onnx_path = out_dir / "model.onnx"
     metadata = {"classes": run.classes, "preprocessing": description["preprocessing"],
+                "outputs": "probabilities",
                 "architecture": description["architecture"], "format": description["format"],
                 "format_version": description["format_version"]}
     onnx_difference = export_onnx(run.net, onnx_path, run.image_size, metadata, images)

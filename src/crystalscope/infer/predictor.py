@@ -23,6 +23,8 @@ from crystalscope.errors import UserError
 from crystalscope.ood.detector import OODDetector, load_detector
 
 Backend = Literal["onnx", "torch"]
+OutputKind = Literal["probabilities", "logits"]
+OUTPUT_KINDS = ("probabilities", "logits")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # Keras' "caffe" mode: BGR, mean subtracted
 
 
@@ -81,6 +83,7 @@ class Predictor:
     run: Callable[[np.ndarray], RawOutputs] = field(repr=False)
     has_embedding: bool = True
     ood: OODDetector | None = field(default=None, repr=False)
+    outputs: OutputKind = "probabilities"
 
     @property
     def input_size(self) -> int:
@@ -89,32 +92,53 @@ class Predictor:
     def predict(self, images: np.ndarray) -> Outputs:
         """uint8 RGB (N, 3, S, S) -> probabilities, embeddings and ood scores."""
         raw, embeddings, statistics = self.run(self.preprocessing.apply(images))
-        probabilities = to_probabilities(raw, len(self.classes))
+        probabilities = to_probabilities(raw, len(self.classes), self.outputs)
         scores = None
         if self.ood is not None and statistics is not None:
             scores = self.ood.score(statistics, probabilities)
         return Outputs(probabilities, embeddings, scores)
 
 
-def to_probabilities(output: np.ndarray, num_classes: int) -> np.ndarray:
-    """Model output -> class probabilities: a single sigmoid column becomes [1 - p, p];
-    rows that are not already probabilities get a softmax."""
+def to_probabilities(output: np.ndarray, num_classes: int,
+                     kind: OutputKind = "probabilities") -> np.ndarray:
+    """Model output -> class probabilities, as ``kind`` says the model gives them.
+
+    ``probabilities``: rows as they are (a softmax or a sigmoid already applied); ``logits``:
+    a softmax over each row, or a sigmoid of a single column. One sigmoid column becomes
+    [1 - p, p]. Decided per model, never from a batch's values, so an image's result does not
+    depend on the images that share its batch.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"kind {kind!r}: use probabilities or logits")
     output = np.asarray(output, dtype=np.float64)
     if output.ndim == 1:
         output = output[:, None]
     if output.shape[1] == 1 and num_classes == 2:
         p = output[:, 0]
-        if p.min() < 0 or p.max() > 1:  # a logit, not a sigmoid output
+        if kind == "logits":
             p = 1.0 / (1.0 + np.exp(-p))
         return np.stack([1 - p, p], axis=1)
     if output.shape[1] != num_classes:
         raise UserError(f"the model gives {output.shape[1]} outputs per image but "
                         f"{num_classes} class names are known; give --classes")
-    is_probability = (output.min() >= 0) and np.allclose(output.sum(axis=1), 1.0, atol=1e-3)
-    if is_probability:
+    if kind == "probabilities":
         return output
     shifted = np.exp(output - output.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _output_kind(path: Path, output_name: str, given: OutputKind | None,
+                 metadata: dict) -> OutputKind:
+    """What the model's first output is: given, else its metadata, else its name."""
+    if given:
+        return given
+    if metadata.get("outputs") in OUTPUT_KINDS:
+        return metadata["outputs"]
+    if output_name == "probabilities":  # crystalscope's own exports
+        return "probabilities"
+    raise UserError(f"{path}: say what its output {output_name!r} holds: --outputs "
+                    "probabilities (a softmax or sigmoid is applied in the model) or --outputs "
+                    "logits")
 
 
 def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
@@ -153,7 +177,9 @@ def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
                 if "statistics" in optional and path.name == "model.onnx" else None)
     return Predictor(classes=list(classes), preprocessing=preprocessing, backend="onnx",
                      source=path, run=run, has_embedding="embedding" in optional,
-                     ood=detector)
+                     ood=detector, outputs=_output_kind(path, wanted[0],
+                                                        backend_overrides.get("outputs"),
+                                                        metadata))
 
 
 def _guess(shape: list, path: Path) -> Preprocessing:
@@ -180,13 +206,18 @@ def _torch_predictor(net: torch.nn.Module, classes: list[str], size: int, source
 
 
 def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str] | None = None,
-                   preprocessing: Preprocessing | None = None) -> Predictor:
-    """Open MODEL (run directory, model.onnx, model.safetensors/model.json) for inference."""
+                   preprocessing: Preprocessing | None = None,
+                   outputs: OutputKind | None = None) -> Predictor:
+    """Open MODEL (run directory, model.onnx, model.safetensors/model.json) for inference.
+
+    ``classes``, ``preprocessing`` and ``outputs`` describe a foreign ONNX model (what its
+    output holds: ``probabilities`` or ``logits``); crystalscope's own models carry them.
+    """
     model = Path(model)
     if not model.exists():
         raise UserError(f"{model}: no such model; give a run directory, a model.onnx or a "
                         "model.safetensors")
-    overrides = {"classes": classes, "preprocessing": preprocessing}
+    overrides = {"classes": classes, "preprocessing": preprocessing, "outputs": outputs}
     if model.is_dir():
         if backend == "onnx":
             if not (model / "model.onnx").is_file():
