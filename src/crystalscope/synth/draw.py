@@ -108,7 +108,7 @@ def rod(canvas: np.ndarray, rng: np.random.Generator, *, center: tuple[float, fl
         bh, bw = y1 - y0, x1 - x0
         blotches = granules(rng, bh, bw, rng.uniform(0.01, 0.05), rng.uniform(1.2, 3.5))
         blotches = blotches / max(float(np.percentile(blotches, 95)), 1e-6)
-        profile = profile * (rng.uniform(0.3, 0.7) + rng.uniform(0.5, 1.2) * blotches)
+        profile = profile * (rng.uniform(0.4, 0.8) + rng.uniform(0.3, 0.8) * blotches)
     if rng.uniform() < 0.6:  # a specular highlight line along the rod
         line = rng.uniform(-0.7, 0.7) * half_w
         profile = profile + rng.uniform(0.3, 1.2) * np.exp(

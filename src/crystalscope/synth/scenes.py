@@ -35,7 +35,7 @@ from crystalscope.synth.draw import (
 )
 
 PARTICLE_KINDS = ("granular", "plate", "translucent", "rim")
-PARTICLE_ODDS = (0.35, 0.25, 0.22, 0.18)
+PARTICLE_ODDS = (0.38, 0.25, 0.2, 0.17)
 
 
 def needle_scene(rng: np.random.Generator, h: int, w: int, *, density: float,
@@ -73,7 +73,7 @@ def rod_scene(rng: np.random.Generator, h: int, w: int, count: int, *, brightnes
     for _ in range(count):
         rod(canvas, rng, center=(rng.uniform(0, h), rng.uniform(0, w)),
             angle=main + rng.normal(0, spread), length=rng.uniform(0.9, 2.5) * side,
-            width=rng.uniform(8, 50) * side / 151, level=rng.uniform(20, 150) * brightness)
+            width=rng.uniform(8, 50) * side / 151, level=rng.uniform(15, 110) * brightness)
     return ndimage.gaussian_filter(canvas, rng.uniform(0.8, 3.5))
 
 
@@ -85,7 +85,7 @@ def render_cex(rng: np.random.Generator, h: int, w: int, difficulty: float) -> n
     image += needle_scene(rng, h, w, density=density, brightness=rng.uniform(0.8, 1.6))
     rods = int(rng.choice([0, 0, 1, 2, 3, 5]))
     if rods:
-        image += rod_scene(rng, h, w, rods, brightness=rng.uniform(0.7, 1.8))
+        image += rod_scene(rng, h, w, rods, brightness=rng.uniform(0.7, 1.5))
     if rng.uniform() < 0.5:
         image *= vignette(h, w, rng.uniform(0.1, 0.5), tuple(rng.uniform(0.3, 0.7, 2)))
     if ambiguous:  # a dense bright bundle or an out-of-focus glare: PG-like brightness
@@ -124,7 +124,7 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
         grains = grains / max(float(np.percentile(grains[inside], 90)) if inside.any() else 1,
                               1e-6)
         floor = rng.uniform(0.1, 0.5)
-        body = rng.uniform(150, 320) * (floor + (1 - floor) * np.clip(
+        body = rng.uniform(180, 360) * (floor + (1 - floor) * np.clip(
             rng.uniform(0.8, 1.6) * (0.8 * grains + 0.2 * texture), 0, 1.3))
         halo = ndimage.gaussian_filter(mask, radius * 0.12) * (grains > rng.uniform(0.4, 0.9))
         alpha = np.maximum(mask, halo) * rng.uniform(0.8, 1.0)
