@@ -85,10 +85,27 @@ def test_uneven_groups_move_only_the_unavoidable_files(sample_classes: Path,
     result = split_dataset(sample_classes, dest, seed=0, workers=1)
     counts = result.report["counts"]["pg"]
     assert sum(counts.values()) == 9
-    # 5 + 1 fill train (6); the group of 3 fits nowhere whole: it goes to valid (room 2), so
-    # one file moves from test to valid; no assignment does better.
+    # 5 + 1 fill train (6); the group of 3 fits nowhere whole: it goes to valid (room 2).
+    # That would leave test without PG, so the single file moves from train to test: with 3
+    # groups, every split holds the class.
+    assert counts == {"train": 5, "valid": 3, "test": 1}
     assert result.report["files_moved_by_groups"] == 1
-    assert counts == {"train": 6, "valid": 3, "test": 0}
+
+
+@pytest.mark.parametrize("sizes", [(5, 5, 5), (4, 4, 4, 1), (9, 1, 1), (6, 3, 3, 3), (2, 2, 2)])
+def test_every_split_holds_a_class_of_at_least_three_groups(sizes: tuple[int, ...]) -> None:
+    from crystalscope.data.split import _assign_units
+
+    units, start = {}, 0
+    for group, size in enumerate(sizes):
+        units[group] = list(range(start, start + size))
+        start += size
+    target = split_counts(start, DEFAULT)
+    assignment, count = _assign_units(units, target, {})
+    assert all(count[s] > 0 for s in ("train", "valid", "test")), (sizes, count)
+    assert sorted(assignment) == list(range(start))  # every file placed once
+    by_group = {g: {assignment[i] for i in members} for g, members in units.items()}
+    assert all(len(s) == 1 for s in by_group.values())  # groups stay whole
 
 
 def test_same_seed_same_split_other_seed_other_split(synthetic_set: Path, tmp_path: Path) -> None:

@@ -134,6 +134,7 @@ def _assign_units(units: dict[int, list[int]], target: dict[str, int],
     """
     count = dict.fromkeys(SPLIT_NAMES, 0)
     assignment: dict[int, str] = {}
+    fixed = set(group_split) & set(units)  # placed by another class: they stay where they are
 
     def room(split: str) -> int:
         return target[split] - count[split]
@@ -154,7 +155,34 @@ def _assign_units(units: dict[int, list[int]], target: dict[str, int],
         if group not in group_split:
             open_splits = [s for s in SPLIT_NAMES if room(s) > 0]
             place(group, open_splits[0] if open_splits else max(SPLIT_NAMES, key=room))
+    _cover_every_split(units, target, group_split, count, assignment, fixed)
     return assignment, count
+
+
+def _cover_every_split(units: dict[int, list[int]], target: dict[str, int],
+                       group_split: dict[int, str], count: dict[str, int],
+                       assignment: dict[int, str], fixed: set[int]) -> None:
+    """A class with at least 3 groups gets a file in every split that has a target: a split
+    left empty by whole groups takes the smallest movable group of the split with the most
+    files over its target (among splits that keep at least one group)."""
+    if len(units) < 3:
+        return
+    for split in SPLIT_NAMES:
+        if target[split] == 0 or count[split] > 0:
+            continue
+        groups_in = {s: [g for g in units if group_split[g] == s] for s in SPLIT_NAMES}
+        movable = [g for g in units if g not in fixed and group_split[g] != split
+                   and len(groups_in[group_split[g]]) >= 2]
+        if not movable:
+            continue
+        order = list(units)
+        donor_surplus = {s: count[s] - target[s] for s in SPLIT_NAMES}
+        group = min(movable, key=lambda g: (len(units[g]), -donor_surplus[group_split[g]],
+                                            order.index(g)))
+        count[group_split[group]] -= len(units[group])
+        group_split[group] = split
+        count[split] += len(units[group])
+        assignment.update(dict.fromkeys(units[group], split))
 
 
 def plan_split(scan: DatasetScan, ratios: tuple[Fraction, Fraction, Fraction], *,
