@@ -11,6 +11,7 @@ from crystalscope.data.dedupe import (
     dihedral_arrays,
     dihedral_phash,
     group_duplicates,
+    near_pairs,
     pixel_digest,
 )
 
@@ -28,8 +29,9 @@ def test_pixel_digest_and_phash_are_invariant_under_the_8_rotations_and_flips() 
 
 
 def test_group_duplicates_joins_chains_across_fingerprints() -> None:
-    prints = [Fingerprint("a", "p1", "h1"), Fingerprint("b", "p1", "h2"),
-              Fingerprint("c", "p3", "h2"), Fingerprint("d", "p4", "h4"),
+    h1, h2, h4 = (1,) * 8, (2**40,) * 8, (2**64 - 1,) * 8
+    prints = [Fingerprint("a", "p1", h1), Fingerprint("b", "p1", h2),
+              Fingerprint("c", "p3", h2), Fingerprint("d", "p4", h4),
               Fingerprint("a", None, None)]
     assert group_duplicates(prints) == [0, 0, 0, 3, 0]
 
@@ -89,5 +91,65 @@ def test_kaggle_layout_is_found(tmp_path: Path, sample_classes: Path) -> None:
 def test_parallel_scan_equals_serial_scan(synthetic_set: Path) -> None:
     serial = scan_dataset(synthetic_set, workers=1).records
     parallel = scan_dataset(synthetic_set, workers=2).records
-    assert [(r.path, r.sha256, r.phash, r.group) for r in serial] == \
-           [(r.path, r.sha256, r.phash, r.group) for r in parallel]
+    assert [(r.path, r.sha256, r.phashes, r.group) for r in serial] == \
+           [(r.path, r.sha256, r.phashes, r.group) for r in parallel]
+
+
+def test_near_pairs_equal_a_brute_force_search() -> None:
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 2**63, (300, 8), dtype=np.uint64)
+    # plant near copies: a row whose variant 3 is row i's hash with a few bits flipped
+    for i in range(0, 60, 2):
+        flips = rng.choice(64, size=int(rng.integers(0, 11)), replace=False)
+        noise = np.uint64(sum(1 << int(b) for b in flips))
+        base[i + 1, 3] = base[i, 0] ^ noise
+    for distance in (0, 3, 6, 8):
+        expected = set()
+        for i in range(len(base)):
+            for j in range(i + 1, len(base)):
+                d_ij = min(bin(int(base[i, 0]) ^ int(v)).count("1") for v in base[j])
+                d_ji = min(bin(int(base[j, 0]) ^ int(v)).count("1") for v in base[i])
+                if min(d_ij, d_ji) <= distance:
+                    expected.add((i, j))
+        assert set(near_pairs(base, distance)) == expected
+        assert len(expected) > 0 or distance == 0
+
+
+def _altered(image: Image.Image) -> Image.Image:
+    """Rotated, 2 px cropped, 5% brighter, JPEG re-encoded."""
+    import io
+
+    out = image.transpose(Image.Transpose.ROTATE_270)
+    out = out.crop((2, 1, out.width - 3, out.height - 2))
+    out = Image.fromarray(np.clip(np.asarray(out, np.float32) * 1.05, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    out.save(buffer, format="JPEG", quality=80)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("L")
+
+
+def test_altered_copies_group_and_distinct_blank_frames_do_not(tmp_path: Path) -> None:
+    from crystalscope.synth.crops import SynthSettings, render_group
+
+    for name in ("cex", "pg"):
+        (tmp_path / name).mkdir()
+    settings = SynthSettings(seed=2)
+    for number in range(1, 6):
+        for name in ("cex", "pg"):
+            crop = Image.fromarray(render_group(name, number, settings)[0])
+            crop.save(tmp_path / name / f"{number}.png")
+            _altered(crop).save(tmp_path / name / f"{number}-copy.png")
+    rng = np.random.default_rng(0)
+    for number in range(6):  # distinct, nearly flat frames: one grey level, faint noise
+        flat = 90 + number + rng.normal(0, 0.6, (151, 151))
+        Image.fromarray(flat.round().astype(np.uint8)).save(tmp_path / "cex" / f"blank{number}.png")
+    scan = scan_dataset(tmp_path, workers=1)
+    group = {f"{r.class_name}/{r.path.stem}": r.group for r in scan.records}
+    grouped = [group[f"{name}/{n}"] == group[f"{name}/{n}-copy"]
+               for n in range(1, 6) for name in ("cex", "pg")]
+    # measured: 9 of 10 (a dark crop's copy is 10 bits away); exact pHash equality: 1 of 10
+    assert sum(grouped) >= 8
+    originals = {group[f"{name}/{n}"] for n in range(1, 6) for name in ("cex", "pg")}
+    assert len(originals) == 10  # no two distinct crops merged
+    blanks = {group[f"cex/blank{n}"] for n in range(6)}
+    assert len(blanks) == 6 and not blanks & originals
+    assert all(r.low_texture == r.path.stem.startswith("blank") for r in scan.records)

@@ -19,10 +19,11 @@ from PIL import Image
 
 from crystalscope.data.dedupe import (
     Fingerprint,
-    dihedral_phash,
+    dihedral_phashes,
     file_sha256,
     group_duplicates,
     groups_of,
+    is_low_texture,
     pixel_digest,
 )
 from crystalscope.data.images import FormatMismatchWarning, ImageLoadError, load_image
@@ -46,7 +47,8 @@ class FileRecord:
     width: int | None = None
     height: int | None = None
     pixel_digest: str | None = None
-    phash: str | None = None
+    phashes: tuple[int, ...] | None = None  # None: unreadable, or too flat to hash reliably
+    low_texture: bool = False
     warning: str | None = None
     group: int = -1
 
@@ -83,7 +85,9 @@ def inspect_file(path: Path, class_name: str) -> FileRecord:
     record.width, record.height = image.size
     gray = np.asarray(image.convert("L"))
     record.pixel_digest = pixel_digest(gray)
-    record.phash = dihedral_phash(image)
+    record.low_texture = is_low_texture(image)
+    if not record.low_texture:
+        record.phashes = dihedral_phashes(image)
     return record
 
 
@@ -102,7 +106,7 @@ def scan_dataset(root: Path, *, workers: int | None = None,
         records.append(record)
         if progress:
             progress(1)
-    fingerprints = [Fingerprint(r.sha256, r.pixel_digest, r.phash) for r in records]
+    fingerprints = [Fingerprint(r.sha256, r.pixel_digest, r.phashes) for r in records]
     for record, group in zip(records, group_duplicates(fingerprints), strict=True):
         record.group = group
     return DatasetScan(root=Path(root), class_names=[c.name for c in classes], records=records)
