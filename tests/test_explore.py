@@ -46,6 +46,49 @@ def test_clusters_are_reproducible() -> None:
         project(embeddings, k=200)
 
 
+def test_planted_clusters_are_recovered() -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(3, 64)) * 3
+    truth = np.repeat(np.arange(3), 50)
+    embeddings = centres[truth] + rng.normal(scale=0.4, size=(150, 64))
+    projection = project(embeddings, k=3, seed=0)
+    assert adjusted_rand_score(truth, projection.labels) >= 0.95
+    assert project(embeddings, k="auto", seed=0).k == 3
+
+
+def test_top_k_edges_equal_an_exact_search_in_bounded_memory() -> None:
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    embeddings = rng.normal(size=(300, 16))
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    expected = {(i, int(j)) for i in range(300) for j in np.argsort(-similarity[i])[:4]}
+    edges = top_k_edges(embeddings, 4)
+    assert {(i, j) for i, j, _ in edges} == expected
+    assert all(s == pytest.approx(similarity[i, j]) for i, j, s in edges)
+    big = rng.normal(size=(20_000, 32)).astype(np.float32)
+    tracemalloc.start()
+    top_k_edges(big, 5)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 600 * 2**20  # a dense 20,000^2 float64 matrix alone would be 3.2 GB
+
+
+def test_the_graph_samples_every_cluster_in_proportion() -> None:
+    from crystalscope.explore.html import graph_sample
+
+    labels = np.repeat([0, 1, 2], [9000, 900, 3])
+    shown = graph_sample(labels, 1000, seed=1)
+    assert len(shown) <= 1000 and len(set(shown)) == len(shown)
+    counts = np.bincount(labels[shown], minlength=3)
+    assert abs(counts[0] - 909) <= 2 and abs(counts[1] - 91) <= 2 and counts[2] >= 1
+    assert np.array_equal(graph_sample(labels[:50], 1000), np.arange(50))
+
+
 def test_top_k_edges_have_no_self_loops() -> None:
     rng = np.random.default_rng(1)
     embeddings = rng.normal(size=(10, 8))

@@ -4,6 +4,11 @@ similarity graph (d3graph, the engine of D3Blocks' graph block).
 Both libraries inline d3 into the page. Two of their defaults must be overridden: the pages
 would load a third-party advertising script unless ``support=False``, and edges with a weight
 below 1 are dropped silently, so cosine similarities are mapped onto 1.5-10.
+
+d3graph takes a dense adjacency matrix and a browser lays out a few thousand nodes at most, so
+the graph shows at most ``GRAPH_MAX_NODES`` images, drawn from every cluster in proportion
+(seeded); neighbours come from a k-nearest-neighbour search (scikit-learn), never an N x N
+similarity matrix.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import pandas as pd
 
 from crystalscope.explore.projection import Points, Projection
 
+GRAPH_MAX_NODES = 1500
 CLUSTER_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
                    "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 GRAPH_NOTE = (
@@ -24,7 +30,7 @@ GRAPH_NOTE = (
     "on the map. Each image is linked to its {k} most similar images (cosine similarity of the "
     "model's embeddings); thicker, shorter links are more similar. Edge weight = 1.5 + 8.5 x "
     "similarity. Move the slider to keep only the strongest links: groups that stay connected "
-    "are crystals the model sees as alike. Hover a node for its file and classes."
+    "are crystals the model sees as alike. Hover a node for its file and classes.{sample}"
 )
 
 
@@ -56,16 +62,48 @@ def scatter_html(points: Points, projection: Projection, path: Path) -> None:
 
 
 def top_k_edges(embeddings: np.ndarray, k: int) -> list[tuple[int, int, float]]:
-    """(i, j, cosine similarity) for each image's k most similar others; never i == j."""
+    """(i, j, cosine similarity) for each image's k most similar others; never i == j.
+
+    A k-nearest-neighbour search in bounded memory (no N x N matrix); ties keep the lower
+    index first.
+    """
+    from sklearn import config_context
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(embeddings)
+    k = min(k, n - 1)
+    if k < 1:
+        return []
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    similarity = unit @ unit.T
-    np.fill_diagonal(similarity, -np.inf)
-    k = min(k, len(embeddings) - 1)
+    search = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute")
+    with config_context(working_memory=64):  # MiB per chunk of the distance matrix
+        distances, neighbours = search.fit(unit).kneighbors(unit)
     edges = []
-    for i, row in enumerate(similarity):
-        for j in np.argsort(-row, kind="stable")[:k]:
-            edges.append((i, int(j), float(row[j])))
+    for i in range(n):
+        others = [(float(d), int(j)) for d, j in zip(distances[i], neighbours[i], strict=True)
+                  if j != i]
+        for _, j in sorted(others)[:k]:
+            edges.append((i, j, float(unit[i] @ unit[j])))
     return edges
+
+
+def graph_sample(labels: np.ndarray, max_nodes: int, seed: int = 0) -> np.ndarray:
+    """Indices of at most ``max_nodes`` points, each cluster in proportion to its size (at
+    least one each), sorted; all points when there are few enough."""
+    n = len(labels)
+    if n <= max_nodes:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    clusters = np.unique(labels)
+    for cluster in clusters:
+        members = np.flatnonzero(labels == cluster)
+        take = max(1, round(max_nodes * len(members) / n))
+        chosen.append(rng.choice(members, size=min(take, len(members)), replace=False))
+    picked = np.sort(np.concatenate(chosen))
+    if len(picked) > max_nodes:  # rounding up in many small clusters
+        picked = np.sort(rng.choice(picked, size=max_nodes, replace=False))
+    return picked
 
 
 def edge_weight(similarity: float) -> float:
@@ -73,21 +111,18 @@ def edge_weight(similarity: float) -> float:
     return round(1.5 + 8.5 * float(np.clip(similarity, 0.0, 1.0)), 4)
 
 
-def node_names(points: Points) -> list[str]:
-    """Unique node ids ``n<index>`` (file names repeat across folders, and d3graph rewrites
-    spaces); the file name is the node's label."""
-    return [f"n{i}" for i in range(len(points.paths))]
-
-
-def graph_html(points: Points, projection: Projection, path: Path, *, k: int = 5) -> None:
-    """graph.html: force-directed graph of each image's top-k neighbours."""
+def graph_html(points: Points, projection: Projection, path: Path, *, k: int = 5,
+               max_nodes: int = GRAPH_MAX_NODES, seed: int = 0) -> int:
+    """graph.html: force-directed graph of each image's top-k neighbours (among at most
+    ``max_nodes`` images sampled by cluster); returns how many images it shows."""
     from d3graph import d3graph
 
     _quiet("d3graph")
-    names = node_names(points)
+    shown = graph_sample(projection.labels, max_nodes, seed)
+    names = [f"n{i}" for i in shown]
     adjacency = pd.DataFrame(0.0, index=names, columns=names)
-    for i, j, similarity in top_k_edges(points.embeddings, k):
-        adjacency.iloc[i, j] = edge_weight(similarity)
+    for a, b, similarity in top_k_edges(points.embeddings[shown], k):
+        adjacency.iloc[a, b] = edge_weight(similarity)
     graph = d3graph(support=False, verbose=40)
     graph.graph(adjacency)
     order = [int(name[1:]) for name in graph.node_properties]  # d3graph's own node order
@@ -97,8 +132,13 @@ def graph_html(points: Points, projection: Projection, path: Path, *, k: int = 5
         color=[CLUSTER_COLOURS[projection.labels[i] % len(CLUSTER_COLOURS)] for i in order])
     graph.show(filepath=str(path), showfig=False, title="crystalscope similarity graph",
                show_slider=True)
+    sample = ("" if len(shown) == len(points.paths) else
+              f" It shows {len(shown):,} of the {len(points.paths):,} images, drawn from every "
+              "cluster in proportion; links are among those shown.")
     page = Path(path).read_text(encoding="utf-8")
     note = (f'<div id="crystalscope-note" style="font:14px sans-serif;padding:8px 12px;'
-            f'background:#f4f4f4;color:#222">{html.escape(GRAPH_NOTE.format(k=k))}</div>')
+            f'background:#f4f4f4;color:#222">'
+            f'{html.escape(GRAPH_NOTE.format(k=k, sample=sample))}</div>')
     page = page.replace("<body>", "<body>\n" + note, 1) if "<body>" in page else note + page
     Path(path).write_text(page, encoding="utf-8")
+    return len(shown)

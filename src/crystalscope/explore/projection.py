@@ -23,6 +23,7 @@ from crystalscope.infer.stream import Failure, predict_stream
 from crystalscope.vectors.store import VectorStore
 
 AUTO_K_RANGE = range(2, 9)
+SILHOUETTE_SAMPLE = 5000  # silhouette costs N^2: above this, a seeded sample of points
 
 
 @dataclass
@@ -98,6 +99,11 @@ def _kmeans(coords: np.ndarray, k: int, seed: int) -> KMeans:
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit(coords)
 
 
+def _silhouette(coords: np.ndarray, labels: np.ndarray, seed: int) -> float:
+    sample = SILHOUETTE_SAMPLE if len(coords) > SILHOUETTE_SAMPLE else None
+    return float(silhouette_score(coords, labels, sample_size=sample, random_state=seed))
+
+
 def project(embeddings: np.ndarray, *, k: int | str = 4, seed: int = 0) -> Projection:
     """PCA to 2-D, then k-means (``k`` clusters, or ``"auto"`` by silhouette)."""
     n = len(embeddings)
@@ -108,13 +114,13 @@ def project(embeddings: np.ndarray, *, k: int | str = 4, seed: int = 0) -> Proje
     coords = pca.fit_transform(unit)
     if k == "auto":
         candidates = [c for c in AUTO_K_RANGE if c < n]
-        scores = {c: silhouette_score(coords, _kmeans(coords, c, seed).labels_)
+        scores = {c: _silhouette(coords, _kmeans(coords, c, seed).labels_, seed)
                   for c in candidates}
         k = max(scores, key=lambda c: scores[c])
     if not isinstance(k, int) or not 1 <= k < n:
         raise UserError(f"--k {k}: give a number of clusters from 1 to {n - 1}, or auto")
     model = _kmeans(coords, k, seed)
-    silhouette = (float(silhouette_score(coords, model.labels_))
+    silhouette = (_silhouette(coords, model.labels_, seed)
                   if k > 1 and len(set(model.labels_)) > 1 else None)
     return Projection(coords=coords, explained=pca.explained_variance_ratio_,
                       labels=model.labels_, centroids=model.cluster_centers_,

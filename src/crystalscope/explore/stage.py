@@ -48,6 +48,16 @@ def explore(out_dir: Path, *, predictor: Predictor | None = None, files: list[Pa
         points, failures = points_from_images(predictor, files, progress)
     else:
         raise UserError("give images to embed, or --store")
+    exploration = explore_points(points, out_dir, k=k, seed=seed, neighbours=neighbours,
+                                 zoom=zoom)
+    exploration.failures = failures
+    return exploration
+
+
+def explore_points(points: Points, out_dir: Path, *, k: int | str = 4, seed: int = 0,
+                   neighbours: int = 5, zoom: tuple[float, float, float, float] | None = None
+                   ) -> Exploration:
+    """Map and cluster ``points``; write the maps, the graph and clusters.json."""
     projection = project(points.embeddings, k=k, seed=seed)
     clusters = summarize_clusters(points, projection)
     out_dir = Path(out_dir)
@@ -57,7 +67,7 @@ def explore(out_dir: Path, *, predictor: Predictor | None = None, files: list[Pa
     written = {name: out_dir / name for name in OUTPUTS}
     plot_map(points, projection, written["map.png"], zoom=zoom)
     scatter_html(points, projection, written["map.html"])
-    graph_html(points, projection, written["graph.html"], k=neighbours)
+    graph_html(points, projection, written["graph.html"], k=neighbours, seed=seed)
     document = {
         "images": len(points.paths), "k": projection.k, "seed": seed,
         "explained_variance": projection.explained.tolist(),
@@ -70,4 +80,4 @@ def explore(out_dir: Path, *, predictor: Predictor | None = None, files: list[Pa
     }
     written["clusters.json"].write_text(json.dumps(document, indent=2), encoding="utf-8")
     return Exploration(points=points, projection=projection, clusters=clusters, files=written,
-                       failures=failures)
+                       failures=[])
