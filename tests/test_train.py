@@ -21,7 +21,7 @@ from crystalscope.errors import UserError
 from crystalscope.model.backbones import create_backbone, freeze_fraction, parameter_layers
 from crystalscope.model.classifier import CrystalClassifier
 from crystalscope.synth.crops import SynthSettings, synthesize
-from crystalscope.train.run import class_weights, train
+from crystalscope.train.run import class_weights, train, weights_notes
 
 TINY = {"model": "resnet18", "weights": "none", "image_size": 64, "trainable": 1.0,
         "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "scheduler": "none",
@@ -202,6 +202,21 @@ def test_config_file_and_recipes(tmp_path: Path) -> None:
     path.write_text("[1, 2]")
     with pytest.raises(UserError, match="mapping"):
         resolve_train_config({"data": tmp_path}, path)
+
+
+def test_defaults_fine_tune_pretrained_weights_and_random_weights_train_every_layer(
+        tmp_path: Path) -> None:
+    default = resolve_train_config({"data": tmp_path})
+    assert (default.weights, default.trainable) == ("imagenet", 0.25)  # the fast recipe
+    random = resolve_train_config({"data": tmp_path, "weights": "none"})
+    assert random.trainable == 1.0  # frozen random layers would be noise
+    assert "every layer" in weights_notes(random)[0]
+    asked = resolve_train_config({"data": tmp_path, "weights": "none", "trainable": 0.5})
+    assert asked.trainable == 0.5 and "random weights" in weights_notes(asked)[0]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"weights": "none", "trainable": 0.3}))
+    assert resolve_train_config({"data": tmp_path}, path).trainable == 0.3  # the file says so
+    assert weights_notes(default) == []
 
 
 def test_bad_inputs(split_folder: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ class TrainConfig(BaseModel):
     data: Path
     recipe: str = DEFAULT_RECIPE
     model: str = "resnet50"
-    weights: str = "none"
+    weights: str = "imagenet"  # a fine-tuning tool starts from pretrained layers
     image_size: int = Field(160, ge=16, le=1024)
     trainable: float = Field(0.25, ge=0.0, le=1.0)
     head: Literal["mlp", "linear"] = "mlp"
@@ -54,7 +54,10 @@ class TrainConfig(BaseModel):
 
 
 def resolve_train_config(options: dict[str, Any], config_file: Path | None = None) -> TrainConfig:
-    """Recipe defaults, then the YAML file, then the command-line options (None = not given)."""
+    """Recipe defaults, then the YAML file, then the command-line options (None = not given).
+
+    With ``weights: none`` every layer trains unless ``trainable`` is given (option or file).
+    """
     from_file: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -68,6 +71,9 @@ def resolve_train_config(options: dict[str, Any], config_file: Path | None = Non
     if recipe not in RECIPES:
         raise UserError(f"--recipe {recipe}: use one of {', '.join(RECIPES)}")
     merged = {**RECIPES[recipe], **from_file, **given, "recipe": recipe}
+    if merged.get("weights", "imagenet") == "none" and "trainable" not in {**from_file, **given}:
+        # A recipe's frozen share assumes pretrained layers: frozen random layers are noise.
+        merged["trainable"] = 1.0
     try:
         return TrainConfig(**merged)
     except ValidationError as exc:

@@ -195,7 +195,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
     result = TrainResult(run_dir=run_dir, epochs=epochs,
                          best_val_f1_macro=float(score) if score is not None else None,
                          stopped_by_f1=stopped, seconds=time.perf_counter() - start,
-                         primary=primary)
+                         primary=primary, notes=weights_notes(config))
     if trainer.interrupted or not primary:  # evaluation and export are the first process's
         return result
     finish_run(result, config)
@@ -248,6 +248,18 @@ def make_trainer(config: TrainConfig, run_dir: Path, *, started: float, quiet: b
         raise UserError("--compile on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl); "
                         "install one, or train without --compile")
     return trainer, f1_stop, best
+
+
+def weights_notes(config: TrainConfig) -> list[str]:
+    """What the run's starting weights mean for its frozen layers."""
+    if config.weights != "none":
+        return []
+    if config.trainable >= 1.0:
+        return ["weights none: every layer trained from random weights (a recipe's frozen "
+                "share assumes pretrained layers, so it is not applied without them)"]
+    return [f"weights none with trainable {config.trainable:g}: the frozen "
+            f"{1 - config.trainable:.0%} of the backbone keeps random weights, which carry "
+            "no features; train every layer (trainable 1.0) or start from pretrained weights"]
 
 
 def finish_run(result: TrainResult, config: TrainConfig) -> None:
