@@ -46,16 +46,58 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_download_without_credentials_prints_the_manual_steps(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "crystalscope.cli", "data", "download", str(tmp_path / "data")],
-        capture_output=True, text=True, timeout=120,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KAGGLE_CONFIG_DIR": str(tmp_path)},
-    )
-    _assert_one_line_error(result, 2, "no Kaggle credentials")
+def _no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
+
+
+def test_download_is_tried_without_credentials(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import kagglehub
+
+    from crystalscope.data.download import download_dataset
+
+    _no_credentials(monkeypatch, tmp_path)
+    calls = []
+
+    def public_download(handle: str, *, output_dir: str, force_download: bool) -> str:
+        calls.append(handle)  # a public data set needs no account
+        for name in ("cex", "pg"):
+            folder = Path(output_dir) / "cropped" / "cropped" / name
+            folder.mkdir(parents=True)
+            (folder / f"{name.upper()} (1).png").write_bytes(b"png")
+        return output_dir
+
+    monkeypatch.setattr(kagglehub, "dataset_download", public_download)
+    found = download_dataset(tmp_path / "data")
+    assert calls and found == tmp_path / "data" / "cropped" / "cropped"
+    assert sorted(p.name for p in found.iterdir()) == ["cex", "pg"]
+    assert not list(tmp_path.glob(".data.partial*"))
+
+
+def test_failed_download_explains_credentials_and_manual_steps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    import kagglehub
+
+    from crystalscope.cli import main
+
+    _no_credentials(monkeypatch, tmp_path)
+
+    def refused(handle: str, **_: object) -> str:
+        raise PermissionError("403 Client Error: Forbidden\nmore detail")
+
+    monkeypatch.setattr(kagglehub, "dataset_download", refused)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "download", str(tmp_path / "data")])
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert "PermissionError: 403 Client Error: Forbidden" in err
+    assert "no Kaggle credentials were found" in err and "KAGGLE_USERNAME" in err
     assert "kaggle.com/datasets/opencrystaldata/cephalexin-reactive-crystallization" in \
-        result.stderr.replace("\n", "")
-    assert not (tmp_path / "data").exists()
+        err.replace(" ", "")
+    assert not (tmp_path / "data").exists() and not list(tmp_path.glob(".data.partial*"))
 
 
 def test_check_json_and_strict(sample_classes: Path) -> None:

@@ -1,8 +1,9 @@
 """`crystalscope data download`: the public OpenCrystalData cephalexin set from Kaggle.
 
-With Kaggle credentials, kagglehub downloads and unpacks the set into a hidden folder beside
-DEST, which is renamed to DEST only once it is complete: an interrupted download never leaves
-a folder that looks finished. Without credentials, or offline, the error says exactly how to
+kagglehub downloads and unpacks the set into a hidden folder beside DEST, which is renamed to
+DEST only once it is complete: an interrupted download never leaves a folder that looks
+finished. The set is public, so the download is tried with or without Kaggle credentials; when
+it fails (offline, or Kaggle asks for an account), the error says what to set and how to
 download and place the files by hand.
 """
 
@@ -44,8 +45,6 @@ def download_dataset(dest: Path, *, handle: str = KAGGLE_DATASET) -> Path:
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise UserError(f"{dest}: is not empty; choose a new folder for the download")
-    if not kaggle_credentials_present():
-        raise UserError(f"no Kaggle credentials found; {manual_steps(dest)}")
     import kagglehub  # imported here: it is slow to import and only this command needs it
 
     partial = dest.with_name(f".{dest.name}.partial")
@@ -58,9 +57,13 @@ def download_dataset(dest: Path, *, handle: str = KAGGLE_DATASET) -> Path:
         raise CrystalscopeError(f"the download did not hold class folders ({exc})") from exc
     except Exception as exc:  # network, authentication, disk: all end the same way
         shutil.rmtree(partial, ignore_errors=True)
+        hint = ("" if kaggle_credentials_present() else
+                "no Kaggle credentials were found (if Kaggle asks for an account, set "
+                "KAGGLE_USERNAME and KAGGLE_KEY or put kaggle.json in ~/.kaggle); ")
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise CrystalscopeError(
-            f"download of {handle} failed ({type(exc).__name__}: {exc}); {manual_steps(dest)}"
-        ) from exc
+            f"download of {handle} failed ({type(exc).__name__}: {reason}); {hint}"
+            f"{manual_steps(dest)}") from exc
     if dest.exists():
         dest.rmdir()  # empty, checked above
     partial.rename(dest)
