@@ -145,3 +145,28 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "monitor" / "timeline.png").is_file()
     assert (tmp_path / "demo" / "maps" / "graph.html").is_file()
     assert (tmp_path / "demo" / "cams" / "sheet.png").is_file()
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    import crystalscope.synth.crops as crops
+    from crystalscope.cli import _state, main
+
+    def broken(*_: object, **__: object) -> None:
+        raise ZeroDivisionError("a bug, not bad input")
+
+    monkeypatch.setattr(crops, "synthesize", broken)
+    monkeypatch.setitem(_state, "debug", False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "ZeroDivisionError: a bug, not bad input" in err and "--debug" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
+    with pytest.raises(ZeroDivisionError):  # --debug: the real exception, with its traceback
+        main(["--debug", "synth", str(tmp_path / "b")])
+    from crystalscope.errors import UserError
+
+    with pytest.raises(UserError, match="--per-class"):  # bad input under --debug: raised too
+        main(["--debug", "synth", str(tmp_path / "c"), "--per-class", "0"])
