@@ -52,6 +52,37 @@ def test_gaussian_distance_is_the_mahalanobis_distance_to_the_nearest_class() ->
     np.testing.assert_allclose(distance(queries), expected, rtol=1e-6)
 
 
+def test_more_features_than_images_uses_the_leading_eigenvectors_and_a_residual() -> None:
+    # The path used in practice: a stage has more channels (x2 statistics) than the training
+    # split has images. Reference: the pooled covariance's eigendecomposition (scipy's eigh,
+    # not the SVD the code uses), the Mahalanobis distance inside its top-K eigenvectors and
+    # the length of the rest.
+    from scipy.linalg import eigh
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1, 2], 20)
+    features = rng.normal(size=(60, 300)) @ rng.normal(size=(300, 300)) / 10
+    features += rng.normal(size=(3, 300))[labels] * 2
+    for k in (20, 256):
+        distance = GaussianDistance.fit(features, labels, max_components=k)
+        means = np.stack([features[labels == c].mean(axis=0) for c in range(3)])
+        centred = features - means[labels]
+        covariance = centred.T @ centred / (len(features) - 3)
+        values, vectors = eigh(covariance)
+        keep = min(k, len(features) - 3)  # rank: N - C
+        values, vectors = values[::-1][:keep], vectors[:, ::-1][:, :keep]
+        assert len(distance.variances) == keep
+        np.testing.assert_allclose(distance.variances, values, rtol=1e-8)
+        queries = rng.normal(size=(10, 300)) + features[:10]
+        expected = [min(np.sqrt(np.sum(((q - m) @ vectors) ** 2 / values)) for m in means)
+                    for q in queries]
+        np.testing.assert_allclose(distance(queries), expected, rtol=1e-6)
+        origin = centred.mean(axis=0)  # zero up to rounding: each class is centred
+        rest = (queries - origin) - (queries - origin) @ vectors @ vectors.T
+        np.testing.assert_allclose(distance.residual(queries), np.linalg.norm(rest, axis=1),
+                                   rtol=1e-6)
+
+
 def test_knn_distance_matches_a_sorted_brute_force() -> None:
     rng = np.random.default_rng(1)
     bank, queries = rng.normal(size=(50, 8)), rng.normal(size=(7, 8))
