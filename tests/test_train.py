@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import shutil
 import signal
@@ -125,27 +126,70 @@ def test_frozen_layers_and_their_batchnorm_stay_fixed_while_training() -> None:
     assert not torch.equal(before["layer4.1.bn2.weight"], after["layer4.1.bn2.weight"])
 
 
-def test_resume_after_kill(split_folder: Path, tmp_path: Path) -> None:
+def _start_training(split_folder: Path, runs: Path, name: str, epochs: int, **popen: object
+                    ) -> subprocess.Popen:
     command = [sys.executable, "-m", "crystalscope.cli", "train", str(split_folder),
-               "--runs-dir", str(tmp_path), "--name", "killed", "--epochs", "6",
-               "--f1-threshold", "1.0", "--patience", "50", "--fraction", "0.5",
+               "--runs-dir", str(runs), "--name", name, "--epochs", str(epochs),
+               "--f1-threshold", "1.0", "--patience", "50", "--fraction", "0.25",
                *_cli_options(TINY)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.csv"
+    return subprocess.Popen(command, **popen)  # type: ignore[call-overload]
+
+
+def _wait_for_epochs(process: subprocess.Popen, metrics: Path, rows: int) -> None:
+    """Wait for a state (``rows`` epochs written, the process still training), not a time."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # 2 epochs done
-            break
+        if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
+            return
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    raise AssertionError(f"training did not reach {rows} epochs (exit {process.poll()})")
+
+
+def _resume_recording_the_start(run_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                ) -> tuple[object, dict]:
+    """Resume in this process; record the weights and optimizer state when training starts
+    (after Lightning has restored the checkpoint, before the first resumed step)."""
+    seen: dict = {}
+
+    def on_train_start(module: CrystalClassifier) -> None:
+        seen["weights"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        seen["optimizer"] = copy.deepcopy(module.trainer.optimizers[0].state_dict())
+        seen["epoch"] = module.trainer.current_epoch
+
+    monkeypatch.setattr(CrystalClassifier, "on_train_start", on_train_start, raising=False)
+    return train(None, resume=run_dir, quiet=True), seen
+
+
+def _assert_continues_from(checkpoint: dict, seen: dict) -> None:
+    """The resumed run starts from the checkpoint: same weights, optimizer moments, epoch."""
+    for key, value in checkpoint["state_dict"].items():
+        assert torch.equal(seen["weights"][key], value), key
+    saved, resumed = checkpoint["optimizer_states"][0]["state"], seen["optimizer"]["state"]
+    assert saved.keys() == resumed.keys() and saved
+    for index, moments in saved.items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(resumed[index][name], moments[name]), (index, name)
+    assert seen["epoch"] == checkpoint["epoch"] + 1
+    # A restart from scratch would start with an empty optimizer state: the comparison of
+    # Adam's moments above is what fails then.
+
+
+def test_resume_after_kill_continues_from_the_last_checkpoint(
+        split_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    process = _start_training(split_folder, tmp_path, "killed", 12,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_epochs(process, tmp_path / "killed" / "metrics.csv", 2)
+    process.send_signal(signal.SIGKILL)  # 10 epochs still to go: it cannot have finished
     process.wait()
     done_before = len(_rows(tmp_path / "killed"))
-    assert 2 <= done_before < 6, "the kill should land mid-run"
+    assert 2 <= done_before < 12, "the kill should land mid-run"
+    checkpoint = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt",
+                            map_location="cpu", weights_only=False)
     first_log = (tmp_path / "killed" / "logs" / "metrics.csv").read_text()
-    result = train(None, resume=tmp_path / "killed", quiet=True)
+    result, seen = _resume_recording_the_start(tmp_path / "killed", monkeypatch)
+    _assert_continues_from(checkpoint, seen)
     epochs = [int(r["epoch"]) for r in _rows(result.run_dir)]
-    assert epochs == list(range(1, len(epochs) + 1))
-    assert epochs[-1] == 6 or result.stopped_by_f1
+    assert epochs == list(range(1, 13))
     # Lightning's own log of the first part survives; the resumed part logs beside it.
     assert (tmp_path / "killed" / "logs" / "metrics.csv").read_text() == first_log
     assert len(list((tmp_path / "killed" / "logs").glob("resumed-*/metrics.csv"))) == 1
@@ -301,25 +345,21 @@ def test_existing_run_is_never_overwritten(split_folder: Path, tmp_path: Path) -
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["note.txt"]
 
 
-def test_ctrl_c_saves_a_checkpoint_then_resume_continues(split_folder: Path,
-                                                         tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "crystalscope.cli", "train", str(split_folder),
-               "--runs-dir", str(tmp_path), "--name", "interrupted", "--epochs", "4",
-               "--f1-threshold", "1.0", "--patience", "50", "--fraction", "0.5",
-               *_cli_options(TINY)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    metrics = tmp_path / "interrupted" / "metrics.csv"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None and not metrics.exists():
-        time.sleep(0.05)
-    checkpoint = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
-    checkpoint.unlink(missing_ok=True)  # so only the Ctrl-C handler can write it again
-    process.send_signal(signal.SIGINT)
+def test_ctrl_c_saves_a_checkpoint_then_resume_continues(
+        split_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    process = _start_training(split_folder, tmp_path, "interrupted", 12,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epochs(process, tmp_path / "interrupted" / "metrics.csv", 1)
+    checkpoint_path = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    checkpoint_path.unlink(missing_ok=True)  # so only the Ctrl-C handler can write it again
+    process.send_signal(signal.SIGINT)  # 11 epochs still to go: it cannot have finished
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
-    assert checkpoint.is_file(), stderr
+    assert checkpoint_path.is_file(), stderr
     assert "interrupted: checkpoint saved" in stderr and "Traceback" not in stderr
-    result = train(None, resume=tmp_path / "interrupted", quiet=True)
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    result, seen = _resume_recording_the_start(tmp_path / "interrupted", monkeypatch)
+    for key, value in checkpoint["state_dict"].items():  # mid-epoch: the weights carry on
+        assert torch.equal(seen["weights"][key], value), key
     epochs = [int(r["epoch"]) for r in _rows(result.run_dir)]
-    assert epochs == list(range(1, len(epochs) + 1)) and epochs[-1] >= 2
+    assert epochs == list(range(1, len(epochs) + 1)) and epochs[-1] == 12
