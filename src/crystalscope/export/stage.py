@@ -109,6 +109,7 @@ def int8_comparison(fp32_path: Path, int8_path: Path, images: torch.Tensor,
     return {"images": len(truth),
             "same_class": float((fp32.argmax(1) == int8.argmax(1)).mean()),
             "max_abs_probability_difference": float(np.abs(fp32 - int8).max()),
+            "mean_abs_probability_difference": float(np.abs(fp32 - int8).mean()),
             "accuracy_fp32": float((fp32.argmax(1) == truth).mean()),
             "accuracy_int8": float((int8.argmax(1) == truth).mean())}
 
