@@ -99,16 +99,16 @@ def rod(canvas: np.ndarray, rng: np.random.Generator, *, center: tuple[float, fl
     t = np.clip(np.abs(across) / half_w, 0, 1)
     profile = 1 + rng.uniform(-0.4, 0.5) * (t ** 2 - 0.35)  # edges brighter or darker
     striation, pattern = rng.uniform(0, 0.6), rng.uniform()
-    if pattern < 0.3:  # irregular bands across the rod
+    if pattern < 0.25:  # irregular bands across the rod
         profile = profile * (1 + striation * _wobble(rng, along, rng.uniform(2, 8)))
-    elif pattern < 0.55:  # fibres along it
+    elif pattern < 0.45:  # fibres along it
         profile = profile * (1 + striation * _wobble(rng, across, rng.uniform(1, 3)))
     else:  # bright granular blotches, the same grains as a PG agglomerate's: only the
         # rod's long straight edges tell it from one
         bh, bw = y1 - y0, x1 - x0
         blotches = granules(rng, bh, bw, rng.uniform(0.01, 0.05), rng.uniform(1.2, 3.5))
         blotches = blotches / max(float(np.percentile(blotches, 95)), 1e-6)
-        profile = profile * (rng.uniform(0.4, 0.8) + rng.uniform(0.3, 0.8) * blotches)
+        profile = profile * (rng.uniform(0.2, 0.6) + rng.uniform(0.6, 1.6) * blotches)
     if rng.uniform() < 0.6:  # a specular highlight line along the rod
         line = rng.uniform(-0.7, 0.7) * half_w
         profile = profile + rng.uniform(0.3, 1.2) * np.exp(
