@@ -28,8 +28,7 @@ from crystalscope.train.run import train
 
 
 def small_model(folder: Path) -> Path:
-    synthesize(folder / "images", SynthSettings(per_class=80, size=96, uniform_size=96,
-                                                difficulty=0.1, seed=5))
+    synthesize(folder / "images", SynthSettings(per_class=80, size=96, difficulty=0.1, seed=5))
     split_dataset(folder / "images", folder / "splits")
     config = resolve_train_config({
         "data": folder / "splits", "runs_dir": folder / "runs", "name": "monitor",

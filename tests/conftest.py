@@ -82,8 +82,8 @@ def pg_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from crystalscope.train.run import train
 
     root = tmp_path_factory.mktemp("cam")
-    synthesize(root / "images", SynthSettings(per_class=80, size=96, uniform_size=96,
-                                              difficulty=0.1, seed=5), workers=2)
+    synthesize(root / "images", SynthSettings(per_class=80, size=96, difficulty=0.1, seed=5),
+               workers=2)
     split_dataset(root / "images", root / "splits", workers=2)
     config = resolve_train_config({
         "data": root / "splits", "runs_dir": root / "runs", "name": "cam",

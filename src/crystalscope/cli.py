@@ -895,13 +895,15 @@ def synth_batch(
     rate: Annotated[float, typer.Option(help="PG share added per window after the onset.")]
     = 0.02,
     max_fraction: Annotated[float, typer.Option(help="Largest PG share.")] = 0.5,
-    size: Annotated[int, typer.Option(help="Crop side in pixels.")] = 96,
+    size: Annotated[int, typer.Option(
+        help="CEX crop side in pixels; PG crops vary around it, drawn as `synth` draws them. "
+             "With --frames: the crop side in the frame.")] = 151,
     difficulty: Annotated[float, typer.Option(help="0 (easy) to 1 (hard).")] = 0.3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     frames: Annotated[int, typer.Option(
         help="Write this many full probe frames per window instead of crops (0: crops).")]
     = 0,
-    frame_size: Annotated[int, typer.Option(help="--frames: frame side in pixels.")] = 384,
+    frame_size: Annotated[int, typer.Option(help="--frames: frame side in pixels.")] = 604,
 ) -> None:
     """A simulated batch: crops over time with PG from a known onset, plus a control batch
     and a calibration batch (both PG-free).

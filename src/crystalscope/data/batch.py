@@ -22,7 +22,8 @@ from PIL import Image
 
 from crystalscope.errors import UserError
 from crystalscope.parallel import ordered_map
-from crystalscope.synth.scenes import render_cex, render_frame, render_pg
+from crystalscope.synth.crops import SynthSettings, render_crop
+from crystalscope.synth.scenes import render_frame
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,11 @@ class BatchSettings:
     onset: int = 30
     rate: float = 0.02
     max_fraction: float = 0.5
-    size: int = 96
+    size: int = 151  # the CEX crop side; PG crops vary around it, as `synth` draws them
     difficulty: float = 0.3
     seed: int = 0
     frames: int = 0  # > 0: this many full probe frames per window instead of crops
-    frame_size: int = 384
+    frame_size: int = 604
 
     def validate(self) -> None:
         if self.windows < 1 or self.per_window < 1:
@@ -86,9 +87,11 @@ def _render_window(job: tuple[Path, int, int, bool, BatchSettings, int]) -> tupl
     kinds = np.array([True] * n_pg + [False] * (count - n_pg))
     rng.shuffle(kinds)
     folder.mkdir(parents=True, exist_ok=True)
+    # The same drawing as `crystalscope synth` (sizes included): a monitor sees crops of the
+    # kind its model was trained on.
+    crops = SynthSettings(size=settings.size, difficulty=settings.difficulty)
     for index, is_pg in enumerate(kinds, 1):
-        render = render_pg if is_pg else render_cex
-        crop = render(rng, settings.size, settings.size, settings.difficulty)
+        crop = render_crop(rng, "pg" if is_pg else "cex", crops)
         Image.fromarray(crop).save(folder / f"crop-{index:04d}.png")
     return n_pg, count
 

@@ -86,6 +86,13 @@ def crop_shape(rng: np.random.Generator, class_name: str, settings: SynthSetting
             round(settings.size * rng.uniform(low, high)))
 
 
+def render_crop(rng: np.random.Generator, class_name: str, settings: SynthSettings
+                ) -> np.ndarray:
+    """One crop of ``class_name`` as the data set draws it: its shape, then its content."""
+    h, w = crop_shape(rng, class_name, settings)
+    return RENDERERS[class_name](rng, h, w, settings.difficulty)
+
+
 def _transform(array: np.ndarray, k: int) -> np.ndarray:
     """Dihedral transform k in 0..7: rotate by k % 4 quarter turns, flip if k >= 4."""
     out = np.rot90(array, k % 4)
@@ -96,8 +103,7 @@ def render_group(class_name: str, number: int, settings: SynthSettings) -> list[
     """The crop numbered ``number`` and its rotated/flipped copies (PG only)."""
     class_index = CLASSES.index(class_name)
     rng = np.random.default_rng([settings.seed, class_index, number])
-    h, w = crop_shape(rng, class_name, settings)
-    crop = RENDERERS[class_name](rng, h, w, settings.difficulty)
+    crop = render_crop(rng, class_name, settings)
     copies = settings.dihedral_copies if class_name == "pg" else 0
     transforms = rng.permutation(np.arange(1, 8))[:copies]
     return [crop] + [_transform(crop, int(k)) for k in transforms]
