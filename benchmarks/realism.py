@@ -1,8 +1,8 @@
 """Sim-to-real: train on `crystalscope synth` crops only, test on real probe crops.
 
-Per seed: synthesises CEX/PG crops (default settings: 151 px CEX, 132-230 px PG), splits them
-70/25/5, trains a ResNet-18 from random weights (the setting that works without internet) at
-128 px with the 8 rotations/flips, exports it (which fits and calibrates the unknown-detector
+Per seed: synthesises 800 CEX + 800 PG crops (default settings: 151 px CEX, 132-230 px PG),
+splits them 70/25/5, trains a ResNet-18 from random weights (the setting that works without
+internet) at 96 px with the 8 rotations/flips for 25 epochs, exports it (which fits and calibrates the unknown-detector
 at 1% false rejects on the synthetic train/valid splits), then classifies the real crops in
 ``--real`` (default: ../shared/data/opencrystal-samples; the class is the file name's prefix,
 ``CEX (1).png`` -> cex). The real crops are test data only: nothing is fitted on them.
@@ -11,7 +11,7 @@ Prints accuracy and per-class recall with Wilson 95% intervals, each crop's P(PG
 flag, and the statistics where synthetic and real crops differ most, class by class
 (brightness percentiles, saturated share, gradient energy, spectrum slope, LBP texture).
 Run:
-    .venv/bin/python benchmarks/realism.py [--seeds 1 2] [--per-class 400] [--epochs 20]
+    .venv/bin/python benchmarks/realism.py [--seeds 1 2] [--per-class 800] [--epochs 25]
 """
 
 from __future__ import annotations
@@ -125,10 +125,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real", type=Path, default=REAL)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
-    parser.add_argument("--per-class", type=int, default=400)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--per-class", type=int, default=800)
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--statistics", type=int, default=200,
                         help="synthetic crops per class for the statistics (0: skip them)")
     parser.add_argument("--keep", type=Path, help="keep the last seed's run folder here")
