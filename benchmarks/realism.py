@@ -2,8 +2,9 @@
 
 Per seed: synthesises 800 CEX + 800 PG crops (default settings: 151 px CEX, 132-230 px PG),
 splits them 70/25/5, trains a ResNet-18 from random weights (the setting that works without
-internet) at 96 px with the 8 rotations/flips for 25 epochs, exports it (which fits and calibrates the unknown-detector
-at 1% false rejects on the synthetic train/valid splits), then classifies the real crops in
+internet) at 96 px with the 8 rotations/flips for 25 epochs, exports it (which fits and
+calibrates the unknown-detector at 1% false rejects on the synthetic train/valid splits), then
+classifies the real crops in
 ``--real`` (default: ../shared/data/opencrystal-samples; the class is the file name's prefix,
 ``CEX (1).png`` -> cex). The real crops are test data only: nothing is fitted on them.
 
