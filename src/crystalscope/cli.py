@@ -73,7 +73,7 @@ def synth(
         help="Make every crop SxS, so image size is no shortcut to the class.")] = None,
     difficulty: Annotated[str, typer.Option(
         help="easy, medium, hard or 0..1: blur, noise, low contrast and a share of "
-             "ambiguous crops.")] = "medium",
+             "ambiguous crops.")] = "0.3",
     dihedral_copies: Annotated[int, typer.Option(
         help="Rotated/flipped copies stored after each PG crop under the next numbers, "
              "like the public PG data (0..7).")] = 0,
