@@ -1,8 +1,8 @@
 """Monitor on simulated batches: detection delay after the PG onset, false alarms per 1,000
 clean windows, and throughput.
 
-Trains a small model (ResNet-18 at 96 px, random init, ~10 s) unless --run is given; then, per
-seed, simulates a PG batch, a control batch and a calibration batch (`crystalscope synth
+Trains a small model (ResNet-18 at 96 px, random init, on 200 + 200 synthetic crops drawn at
+96 px and the batches' difficulty) unless --run is given; then, per seed, simulates a PG batch, a control batch and a calibration batch (`crystalscope synth
 batch`), measures the false-positive rate on the calibration batch and replays the other two
 with the default alarm (alpha 1e-3, 2 windows in a row). Run:
     .venv/bin/python benchmarks/monitor.py [--seeds 4] [--windows 50] [--per-window 30]
@@ -26,16 +26,22 @@ from crystalscope.monitor.trend import AlarmRule
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.train.run import train
 
+CROP = 96  # the model's crops and the batches' crops are drawn alike, at this side
 
-def small_model(folder: Path) -> Path:
-    synthesize(folder / "images", SynthSettings(per_class=80, size=96, difficulty=0.1, seed=5))
+
+def small_model(folder: Path, difficulty: float) -> Path:
+    synthesize(folder / "images", SynthSettings(per_class=200, size=CROP,
+                                                difficulty=difficulty, seed=5))
     split_dataset(folder / "images", folder / "splits")
     config = resolve_train_config({
         "data": folder / "splits", "runs_dir": folder / "runs", "name": "monitor",
         "model": "resnet18", "weights": "none", "image_size": 96, "trainable": 1.0,
         "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "scheduler": "none",
-        "augmentation": "dihedral", "epochs": 12, "f1_threshold": 0.97})
-    return train(config, quiet=True).run_dir
+        "augmentation": "dihedral", "epochs": 15, "f1_threshold": 0.97})
+    result = train(config, quiet=True)
+    print(f"model: best validation macro F1 {result.best_val_f1_macro:.4f} "
+          f"({result.epochs} epochs)", flush=True)
+    return result.run_dir
 
 
 def main() -> None:
@@ -52,7 +58,7 @@ def main() -> None:
     parser.add_argument("--cut", nargs="+", default=["tiles", "particles"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as model_dir:
-        run = args.run or small_model(Path(model_dir))
+        run = args.run or small_model(Path(model_dir), args.difficulty)
         for cutter in (args.cut if args.frames else [None]):
             run_all(args, cutter, run)
 
@@ -67,7 +73,7 @@ def run_all(args: argparse.Namespace, cutter: str | None, run: Path) -> None:
             settings = BatchSettings(windows=args.windows, per_window=args.per_window,
                                      onset=args.onset, rate=args.rate,
                                      difficulty=args.difficulty, seed=seed,
-                                     frames=args.frames)
+                                     frames=args.frames, size=CROP, frame_size=4 * CROP)
             cutting = FrameCutting(settings.size, cutter) if cutter else None
             out = Path(tmp) / f"batch{seed}"
             summary = synthesize_batch(out, settings)

@@ -1105,7 +1105,7 @@ def demo(
     folder: Annotated[Path | None, typer.Argument(
         help="New folder for everything the demo writes (default: a temporary folder).")]
     = None,
-    per_class: Annotated[int, typer.Option(help="Synthetic crops per class.")] = 120,
+    per_class: Annotated[int, typer.Option(help="Synthetic crops per class.")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Every stage on a small synthetic set: synth … train, evaluate, export, predict, index."""

@@ -21,7 +21,12 @@ DEMO_TRAINING = {"model": "resnet18", "weights": "none", "image_size": 64, "trai
                  "accelerator": "cpu", "devices": "1"}
 
 
-def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
+DEMO_PER_CLASS = 200
+DEMO_RATIOS = "0.6,0.2,0.2"  # a test split that says something: 40 crops per class
+DEMO_DIFFICULTY = 0.0
+
+
+def run_demo(folder: Path, *, per_class: int = DEMO_PER_CLASS, seed: int = 0,
              say: Callable[[str], None] = print) -> dict[str, Path]:
     """Run synth -> data check -> split -> train under ``folder``; return what was written."""
     folder = Path(folder)
@@ -30,8 +35,8 @@ def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
     images, splits = folder / "images", folder / "splits"
 
     say(f"1/8 synth: {per_class} CEX and {per_class} PG crops (PG with rotated copies) -> {images}")
-    synthesize(images, SynthSettings(per_class=per_class, difficulty=0.3, dihedral_copies=2,
-                                     seed=seed))
+    synthesize(images, SynthSettings(per_class=per_class, difficulty=DEMO_DIFFICULTY,
+                                     dihedral_copies=2, seed=seed))
 
     say(f"2/8 data check: {images}")
     report = summarize(scan_dataset(images))
@@ -39,8 +44,8 @@ def run_demo(folder: Path, *, per_class: int = 120, seed: int = 0,
         f"groups holding {report['duplicate_files']} extra copies, "
         f"{report['label_conflicts']} label conflicts")
 
-    say(f"3/8 split 70/25/5, duplicate groups kept together -> {splits}")
-    result = split_dataset(images, splits, seed=seed)
+    say(f"3/8 split 60/20/20, duplicate groups kept together -> {splits}")
+    result = split_dataset(images, splits, ratios=DEMO_RATIOS, seed=seed)
     for name, counts in result.report["counts"].items():
         say(f"    {name}: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
 
@@ -80,7 +85,8 @@ def _monitor_batch(run_dir: Path, folder: Path, seed: int,
     from crystalscope.monitor.run import Monitor, calibrate, replay
     from crystalscope.monitor.trend import AlarmRule
 
-    settings = BatchSettings(windows=24, per_window=24, onset=12, rate=0.06, seed=seed)
+    settings = BatchSettings(windows=24, per_window=24, onset=12, rate=0.06,
+                             difficulty=DEMO_DIFFICULTY, seed=seed)
     batches = folder / "batches"
     summary = synthesize_batch(batches, settings)
     predictor = load_predictor(run_dir / "model.onnx")
