@@ -2,9 +2,10 @@
 clean windows, and throughput.
 
 Trains a small model (ResNet-18 at 96 px, random init, on 200 + 200 synthetic crops drawn at
-96 px and the batches' difficulty) unless --run is given; then, per seed, simulates a PG batch, a control batch and a calibration batch (`crystalscope synth
-batch`), measures the false-positive rate on the calibration batch and replays the other two
-with the default alarm (alpha 1e-3, 2 windows in a row). Run:
+96 px and the batches' difficulty) unless --run is given; then, per seed, simulates a PG
+batch, a control batch and a calibration batch (`crystalscope synth batch`, crops drawn like
+the model's), measures the false-positive rate on the calibration batch and replays the other
+two with the default alarm (alpha 1e-3, 2 windows in a row). Run:
     .venv/bin/python benchmarks/monitor.py [--seeds 4] [--windows 50] [--per-window 30]
 """
 
