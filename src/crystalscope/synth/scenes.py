@@ -188,15 +188,16 @@ def render_pg_with_mask(rng: np.random.Generator, h: int, w: int, difficulty: fl
 
 
 def render_frame(rng: np.random.Generator, side: int, crop: int, difficulty: float,
-                 pg_particles: int) -> tuple[np.ndarray, np.ndarray]:
+                 pg_particles: int, *, kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A full probe frame (``side`` px): CEX needles at the crops' scale (``crop`` px) with
-    ``pg_particles`` PG particles at random places; returns the frame and the PG mask."""
+    ``pg_particles`` PG particles at random places (of ``kind``, default: any); returns the
+    frame and the PG mask."""
     image = background(rng, side, side) + needle_scene(
         rng, side, side, density=rng.uniform(0.5, 1.4), brightness=rng.uniform(0.9, 1.5),
         scale=crop)
     truth = np.zeros((side, side), np.float32)
     for _ in range(pg_particles):
-        body, alpha, mask = particle(rng, crop, crop)
+        body, alpha, mask = particle(rng, crop, crop, kind=kind)
         y, x = (int(v) for v in rng.integers(0, side - crop, 2))
         region = image[y:y + crop, x:x + crop]
         region[:] = composite(region, body, alpha, 0.0)
