@@ -35,7 +35,7 @@ from crystalscope.synth.draw import (
 )
 
 PARTICLE_KINDS = ("granular", "plate", "translucent", "rim")
-PARTICLE_ODDS = (0.4, 0.28, 0.17, 0.15)
+PARTICLE_ODDS = (0.38, 0.25, 0.2, 0.17)
 
 
 def needle_scene(rng: np.random.Generator, h: int, w: int, *, density: float,
@@ -124,12 +124,12 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
         grains = grains / max(float(np.percentile(grains[inside], 90)) if inside.any() else 1,
                               1e-6)
         floor = rng.uniform(0.1, 0.5)
-        body = rng.uniform(200, 380) * (floor + (1 - floor) * np.clip(
+        body = rng.uniform(180, 360) * (floor + (1 - floor) * np.clip(
             rng.uniform(0.8, 1.6) * (0.8 * grains + 0.2 * texture), 0, 1.3))
         halo = ndimage.gaussian_filter(mask, radius * 0.12) * (grains > rng.uniform(0.4, 0.9))
         alpha = np.maximum(mask, halo) * rng.uniform(0.8, 1.0)
     elif kind == "plate":  # bright, nearly flat plate; a granular rim with dark flecks
-        body = rng.uniform(215, 310) + rng.uniform(5, 30) * smooth_field(rng, h, w, 3)
+        body = rng.uniform(205, 300) + rng.uniform(5, 30) * smooth_field(rng, h, w, 3)
         rim = np.clip(1 - depth / (rng.uniform(0.1, 0.35) * radius), 0, 1) * (mask > 0.05)
         flecks = granules(rng, h, w, rng.uniform(0.04, 0.15), 0.7 * factor) > rng.uniform(
             0.2, 0.4)
