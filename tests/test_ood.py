@@ -268,7 +268,7 @@ def test_monitor_counts_unknowns_apart_and_raises_unfamiliar_particles(
     predictor = load_predictor(pg_detector)
     synthesize(tmp_path / "cex", SynthSettings(per_class=24, size=96, difficulty=0.0, seed=99),
                workers=1)
-    synthesize_unfamiliar(tmp_path / "odd", per_kind=12, kinds=("natural", "empty"), size=96,
+    synthesize_unfamiliar(tmp_path / "odd", per_kind=24, kinds=("natural",), size=96,
                           seed=5, workers=1)
     crystals = sorted((tmp_path / "cex" / "cex").glob("*.png"))
     odd = [r.path for r in predict_stream(predictor, sorted((tmp_path / "odd").rglob("*.png")))
