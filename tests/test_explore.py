@@ -196,8 +196,9 @@ def test_cams_concentrate_on_the_pg_agglomerate(pg_detector: Path, tmp_path: Pat
     net, classes, size = load_torch_model(pg_detector)
     rng = np.random.default_rng(11)
     ratios: dict[str, list[float]] = {"gradcam": [], "layercam": []}
-    for i in range(6):
-        image, mask = render_pg_with_mask(rng, 96, 96, 0.0)
+    for i in range(6):  # bright agglomerates: the model's clearest PG evidence
+        image, mask = render_pg_with_mask(rng, 96, 96, 0.0,
+                                          kind=("granular", "plate")[i % 2])
         path = tmp_path / f"pg{i}.png"
         Image.fromarray(image).save(path)
         explanation = explain_image(net, classes, size, path, target="pg")

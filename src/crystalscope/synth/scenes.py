@@ -155,14 +155,15 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
     return body.astype(np.float32), alpha.astype(np.float32), mask.astype(np.float32)
 
 
-def _pg_scene(rng: np.random.Generator, h: int, w: int, *, small: bool
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _pg_scene(rng: np.random.Generator, h: int, w: int, *, small: bool,
+              kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A PG crop before the camera's effects, and its particle's mask."""
     behind = background(rng, h, w) + haze(rng, h, w, rng.uniform(0, 50)) + needle_scene(
         rng, h, w, density=rng.uniform(0.1, 1.0), brightness=rng.uniform(0.6, 1.2))
     if rng.uniform() < 0.25:
         behind += rod_scene(rng, h, w, int(rng.integers(1, 3)), brightness=rng.uniform(0.5, 1.2))
-    body, alpha, mask = particle(rng, h, w, small=small, base=float(np.median(behind)))
+    body, alpha, mask = particle(rng, h, w, small=small, kind=kind,
+                                 base=float(np.median(behind)))
     if small:
         body = body * rng.uniform(0.55, 0.8)
     image = composite(behind, body, alpha, 2.5 * rng.uniform() ** 2 * min(h, w) / 151)
@@ -179,11 +180,12 @@ def render_pg(rng: np.random.Generator, h: int, w: int, difficulty: float) -> np
     return render_pg_with_mask(rng, h, w, difficulty)[0]
 
 
-def render_pg_with_mask(rng: np.random.Generator, h: int, w: int, difficulty: float
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """A PG crop and where its particle is (float mask 0-1): the truth for CAM checks."""
+def render_pg_with_mask(rng: np.random.Generator, h: int, w: int, difficulty: float, *,
+                        kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A PG crop and where its particle is (float mask 0-1): the truth for CAM checks.
+    ``kind``: one of :data:`PARTICLE_KINDS` (default: drawn at random)."""
     ambiguous = rng.uniform() < 0.3 * difficulty
-    image, mask = _pg_scene(rng, h, w, small=ambiguous)
+    image, mask = _pg_scene(rng, h, w, small=ambiguous, kind=kind)
     return finish(rng, image, difficulty), mask
 
 
