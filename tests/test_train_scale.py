@@ -143,7 +143,9 @@ def test_bf16_autocast_on_cpu_trains_fp32_weights_close_to_fp32(odd_split: Path,
     full, mixed = (_rows(runs[p].run_dir)[0] for p in ("32-true", "bf16-mixed"))
     # Autocast was on (bf16 rounding changes the numbers) and changed them only a little.
     assert full["train_loss"] != mixed["train_loss"]
-    assert float(mixed["train_loss"]) == pytest.approx(float(full["train_loss"]), abs=0.05)
+    # One epoch from the same start: within 15% (measured 0.80 vs 0.73 on the randomised
+    # crops, 0.05 apart on the old ones); a broken autocast would diverge or fail outright.
+    assert float(mixed["train_loss"]) == pytest.approx(float(full["train_loss"]), rel=0.15)
     state = torch.load(runs["bf16-mixed"].run_dir / "checkpoints" / "last.ckpt",
                        map_location="cpu", weights_only=False)["state_dict"]
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
