@@ -48,16 +48,15 @@ def explore(out_dir: Path, *, predictor: Predictor | None = None, files: list[Pa
         points, failures = points_from_images(predictor, files, progress)
     else:
         raise UserError("give images to embed, or --store")
-    exploration = explore_points(points, out_dir, k=k, seed=seed, neighbours=neighbours,
-                                 zoom=zoom)
-    exploration.failures = failures
-    return exploration
+    return explore_points(points, out_dir, k=k, seed=seed, neighbours=neighbours, zoom=zoom,
+                          failures=failures)
 
 
 def explore_points(points: Points, out_dir: Path, *, k: int | str = 4, seed: int = 0,
-                   neighbours: int = 5, zoom: tuple[float, float, float, float] | None = None
-                   ) -> Exploration:
-    """Map and cluster ``points``; write the maps, the graph and clusters.json."""
+                   neighbours: int = 5, zoom: tuple[float, float, float, float] | None = None,
+                   failures: list[Failure] | None = None) -> Exploration:
+    """Map and cluster ``points``; write the maps, the graph and clusters.json (``failures``:
+    images that could not be embedded, reported with the result)."""
     projection = project(points.embeddings, k=k, seed=seed)
     clusters = summarize_clusters(points, projection)
     out_dir = Path(out_dir)
@@ -80,4 +79,4 @@ def explore_points(points: Points, out_dir: Path, *, k: int | str = 4, seed: int
     }
     written["clusters.json"].write_text(json.dumps(document, indent=2), encoding="utf-8")
     return Exploration(points=points, projection=projection, clusters=clusters, files=written,
-                       failures=[])
+                       failures=list(failures or []))
