@@ -246,3 +246,25 @@ def test_the_alarm_is_posted_to_a_url(pg_detector: Path, batches: Path, tmp_path
     assert code == 3
     assert len(received) == 1 and received[0]["p_value"] < 1e-3
     assert received[0]["counts"]["pg"] > 0
+
+
+def test_the_false_positive_rate_comes_from_the_report_beside_a_run_or_a_model_file(
+        tmp_path: Path) -> None:
+    """One rule for monitor and serve: MODEL may be the run folder or its model.onnx."""
+    from crystalscope.errors import UserError
+    from crystalscope.monitor.run import choose_false_positive_rate
+    from crystalscope.monitor.trend import false_positive_rate_from_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps(
+        {"classes": ["cex", "pg"], "confusion_matrix": [[95, 5], [10, 90]]}), encoding="utf-8")
+    expected = false_positive_rate_from_report(run / "report.json", "pg")
+    assert 0.05 < expected[0] < 0.15  # upper bound of 5/100
+    for model in (run, run / "model.onnx"):
+        assert choose_false_positive_rate(None, model, "pg") == expected  # type: ignore[arg-type]
+    assert choose_false_positive_rate(None, run / "model.onnx", "pg",  # type: ignore[arg-type]
+                                      given=0.02) == (0.02, "given")
+    with pytest.raises(UserError, match="no test report beside"):
+        choose_false_positive_rate(None, tmp_path / "elsewhere" / "model.onnx",  # type: ignore[arg-type]
+                                   "pg")

@@ -982,8 +982,8 @@ def monitor(
     Exit code 3 when the alarm fired (so scripts can act), 0 when it did not.
     """
     from crystalscope.infer.predictor import load_predictor
-    from crystalscope.monitor.run import Monitor, replay, watch
-    from crystalscope.monitor.trend import AlarmRule, false_positive_rate_from_report
+    from crystalscope.monitor.run import Monitor, choose_false_positive_rate, replay, watch
+    from crystalscope.monitor.trend import AlarmRule
 
     if not positive:
         raise UserError("give --positive CLASS: the impurity to watch (e.g. --positive pg)")
@@ -996,20 +996,9 @@ def monitor(
         raise UserError(f"--cut {cut} / --crop-size {crop_size}: use tiles or particles, and "
                         "a crop side of at least 8 pixels")
     cutting = FrameCutting(crop_size, cut) if frames else None  # type: ignore[arg-type]
-    if false_positive_rate is None and calibrate is not None:
-        from crystalscope.monitor.run import calibrate as measure_rate
-
-        rate, source = measure_rate(predictor, calibrate, positive, cutting)
-    elif false_positive_rate is None:
-        report = Path(model) / "report.json" if Path(model).is_dir() else \
-            Path(model).parent / "report.json"
-        if not report.is_file():
-            raise UserError(f"no test report beside {model} to take the false-positive rate "
-                            "from; run `crystalscope evaluate RUN` or give "
-                            "--false-positive-rate")
-        rate, source = false_positive_rate_from_report(report, positive)
-    else:
-        rate, source = false_positive_rate, "given"
+    rate, source = choose_false_positive_rate(predictor, Path(model), positive,
+                                              given=false_positive_rate, clean_stream=calibrate,
+                                              cutting=cutting)
     rule = AlarmRule(positive=positive, false_positive_rate=rate, alpha=alpha,
                      consecutive=consecutive, source=source)
     err.print(f"alarm rule: {consecutive} window(s) in a row with P(this many {positive} calls "
@@ -1079,16 +1068,13 @@ def serve(
     if monitor_stream is not None:
         import threading
 
-        from crystalscope.monitor.run import Monitor, watch
-        from crystalscope.monitor.trend import AlarmRule, false_positive_rate_from_report
+        from crystalscope.monitor.run import Monitor, choose_false_positive_rate, watch
+        from crystalscope.monitor.trend import AlarmRule
 
         if not positive:
             raise UserError("--monitor needs --positive CLASS (the impurity)")
-        if false_positive_rate is None:
-            rate, source = false_positive_rate_from_report(Path(model) / "report.json",
-                                                           positive)
-        else:
-            rate, source = false_positive_rate, "given"
+        rate, source = choose_false_positive_rate(predictor, Path(model), positive,
+                                                  given=false_positive_rate)
         runner = Monitor(predictor, AlarmRule(positive, rate, source=source),
                          Path(tempfile.mkdtemp(prefix="crystalscope-serve-monitor-")))
         settings.monitor = runner

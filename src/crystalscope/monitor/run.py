@@ -22,6 +22,7 @@ from pathlib import Path
 from crystalscope.console import err
 from crystalscope.data.images import ImageLoadError
 from crystalscope.data.layout import is_image_name, list_files
+from crystalscope.errors import UserError
 from crystalscope.infer.predictor import Predictor
 from crystalscope.infer.stream import Failure, predict_stream
 from crystalscope.monitor.cutting import Cutter, cut_frame
@@ -33,6 +34,7 @@ from crystalscope.monitor.trend import (
     Trend,
     WindowResult,
     false_positive_rate_from_clean_stream,
+    false_positive_rate_from_report,
 )
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
@@ -219,6 +221,28 @@ def calibrate(predictor: Predictor, clean_stream: Path, positive: str,
               for item in calls(predictor, window.paths, cutting)
               if not isinstance(item, Failure) and item[1] != UNKNOWN]
     return false_positive_rate_from_clean_stream(labels, positive)
+
+
+def choose_false_positive_rate(predictor: Predictor, model: Path, positive: str, *,
+                               given: float | None = None, clean_stream: Path | None = None,
+                               cutting: FrameCutting | None = None) -> tuple[float, str]:
+    """The model's false-positive rate for the alarm, and where it came from.
+
+    In this order: ``given``; measured on ``clean_stream``; the upper 95% bound from the test
+    report that ``evaluate`` wrote beside the model (``model`` is a run folder or a model file
+    inside one). One rule for ``monitor`` and ``serve --monitor``.
+    """
+    if given is not None:  # its range is checked where the rule is used (``Trend``)
+        return given, "given"
+    if clean_stream is not None:
+        return calibrate(predictor, clean_stream, positive, cutting)
+    model = Path(model)
+    report = (model if model.is_dir() else model.parent) / "report.json"
+    if not report.is_file():
+        raise UserError(f"no test report beside {model} to take the false-positive rate from; "
+                        "run `crystalscope evaluate RUN`, or give --false-positive-rate or a "
+                        "clean stream to calibrate on")
+    return false_positive_rate_from_report(report, positive)
 
 
 def replay(monitor: Monitor, stream: Path,
