@@ -14,7 +14,14 @@ from sklearn.preprocessing import StandardScaler
 from crystalscope.data.dedupe import dihedral_arrays
 from crystalscope.errors import UserError
 from crystalscope.synth.crops import SynthSettings, parse_difficulty, render_group, synthesize
-from crystalscope.synth.scenes import PARTICLE_KINDS, particle
+from crystalscope.synth.scenes import (
+    FAINT_KINDS,
+    FULL_RANGE_DIFFICULTY,
+    PARTICLE_KINDS,
+    PARTICLE_ODDS,
+    particle,
+    particle_odds,
+)
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path) -> None:
@@ -102,9 +109,10 @@ def test_task_is_learnable_from_shape_and_texture_and_harder_when_hard() -> None
 
 
 def test_brightness_alone_does_not_tell_the_classes_apart() -> None:
-    # Both classes range from dim to saturated (domain randomisation): a model must learn
-    # shapes and textures, which carry over to real crops, not a grey level, which does not.
-    assert _accuracy(0.0, _pixel_statistics) <= 0.75
+    # At the default difficulty both classes range from dim to saturated (domain
+    # randomisation): a model must learn shapes and textures, which carry over to real crops,
+    # not a grey level, which does not. (``easy`` draws the conspicuous, bright PG only.)
+    assert _accuracy(FULL_RANGE_DIFFICULTY, _pixel_statistics) <= 0.75
 
 
 def test_both_classes_span_dim_to_saturated() -> None:
@@ -114,6 +122,16 @@ def test_both_classes_span_dim_to_saturated() -> None:
                      for n in range(1, 61)]
         assert min(saturated) == 0.0
         assert max(saturated) >= (0.05 if name == "pg" else 0.01)
+
+
+def test_easy_draws_no_faint_particles_and_the_default_draws_every_kind() -> None:
+    faint = [PARTICLE_KINDS.index(k) for k in FAINT_KINDS]
+    assert all(particle_odds(0.0)[i] == 0.0 for i in faint)
+    assert particle_odds(FULL_RANGE_DIFFICULTY) == particle_odds(1.0) == PARTICLE_ODDS
+    shares = [sum(particle_odds(d)[i] for i in faint) for d in (0.0, 0.1, 0.2, 0.3)]
+    assert shares == sorted(shares) and shares[0] < shares[-1]
+    for d in (0.0, 0.15):
+        assert sum(particle_odds(d)) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("kind", PARTICLE_KINDS)

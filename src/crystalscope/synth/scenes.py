@@ -13,7 +13,8 @@ its own particle from wide ranges, so that real crops fall inside what is drawn.
 
 ``difficulty`` (0 = easy, 1 = hard) lowers contrast, adds blur and noise, and makes a share of
 crops ambiguous: CEX crops with a dense bright glare, PG crops whose particle is small, dim and
-partly out of the frame.
+partly out of the frame. Below 0.3 it also thins out the faint PG kinds (translucent, rim-only):
+``easy`` draws the conspicuous PG only.
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ from crystalscope.synth.draw import (
 
 PARTICLE_KINDS = ("granular", "plate", "translucent", "rim")
 PARTICLE_ODDS = (0.38, 0.25, 0.2, 0.17)
+FAINT_KINDS = ("translucent", "rim")
+FULL_RANGE_DIFFICULTY = 0.3  # from here up, every kind at its full odds
+
+
+def particle_odds(difficulty: float) -> tuple[float, ...]:
+    """Odds of each particle kind: the faint kinds grow from none at difficulty 0 to their
+    full share at :data:`FULL_RANGE_DIFFICULTY` (``easy`` shows the conspicuous PG only)."""
+    if difficulty >= FULL_RANGE_DIFFICULTY:
+        return PARTICLE_ODDS
+    share = difficulty / FULL_RANGE_DIFFICULTY
+    odds = [p * (share if k in FAINT_KINDS else 1.0)
+            for k, p in zip(PARTICLE_KINDS, PARTICLE_ODDS, strict=True)]
+    return tuple(p / sum(odds) for p in odds)
 
 
 def needle_scene(rng: np.random.Generator, h: int, w: int, *, density: float,
@@ -96,12 +110,13 @@ def render_cex(rng: np.random.Generator, h: int, w: int, difficulty: float) -> n
 
 
 def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
-             kind: str | None = None, base: float = 60.0
+             kind: str | None = None, base: float = 60.0, difficulty: float = 1.0
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One PG particle: (body grey levels, opacity, outline mask), each (h, w) float32.
 
-    ``kind`` is one of :data:`PARTICLE_KINDS` (default: drawn at random); ``base`` is the grey
-    level behind it, which the dim kinds stay a little above.
+    ``kind`` is one of :data:`PARTICLE_KINDS` (default: drawn with :func:`particle_odds` of
+    ``difficulty``); ``base`` is the grey level behind it, which the dim kinds stay a little
+    above.
     """
     side = min(h, w)
     factor = side / 151
@@ -112,7 +127,7 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
     else:
         radius = side * rng.uniform(0.3, 0.58)
         center = (h * rng.uniform(0.3, 0.7), w * rng.uniform(0.3, 0.7))
-    kind = kind or str(rng.choice(PARTICLE_KINDS, p=PARTICLE_ODDS))
+    kind = kind or str(rng.choice(PARTICLE_KINDS, p=particle_odds(difficulty)))
     roughness = rng.uniform(0.0, 0.12 if kind == "rim" else 0.35)
     mask = blob_mask(rng, h, w, radius, center, roughness=roughness,
                      aspect=rng.uniform(0.75, 1.3))
@@ -155,7 +170,7 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
     return body.astype(np.float32), alpha.astype(np.float32), mask.astype(np.float32)
 
 
-def _pg_scene(rng: np.random.Generator, h: int, w: int, *, small: bool,
+def _pg_scene(rng: np.random.Generator, h: int, w: int, *, small: bool, difficulty: float,
               kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A PG crop before the camera's effects, and its particle's mask."""
     behind = background(rng, h, w) + haze(rng, h, w, rng.uniform(0, 50)) + needle_scene(
@@ -163,7 +178,7 @@ def _pg_scene(rng: np.random.Generator, h: int, w: int, *, small: bool,
     if rng.uniform() < 0.25:
         behind += rod_scene(rng, h, w, int(rng.integers(1, 3)), brightness=rng.uniform(0.5, 1.2))
     body, alpha, mask = particle(rng, h, w, small=small, kind=kind,
-                                 base=float(np.median(behind)))
+                                 base=float(np.median(behind)), difficulty=difficulty)
     if small:
         body = body * rng.uniform(0.55, 0.8)
     image = composite(behind, body, alpha, 2.5 * rng.uniform() ** 2 * min(h, w) / 151)
@@ -185,7 +200,7 @@ def render_pg_with_mask(rng: np.random.Generator, h: int, w: int, difficulty: fl
     """A PG crop and where its particle is (float mask 0-1): the truth for CAM checks.
     ``kind``: one of :data:`PARTICLE_KINDS` (default: drawn at random)."""
     ambiguous = rng.uniform() < 0.3 * difficulty
-    image, mask = _pg_scene(rng, h, w, small=ambiguous, kind=kind)
+    image, mask = _pg_scene(rng, h, w, small=ambiguous, difficulty=difficulty, kind=kind)
     return finish(rng, image, difficulty), mask
 
 
@@ -199,7 +214,7 @@ def render_frame(rng: np.random.Generator, side: int, crop: int, difficulty: flo
         scale=crop)
     truth = np.zeros((side, side), np.float32)
     for _ in range(pg_particles):
-        body, alpha, mask = particle(rng, crop, crop, kind=kind)
+        body, alpha, mask = particle(rng, crop, crop, kind=kind, difficulty=difficulty)
         y, x = (int(v) for v in rng.integers(0, side - crop, 2))
         region = image[y:y + crop, x:x + crop]
         region[:] = composite(region, body, alpha, 0.0)
