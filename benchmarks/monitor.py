@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from crystalscope.config import resolve_train_config
-from crystalscope.data.batch import BatchSettings, synthesize_batch
 from crystalscope.data.split import split_dataset
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.monitor.run import FrameCutting, Monitor, calibrate, replay
 from crystalscope.monitor.trend import AlarmRule
+from crystalscope.synth.batch import BatchSettings, synthesize_batch
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.train.run import train
 

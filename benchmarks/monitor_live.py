@@ -17,10 +17,10 @@ import threading
 import time
 from pathlib import Path
 
-from crystalscope.data.batch import BatchSettings, synthesize_batch
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.monitor.run import Monitor, watch
 from crystalscope.monitor.trend import AlarmRule
+from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
 
 def write_windows(sources: list[Path], live: Path, crops_per_second: float,

@@ -28,7 +28,6 @@ from sklearn.metrics import roc_auc_score
 from crystalscope.config import resolve_train_config
 from crystalscope.data.loaders import build_cache
 from crystalscope.data.split import split_dataset
-from crystalscope.data.unfamiliar import FAR_KINDS, NEAR_KINDS, synthesize_unfamiliar
 from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.inference import LoadedRun, load_run, run_batches
@@ -36,6 +35,7 @@ from crystalscope.ood.detector import conformal_threshold
 from crystalscope.ood.scores import GaussianDistance, knn_distance, max_softmax_score
 from crystalscope.ood.stage import split_items
 from crystalscope.synth.crops import SynthSettings, synthesize
+from crystalscope.synth.unknown import FAR_KINDS, NEAR_KINDS, synthesize_unfamiliar
 from crystalscope.train.run import train
 
 SIZE = 96

@@ -15,9 +15,9 @@ import pytest
 from scipy.stats import binomtest
 
 from crystalscope.cli import main
-from crystalscope.data.batch import BatchSettings, synthesize_batch
 from crystalscope.errors import UserError
 from crystalscope.monitor.trend import AlarmRule, Trend
+from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
 SETTINGS = BatchSettings(windows=14, per_window=24, onset=7, rate=0.1, max_fraction=0.6,
                          size=96, difficulty=0.0, seed=2)

@@ -17,7 +17,6 @@ from scipy.spatial.distance import mahalanobis
 from scipy.stats import binom, norm
 
 from crystalscope.cli import main
-from crystalscope.data.unfamiliar import KINDS, parse_kinds, synthesize_unfamiliar
 from crystalscope.errors import UserError
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.infer.stream import ImageResult, predict_stream
@@ -26,6 +25,7 @@ from crystalscope.monitor.trend import UNKNOWN, AlarmRule, Trend
 from crystalscope.ood.detector import conformal_threshold, load_detector
 from crystalscope.ood.scores import GaussianDistance, knn_distance
 from crystalscope.synth.crops import SynthSettings, synthesize
+from crystalscope.synth.unknown import KINDS, parse_kinds, synthesize_unfamiliar
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -246,7 +246,7 @@ def test_a_clean_simulated_batch_raises_no_unfamiliar_particles(pg_detector: Pat
                                                                  tmp_path: Path) -> None:
     # A monitor sees crops of the kind its model learnt: `synth batch` draws them as `synth`
     # does (the demo once flagged 10-37% of clean crops, drawn at another size).
-    from crystalscope.data.batch import BatchSettings, synthesize_batch
+    from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
     settings = BatchSettings(windows=8, per_window=30, onset=8, rate=0.01, size=96,
                              difficulty=0.0, seed=11)

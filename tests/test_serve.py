@@ -18,8 +18,8 @@ from crystalscope.infer.predictor import load_predictor
 from crystalscope.infer.stream import decode_with_size, predict_stream
 from crystalscope.serve.app import ServeSettings, create_app
 from crystalscope.serve.server import running
+from crystalscope.vectors.backends import open_store
 from crystalscope.vectors.indexing import index_images
-from crystalscope.vectors.store import open_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -14,8 +14,9 @@ import pytest
 
 from crystalscope.cli import main
 from crystalscope.errors import CrystalscopeError, UserError
+from crystalscope.vectors.backends import open_store
 from crystalscope.vectors.lance import LanceStore
-from crystalscope.vectors.store import Record, VectorStore, open_store, record_id
+from crystalscope.vectors.store import Record, VectorStore, record_id
 
 WEAVIATE_URL = os.environ.get("CRYSTALSCOPE_WEAVIATE_URL")
 DIM = 16
@@ -164,3 +165,16 @@ def test_similar_on_an_empty_store_says_so(exported_run: Path, tmp_path: Path,
         main(["similar", str(exported_run), str(image), "--store", str(tmp_path / "s.lance")])
     assert exit_info.value.code == 2
     assert "store is empty" in capsys.readouterr().err
+
+
+def test_a_record_survives_its_stored_encoding() -> None:
+    """Every backend stores ``Record.to_properties()``; reading it back gives the record."""
+    record = Record(id="a", vector=np.arange(4, dtype=np.float32), path="/x/PG (1).png",
+                    sha256="0" * 64, predicted="pg", probabilities={"cex": 0.25, "pg": 0.75},
+                    true_class=None, width=151, height=160, added="2026-11-29T12:00:00")
+    properties = record.to_properties()
+    assert all(isinstance(v, str | int) for v in properties.values())  # flat, any backend
+    back = Record.from_properties("a", record.vector, properties)
+    assert np.array_equal(back.vector, record.vector)
+    assert {k: v for k, v in vars(back).items() if k != "vector"} == \
+        {k: v for k, v in vars(record).items() if k != "vector"}

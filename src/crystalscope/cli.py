@@ -119,8 +119,8 @@ def synth_ood(
 
     Writes OUT/<kind>/<kind>-0001.png … and OUT/ood.json.
     """
-    from crystalscope.data.unfamiliar import parse_kinds, synthesize_unfamiliar
     from crystalscope.synth.crops import parse_difficulty
+    from crystalscope.synth.unknown import parse_kinds, synthesize_unfamiliar
 
     chosen = parse_kinds(kinds)
     with progress_bar() as progress:
@@ -663,8 +663,8 @@ def index_command(
     """
     from crystalscope.data.layout import expand_paths
     from crystalscope.infer.predictor import load_predictor
+    from crystalscope.vectors.backends import open_store
     from crystalscope.vectors.indexing import index_images
-    from crystalscope.vectors.store import open_store
 
     predictor = load_predictor(model, backend=backend.value)
     files = expand_paths(paths)
@@ -709,8 +709,8 @@ def similar(
     """The stored crystals nearest to IMAGE (cosine distance of embeddings)."""
     from crystalscope.infer.output import open_output
     from crystalscope.infer.predictor import load_predictor
+    from crystalscope.vectors.backends import open_store
     from crystalscope.vectors.indexing import find_similar, similar_html
-    from crystalscope.vectors.store import open_store
 
     if not image.is_file():
         raise UserError(f"{image}: no such image")
@@ -802,7 +802,7 @@ def explore(
     from crystalscope.data.layout import expand_paths
     from crystalscope.explore.stage import explore as run_explore
     from crystalscope.infer.predictor import load_predictor
-    from crystalscope.vectors.store import open_store
+    from crystalscope.vectors.backends import open_store
 
     if neighbours < 1:
         raise UserError(f"--neighbours {neighbours}: give at least 1")
@@ -911,7 +911,7 @@ def synth_batch(
     Writes OUT/pg-batch/t0001/…, OUT/control/t0001/… and OUT/calibration/t0001/…, each with
     truth.csv, and batch.json.
     """
-    from crystalscope.data.batch import BatchSettings, synthesize_batch
+    from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
     settings = BatchSettings(windows=windows, per_window=per_window, onset=onset, rate=rate,
                              max_fraction=max_fraction, size=size, difficulty=difficulty,
@@ -1057,7 +1057,7 @@ def serve(
     from crystalscope.infer.predictor import load_predictor
     from crystalscope.serve.app import ServeSettings, create_app
     from crystalscope.serve.server import LOOPBACK
-    from crystalscope.vectors.store import open_store
+    from crystalscope.vectors.backends import open_store
 
     if host not in LOOPBACK and not token:
         err.print(f"[yellow]serving on {host} without a token: anyone who reaches it can use "

@@ -82,10 +82,10 @@ def run_demo(folder: Path, *, per_class: int = DEMO_PER_CLASS, seed: int = 0,
 def _monitor_batch(run_dir: Path, folder: Path, seed: int,
                    say: Callable[[str], None]) -> dict[str, Path]:
     """Replay a simulated batch in which PG appears, with the alarm calibrated on a clean one."""
-    from crystalscope.data.batch import BatchSettings, synthesize_batch
     from crystalscope.infer.predictor import load_predictor
     from crystalscope.monitor.run import Monitor, calibrate, replay
     from crystalscope.monitor.trend import AlarmRule
+    from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
     settings = BatchSettings(windows=24, per_window=24, onset=12, rate=0.06,
                              difficulty=DEMO_DIFFICULTY, seed=seed)
@@ -132,8 +132,8 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
     from crystalscope.infer.output import PredictionWriter
     from crystalscope.infer.predictor import load_predictor
     from crystalscope.infer.stream import predict_stream
+    from crystalscope.vectors.backends import open_store
     from crystalscope.vectors.indexing import find_similar, index_images, similar_html
-    from crystalscope.vectors.store import open_store
 
     predictor = load_predictor(run_dir / "model.onnx")
     test_images = expand_paths([splits / "test"])
@@ -195,7 +195,7 @@ def _unfamiliar_images(folder: Path) -> list[Path]:
     import skimage.data
     from PIL import Image
 
-    from crystalscope.data.unfamiliar import synthesize_unfamiliar
+    from crystalscope.synth.unknown import synthesize_unfamiliar
 
     synthesize_unfamiliar(folder, per_kind=1, kinds=("bubble", "cube"), seed=1)
     Image.fromarray(skimage.data.chelsea()).save(folder / "cat.png")

@@ -5,7 +5,6 @@ called impurity around the alarm."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -15,10 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from crystalscope.data.images import ImageLoadError, load_image
-from crystalscope.monitor.trend import AlarmRule
-
-if TYPE_CHECKING:
-    from crystalscope.monitor.run import MonitorResult
+from crystalscope.monitor.trend import AlarmRule, MonitorResult
 
 
 def plot_timeline(result: MonitorResult, rule: AlarmRule, path: Path) -> None:

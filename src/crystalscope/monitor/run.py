@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from crystalscope.monitor.report import plot_timeline
 from crystalscope.monitor.trend import (
     UNKNOWN,
     AlarmRule,
+    MonitorResult,
     Trend,
     WindowResult,
     false_positive_rate_from_clean_stream,
@@ -40,21 +41,6 @@ from crystalscope.monitor.trend import (
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
                  "p_value", "significant", "alarm")  # then one count column per class, then
 UNKNOWN_COLUMNS = ("count_unknown", "unknown_fraction", "unknown_p_value", "unfamiliar")
-
-
-@dataclass
-class MonitorResult:
-    """What the run saw."""
-
-    windows: list[WindowResult] = field(default_factory=list)
-    alarm: WindowResult | None = None
-    alarm_text: str | None = None
-    unfamiliar: list[WindowResult] = field(default_factory=list)  # where such events began
-    crops: int = 0
-    images: int = 0
-    seconds: float = 0.0
-    examples: dict[int, list[Path]] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,21 @@ class WindowResult:
     unfamiliar: bool = False  # the "unfamiliar particles" event starts at this window
 
 
+@dataclass
+class MonitorResult:
+    """What the run saw."""
+
+    windows: list[WindowResult] = field(default_factory=list)
+    alarm: WindowResult | None = None
+    alarm_text: str | None = None
+    unfamiliar: list[WindowResult] = field(default_factory=list)  # where such events began
+    crops: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    examples: dict[int, list[Path]] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
 def false_positive_rate_from_report(report_json: Path, positive: str) -> tuple[float, str]:
     """Upper 95% Wilson bound of P(called ``positive`` | not ``positive``) on the test split."""
     try:

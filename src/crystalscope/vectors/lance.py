@@ -19,7 +19,14 @@ import numpy as np
 import pyarrow as pa
 
 from crystalscope.errors import CrystalscopeError, UserError
-from crystalscope.vectors.store import Neighbour, Record, StoreInfo, check_vector
+from crystalscope.vectors.store import (
+    INT_PROPERTIES,
+    TEXT_PROPERTIES,
+    Neighbour,
+    Record,
+    StoreInfo,
+    check_vector,
+)
 
 # Lance warns at every index_stats call unless this choice is made; we need no centroids.
 os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
@@ -30,8 +37,7 @@ NPROBES = 24
 REFINE_FACTOR: int | None = 4
 PARTITION_DIVISOR = 4
 REBUILD_GROWTH = 4 / 3
-FIELDS = ("id", "path", "sha256", "predicted", "probabilities", "true_class", "width",
-          "height", "added")
+FIELDS = ("id", *TEXT_PROPERTIES, *INT_PROPERTIES)
 
 
 def partitions_for(rows: int) -> int:
@@ -83,8 +89,9 @@ class LanceStore:
     def _arrow(self, records: list[Record]) -> pa.Table:
         assert self.dimension is not None
         vectors = np.stack([check_vector(r.vector, self.dimension) for r in records])
-        columns = {name: [getattr(r, name) for r in records] for name in FIELDS}
-        columns["probabilities"] = [json.dumps(r.probabilities) for r in records]
+        rows = [r.to_properties() for r in records]
+        columns = {"id": [r.id for r in records],
+                   **{name: [row[name] for row in rows] for name in FIELDS if name != "id"}}
         return pa.Table.from_pydict(
             {**columns, "vector": pa.FixedSizeListArray.from_arrays(
                 pa.array(vectors.reshape(-1), pa.float32()), self.dimension)},
@@ -168,11 +175,7 @@ class LanceStore:
 
     @staticmethod
     def _record(row: dict) -> Record:
-        return Record(id=row["id"], vector=np.asarray(row["vector"], dtype=np.float32),
-                      path=row["path"], sha256=row["sha256"], predicted=row["predicted"],
-                      probabilities=json.loads(row["probabilities"]),
-                      true_class=row["true_class"], width=row["width"], height=row["height"],
-                      added=row["added"])
+        return Record.from_properties(row["id"], row["vector"], row)
 
     def records(self) -> Iterator[Record]:
         if self.table is None:

@@ -7,6 +7,7 @@ cosine distances (1 - cosine similarity), smallest first.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,30 @@ class Record:
     width: int = 0
     height: int = 0
     added: str = ""
+
+    def to_properties(self) -> dict[str, str | int]:
+        """Everything but id and vector as flat text/integer fields: how every backend
+        stores a record (probabilities as a JSON object, no true class as "")."""
+        return {"path": self.path, "sha256": self.sha256, "predicted": self.predicted,
+                "probabilities": json.dumps(self.probabilities),
+                "true_class": self.true_class or "", "width": int(self.width),
+                "height": int(self.height), "added": self.added}
+
+    @classmethod
+    def from_properties(cls, record_id: str, vector: np.ndarray,
+                        properties: dict) -> Record:
+        """The inverse of :meth:`to_properties`."""
+        return cls(id=record_id, vector=np.asarray(vector, dtype=np.float32),
+                   path=properties["path"], sha256=properties["sha256"],
+                   predicted=properties["predicted"],
+                   probabilities=json.loads(properties["probabilities"]),
+                   true_class=properties.get("true_class") or None,
+                   width=int(properties["width"]), height=int(properties["height"]),
+                   added=properties["added"])
+
+
+TEXT_PROPERTIES = ("path", "sha256", "predicted", "probabilities", "true_class", "added")
+INT_PROPERTIES = ("width", "height")
 
 
 @dataclass
@@ -89,22 +114,6 @@ class VectorStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
-
-
-DEFAULT_STORE = "crystalscope.lance"
-
-
-def open_store(uri: str | Path, *, dimension: int | None = None,
-               timeout_s: float = 10.0) -> VectorStore:
-    """``http(s)://host:port`` -> Weaviate; anything else -> a LanceDB folder."""
-    text = str(uri)
-    if text.startswith(("http://", "https://")):
-        from crystalscope.vectors.weaviate import WeaviateStore
-
-        return WeaviateStore(text, dimension=dimension, timeout_s=timeout_s)
-    from crystalscope.vectors.lance import LanceStore
-
-    return LanceStore(Path(text), dimension=dimension)
 
 
 def check_vector(vector: np.ndarray, dimension: int | None) -> np.ndarray:

@@ -7,14 +7,20 @@ server that is down or unreachable gives an error, not a hang.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
 from crystalscope.errors import CrystalscopeError, UserError
-from crystalscope.vectors.store import Neighbour, Record, StoreInfo, check_vector
+from crystalscope.vectors.store import (
+    INT_PROPERTIES,
+    TEXT_PROPERTIES,
+    Neighbour,
+    Record,
+    StoreInfo,
+    check_vector,
+)
 
 COLLECTION = "Crystal"
 
@@ -22,8 +28,6 @@ COLLECTION = "Crystal"
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
 
-TEXT_FIELDS = ("path", "sha256", "predicted", "probabilities", "true_class", "added")
-INT_FIELDS = ("width", "height")
 
 
 class WeaviateStore:
@@ -72,8 +76,8 @@ class WeaviateStore:
                 return
             self.client.collections.create(
                 self.name,
-                properties=[*(Property(name=n, data_type=DataType.TEXT) for n in TEXT_FIELDS),
-                            *(Property(name=n, data_type=DataType.INT) for n in INT_FIELDS)],
+                properties=[*(Property(name=n, data_type=DataType.TEXT) for n in TEXT_PROPERTIES),
+                            *(Property(name=n, data_type=DataType.INT) for n in INT_PROPERTIES)],
                 vector_config=Configure.Vectors.self_provided(
                     vector_index_config=Configure.VectorIndex.hnsw(
                         distance_metric=VectorDistances.COSINE)))
@@ -88,12 +92,8 @@ class WeaviateStore:
         return np.asarray(values if values is not None else [], dtype=np.float32)
 
     def _record(self, obj: object) -> Record:
-        p = obj.properties  # type: ignore[attr-defined]
-        return Record(id=str(obj.uuid), vector=self._vector(obj),  # type: ignore[attr-defined]
-                      path=p["path"], sha256=p["sha256"], predicted=p["predicted"],
-                      probabilities=json.loads(p["probabilities"]),
-                      true_class=p.get("true_class") or None, width=int(p["width"]),
-                      height=int(p["height"]), added=p["added"])
+        return Record.from_properties(str(obj.uuid),  # type: ignore[attr-defined]
+                                      self._vector(obj), obj.properties)  # type: ignore[attr-defined]
 
     def _stored_dimension(self) -> int | None:
         if self.dimension is None:
@@ -112,10 +112,7 @@ class WeaviateStore:
         def write() -> list:
             with self.collection.batch.fixed_size(batch_size=200) as batch:
                 for r in records:
-                    properties = {n: getattr(r, n) for n in (*TEXT_FIELDS, *INT_FIELDS)}
-                    properties["probabilities"] = json.dumps(r.probabilities)
-                    properties["true_class"] = r.true_class or ""
-                    batch.add_object(properties=properties, uuid=r.id,
+                    batch.add_object(properties=r.to_properties(), uuid=r.id,
                                      vector=check_vector(r.vector, dimension).tolist())
             return list(self.collection.batch.failed_objects)
 
