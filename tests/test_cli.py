@@ -151,7 +151,8 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         tmp_path: Path) -> None:
     import crystalscope.synth.crops as crops
-    from crystalscope.cli import _state, main
+    from crystalscope.cli import main
+    from crystalscope.cli.app import _state
 
     def broken(*_: object, **__: object) -> None:
         raise ZeroDivisionError("a bug, not bad input")

@@ -231,6 +231,21 @@ def choose_false_positive_rate(predictor: Predictor, model: Path, positive: str,
     return false_positive_rate_from_report(report, positive)
 
 
+def watch_in_background(predictor: Predictor, model: Path, stream: Path, positive: str, *,
+                        false_positive_rate: float | None = None) -> Monitor:
+    """A monitor that follows ``stream`` in a daemon thread (for ``serve --monitor``); its
+    files go to a temporary folder, its state is read from the returned object."""
+    import tempfile
+    import threading
+
+    rate, source = choose_false_positive_rate(predictor, model, positive,
+                                              given=false_positive_rate)
+    monitor = Monitor(predictor, AlarmRule(positive, rate, source=source),
+                      Path(tempfile.mkdtemp(prefix="crystalscope-serve-monitor-")))
+    threading.Thread(target=watch, args=(monitor, stream), daemon=True).start()
+    return monitor
+
+
 def replay(monitor: Monitor, stream: Path,
            progress: Callable[[int], None] | None = None, **stream_options: object
            ) -> MonitorResult:

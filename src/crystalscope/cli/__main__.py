@@ -1,0 +1,5 @@
+"""`python -m crystalscope.cli`."""
+
+from crystalscope.cli import main
+
+main()

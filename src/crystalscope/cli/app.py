@@ -1,0 +1,100 @@
+"""The Typer application: its command groups, global options, and the entry point that turns
+errors into one line and an exit code (2: a usage or input mistake, 1: the work failed; the
+traceback only with ``--debug`` or CRYSTALSCOPE_DEBUG=1)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from crystalscope import __version__
+from crystalscope.console import err, out
+from crystalscope.errors import CrystalscopeError
+
+
+class SynthGroup(TyperGroup):
+    """``synth OUT …`` is short for ``synth crops OUT …``; ``synth batch`` and ``synth ood``
+    are the group's other commands."""
+
+    default_command = "crops"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+app = typer.Typer(
+    name="crystalscope",
+    help="Classify in-situ crystallization images: synthesize, check and split data; train, "
+         "evaluate, export and serve models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings=HELP_OPTIONS,
+)
+data_app = typer.Typer(help="Inspect and fetch data sets.", no_args_is_help=True,
+                       context_settings=HELP_OPTIONS)
+app.add_typer(data_app, name="data")
+synth_app = typer.Typer(
+    cls=SynthGroup, no_args_is_help=True, context_settings=HELP_OPTIONS,
+    help="Synthetic data: probe crops (synth OUT, short for synth crops OUT), images that are "
+         "neither class (synth ood OUT), a simulated batch over time (synth batch OUT).",
+    epilog="Example: crystalscope synth data/synthetic --per-class 500 --seed 7   "
+           "(or: crystalscope synth ood unfamiliar/; crystalscope synth batch batches/)")
+app.add_typer(synth_app, name="synth")
+
+_state = {"debug": os.environ.get("CRYSTALSCOPE_DEBUG") == "1"}
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"crystalscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app and turn errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = app(args=args, prog_name="crystalscope", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors (click's, vendored by Typer): exit 2
+        exc.show()
+        sys.exit(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except CrystalscopeError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc} "
+                  "(run with --debug for the traceback)", highlight=False)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)

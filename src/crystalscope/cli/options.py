@@ -1,0 +1,34 @@
+"""Options that several commands share, declared once."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from crystalscope.vectors.backends import DEFAULT_STORE
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    jsonl = "jsonl"
+
+
+class Backend(StrEnum):
+    onnx = "onnx"
+    torch = "torch"
+
+
+STORE_HELP = (f"LanceDB folder (default ./{DEFAULT_STORE}) or a Weaviate server URL, "
+              "e.g. http://localhost:8080.")
+
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Workers = Annotated[int | None, typer.Option(help="Processes (default: CPU cores).")]
+BackendOption = Annotated[Backend, typer.Option(help="onnx (ONNX Runtime) or torch.")]
+ModelArgument = Annotated[Path, typer.Argument(
+    metavar="MODEL", help="Run directory, model.onnx or model.safetensors.")]
+StoreOption = Annotated[str, typer.Option(help=STORE_HELP)]

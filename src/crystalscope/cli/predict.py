@@ -1,0 +1,248 @@
+"""`crystalscope predict`, `index` and `similar`: using an exported model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from crystalscope.cli.app import app
+from crystalscope.cli.options import (
+    AsJson,
+    Backend,
+    BackendOption,
+    ModelArgument,
+    OutputFormat,
+    StoreOption,
+)
+from crystalscope.console import err, out, progress_bar
+from crystalscope.errors import UserError
+from crystalscope.vectors.backends import DEFAULT_STORE
+
+if TYPE_CHECKING:
+    from crystalscope.infer.predictor import Preprocessing
+
+def _preprocessing(input_size: int | None, layout: str | None, preprocess: str | None,
+                   mean: str | None, std: str | None) -> Preprocessing | None:
+    """Preprocessing for a foreign ONNX model from the command line (None: the model's own)."""
+    from crystalscope.infer.predictor import Preprocessing
+
+    if input_size is None:
+        if any(v is not None for v in (layout, preprocess, mean, std)):
+            raise UserError("--layout/--preprocess/--mean/--std need --input-size as well")
+        return None
+
+    def triple(text: str | None, name: str, default: tuple) -> tuple[float, ...]:
+        if text is None:
+            return default
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3:
+            raise UserError(f"--{name} {text}: give three numbers, e.g. 0.485,0.456,0.406")
+        return values
+
+    mode = preprocess or ("imagenet" if mean or std else "raw")
+    if mode not in ("raw", "imagenet", "caffe", "tf"):
+        raise UserError(f"--preprocess {mode}: use raw, imagenet, caffe or tf")
+    if layout not in (None, "nchw", "nhwc"):
+        raise UserError(f"--layout {layout}: use nchw or nhwc")
+    defaults = Preprocessing(input_size=input_size)
+    return Preprocessing(input_size=input_size, layout=layout or "nchw", mode=mode,
+                         mean=triple(mean, "mean", defaults.mean),
+                         std=triple(std, "std", defaults.std))
+
+
+@app.command(epilog="Example: crystalscope predict runs/demo frames/ 'more/*.png' --format csv "
+                    "--output predictions.csv")
+def predict(
+    model: Annotated[Path, typer.Argument(
+        help="Run directory, model.onnx, or model.safetensors (with model.json beside it).")],
+    paths: Annotated[list[str], typer.Argument(
+        help="Image files, folders (searched recursively) or quoted globs.")],
+    output_format: Annotated[OutputFormat, typer.Option(
+        "--format", help="table, csv, json or jsonl.")] = OutputFormat.table,
+    output: Annotated[Path | None, typer.Option(
+        help="Write to this new file instead of the screen.")] = None,
+    backend: BackendOption = Backend.onnx,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    classes: Annotated[str | None, typer.Option(
+        help="Class names of a foreign ONNX model, in output order, e.g. cex,pg.")] = None,
+    input_size: Annotated[int | None, typer.Option(
+        help="Foreign ONNX model: square input side in pixels.")] = None,
+    layout: Annotated[str | None, typer.Option(help="Foreign ONNX model: nchw or nhwc.")]
+    = None,
+    preprocess: Annotated[str | None, typer.Option(
+        help="Foreign ONNX model: raw (0-255), imagenet ((x/255-mean)/std), caffe (BGR minus "
+             "means, Keras) or tf (x/127.5-1).")] = None,
+    mean: Annotated[str | None, typer.Option(help="Per-channel mean for imagenet mode.")]
+    = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std for imagenet mode.")] = None,
+    reject_unknown: Annotated[bool, typer.Option(
+        "--reject-unknown", help="Give the class 'unknown' to images the unknown-detector "
+                                 "flags (ood_score > 1) instead of forcing a class.")] = False,
+    outputs: Annotated[str | None, typer.Option(
+        help="Foreign ONNX model: what its output holds, probabilities (softmax or sigmoid "
+             "applied) or logits.")] = None,
+) -> int:
+    """Classify images: the predicted class, its probability, and every class's probability.
+
+    A model exported with its unknown-detector (crystalscope export) adds the columns
+    unknown (yes/no) and ood_score (above 1: unlike the training images). Streams in
+    batches, so memory stays bounded however many images. Unreadable files are listed on
+    stderr and skipped; the exit code is then 1.
+    """
+    from crystalscope.data.layout import expand_paths
+    from crystalscope.infer.output import LEGEND, OOD_LEGEND, PredictionWriter, open_output
+    from crystalscope.infer.predictor import OUTPUT_KINDS, load_predictor, parse_classes
+    from crystalscope.infer.stream import Failure, predict_stream
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give at least 1")
+    if outputs not in (None, *OUTPUT_KINDS):
+        raise UserError(f"--outputs {outputs}: use probabilities or logits")
+    predictor = load_predictor(
+        model, backend=backend.value, classes=parse_classes(classes),
+        preprocessing=_preprocessing(input_size, layout, preprocess, mean, std),
+        outputs=outputs)  # type: ignore[arg-type]
+    if reject_unknown and predictor.ood is None:
+        raise UserError(f"--reject-unknown: {model} has no unknown-detector; export the run "
+                        "again (crystalscope export RUN) to fit one")
+    files = expand_paths(paths)
+    handle = open_output(output)
+    has_ood = predictor.ood is not None
+    writer = PredictionWriter(handle or sys.stdout, output_format.value, predictor.classes,
+                              ood=has_ood, reject_unknown=reject_unknown)
+    if output_format == OutputFormat.table:
+        err.print(LEGEND + (OOD_LEGEND if has_ood else ""), highlight=False)
+    failures: list[Failure] = []
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task("predict", total=len(files))
+            for item in predict_stream(predictor, files, batch_size=batch_size,
+                                       progress=lambda n: progress.advance(task, n)):
+                writer.write(item)
+                if isinstance(item, Failure):
+                    failures.append(item)
+        writer.close()
+    finally:
+        if handle:
+            handle.close()
+    for failure in failures:
+        err.print(f"[yellow]skipped[/yellow] {failure.reason}", highlight=False)
+    if output:
+        err.print(f"wrote {writer.count} predictions to {output}")
+    if has_ood:
+        err.print(f"{writer.unknown} of {writer.count} images unknown (unlike the training "
+                  "images)")
+    if failures:
+        err.print(f"{len(failures)} of {len(files)} images could not be read")
+        return 1
+    return 0
+
+
+
+
+
+@app.command(name="index", epilog="Example: crystalscope index runs/demo splits/train "
+                                  "--store crystals.lance")
+def index_command(
+    model: ModelArgument,
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders or quoted globs.")],
+    store: StoreOption = DEFAULT_STORE,
+    backend: BackendOption = Backend.onnx,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    as_json: AsJson = False,
+) -> int:
+    """Store one embedding per image (pooled backbone features) with its prediction.
+
+    Each record: path, sha256, predicted class and probabilities, true class (when the image
+    lies in a folder named after a class), image size, time added. Indexing a file again
+    updates its record.
+    """
+    from crystalscope.data.layout import expand_paths
+    from crystalscope.infer.predictor import load_predictor
+    from crystalscope.vectors.backends import open_store
+    from crystalscope.vectors.indexing import index_images
+
+    predictor = load_predictor(model, backend=backend.value)
+    files = expand_paths(paths)
+    vector_store = open_store(store)
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task("index", total=len(files))
+            result = index_images(predictor, files, vector_store, batch_size=batch_size,
+                                  progress=lambda n: progress.advance(task, n))
+        info = vector_store.info()
+    finally:
+        vector_store.close()
+    summary = {"store": info.uri, "indexed": result.indexed, "new": result.new,
+               "updated": result.indexed - result.new, "total": info.count,
+               "ann_index": info.indexed, "failed": [f.reason for f in result.failures]}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(f"{info.uri}: indexed {result.indexed} images ({result.new} new, "
+                  f"{result.indexed - result.new} updated); the store holds {info.count}"
+                  + (" (ANN index)" if info.indexed else " (exact search)"))
+    for failure in result.failures:
+        err.print(f"[yellow]skipped[/yellow] {failure.reason}", highlight=False)
+    return 1 if result.failures else 0
+
+
+@app.command(epilog="Example: crystalscope similar runs/demo new-crystal.png -k 5 "
+                    "--html similar.html")
+def similar(
+    model: Annotated[Path, typer.Argument(help="The model the store was indexed with.")],
+    image: Annotated[Path, typer.Argument(help="The query image.")],
+    k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 5,
+    store: StoreOption = DEFAULT_STORE,
+    only_class: Annotated[str | None, typer.Option(
+        "--class", help="Only stored images predicted as this class.")] = None,
+    backend: BackendOption = Backend.onnx,
+    html_path: Annotated[Path | None, typer.Option(
+        "--html", help="Also write a page with thumbnails to this new file.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The stored crystals nearest to IMAGE (cosine distance of embeddings)."""
+    from crystalscope.infer.output import open_output
+    from crystalscope.infer.predictor import load_predictor
+    from crystalscope.vectors.backends import open_store
+    from crystalscope.vectors.indexing import find_similar, similar_html
+
+    if not image.is_file():
+        raise UserError(f"{image}: no such image")
+    predictor = load_predictor(model, backend=backend.value)
+    handle = open_output(html_path)  # refuse an existing file before any work
+    vector_store = open_store(store)
+    try:
+        query, neighbours = find_similar(predictor, image, vector_store, k,
+                                         predicted=only_class)
+    finally:
+        vector_store.close()
+    rows = [{"rank": rank, "distance": round(n.distance, 6), "predicted": n.record.predicted,
+             "true_class": n.record.true_class, "path": n.record.path}
+            for rank, n in enumerate(neighbours, 1)]
+    if handle:
+        with handle:
+            handle.write(similar_html(query, neighbours, predictor.classes))
+    if as_json:
+        out.print_json(json.dumps({"query": str(image), "neighbours": rows}))
+    else:
+        best = int(query.probabilities.argmax())
+        table = Table(title=f"{image}: predicted {predictor.classes[best]} "
+                            f"({query.probabilities[best]:.4f}); nearest {len(rows)} in {store}")
+        for column in ("rank", "cosine distance", "predicted", "true class"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("path", overflow="fold")
+        for row in rows:
+            table.add_row(str(row["rank"]), f"{row['distance']:.4f}", row["predicted"],
+                          row["true_class"] or "-", row["path"])
+        out.print(table)
+    if html_path:
+        err.print(f"wrote {html_path}")
