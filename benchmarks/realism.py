@@ -28,11 +28,11 @@ from PIL import Image
 
 from crystalscope.config import resolve_train_config
 from crystalscope.data.layout import is_image_name
-from crystalscope.data.loaders import decode_resized
 from crystalscope.data.split import split_dataset
 from crystalscope.evaluate.report import wilson_interval
 from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
+from crystalscope.model.spec import decode_for_spec
 from crystalscope.synth.crops import SynthSettings, render_group, synthesize
 from crystalscope.synth.statistics import compare, image_statistics
 from crystalscope.train.run import train
@@ -68,7 +68,7 @@ def train_on_synthetic(folder: Path, *, per_class: int, epochs: int, size: int, 
 
 def score_real(run_dir: Path, crops: list[tuple[Path, str]]) -> dict:
     predictor = load_predictor(run_dir / "model.onnx")
-    images = np.stack([decode_resized(path, predictor.input_size) for path, _ in crops])
+    images = np.stack([decode_for_spec(path, predictor.input_size)[0] for path, _ in crops])
     outputs = predictor.predict(images)
     predicted = [predictor.classes[i] for i in outputs.probabilities.argmax(axis=1)]
     truth = [name for _, name in crops]

@@ -257,6 +257,8 @@ def test_the_false_positive_rate_comes_from_the_report_beside_a_run_or_a_model_f
 
     run = tmp_path / "run"
     run.mkdir()
+    for name in ("config.yaml", "model.onnx"):  # what makes it a run (contents not read here)
+        (run / name).write_text("", encoding="utf-8")
     (run / "report.json").write_text(json.dumps(
         {"classes": ["cex", "pg"], "confusion_matrix": [[95, 5], [10, 90]]}), encoding="utf-8")
     expected = false_positive_rate_from_report(run / "report.json", "pg")
@@ -265,6 +267,8 @@ def test_the_false_positive_rate_comes_from_the_report_beside_a_run_or_a_model_f
         assert choose_false_positive_rate(None, model, "pg") == expected  # type: ignore[arg-type]
     assert choose_false_positive_rate(None, run / "model.onnx", "pg",  # type: ignore[arg-type]
                                       given=0.02) == (0.02, "given")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "model.onnx").write_text("", encoding="utf-8")
     with pytest.raises(UserError, match="no test report beside"):
-        choose_false_positive_rate(None, tmp_path / "elsewhere" / "model.onnx",  # type: ignore[arg-type]
-                                   "pg")
+        choose_false_positive_rate(None, elsewhere / "model.onnx", "pg")  # type: ignore[arg-type]

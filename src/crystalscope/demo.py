@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from crystalscope.data.check import scan_dataset, summarize
 from crystalscope.data.split import split_dataset
 from crystalscope.errors import UserError
+from crystalscope.model.spec import RunLayout
 from crystalscope.synth.crops import SynthSettings, synthesize
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def _monitor_batch(run_dir: Path, folder: Path, seed: int,
                              difficulty=DEMO_DIFFICULTY, seed=seed)
     batches = folder / "batches"
     summary = synthesize_batch(batches, settings)
-    predictor = load_predictor(run_dir / "model.onnx")
+    predictor = load_predictor(RunLayout(run_dir).onnx)
     rate, source = calibrate(predictor, batches / "calibration", "pg")
     rule = AlarmRule(positive="pg", false_positive_rate=rate, source=source)
     result = replay(Monitor(predictor, rule, folder / "monitor", say=lambda _: None),
@@ -112,7 +113,7 @@ def _explore_explain(run_dir: Path, splits: Path, folder: Path,
     from crystalscope.explore.stage import explore
     from crystalscope.infer.predictor import load_predictor
 
-    maps = explore(folder / "maps", predictor=load_predictor(run_dir / "model.onnx"),
+    maps = explore(folder / "maps", predictor=load_predictor(RunLayout(run_dir).onnx),
                    files=expand_paths([splits / "valid", splits / "test"]), k=4)
     say(f"7/8 explore: {len(maps.points.paths)} images, {maps.projection.k} clusters (purity "
         + ", ".join(f"{c['purity']:.2f}" for c in maps.clusters) + f") -> {folder / 'maps'}")
@@ -135,7 +136,7 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
     from crystalscope.vectors.backends import open_store
     from crystalscope.vectors.indexing import find_similar, index_images, similar_html
 
-    predictor = load_predictor(run_dir / "model.onnx")
+    predictor = load_predictor(RunLayout(run_dir).onnx)
     test_images = expand_paths([splits / "test"])
     predictions = folder / "predictions.csv"
     with predictions.open("w", encoding="utf-8", newline="") as handle:

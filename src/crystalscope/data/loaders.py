@@ -22,16 +22,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from crystalscope.data.images import ImageLoadError, load_image
+from crystalscope.data.images import ImageLoadError
 from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
 from crystalscope.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from crystalscope.model.spec import decode_for_spec
 
 
 @dataclass(frozen=True)
@@ -74,13 +71,6 @@ def read_split_folder(root: Path, *, need: tuple[str, ...] = ("train", "valid"))
                 raise UserError(f"{root}/{split}: class folder(s) {', '.join(empty)} hold no "
                                 "images")
     return SplitFolder(root=root, classes=classes, items=items)
-
-
-def decode_resized(path: Path, size: int) -> np.ndarray:
-    """One image as a (3, size, size) uint8 array (grayscale repeated to 3 channels)."""
-    image = load_image(path, warn_on_mismatch=False).convert("RGB")
-    image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image).transpose(2, 0, 1).copy()
 
 
 @dataclass
@@ -128,7 +118,7 @@ def build_cache(items: list[tuple[Path, int]], size: int,
     labels, paths, skipped = [], [], []
     for path, label in items:
         try:
-            images[len(paths)] = torch.from_numpy(decode_resized(path, size))
+            images[len(paths)] = torch.from_numpy(decode_for_spec(path, size)[0])
         except ImageLoadError as exc:
             skipped.append(str(exc))
         else:

@@ -18,8 +18,8 @@ from PIL import Image
 from torch import nn
 
 from crystalscope.errors import UserError
-from crystalscope.infer.stream import decode_with_size
 from crystalscope.model.inference import InferenceNet
+from crystalscope.model.spec import decode_for_spec, resolve_model
 
 METHODS = ("gradcam", "layercam")
 
@@ -52,17 +52,19 @@ def last_stage(net: InferenceNet, name: str | None = None) -> nn.Module:
 
 def load_torch_model(model: Path) -> tuple[InferenceNet, list[str], int]:
     """(network, classes, input size) from a run directory or model.safetensors/model.json."""
-    model = Path(model)
-    if model.is_dir() and (model / "config.yaml").is_file():
+    resolved = resolve_model(model)
+    if resolved.kind == "run":
         from crystalscope.model.inference import load_run
 
-        run = load_run(model)
-        return run.net, run.classes, run.image_size
-    if model.suffix.lower() in (".safetensors", ".json") or (model / "model.json").is_file():
-        from crystalscope.export.weights import load_model
+        run = load_run(resolved.path)
+        return run.net, run.classes, run.spec.input_size
+    if resolved.kind == "safetensors" or resolved.layout.weights.is_file():
+        from crystalscope.export.weights import load_model, model_spec
 
-        net, description = load_model(model)
-        return net, description["classes"], int(description["preprocessing"]["input_size"])
+        net, description = load_model(resolved.layout.weights if resolved.kind == "folder"
+                                      else resolved.path)
+        spec = model_spec(description)
+        return net, list(spec.classes), spec.input_size
     raise UserError(f"{model}: class activation maps need gradients: give the run directory "
                     "or model.safetensors (not an ONNX file)")
 
@@ -88,7 +90,7 @@ def explain_image(net: InferenceNet, classes: list[str], size: int, path: Path, 
 
     if target is not None and target not in classes:
         raise UserError(f"--class {target}: not a class of the model ({', '.join(classes)})")
-    pixels, width, height = decode_with_size(path, size)
+    pixels, width, height = decode_for_spec(path, size)
     x = torch.from_numpy(pixels).float()[None]
     with torch.inference_mode():
         probabilities = net(x)[0][0]

@@ -22,6 +22,7 @@ from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int8
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run
+from crystalscope.model.spec import RunLayout
 from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
 from crystalscope.ood.stage import fit_run_detector, split_items
 
@@ -62,7 +63,7 @@ def run_metrics(run: LoadedRun) -> dict[str, Any]:
             metrics["validation"] = {k[4:]: v[best] for k, v in columns.items()
                                      if k.startswith("val_")}
             metrics["validation"]["epoch"] = int(columns["epoch"][best])
-    report = run.run_dir / "report.json"
+    report = RunLayout(run.run_dir).report
     if report.is_file():
         test = json.loads(report.read_text(encoding="utf-8"))
         metrics["test"] = {"data": test.get("data"), "images": test["images"],
@@ -128,8 +129,8 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run.config.model_dump(mode="json")
     description = model_description(
-        backbone=run.config.model, head=run.config.head, classes=run.classes,
-        image_size=run.image_size, embedding_size=run.net.net.backbone.num_features,
+        backbone=run.config.model, head=run.config.head, spec=run.spec,
+        embedding_size=run.net.net.backbone.num_features,
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
         metrics=run_metrics(run), data=data_summary(run.config.data, run.classes))
     detector = fit_run_detector(run, false_reject)
@@ -149,7 +150,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
     if not rebuilt_difference <= PARITY_TOLERANCE:
         raise CrystalscopeError(f"{weights_path}: the rebuilt model differs from the checkpoint "
                                 f"(max |Δ probability| {rebuilt_difference:.2e})")
-    onnx_path = out_dir / "model.onnx"
+    onnx_path = RunLayout(out_dir).onnx
     metadata = {"classes": run.classes, "preprocessing": description["preprocessing"],
                 "outputs": "probabilities",
                 "architecture": description["architecture"], "format": description["format"],

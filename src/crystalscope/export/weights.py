@@ -17,13 +17,13 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from crystalscope.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from crystalscope.errors import UserError
 from crystalscope.model.backbones import Classifier, create_backbone
 from crystalscope.model.inference import InferenceNet
+from crystalscope.model.spec import ModelSpec, RunLayout
 
 FORMAT = "crystalscope-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: preprocessing is a ModelSpec (data, not prose)
 
 
 def library_versions() -> dict[str, str]:
@@ -38,29 +38,17 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def preprocessing(image_size: int) -> dict[str, Any]:
-    """How images must be prepared for the network (the same words go into the ONNX file)."""
-    return {
-        "input_size": image_size, "resize": "bilinear, squashed to a square (no crop)",
-        "channels": "RGB (grayscale repeated)", "layout": "NCHW", "dtype": "float32",
-        "value_range": "0-255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "normalization": "inside the model: (x / 255 - mean) / std",
-        "outputs": {"probabilities": "softmax over classes, in the order of 'classes'",
-                    "embedding": "pooled backbone features"},
-    }
-
-
-def model_description(*, backbone: str, head: str, classes: list[str], image_size: int,
-                      embedding_size: int, recipe: dict[str, Any],
-                      metrics: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    """The content of model.json."""
+def model_description(*, backbone: str, head: str, spec: ModelSpec, embedding_size: int,
+                      recipe: dict[str, Any], metrics: dict[str, Any],
+                      data: dict[str, Any]) -> dict[str, Any]:
+    """The content of model.json; ``preprocessing`` is the :class:`ModelSpec`, as data."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "architecture": {"backbone": backbone, "library": "timm", "head": head,
-                         "num_classes": len(classes), "embedding_size": embedding_size},
-        "classes": list(classes),
-        "preprocessing": preprocessing(image_size),
+                         "num_classes": len(spec.classes), "embedding_size": embedding_size},
+        "classes": list(spec.classes),
+        "preprocessing": spec.to_dict(),
         "recipe": recipe, "metrics": metrics, "data": data,
         "versions": library_versions(),
     }
@@ -70,7 +58,7 @@ def save_model(net: InferenceNet, description: dict[str, Any], out_dir: Path
                ) -> tuple[Path, Path]:
     """Write model.safetensors (the Classifier's weights) and model.json."""
     out_dir = Path(out_dir)
-    weights_path, json_path = out_dir / "model.safetensors", out_dir / "model.json"
+    weights_path, json_path = RunLayout(out_dir).weights, RunLayout(out_dir).model_json
     state = {k: v.detach().contiguous().cpu() for k, v in net.net.state_dict().items()}
     save_file(state, weights_path, metadata={"format": FORMAT,
                                              "classes": json.dumps(description["classes"])})
@@ -81,7 +69,7 @@ def save_model(net: InferenceNet, description: dict[str, Any], out_dir: Path
 def _model_files(path: Path) -> tuple[Path, Path]:
     path = Path(path)
     if path.is_dir():
-        return path / "model.safetensors", path / "model.json"
+        return RunLayout(path).weights, RunLayout(path).model_json
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
 
 
@@ -108,5 +96,14 @@ def load_model(path: Path) -> tuple[InferenceNet, dict[str, Any]]:
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise UserError(f"{weights_path}: does not fit the architecture in {json_path.name} "
                         f"({str(exc)[:200]})") from exc
-    return InferenceNet(net).eval(), description
+    spec = model_spec(description, json_path)
+    return InferenceNet(net, mean=spec.mean, std=spec.std).eval(), description
+
+
+def model_spec(description: dict[str, Any], source: Path | str = "model.json") -> ModelSpec:
+    """The :class:`ModelSpec` in a model.json (or ONNX metadata) description."""
+    try:
+        return ModelSpec.from_dict(description["preprocessing"], description.get("classes"))
+    except (KeyError, TypeError, UserError) as exc:
+        raise UserError(f"{source}: carries no usable preprocessing ({exc})") from exc
 

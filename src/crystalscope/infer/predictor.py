@@ -18,8 +18,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from crystalscope.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from crystalscope.errors import UserError
+from crystalscope.model.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelSpec,
+    RunLayout,
+    resolve_model,
+)
 from crystalscope.ood.detector import OODDetector, load_detector
 
 Backend = Literal["onnx", "torch"]
@@ -158,7 +164,9 @@ def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
     if not classes:
         raise UserError(f"{path}: carries no class names; give them, e.g. --classes cex,pg")
     if "preprocessing" in metadata and not backend_overrides.get("preprocessing"):
-        preprocessing = Preprocessing(input_size=int(metadata["preprocessing"]["input_size"]))
+        # crystalscope's own model: fed as its spec says (normalised inside the network)
+        spec = ModelSpec.from_dict(metadata["preprocessing"], list(classes))
+        preprocessing = Preprocessing(input_size=spec.input_size)
     else:
         preprocessing = backend_overrides.get("preprocessing") or _guess(inputs[0].shape, path)
     names = [o.name for o in outputs]
@@ -173,8 +181,9 @@ def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
 
     # The detector was calibrated on this model's own fp32 statistics: an int8 or foreign
     # model beside a model.json is not given it.
-    detector = (load_detector(path.with_name("model.json"))
-                if "statistics" in optional and path.name == "model.onnx" else None)
+    layout = RunLayout(path.parent)
+    detector = (load_detector(layout.model_json)
+                if "statistics" in optional and path.name == layout.onnx.name else None)
     return Predictor(classes=list(classes), preprocessing=preprocessing, backend="onnx",
                      source=path, run=run, has_embedding="embedding" in optional,
                      ood=detector, outputs=_output_kind(path, wanted[0],
@@ -213,37 +222,32 @@ def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str]
     ``classes``, ``preprocessing`` and ``outputs`` describe a foreign ONNX model (what its
     output holds: ``probabilities`` or ``logits``); crystalscope's own models carry them.
     """
-    model = Path(model)
-    if not model.exists():
-        raise UserError(f"{model}: no such model; give a run directory, a model.onnx or a "
-                        "model.safetensors")
+    resolved = resolve_model(model)
+    layout = resolved.layout
     overrides = {"classes": classes, "preprocessing": preprocessing, "outputs": outputs}
-    if model.is_dir():
-        if backend == "onnx":
-            if not (model / "model.onnx").is_file():
-                raise UserError(f"{model}: has no model.onnx; run `crystalscope export {model}` "
-                                "or use --backend torch")
-            return _onnx_predictor(model / "model.onnx", overrides)
-        from crystalscope.model.inference import load_run
-
-        run = load_run(model)
-        return _torch_predictor(run.net, run.classes, run.image_size, model,
-                                model / "model.json")
-    suffix = model.suffix.lower()
-    if suffix == ".onnx":
+    if resolved.kind == "onnx":
         if backend == "torch":
             raise UserError(f"{model}: an ONNX file runs on ONNX Runtime; for --backend torch "
                             "give the run directory or model.safetensors")
-        return _onnx_predictor(model, overrides)
-    if suffix in (".safetensors", ".json"):
-        from crystalscope.export.weights import load_model
+        return _onnx_predictor(resolved.path, overrides)
+    if resolved.kind in ("run", "folder") and backend == "onnx":
+        if not layout.onnx.is_file():
+            raise UserError(f"{model}: has no model.onnx; run `crystalscope export {model}` "
+                            "or use --backend torch")
+        return _onnx_predictor(layout.onnx, overrides)
+    if resolved.kind == "run":
+        from crystalscope.model.inference import load_run
 
-        net, description = load_model(model)
-        return _torch_predictor(net, description["classes"],
-                                int(description["preprocessing"]["input_size"]), model,
-                                model.with_suffix(".json"))
-    raise UserError(f"{model}: not a model file; give a run directory, a .onnx or a "
-                    ".safetensors file")
+        run = load_run(resolved.path)
+        return _torch_predictor(run.net, run.classes, run.spec.input_size, resolved.path,
+                                layout.model_json)
+    from crystalscope.export.weights import load_model, model_spec
+
+    weights = layout.weights if resolved.kind == "folder" else resolved.path
+    net, description = load_model(weights)
+    spec = model_spec(description)
+    return _torch_predictor(net, list(spec.classes), spec.input_size, resolved.path,
+                            weights.with_suffix(".json"))
 
 
 def parse_classes(text: str | None) -> list[str] | None:

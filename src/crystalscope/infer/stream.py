@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from crystalscope.data.images import ImageLoadError, load_image
+from crystalscope.data.images import ImageLoadError
 from crystalscope.infer.predictor import Predictor
+from crystalscope.model.spec import decode_for_spec
 
 
 @dataclass
@@ -44,18 +44,10 @@ class Failure:
     reason: str
 
 
-def decode_with_size(path: Path, size: int) -> tuple[np.ndarray, int, int]:
-    """(3, size, size) uint8 RGB, squashed bilinearly, and the original width and height."""
-    image = load_image(path, warn_on_mismatch=False).convert("RGB")
-    width, height = image.size
-    resized = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized).transpose(2, 0, 1).copy(), width, height
-
-
 def _decode(job: tuple[Path, int]) -> tuple[np.ndarray, int, int] | str:
     path, size = job
     try:
-        return decode_with_size(path, size)
+        return decode_for_spec(path, size)
     except ImageLoadError as exc:
         return str(exc)
 

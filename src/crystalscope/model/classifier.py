@@ -19,13 +19,13 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from crystalscope.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from crystalscope.model.backbones import (
     Classifier,
     create_backbone,
     freeze_fraction,
     set_frozen_norms_eval,
 )
+from crystalscope.model.spec import backbone_normalization
 
 
 def _metrics(num_classes: int) -> MetricCollection:
@@ -51,17 +51,23 @@ class CrystalClassifier(L.LightningModule):
                  head: str = "mlp", trainable: float = 1.0, optimizer: str = "adamw",
                  lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  scheduler: str = "none", max_epochs: int = 10,
-                 class_weights: list[float] | None = None, channels_last: bool = True) -> None:
+                 class_weights: list[float] | None = None, channels_last: bool = True,
+                 mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if mean is None or std is None:  # what the backbone's weights were trained with
+            mean, std = backbone_normalization(model)
+        # Kept in the checkpoint, so that the run and its exports feed the network alike.
+        self.hparams.mean, self.hparams.std = list(mean), list(std)
         self.classes = list(classes)
         backbone = create_backbone(model, weights)
         self.trainable_layers = freeze_fraction(backbone, trainable)
         self.net = Classifier(backbone, len(classes), head)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.loss = nn.CrossEntropyLoss(weight=weight)
         self.train_metrics = _metrics(len(classes))

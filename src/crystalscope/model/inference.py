@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from crystalscope.config import TrainConfig, load_train_config
-from crystalscope.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from crystalscope.errors import UserError
 from crystalscope.model.backbones import Classifier
+from crystalscope.model.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, RunLayout
 
 
 def stage_statistics(stages: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -80,20 +80,27 @@ class LoadedRun:
     def image_size(self) -> int:
         return self.config.image_size
 
+    @property
+    def spec(self) -> ModelSpec:
+        """How this run's network is fed (see :mod:`crystalscope.model.spec`)."""
+        return ModelSpec(input_size=self.image_size, classes=tuple(self.classes),
+                         mean=tuple(self.net.mean.view(-1).div(255).tolist()),
+                         std=tuple(self.net.std.view(-1).div(255).tolist()))
+
 
 def load_run(run_dir: Path, checkpoint: str = "best") -> LoadedRun:
     """Load ``run_dir/checkpoints/<checkpoint>.ckpt`` (CPU, eval mode) with its config."""
     from crystalscope.model.classifier import CrystalClassifier
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    if not RunLayout(run_dir).config.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml); give the folder "
                         "`crystalscope train` wrote, e.g. runs/resnet50-20261128-101500")
     path = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
     if not path.is_file():
         raise UserError(f"{run_dir}: has no checkpoints/{checkpoint}.ckpt (training did not "
                         "finish an epoch); continue it with `crystalscope train --resume`")
-    config = load_train_config(run_dir / "config.yaml")
+    config = load_train_config(RunLayout(run_dir).config)
     try:
         # weights="none": the checkpoint holds them; never reach for the hub here.
         module = CrystalClassifier.load_from_checkpoint(path, map_location="cpu",
@@ -102,7 +109,8 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> LoadedRun:
         raise UserError(f"{path}: not a loadable crystalscope checkpoint "
                         f"({type(exc).__name__}: {str(exc)[:200]})") from exc
     net = module.net.to(memory_format=torch.contiguous_format).float()
-    inference = InferenceNet(net).eval()
+    inference = InferenceNet(net, mean=tuple(module.hparams.mean),
+                             std=tuple(module.hparams.std)).eval()
     return LoadedRun(run_dir=run_dir, config=config, classes=list(module.classes),
                      net=inference, checkpoint=path)
 

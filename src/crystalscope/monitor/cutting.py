@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from crystalscope.data.images import load_image
+from crystalscope.model.spec import decode_for_spec
 
 Cutter = Literal["tiles", "particles"]
 
@@ -71,5 +72,4 @@ def cut_frame(path: Path, crop: int, cutter: Cutter, size: int) -> np.ndarray:
     pieces = cut_tiles(frame, crop) if cutter == "tiles" else cut_particles(frame, crop)
     if not pieces:
         return np.zeros((0, 3, size, size), np.uint8)
-    return np.stack([np.asarray(p.resize((size, size), Image.Resampling.BILINEAR))
-                     .transpose(2, 0, 1) for p in pieces])
+    return np.stack([decode_for_spec(piece, size)[0] for piece in pieces])

@@ -25,6 +25,7 @@ from crystalscope.data.layout import is_image_name, list_files
 from crystalscope.errors import UserError
 from crystalscope.infer.predictor import Predictor
 from crystalscope.infer.stream import Failure, predict_stream
+from crystalscope.model.spec import resolve_model
 from crystalscope.monitor.cutting import Cutter, cut_frame
 from crystalscope.monitor.frames import Window, read_stream
 from crystalscope.monitor.report import plot_timeline
@@ -222,8 +223,7 @@ def choose_false_positive_rate(predictor: Predictor, model: Path, positive: str,
         return given, "given"
     if clean_stream is not None:
         return calibrate(predictor, clean_stream, positive, cutting)
-    model = Path(model)
-    report = (model if model.is_dir() else model.parent) / "report.json"
+    report = resolve_model(model).layout.report
     if not report.is_file():
         raise UserError(f"no test report beside {model} to take the false-positive rate from; "
                         "run `crystalscope evaluate RUN`, or give --false-positive-rate or a "

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from crystalscope.data.images import ImageLoadError
 from crystalscope.infer.predictor import Outputs, Predictor
-from crystalscope.infer.stream import decode_with_size
+from crystalscope.model.spec import decode_for_spec
 from crystalscope.serve.page import DASHBOARD
 from crystalscope.vectors.indexing import thumbnail_uri
 from crystalscope.vectors.store import VectorStore
@@ -125,7 +125,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             path = Path(folder) / "upload"
             path.write_bytes(data)
             try:
-                pixels, _, _ = decode_with_size(path, predictor.input_size)
+                pixels, _, _ = decode_for_spec(path, predictor.input_size)
             except ImageLoadError as exc:
                 raise HTTPException(400, f"{name}: {exc.reason}") from exc
         return pixels

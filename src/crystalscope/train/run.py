@@ -35,6 +35,7 @@ from crystalscope.evaluate.stage import Evaluation, evaluate_run
 from crystalscope.export.stage import Export, export_run
 from crystalscope.model.backbones import count_parameters
 from crystalscope.model.classifier import CrystalClassifier
+from crystalscope.model.spec import RunLayout
 from crystalscope.train.callbacks import (
     CheckpointOnInterrupt,
     EpochTable,
@@ -107,9 +108,9 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
     primary = is_primary_process()
     if resume is not None:
         run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
+        if not RunLayout(run_dir).config.is_file():
             raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        config = load_train_config(run_dir / "config.yaml")
+        config = load_train_config(RunLayout(run_dir).config)
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
         if not checkpoint.is_file():
             raise UserError(f"--resume {run_dir}: no checkpoints/last.ckpt yet (it is written "
@@ -154,7 +155,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
                                           resuming=resuming)
     if not resuming and primary:  # everything that can refuse the settings has been built
         (run_dir / "checkpoints").mkdir(parents=True)
-        save_config(config, run_dir / "config.yaml")
+        save_config(config, RunLayout(run_dir).config)
         (run_dir / "classes.json").write_text(json.dumps(data.classes), encoding="utf-8")
     trainable, total = count_parameters(module.net)
     if not quiet:

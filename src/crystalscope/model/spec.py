@@ -1,0 +1,193 @@
+"""The model contract: how a crystalscope model is fed and what it outputs, and where its files are.
+
+A :class:`ModelSpec` is written once, as data, into ``model.json`` (``"preprocessing"``) and the
+ONNX metadata (``crystalscope.preprocessing``), and read back by every consumer: training
+data, predict, serve, monitor and CAMs decode images with :func:`decode_for_spec` at the
+spec's input size, and the network normalises with the spec's mean and std inside itself.
+:func:`resolve_model` is the one rule for "which file is MODEL"; :class:`RunLayout` names a
+run folder's files.
+
+This module imports neither torch nor Lightning, so the ONNX-only path stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from crystalscope.data.images import load_image
+from crystalscope.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def backbone_normalization(model: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the backbone's weights were trained with, from timm's pretrained config
+    (ImageNet's where timm has none)."""
+    import timm
+
+    try:
+        config = timm.get_pretrained_cfg(model)
+    except Exception:  # an unknown name is reported where the model is created
+        config = None
+    mean = tuple(float(v) for v in getattr(config, "mean", None) or IMAGENET_MEAN)
+    std = tuple(float(v) for v in getattr(config, "std", None) or IMAGENET_STD)
+    return mean, std
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How images become the network's input, and what it returns.
+
+    Images are decoded to RGB (grayscale repeated), resized with ``resize`` to
+    ``input_size`` x ``input_size`` (squashed, no crop), laid out NCHW as float32 values
+    0-255; the network itself applies ``(x / 255 - mean) / std``.
+    """
+
+    input_size: int
+    classes: tuple[str, ...]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: Literal["bilinear"] = "bilinear"
+    channels: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+    value_range: tuple[int, int] = (0, 255)
+    normalization: Literal["inside"] = "inside"
+    outputs: dict[str, str] = field(default_factory=lambda: {
+        "probabilities": "softmax over classes, in the order of 'classes'",
+        "embedding": "pooled backbone features",
+        "statistics": "each backbone stage's channel means and standard deviations"})
+
+    def __post_init__(self) -> None:
+        if self.input_size < 8:
+            raise UserError(f"input size {self.input_size}: give at least 8 pixels")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UserError(f"mean {self.mean} / std {self.std}: give three values each, "
+                            "std above 0")
+        if len(self.classes) < 2:
+            raise UserError(f"classes {self.classes}: a classifier needs at least two")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(classes=list(self.classes), mean=list(self.mean), std=list(self.std),
+                    value_range=list(self.value_range))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], classes: list[str] | None = None) -> ModelSpec:
+        """Read a spec back; ``classes`` where the record keeps them apart (model.json files
+        written before the spec held them)."""
+        try:
+            return cls(input_size=int(data["input_size"]),
+                       classes=tuple(data.get("classes") or classes or ()),
+                       mean=tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),
+                       std=tuple(float(v) for v in data.get("std", IMAGENET_STD)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"not a crystalscope model description ({exc})") from exc
+
+
+def decode_for_spec(source: Path | Image.Image, input_size: int
+                    ) -> tuple[np.ndarray, int, int]:
+    """An image file (read safely) or a PIL image as the network's input: (3, S, S) uint8
+    RGB, resized bilinearly without a crop; plus the original width and height."""
+    image = source if isinstance(source, Image.Image) else load_image(source,
+                                                                       warn_on_mismatch=False)
+    width, height = image.size
+    resized = image.convert("RGB").resize((input_size, input_size), Image.Resampling.BILINEAR)
+    return np.asarray(resized).transpose(2, 0, 1).copy(), width, height
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of a run folder (``runs/<name>/``), named once."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, which: str = "best") -> Path:
+        return self.checkpoints / f"{which}.ckpt"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def model_json(self) -> Path:
+        return self.root / "model.json"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "model.onnx"
+
+    @property
+    def int8_onnx(self) -> Path:
+        return self.root / "model.int8.onnx"
+
+    @property
+    def detector(self) -> Path:
+        return self.root / "ood.safetensors"
+
+
+ModelKind = Literal["run", "folder", "onnx", "safetensors"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What MODEL names: a run folder, a folder of exported files (``export --out``), an ONNX
+    file, or safetensors weights with their model.json."""
+
+    kind: ModelKind
+    path: Path  # the folder or the model file
+
+    @property
+    def folder(self) -> Path:
+        """Where the model's companions (model.json, report.json, ood.safetensors) lie."""
+        return self.path if self.kind in ("run", "folder") else self.path.parent
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.folder)
+
+
+def resolve_model(model: Path | str) -> ResolvedModel:
+    """The one rule for MODEL arguments: a run directory (it has config.yaml), a folder of
+    exported files, a ``.onnx`` file, or ``model.safetensors`` / ``model.json``."""
+    model = Path(model)
+    if not model.exists():
+        raise UserError(f"{model}: no such model; give a run directory, a model.onnx or a "
+                        "model.safetensors")
+    if model.is_dir():
+        layout = RunLayout(model)
+        if layout.config.is_file():
+            return ResolvedModel("run", model)
+        if layout.onnx.is_file() or layout.weights.is_file():
+            return ResolvedModel("folder", model)
+        raise UserError(f"{model}: neither a run directory (no config.yaml) nor a folder of "
+                        "exported files (no model.onnx or model.safetensors)")
+    suffix = model.suffix.lower()
+    if suffix == ".onnx":
+        return ResolvedModel("onnx", model)
+    if suffix in (".safetensors", ".json"):
+        return ResolvedModel("safetensors", model.with_suffix(".safetensors"))
+    raise UserError(f"{model}: not a model file; give a run directory, a .onnx or a "
+                    ".safetensors file")
