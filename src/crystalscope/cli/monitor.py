@@ -72,13 +72,10 @@ def monitor(
     Exit code 3 when the alarm fired (so scripts can act), 0 when it did not.
     """
     from crystalscope.infer.predictor import load_predictor
-    from crystalscope.monitor.run import Monitor, choose_false_positive_rate, replay, watch
-    from crystalscope.monitor.trend import AlarmRule
+    from crystalscope.monitor.run import Monitor, build_alarm_rule, replay, watch
 
     if not positive:
         raise UserError("give --positive CLASS: the impurity to watch (e.g. --positive pg)")
-    if not 0 < alpha < 1 or consecutive < 1:
-        raise UserError("--alpha: give a probability in (0, 1); --consecutive: at least 1")
     predictor = load_predictor(model)
     from crystalscope.monitor.run import FrameCutting
 
@@ -86,14 +83,12 @@ def monitor(
         raise UserError(f"--cut {cut} / --crop-size {crop_size}: use tiles or particles, and "
                         "a crop side of at least 8 pixels")
     cutting = FrameCutting(crop_size, cut) if frames else None  # type: ignore[arg-type]
-    rate, source = choose_false_positive_rate(predictor, Path(model), positive,
-                                              given=false_positive_rate, clean_stream=calibrate,
-                                              cutting=cutting)
-    rule = AlarmRule(positive=positive, false_positive_rate=rate, alpha=alpha,
-                     consecutive=consecutive, source=source)
+    rule = build_alarm_rule(predictor, Path(model), positive,
+                            false_positive_rate=false_positive_rate, clean_stream=calibrate,
+                            cutting=cutting, alpha=alpha, consecutive=consecutive)
     err.print(f"alarm rule: {consecutive} window(s) in a row with P(this many {positive} calls "
-              f"| false-positive rate {rate:.4f}) < {alpha:g}; rate: {source}", highlight=False,
-              markup=False)
+              f"| false-positive rate {rule.false_positive_rate:.4f}) < {alpha:g}; rate: "
+              f"{rule.source}", highlight=False, markup=False)
     runner = Monitor(predictor, rule, out_dir, on_alarm=on_alarm, post_url=post,
                      cutting=cutting)
     if watch_mode:

@@ -231,6 +231,21 @@ def choose_false_positive_rate(predictor: Predictor, model: Path, positive: str,
     return false_positive_rate_from_report(report, positive)
 
 
+def build_alarm_rule(predictor: Predictor, model: Path, positive: str, *,
+                     false_positive_rate: float | None = None,
+                     clean_stream: Path | None = None, cutting: FrameCutting | None = None,
+                     alpha: float = 1e-3, consecutive: int = 2) -> AlarmRule:
+    """The alarm rule for ``monitor`` and ``serve --monitor`` alike: the binomial rule at the
+    rate :func:`choose_false_positive_rate` picks."""
+    if not 0 < alpha < 1 or consecutive < 1:
+        raise UserError("--alpha: give a probability in (0, 1); --consecutive: at least 1")
+    rate, source = choose_false_positive_rate(predictor, model, positive,
+                                              given=false_positive_rate,
+                                              clean_stream=clean_stream, cutting=cutting)
+    return AlarmRule(positive=positive, false_positive_rate=rate, alpha=alpha,
+                     consecutive=consecutive, source=source)
+
+
 def watch_in_background(predictor: Predictor, model: Path, stream: Path, positive: str, *,
                         false_positive_rate: float | None = None) -> Monitor:
     """A monitor that follows ``stream`` in a daemon thread (for ``serve --monitor``); its
@@ -238,10 +253,8 @@ def watch_in_background(predictor: Predictor, model: Path, stream: Path, positiv
     import tempfile
     import threading
 
-    rate, source = choose_false_positive_rate(predictor, model, positive,
-                                              given=false_positive_rate)
-    monitor = Monitor(predictor, AlarmRule(positive, rate, source=source),
-                      Path(tempfile.mkdtemp(prefix="crystalscope-serve-monitor-")))
+    rule = build_alarm_rule(predictor, model, positive, false_positive_rate=false_positive_rate)
+    monitor = Monitor(predictor, rule, Path(tempfile.mkdtemp(prefix="crystalscope-serve-monitor-")))
     threading.Thread(target=watch, args=(monitor, stream), daemon=True).start()
     return monitor
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from scipy.stats import binom
 
@@ -30,9 +31,29 @@ SMOOTHING = 0.3  # weight of the newest window in the exponentially smoothed fra
 UNKNOWN = "unknown"  # the label of crops the unknown-detector flags
 
 
+class EvidenceTest(Protocol):
+    """How surprising ``k`` calls among ``n`` crops are when nothing new is present: the seam
+    for another alarm statistic (a sequential test, a test with a prior, …)."""
+
+    def p_value(self, k: int, n: int) -> float:
+        """P(at least ``k`` of ``n`` | nothing new), for ``n`` >= 1."""
+        ...
+
+
+@dataclass(frozen=True)
+class BinomialTest:
+    """One-sided binomial test: each crop is called by mistake with probability ``rate``."""
+
+    rate: float
+
+    def p_value(self, k: int, n: int) -> float:
+        return float(binom.sf(k - 1, n, self.rate))
+
+
 @dataclass(frozen=True)
 class AlarmRule:
-    """What counts as evidence of the impurity."""
+    """What counts as evidence of the impurity: ``consecutive`` windows in a row whose
+    :meth:`test` p-value is below ``alpha``."""
 
     positive: str
     false_positive_rate: float
@@ -40,6 +61,14 @@ class AlarmRule:
     consecutive: int = 2
     source: str = "given"
     unknown_rate: float | None = None  # the detector's false-reject rate; None: no detector
+
+    def test(self) -> EvidenceTest:
+        """The test of a window's impurity calls (the binomial rule)."""
+        return BinomialTest(self.false_positive_rate)
+
+    def unknown_test(self) -> EvidenceTest | None:
+        """The test of a window's unknown crops, when the model has a detector."""
+        return None if self.unknown_rate is None else BinomialTest(self.unknown_rate)
 
 
 @dataclass
@@ -124,6 +153,7 @@ class Trend:
             raise UserError(f"--false-positive-rate {rule.false_positive_rate}: give a rate "
                             "from 0 to below 1")
         self.classes, self.rule = classes, rule
+        self.test, self.unknown_test = rule.test(), rule.unknown_test()
         self.smoothed: float | None = None
         self.run_of_significant = 0
         self.run_of_unfamiliar = 0
@@ -136,7 +166,7 @@ class Trend:
         counts = {c: predicted.count(c) for c in self.classes}
         n, k = len(predicted) - unknown, counts[self.rule.positive]
         fraction = k / n if n else None
-        p_value = float(binom.sf(k - 1, n, self.rule.false_positive_rate)) if n else None
+        p_value = self.test.p_value(k, n) if n else None
         significant = p_value is not None and p_value < self.rule.alpha
         self.run_of_significant = self.run_of_significant + 1 if significant else 0
         if fraction is not None:
@@ -149,7 +179,7 @@ class Trend:
                               alarm=alarm, unreadable=unreadable or [])
         if alarm:
             self.alarm_window = result
-        if self.rule.unknown_rate is not None:
+        if self.unknown_test is not None:
             self._add_unknown(result, unknown, len(predicted))
         return result
 
@@ -160,7 +190,7 @@ class Trend:
             self.run_of_unfamiliar = 0
             return
         result.unknown_fraction = unknown / total
-        result.unknown_p_value = float(binom.sf(unknown - 1, total, self.rule.unknown_rate))
+        result.unknown_p_value = self.unknown_test.p_value(unknown, total)  # type: ignore[union-attr]
         significant = result.unknown_p_value < self.rule.alpha
         self.run_of_unfamiliar = self.run_of_unfamiliar + 1 if significant else 0
         result.unfamiliar = self.run_of_unfamiliar == self.rule.consecutive
