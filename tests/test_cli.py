@@ -169,5 +169,5 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
         main(["--debug", "synth", str(tmp_path / "b")])
     from crystalscope.errors import UserError
 
-    with pytest.raises(UserError, match="--per-class"):  # bad input under --debug: raised too
+    with pytest.raises(UserError, match="per_class"):  # bad input under --debug: raised too
         main(["--debug", "synth", str(tmp_path / "c"), "--per-class", "0"])

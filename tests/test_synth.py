@@ -13,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 
 from crystalscope.data.dedupe import dihedral_arrays
 from crystalscope.errors import UserError
+from crystalscope.settings import SettingsError
 from crystalscope.synth.crops import SynthSettings, parse_difficulty, render_group, synthesize
 from crystalscope.synth.scenes import (
     FAINT_KINDS,
@@ -151,11 +152,13 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
     for text in ("extreme", "1.5"):
         with pytest.raises(UserError, match="--difficulty"):
             parse_difficulty(text)
-    for settings, word in [(SynthSettings(per_class=0), "--per-class"),
-                           (SynthSettings(dihedral_copies=8), "--dihedral-copies"),
-                           (SynthSettings(size=8), "--size")]:
-        with pytest.raises(UserError, match=word):
-            synthesize(tmp_path / "x", settings)
+    for fields, flag in [({"per_class": 0}, "--per-class"),
+                         ({"dihedral_copies": 8}, "--dihedral-copies"),
+                         ({"size": 8}, "--size")]:
+        with pytest.raises(SettingsError) as error:  # refused when made, not when used
+            SynthSettings(**fields)
+        assert error.value.field == next(iter(fields))
+        assert error.value.for_flags().startswith(flag + " ")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
     with pytest.raises(UserError, match="not an empty folder"):

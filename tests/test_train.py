@@ -21,6 +21,7 @@ from crystalscope.data.split import split_dataset
 from crystalscope.errors import UserError
 from crystalscope.model.backbones import create_backbone, freeze_fraction, parameter_layers
 from crystalscope.model.classifier import CrystalClassifier
+from crystalscope.settings import SettingsError
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.train.run import class_weights, train, weights_notes
 
@@ -241,10 +242,12 @@ def test_config_file_and_recipes(tmp_path: Path) -> None:
            ("resnet101", 224, 0.10, "sgd")
     assert config.epochs == 3 and config.lr == 0.05 and config.augmentation == "georgia"
     assert resolve_train_config({"data": tmp_path}).model == "resnet50"
-    with pytest.raises(UserError, match="--recipe"):
+    with pytest.raises(SettingsError, match="recipe") as error:
         resolve_train_config({"data": tmp_path, "recipe": "nope"})
-    with pytest.raises(UserError, match="--batch-size"):
+    assert error.value.for_flags().startswith("--recipe 'nope': use one of")
+    with pytest.raises(SettingsError, match="batch_size") as error:
         resolve_train_config({"data": tmp_path, "batch_size": 0})
+    assert error.value.for_flags().startswith("--batch-size 0:")
     path.write_text("[1, 2]")
     with pytest.raises(UserError, match="mapping"):
         resolve_train_config({"data": tmp_path}, path)

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from crystalscope.errors import UserError
+from crystalscope.settings import SettingsError, settings_error
 from crystalscope.train.recipes import DEFAULT_RECIPE, RECIPES
 
 
@@ -19,21 +20,23 @@ class TrainConfig(BaseModel):
 
     data: Path
     recipe: str = DEFAULT_RECIPE
-    model: str = "resnet50"
+    # What a recipe decides has no default here: the recipe (train/recipes.py) is the one
+    # place for it, so editing a default means editing the recipe.
+    model: str
     weights: str = "imagenet"  # a fine-tuning tool starts from pretrained layers
-    image_size: int = Field(160, ge=16, le=1024)
-    trainable: float = Field(0.25, ge=0.0, le=1.0)
-    head: Literal["mlp", "linear"] = "mlp"
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    scheduler: Literal["none", "cosine"] = "cosine"
-    batch_size: int = Field(32, ge=1)
-    augmentation: Literal["none", "dihedral", "georgia"] = "dihedral"
-    epochs: int = Field(30, ge=1)
-    f1_threshold: float = Field(0.997, gt=0, le=1.0)
-    patience: int = Field(10, ge=1)
+    image_size: int = Field(ge=16, le=1024)
+    trainable: float = Field(ge=0.0, le=1.0)
+    head: Literal["mlp", "linear"]
+    optimizer: Literal["sgd", "adamw"]
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    scheduler: Literal["none", "cosine"]
+    batch_size: int = Field(ge=1)
+    augmentation: Literal["none", "dihedral", "georgia"]
+    epochs: int = Field(ge=1)
+    f1_threshold: float = Field(gt=0, le=1.0)
+    patience: int = Field(ge=1)
     fraction: float = Field(1.0, gt=0, le=1.0)
     class_weights: Literal["none", "auto"] = "none"
     seed: int = 0
@@ -69,7 +72,7 @@ def resolve_train_config(options: dict[str, Any], config_file: Path | None = Non
     given = {k: v for k, v in options.items() if v is not None}
     recipe = given.get("recipe") or from_file.get("recipe") or DEFAULT_RECIPE
     if recipe not in RECIPES:
-        raise UserError(f"--recipe {recipe}: use one of {', '.join(RECIPES)}")
+        raise SettingsError("recipe", f"use one of {', '.join(RECIPES)}", recipe)
     merged = {**RECIPES[recipe], **from_file, **given, "recipe": recipe}
     if merged.get("weights", "imagenet") == "none" and "trainable" not in {**from_file, **given}:
         # A recipe's frozen share assumes pretrained layers: frozen random layers are noise.
@@ -77,10 +80,7 @@ def resolve_train_config(options: dict[str, Any], config_file: Path | None = Non
     try:
         return TrainConfig(**merged)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise UserError(f"--{field.replace('_', '-')}: {first['msg']} "
-                        f"(got {first.get('input')!r})") from None
+        raise settings_error(exc) from None
 
 
 def save_config(config: BaseModel, path: Path) -> None:

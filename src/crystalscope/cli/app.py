@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 from crystalscope import __version__
 from crystalscope.console import err, out
 from crystalscope.errors import CrystalscopeError
+from crystalscope.settings import SettingsError
 
 
 class SynthGroup(TyperGroup):
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     except CrystalscopeError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        message = exc.for_flags() if isinstance(exc, SettingsError) else str(exc)
+        err.print(f"[red]error:[/red] {message}", highlight=False)
         sys.exit(exc.exit_code)
     except Exception as exc:
         if _state["debug"]:

@@ -44,7 +44,6 @@ def synth(
     settings = SynthSettings(per_class=per_class, size=size, uniform_size=uniform_size,
                              difficulty=parse_difficulty(difficulty),
                              dihedral_copies=dihedral_copies, seed=seed)
-    settings.validate()
     with progress_bar() as progress:
         task = progress.add_task("synth", total=2 * per_class)
         summary = synthesize(out_dir, settings, workers=workers,

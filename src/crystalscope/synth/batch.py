@@ -14,45 +14,40 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydantic import Field, model_validator
 
 from crystalscope.errors import UserError
 from crystalscope.parallel import ordered_map
+from crystalscope.settings import Settings
 from crystalscope.synth.crops import SynthSettings, render_crop
 from crystalscope.synth.scenes import render_frame
 
 
-@dataclass(frozen=True)
-class BatchSettings:
+class BatchSettings(Settings):
     """Everything that decides a simulated batch."""
 
-    windows: int = 60
-    per_window: int = 40
-    onset: int = 30
-    rate: float = 0.02
-    max_fraction: float = 0.5
-    size: int = 151  # the CEX crop side; PG crops vary around it, as `synth` draws them
-    difficulty: float = 0.3
+    windows: int = Field(60, ge=1)
+    per_window: int = Field(40, ge=1)
+    onset: int = Field(30, ge=1)
+    rate: float = Field(0.02, gt=0, le=1)
+    max_fraction: float = Field(0.5, gt=0, le=1)
+    size: int = Field(151, ge=32, le=512)  # the CEX crop side, as `synth` draws it
+    difficulty: float = Field(0.3, ge=0.0, le=1.0)
     seed: int = 0
-    frames: int = 0  # > 0: this many full probe frames per window instead of crops
+    frames: int = Field(0, ge=0)  # > 0: this many full probe frames per window, not crops
     frame_size: int = 604
 
-    def validate(self) -> None:
-        if self.windows < 1 or self.per_window < 1:
-            raise UserError("--windows and --per-window: give at least 1")
-        if not 1 <= self.onset <= self.windows:
-            raise UserError(f"--onset {self.onset}: give a window from 1 to {self.windows}")
-        if not 0 < self.rate <= 1 or not 0 < self.max_fraction <= 1:
-            raise UserError("--rate and --max-fraction: give values in (0, 1]")
-        if not 32 <= self.size <= 512:
-            raise UserError(f"--size {self.size}: give 32 to 512 pixels")
-        if self.frames < 0 or (self.frames and self.frame_size < 2 * self.size):
-            raise UserError("--frames: give 0 (crops) or more; --frame-size: at least twice "
-                            "--size")
+    @model_validator(mode="after")
+    def _fits(self) -> BatchSettings:
+        if self.onset > self.windows:
+            raise ValueError(f"onset: window {self.onset} is after the last ({self.windows})")
+        if self.frames and self.frame_size < 2 * self.size:
+            raise ValueError(f"frame_size: give at least twice size ({2 * self.size})")
+        return self
 
 
 def pg_fraction(settings: BatchSettings, window: int) -> float:
@@ -99,11 +94,10 @@ def _render_window(job: tuple[Path, int, int, bool, BatchSettings, int]) -> tupl
 def synthesize_batch(out: Path, settings: BatchSettings, *, workers: int | None = None,
                      progress: Callable[[int], None] | None = None) -> dict:
     """Write the PG batch and the control batch under ``out``; returns batch.json's content."""
-    settings.validate()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: is not empty; give a new folder")
-    summary = {"settings": asdict(settings), "batches": {}}
+    summary = {"settings": settings.model_dump(), "batches": {}}
     for stream, (name, with_pg) in enumerate((("pg-batch", True), ("control", False),
                                               ("calibration", False))):
         jobs = [(out / name / f"t{w:04d}", w, settings.per_window, with_pg, settings, stream)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from crystalscope.errors import UserError
 from crystalscope.parallel import ordered_map
+from crystalscope.settings import Settings
 from crystalscope.synth.scenes import render_cex, render_pg
 
 CLASSES = ("cex", "pg")
@@ -25,29 +26,15 @@ DIFFICULTY_LEVELS = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
 PG_SIZE_RANGE = (0.87, 1.52)  # PG crop sides relative to the CEX side (132..230 px for 151)
 
 
-@dataclass(frozen=True)
-class SynthSettings:
+class SynthSettings(Settings):
     """Everything that decides the synthetic data set."""
 
-    per_class: int = 200
-    size: int = 151
-    uniform_size: int | None = None
-    difficulty: float = 0.3
-    dihedral_copies: int = 0
+    per_class: int = Field(200, ge=1)
+    size: int = Field(151, ge=32, le=2048)  # the CEX crop side
+    uniform_size: int | None = Field(None, ge=16, le=2048)
+    difficulty: float = Field(0.3, ge=0.0, le=1.0)
+    dihedral_copies: int = Field(0, ge=0, le=7)  # a crop has 8 rotations/flips
     seed: int = 0
-
-    def validate(self) -> None:
-        if self.per_class < 1:
-            raise UserError(f"--per-class {self.per_class}: give at least 1")
-        if not 32 <= self.size <= 2048:
-            raise UserError(f"--size {self.size}: give a crop side between 32 and 2048 pixels")
-        if self.uniform_size is not None and not 16 <= self.uniform_size <= 2048:
-            raise UserError(f"--uniform-size {self.uniform_size}: give 16 to 2048 pixels")
-        if not 0.0 <= self.difficulty <= 1.0:
-            raise UserError(f"--difficulty {self.difficulty}: give 0..1 or easy/medium/hard")
-        if not 0 <= self.dihedral_copies <= 7:
-            raise UserError(f"--dihedral-copies {self.dihedral_copies}: give 0 to 7 "
-                            "(a crop has 8 rotations/flips)")
 
 
 def parse_difficulty(text: str) -> float:
@@ -130,7 +117,6 @@ def synthesize(out: Path, settings: SynthSettings, *, workers: int | None = None
     Refuses an ``out`` folder that already holds files. Returns the summary written to
     ``synth.json`` (settings, and one entry per file with its duplicate group).
     """
-    settings.validate()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not an empty folder; choose a new folder")
@@ -147,6 +133,6 @@ def synthesize(out: Path, settings: SynthSettings, *, workers: int | None = None
         files.extend(written)
         if progress:
             progress(len(written))
-    summary = {"settings": asdict(settings), "classes": list(CLASSES), "files": files}
+    summary = {"settings": settings.model_dump(), "classes": list(CLASSES), "files": files}
     (out / "synth.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
