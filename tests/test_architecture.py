@@ -1,0 +1,65 @@
+"""The code's shape, checked: no import circles, small files, a light inference path."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "crystalscope"
+MAX_LINES = 450  # "about 400": a file that outgrows it has two jobs
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module -> the crystalscope modules it imports anywhere: at load time, inside
+    functions, or for type checking (a circle is a circle however late it closes)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = _module(path)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("crystalscope"):
+                target = str(node.module)
+                found.add(target if target != name else "")
+        graph[name] = found - {""}
+    return graph
+
+
+def test_no_import_circles() -> None:
+    graph = _imports()
+    circles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in graph.get(module, ()):
+            if target in path:
+                circle = path[path.index(target):]
+                if len(circle) > 1 or circle[0] != module:
+                    circles.append(" -> ".join([*circle, target]))
+            elif len(path) < 30:
+                visit(target, [*path, target])
+
+    for module in graph:
+        if not module.endswith(".cli"):  # the package imports its command modules
+            visit(module, [module])
+    assert not [c for c in circles if not c.startswith("crystalscope.cli ")], circles[:5]
+
+
+def test_no_file_has_grown_past_about_400_lines() -> None:
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long
+
+
+def test_onnx_inference_imports_neither_lightning_nor_torchvision() -> None:
+    code = ("import sys, crystalscope.infer.predictor, crystalscope.infer.stream, "
+            "crystalscope.model.spec; "
+            "print(sorted(m for m in ('lightning', 'torchvision') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=120)
+    assert result.stdout.strip() == "[]"
