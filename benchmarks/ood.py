@@ -26,7 +26,6 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from crystalscope.config import resolve_train_config
-from crystalscope.data.loaders import build_cache
 from crystalscope.data.split import split_dataset
 from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
@@ -36,6 +35,7 @@ from crystalscope.ood.scores import GaussianDistance, knn_distance, max_softmax_
 from crystalscope.ood.stage import split_items
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.synth.unknown import FAR_KINDS, NEAR_KINDS, synthesize_unfamiliar
+from crystalscope.train.data import build_cache
 from crystalscope.train.run import train
 
 SIZE = 96

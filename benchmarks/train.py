@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from crystalscope.data.loaders import SplitDataModule
 from crystalscope.data.split import split_dataset
 from crystalscope.model.classifier import CrystalClassifier
 from crystalscope.synth.crops import SynthSettings, synthesize
+from crystalscope.train.data import SplitDataModule
 from crystalscope.train.recipes import RECIPES
 
 

@@ -15,11 +15,11 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from crystalscope.config import resolve_train_config
-from crystalscope.data.loaders import SplitDataModule
 from crystalscope.data.split import split_dataset
 from crystalscope.errors import UserError
 from crystalscope.model.classifier import CrystalClassifier
 from crystalscope.synth.crops import SynthSettings, synthesize
+from crystalscope.train.data import SplitDataModule
 from crystalscope.train.run import (
     RUN_DIR_VARIABLE,
     is_primary_process,

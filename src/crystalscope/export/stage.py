@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
-from crystalscope.data.loaders import build_cache
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int8
@@ -25,6 +24,7 @@ from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
 from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
 from crystalscope.ood.stage import fit_run_detector, split_items
+from crystalscope.train.data import build_cache
 
 PARITY_IMAGES = 16
 

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from crystalscope.data.layout import is_image_name, list_files
-from crystalscope.data.loaders import build_cache
 from crystalscope.model.inference import InferenceNet, LoadedRun
 from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, OODDetector, fit_detector
+from crystalscope.train.data import build_cache
 
 
 @torch.inference_mode()

@@ -28,7 +28,6 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from crystalscope.config import TrainConfig, load_train_config, save_config
 from crystalscope.console import err
-from crystalscope.data.loaders import SplitDataModule
 from crystalscope.errors import UserError
 from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.evaluate.stage import Evaluation, evaluate_run
@@ -42,6 +41,7 @@ from crystalscope.train.callbacks import (
     MetricsCsv,
     StopWhenEveryClassF1,
 )
+from crystalscope.train.data import SplitDataModule
 
 
 @dataclass
