@@ -23,7 +23,7 @@ from crystalscope.export.weights import load_model, model_description, save_mode
 from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
 from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
-from crystalscope.ood.stage import fit_run_detector, split_items
+from crystalscope.ood.stage import NoTrainingData, fit_run_detector, split_items
 from crystalscope.train.data import build_cache
 
 PARITY_IMAGES = 16
@@ -133,10 +133,11 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
         embedding_size=run.net.net.backbone.num_features,
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
         metrics=run_metrics(run), data=data_summary(run.config.data, run.classes))
-    detector = fit_run_detector(run, false_reject)
     notes = []
-    if isinstance(detector, str):
-        notes.append(detector)
+    try:
+        detector = fit_run_detector(run, false_reject)
+    except NoTrainingData as exc:
+        notes.append(str(exc))
         (out_dir / FILE_NAME).unlink(missing_ok=True)  # never pair a stale detector with it
     else:
         description["ood"] = detector.describe()

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from crystalscope.data.layout import is_image_name, list_files
+from crystalscope.errors import CrystalscopeError
 from crystalscope.model.inference import InferenceNet, LoadedRun
 from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, OODDetector, fit_detector
 from crystalscope.train.data import build_cache
@@ -36,13 +37,18 @@ def split_items(run: LoadedRun, split: str) -> list[tuple[Path, int]]:
             if is_image_name(p) and p.parent.name in run.classes]
 
 
+class NoTrainingData(CrystalscopeError):
+    """The run's train/ and valid/ images are gone, so no detector can be fitted."""
+
+
 def fit_run_detector(run: LoadedRun, false_reject: float = DEFAULT_FALSE_REJECT
-                     ) -> OODDetector | str:
-    """The fitted detector, or why it could not be fitted (the data is no longer there)."""
+                     ) -> OODDetector:
+    """The detector fitted on the run's training split and calibrated on its validation
+    split; :class:`NoTrainingData` when those images are no longer there."""
     train_items, valid_items = split_items(run, "train"), split_items(run, "valid")
     if not train_items or not valid_items:
-        return (f"no unknown-detector: {run.config.data} no longer has the train/ and valid/ "
-                "images it needs")
+        raise NoTrainingData(f"no unknown-detector: {run.config.data} no longer has the "
+                             "train/ and valid/ images it needs")
     train = build_cache(train_items, run.image_size)
     valid = build_cache(valid_items, run.image_size)
     train_statistics, _, sizes = stage_outputs(run.net, train.images)
