@@ -244,7 +244,7 @@ def test_config_file_and_recipes(tmp_path: Path) -> None:
     assert resolve_train_config({"data": tmp_path}).model == "resnet50"
     with pytest.raises(SettingsError, match="recipe") as error:
         resolve_train_config({"data": tmp_path, "recipe": "nope"})
-    assert error.value.for_flags().startswith("--recipe 'nope': use one of")
+    assert error.value.for_flags().startswith("--recipe nope: use one of")
     with pytest.raises(SettingsError, match="batch_size") as error:
         resolve_train_config({"data": tmp_path, "batch_size": 0})
     assert error.value.for_flags().startswith("--batch-size 0:")

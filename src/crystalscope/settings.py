@@ -20,20 +20,22 @@ class SettingsError(UserError):
 
     def __init__(self, field: str, reason: str, value: Any = None) -> None:
         self.field, self.reason, self.value = field, reason, value
-        shown = f" {value!r}" if value is not None else ""
-        super().__init__(f"{field}{shown}: {reason}" if field else reason)
+        super().__init__(f"{field}{_shown(value)}: {reason}" if field else reason)
 
     def for_flags(self) -> str:
         """The same message with the field spelt as its command-line flag."""
         if not self.field:
             return self.reason
-        shown = f" {self.value!r}" if self.value is not None else ""
-        return f"{flag(self.field)}{shown}: {self.reason}"
+        return f"{flag(self.field)}{_shown(self.value)}: {self.reason}"
+
+
+def _shown(value: Any) -> str:
+    return "" if value is None else f" {value}"
 
 
 def flag(field: str) -> str:
-    """``per_class`` -> ``--per-class``."""
-    return "--" + field.replace("_", "-")
+    """``per_class`` -> ``--per-class``; a one-letter field -> ``-k``."""
+    return ("-" if len(field) == 1 else "--") + field.replace("_", "-")
 
 
 def settings_error(exc: ValidationError) -> SettingsError:

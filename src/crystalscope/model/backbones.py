@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from crystalscope.errors import UserError
+from crystalscope.settings import SettingsError
 
 
 def create_backbone(name: str, weights: str = "none") -> nn.Module:
@@ -24,7 +24,7 @@ def create_backbone(name: str, weights: str = "none") -> nn.Module:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"--model {name}: not a timm model{hint}; see timm.list_models()")
+        raise SettingsError("model", f"not a timm model{hint}; see timm.list_models()", name)
     kwargs = {"num_classes": 0, "global_pool": "avg"}
     if weights == "none":
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -32,24 +32,25 @@ def create_backbone(name: str, weights: str = "none") -> nn.Module:
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as exc:  # offline, hub down, no such weights: all need the same advice
-            raise UserError(
-                f"--weights imagenet: could not fetch the pretrained weights of {name} "
-                f"({type(exc).__name__}); on a machine with internet run "
+            raise SettingsError(
+                "weights",
+                f"could not fetch the pretrained weights of {name} ({type(exc).__name__}); on "
+                "a machine with internet run "
                 f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` "
                 "and copy the model.safetensors file from the Hugging Face cache "
-                "(~/.cache/huggingface/hub), or download it from the model's page, then pass "
-                "--weights path/to/model.safetensors"
+                "(~/.cache/huggingface/hub), or download it from the model's page, then give "
+                "its path as the weights (--weights path/to/model.safetensors)", "imagenet",
             ) from exc
     path = Path(weights)
     if not path.is_file():
-        raise UserError(f"--weights {weights}: use imagenet, none, or the path of a weights file "
-                        "(.safetensors, .pth, .bin)")
+        raise SettingsError("weights", "use imagenet, none, or the path of a weights file "
+                            "(.safetensors, .pth, .bin)", weights)
     try:
         return timm.create_model(name, pretrained=True,
                                  pretrained_cfg_overlay={"file": str(path)}, **kwargs)
     except Exception as exc:
-        raise UserError(f"--weights {path}: not loadable into {name} ({type(exc).__name__}: "
-                        f"{str(exc)[:200]})") from exc
+        raise SettingsError("weights", f"not loadable into {name} ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})", str(path)) from exc
 
 
 def parameter_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -68,7 +69,7 @@ def freeze_fraction(backbone: nn.Module, trainable: float) -> list[str]:
     ``requires_grad=False``; :func:`set_frozen_norms_eval` keeps their norm layers in eval mode.
     """
     if not 0.0 <= trainable <= 1.0:
-        raise UserError(f"--trainable {trainable}: give a fraction between 0 and 1")
+        raise SettingsError("trainable", "give a fraction between 0 and 1", trainable)
     layers = parameter_layers(backbone)
     keep = round(trainable * len(layers))
     trainable_names = []
@@ -105,7 +106,7 @@ def make_head(in_features: int, num_classes: int, kind: str = "mlp") -> nn.Modul
     if kind == "linear":
         return nn.Linear(in_features, num_classes)
     if kind != "mlp":
-        raise UserError(f"--head {kind}: use mlp or linear")
+        raise SettingsError("head", "use mlp or linear", kind)
     return nn.Sequential(
         nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.BatchNorm1d(512),
         nn.Dropout(0.4), nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(0.3),

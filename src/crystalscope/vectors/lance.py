@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from crystalscope.errors import CrystalscopeError, UserError
+from crystalscope.errors import CrystalscopeError
+from crystalscope.settings import SettingsError
 from crystalscope.vectors.store import (
     INT_PROPERTIES,
     TEXT_PROPERTIES,
@@ -69,14 +70,16 @@ class LanceStore:
 
         self.path, self.index_threshold = Path(path), index_threshold
         if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"--store {path}: is a file; give a folder for the LanceDB store")
+            raise SettingsError("store", "is a file; give a folder for the LanceDB store",
+                                str(path))
         try:
             self.db = lancedb.connect(str(self.path))
             names = self.db.list_tables()
             names = getattr(names, "tables", names)
             self.table = self.db.open_table(TABLE) if TABLE in names else None
         except (OSError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--store {path}: cannot open or create it ({exc})") from exc
+            raise SettingsError("store", f"cannot open or create it ({exc})",
+                                str(path)) from exc
         self.dimension = dimension
         if self.table is not None:
             stored = self.table.schema.field("vector").type.list_size
@@ -110,7 +113,8 @@ class LanceStore:
                 (self.table.merge_insert("id").when_matched_update_all()
                  .when_not_matched_insert_all().execute(data))
         except OSError as exc:
-            raise UserError(f"--store {self.path}: cannot write to it ({exc})") from exc
+            raise SettingsError("store", f"cannot write to it ({exc})",
+                                str(self.path)) from exc
         self._maintain_index()
 
     def _maintain_index(self) -> None:
@@ -192,7 +196,7 @@ class LanceStore:
     def nearest(self, vector: np.ndarray, k: int, *,
                 predicted: str | None = None) -> list[Neighbour]:
         if k < 1:
-            raise UserError(f"-k {k}: give at least 1")
+            raise SettingsError("k", "give at least 1", k)
         if self.table is None:
             return []
         query = (self.table.search(check_vector(vector, self.dimension),
