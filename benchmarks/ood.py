@@ -31,8 +31,8 @@ from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.inference import LoadedRun, load_run, run_batches
 from crystalscope.ood.detector import conformal_threshold
+from crystalscope.ood.fitting import split_items
 from crystalscope.ood.scores import GaussianDistance, knn_distance, max_softmax_score
-from crystalscope.ood.stage import split_items
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.synth.unknown import FAR_KINDS, NEAR_KINDS, synthesize_unfamiliar
 from crystalscope.train.data import build_cache

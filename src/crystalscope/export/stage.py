@@ -23,7 +23,7 @@ from crystalscope.export.weights import load_model, model_description, save_mode
 from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
 from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
-from crystalscope.ood.stage import NoTrainingData, fit_run_detector, split_items
+from crystalscope.ood.fitting import NoTrainingData, fit_run_detector, split_items
 from crystalscope.train.data import build_cache
 
 PARITY_IMAGES = 16
