@@ -171,3 +171,20 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
 
     with pytest.raises(UserError, match="per_class"):  # bad input under --debug: raised too
         main(["--debug", "synth", str(tmp_path / "c"), "--per-class", "0"])
+
+
+def test_train_passes_every_setting_it_has_a_flag_for() -> None:
+    """The train command lists its settings by hand; none may be dropped on the way."""
+    import ast
+    import inspect
+
+    import crystalscope.cli.train as train_cli
+    from crystalscope.config import TrainConfig
+
+    flags = set(inspect.signature(train_cli.train).parameters) - {"config", "resume", "as_json"}
+    assert flags == set(TrainConfig.model_fields) - {"channels_last"}
+    source = inspect.getsource(train_cli.train)
+    call = next(node for node in ast.walk(ast.parse(source.lstrip()))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "dict")
+    assert {k.arg for k in call.keywords} == flags
+    assert all(isinstance(k.value, ast.Name) and k.value.id == k.arg for k in call.keywords)

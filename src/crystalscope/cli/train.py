@@ -93,8 +93,15 @@ def train(
     from crystalscope.config import resolve_train_config
     from crystalscope.train.run import train as train_run
 
-    options = {k: v for k, v in locals().items()
-               if k not in ("config", "resume", "as_json", "resolve_train_config", "train_run")}
+    options = dict(  # every TrainConfig field that has a flag (tests/test_cli.py checks it)
+        data=data, recipe=recipe, model=model, weights=weights, trainable=trainable, head=head,
+        image_size=image_size, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
+        augmentation=augmentation, epochs=epochs, f1_threshold=f1_threshold, patience=patience,
+        fraction=fraction, class_weights=class_weights, seed=seed, num_workers=num_workers,
+        cache=cache, accelerator=accelerator, devices=devices, strategy=strategy,
+        num_nodes=num_nodes, precision=precision, compile=compile, runs_dir=runs_dir,
+        name=name, evaluate=evaluate, export=export, false_reject=false_reject)
     if resume is None:
         if data is None:
             raise UserError("give the split folder DATA, or --resume RUN")
