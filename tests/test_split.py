@@ -46,8 +46,9 @@ def test_exact_arithmetic_avoids_the_float_rounding_of_the_original_script() -> 
 def test_ratio_parsing() -> None:
     assert parse_ratios("0.8, 0.2, 0") == (Fraction(4, 5), Fraction(1, 5), Fraction(0))
     for bad in ("0.7,0.3", "0.5,0.5,0.5", "a,b,c", "0,0.5,0.5", "0.9,0.2,-0.1"):
-        with pytest.raises(UserError, match="--ratios"):
+        with pytest.raises(UserError, match="ratios") as error:
             parse_ratios(bad)
+        assert error.value.for_flags().startswith("--ratios ")  # type: ignore[attr-defined]
     assert minimum_class_size(DEFAULT) == 4  # 2/1/1
 
 

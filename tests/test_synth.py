@@ -150,8 +150,9 @@ def test_every_particle_kind_is_drawn_inside_its_mask(kind: str) -> None:
 def test_bad_settings_are_refused(tmp_path: Path) -> None:
     assert parse_difficulty("hard") == 1.0 and parse_difficulty("0.25") == 0.25
     for text in ("extreme", "1.5"):
-        with pytest.raises(UserError, match="--difficulty"):
+        with pytest.raises(SettingsError, match="difficulty") as error:
             parse_difficulty(text)
+        assert error.value.for_flags().startswith("--difficulty ")
     for fields, flag in [({"per_class": 0}, "--per-class"),
                          ({"dihedral_copies": 8}, "--dihedral-copies"),
                          ({"size": 8}, "--size")]:

@@ -66,9 +66,9 @@ def resolve_train_config(options: dict[str, Any], config_file: Path | None = Non
         try:
             from_file = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as exc:
-            raise UserError(f"--config {config_file}: cannot read it ({exc})") from exc
+            raise SettingsError("config", f"cannot read it ({exc})", config_file) from exc
         if not isinstance(from_file, dict):
-            raise UserError(f"--config {config_file}: must hold a mapping of option: value")
+            raise SettingsError("config", "must hold a mapping of option: value", config_file)
     given = {k: v for k, v in options.items() if v is not None}
     recipe = given.get("recipe") or from_file.get("recipe") or DEFAULT_RECIPE
     if recipe not in RECIPES:

@@ -31,6 +31,7 @@ from crystalscope.data.check import DatasetScan, FileRecord, scan_dataset
 from crystalscope.data.dedupe import file_sha256
 from crystalscope.data.layout import SPLIT_NAMES, count_files, find_class_root
 from crystalscope.errors import CrystalscopeError, UserError
+from crystalscope.settings import SettingsError
 
 Mode = Literal["copy", "link", "move"]
 Order = Literal["shuffle", "sorted"]
@@ -89,14 +90,15 @@ def parse_ratios(text: str) -> tuple[Fraction, Fraction, Fraction]:
     try:
         ratios = tuple(Fraction(p) for p in parts)
     except (ValueError, ZeroDivisionError):
-        raise UserError(f"--ratios {text!r}: give three numbers such as {DEFAULT_RATIOS}") from None
+        raise SettingsError("ratios", f"give three numbers such as {DEFAULT_RATIOS}",
+                            repr(text)) from None
     if len(ratios) != 3:
-        raise UserError(f"--ratios {text!r}: give exactly three numbers (train,valid,test)")
+        raise SettingsError("ratios", "give exactly three numbers (train,valid,test)", repr(text))
     if any(r < 0 for r in ratios) or ratios[0] == 0 or ratios[1] == 0:
-        raise UserError(f"--ratios {text!r}: train and valid must be > 0 and test >= 0")
+        raise SettingsError("ratios", "train and valid must be > 0 and test >= 0", repr(text))
     if abs(sum(ratios) - 1) > Fraction(1, 10**6):
         total = float(sum(ratios))
-        raise UserError(f"--ratios {text!r}: the three numbers sum to {total:g}, not 1")
+        raise SettingsError("ratios", f"the three numbers sum to {total:g}, not 1", repr(text))
     return ratios  # type: ignore[return-value]
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from crystalscope.errors import UserError
 from crystalscope.model.inference import InferenceNet
 from crystalscope.model.spec import decode_for_spec, resolve_model
+from crystalscope.settings import SettingsError
 
 METHODS = ("gradcam", "layercam")
 
@@ -47,7 +48,7 @@ def last_stage(net: InferenceNet, name: str | None = None) -> nn.Module:
     try:
         return backbone.get_submodule(name)
     except AttributeError:
-        raise UserError(f"--layer {name}: no such module in the backbone") from None
+        raise SettingsError("layer", "no such module in the backbone", name) from None
 
 
 def load_torch_model(model: Path) -> tuple[InferenceNet, list[str], int]:
@@ -89,7 +90,7 @@ def explain_image(net: InferenceNet, classes: list[str], size: int, path: Path, 
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     if target is not None and target not in classes:
-        raise UserError(f"--class {target}: not a class of the model ({', '.join(classes)})")
+        raise SettingsError("class", f"not a class of the model ({', '.join(classes)})", target)
     pixels, width, height = decode_for_spec(path, size)
     x = torch.from_numpy(pixels).float()[None]
     with torch.inference_mode():

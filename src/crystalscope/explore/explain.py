@@ -19,6 +19,7 @@ from crystalscope.data.images import ImageLoadError
 from crystalscope.errors import UserError
 from crystalscope.explore.cam import METHODS, Explanation, explain_image, load_torch_model
 from crystalscope.explore.cam import overlay as cam_overlay
+from crystalscope.settings import SettingsError
 
 PERCENTILE_BANDS = (70, 80, 90)
 MAX_SHEET_ROWS = 12
@@ -61,7 +62,7 @@ def explain(model: Path, images: list[Path], out_dir: Path, *, target: str | Non
     net, classes, size = load_torch_model(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir}: is a file; give a folder")
+        raise SettingsError("out", "is a file; give a folder", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     explanations, written, skipped, records = [], {}, [], []
     for index, path in enumerate(images):

@@ -20,6 +20,7 @@ from crystalscope.explore.projection import (
 )
 from crystalscope.infer.predictor import Predictor
 from crystalscope.infer.stream import Failure
+from crystalscope.settings import SettingsError
 from crystalscope.vectors.store import VectorStore
 
 OUTPUTS = ("map.png", "map.html", "graph.html", "clusters.json")
@@ -61,7 +62,7 @@ def explore_points(points: Points, out_dir: Path, *, k: int | str = 4, seed: int
     clusters = summarize_clusters(points, projection)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir}: is a file; give a folder")
+        raise SettingsError("out", "is a file; give a folder", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {name: out_dir / name for name in OUTPUTS}
     plot_map(points, projection, written["map.png"], zoom=zoom)

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Literal, TextIO
 
-from crystalscope.errors import UserError
 from crystalscope.infer.stream import Failure, ImageResult
+from crystalscope.settings import SettingsError
 
 Format = Literal["table", "csv", "json", "jsonl"]
 LEGEND = ("predicted_class: the most probable class; probability_of_predicted: its "
@@ -115,7 +115,7 @@ def open_output(path: Path | None) -> TextIO | None:
         return None
     path = Path(path)
     if path.exists():
-        raise UserError(f"--output {path}: exists; remove it or choose another name")
+        raise SettingsError("output", "exists; remove it or choose another name", path)
     if not path.parent.is_dir():
-        raise UserError(f"--output {path}: folder {path.parent} does not exist")
+        raise SettingsError("output", f"folder {path.parent} does not exist", path)
     return path.open("x", encoding="utf-8", newline="")

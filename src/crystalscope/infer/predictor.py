@@ -27,6 +27,7 @@ from crystalscope.model.spec import (
     resolve_model,
 )
 from crystalscope.ood.detector import OODDetector, load_detector
+from crystalscope.settings import SettingsError
 
 Backend = Literal["onnx", "torch"]
 OutputKind = Literal["probabilities", "logits"]
@@ -257,5 +258,5 @@ def parse_classes(text: str | None) -> list[str] | None:
     names = json.loads(text) if text.strip().startswith("[") else text.split(",")
     names = [str(n).strip() for n in names if str(n).strip()]
     if len(names) < 2 or len(set(names)) != len(names):
-        raise UserError(f"--classes {text}: give at least two distinct names, e.g. cex,pg")
+        raise SettingsError("classes", "give at least two distinct names, e.g. cex,pg", text)
     return names

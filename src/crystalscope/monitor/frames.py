@@ -17,6 +17,7 @@ from pathlib import Path
 
 from crystalscope.data.layout import is_image_name, list_files
 from crystalscope.errors import UserError
+from crystalscope.settings import SettingsError
 
 
 @dataclass
@@ -113,8 +114,8 @@ def read_stream(stream: Path, *, time_from: str = "folders",
         return _from_csv(stream)
     if time_from in ("name", "mtime"):
         if window_seconds <= 0:
-            raise UserError(f"--window-seconds {window_seconds}: give a positive duration")
+            raise SettingsError("window_seconds", "give a positive duration", window_seconds)
         return _from_times(stream, time_from, pattern, window_seconds)
     if time_from != "folders":
-        raise UserError(f"--time-from {time_from}: use folders, name or mtime")
+        raise SettingsError("time_from", "use folders, name or mtime", time_from)
     return _from_folders(stream)

@@ -31,6 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.ood.scores import GaussianDistance, max_softmax_score
+from crystalscope.settings import SettingsError
 
 METHOD = "stage-mahalanobis+max-softmax"
 FILE_NAME = "ood.safetensors"
@@ -41,7 +42,7 @@ def conformal_threshold(scores: np.ndarray, rate: float) -> tuple[float, float]:
     """(threshold, bound): the ⌈(n+1)(1−rate)⌉-th smallest score (the largest when n is too
     small for ``rate``) and the false-reject rate it guarantees for exchangeable images."""
     if not 0 < rate < 1:
-        raise UserError(f"--false-reject {rate}: give a rate between 0 and 1, e.g. 0.01")
+        raise SettingsError("false_reject", "give a rate between 0 and 1, e.g. 0.01", rate)
     ordered = np.sort(np.asarray(scores, np.float64))
     n = len(ordered)
     if n == 0:

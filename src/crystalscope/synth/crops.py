@@ -17,7 +17,7 @@ from pydantic import Field
 
 from crystalscope.errors import UserError
 from crystalscope.parallel import ordered_map
-from crystalscope.settings import Settings
+from crystalscope.settings import Settings, SettingsError
 from crystalscope.synth.scenes import render_cex, render_pg
 
 CLASSES = ("cex", "pg")
@@ -45,10 +45,10 @@ def parse_difficulty(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise UserError(f"--difficulty {text!r}: give easy, medium, hard or a number in 0..1") \
-            from None
+        raise SettingsError("difficulty", "give easy, medium, hard or a number in 0..1",
+                            repr(text)) from None
     if not 0.0 <= value <= 1.0:
-        raise UserError(f"--difficulty {text!r}: give a number in 0..1")
+        raise SettingsError("difficulty", "give a number in 0..1", repr(text))
     return value
 
 

@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from crystalscope.errors import UserError
 from crystalscope.parallel import ordered_map
+from crystalscope.settings import SettingsError
 from crystalscope.synth.draw import background, finish
 from crystalscope.synth.scenes import needle_scene, render_cex, render_pg
 
@@ -158,11 +159,11 @@ def synthesize_unfamiliar(out: Path, *, per_kind: int = 50, kinds: tuple[str, ..
                           progress: Callable[[int], None] | None = None) -> dict:
     """Write ``per_kind`` images of each kind under ``out/<kind>/`` and ``out/ood.json``."""
     if per_kind < 1:
-        raise UserError(f"--per-kind {per_kind}: give at least 1")
+        raise SettingsError("per_kind", "give at least 1", per_kind)
     if not 32 <= size <= 2048:
-        raise UserError(f"--size {size}: give a side between 32 and 2048 pixels")
+        raise SettingsError("size", "give a side between 32 and 2048 pixels", size)
     if not 0.0 <= difficulty <= 1.0:
-        raise UserError(f"--difficulty {difficulty}: give 0..1")
+        raise SettingsError("difficulty", "give 0..1", difficulty)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not an empty folder; choose a new folder")

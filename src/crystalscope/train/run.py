@@ -35,6 +35,7 @@ from crystalscope.export.stage import Export, export_run
 from crystalscope.model.backbones import count_parameters
 from crystalscope.model.classifier import CrystalClassifier
 from crystalscope.model.spec import RunLayout
+from crystalscope.settings import SettingsError
 from crystalscope.train.callbacks import (
     CheckpointOnInterrupt,
     EpochTable,
@@ -109,7 +110,7 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
     if resume is not None:
         run_dir = Path(resume)
         if not RunLayout(run_dir).config.is_file():
-            raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+            raise SettingsError("resume", "not a run directory (no config.yaml)", run_dir)
         config = load_train_config(RunLayout(run_dir).config)
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
         if not checkpoint.is_file():

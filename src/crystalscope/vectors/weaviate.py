@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from crystalscope.errors import CrystalscopeError, UserError
+from crystalscope.settings import SettingsError
 from crystalscope.vectors.store import (
     INT_PROPERTIES,
     TEXT_PROPERTIES,
@@ -44,7 +45,7 @@ class WeaviateStore:
 
         parsed = urlparse(url)
         if not parsed.hostname:
-            raise UserError(f"--store {url}: give a Weaviate URL like http://localhost:8080")
+            raise SettingsError("store", "give a Weaviate URL like http://localhost:8080", url)
         grpc_port = int(parse_qs(parsed.query).get("grpc", ["50051"])[0])
         self.url, self.dimension, self.name = url, dimension, collection
         try:
@@ -157,7 +158,7 @@ class WeaviateStore:
         from weaviate.classes.query import Filter, MetadataQuery
 
         if k < 1:
-            raise UserError(f"-k {k}: give at least 1")
+            raise SettingsError("k", "give at least 1", k)
         query = check_vector(vector, self._stored_dimension())
         filters = Filter.by_property("predicted").equal(predicted) if predicted else None
         response = self._call("searching", self.collection.query.near_vector,
