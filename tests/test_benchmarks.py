@@ -1,0 +1,34 @@
+"""Benchmarks that must keep working: their quick modes run here (the numbers are not checked,
+the scripts are)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / "gpu.py"), *args],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU to measure")
+def test_gpu_benchmark_without_a_gpu_says_so_and_exits_0() -> None:
+    result = _run()
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA device" in result.stdout
+
+
+def test_gpu_benchmark_runs_end_to_end_on_the_cpu() -> None:
+    result = _run("--device", "cpu", "--model", "resnet18", "--size", "32", "--per-class", "24",
+                  "--batch-size", "8", "--epochs", "2", "--infer-batch", "4", "--infer-steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("training, steady state", "inference, onnxruntime CPUExecutionProvider",
+                 "inference, torch cpu"):
+        assert line in result.stdout, result.stdout
