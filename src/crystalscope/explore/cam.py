@@ -59,7 +59,8 @@ def load_torch_model(model: Path) -> tuple[InferenceNet, list[str], int]:
 
         run = load_run(resolved.path)
         return run.net, run.classes, run.spec.input_size
-    if resolved.kind == "safetensors" or resolved.layout.weights.is_file():
+    if resolved.kind == "safetensors" or (resolved.kind == "folder"
+                                          and resolved.layout.weights.is_file()):
         from crystalscope.export.weights import load_model, model_spec
 
         net, description = load_model(resolved.layout.weights if resolved.kind == "folder"
