@@ -105,7 +105,7 @@ def test_conformal_threshold_holds_its_rate_on_average() -> None:
     assert np.mean(rates) == pytest.approx(0.01, abs=0.001)
     small, bound = conformal_threshold(np.arange(40.0), 0.01)  # too few for 1%: the largest
     assert small == 39.0 and bound == pytest.approx(1 / 41)
-    with pytest.raises(UserError, match="false-reject"):
+    with pytest.raises(UserError, match="false_reject"):  # the CLI says --false-reject
         conformal_threshold(np.arange(10.0), 0)
 
 
