@@ -52,8 +52,8 @@ def synth(
               f"({', '.join(summary['classes'])}) and {out_dir / 'synth.json'}")
 
 
-@synth_app.command("ood",
-             epilog="Example: crystalscope synth ood unfamiliar/ --per-kind 100 --size 151")
+@synth_app.command(
+    "ood", epilog="Example: crystalscope synth ood unfamiliar/ --per-kind 100 --size 151")
 def synth_ood(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the images.")],
     per_kind: Annotated[int, typer.Option(help="Images of each kind.")] = 50,
@@ -87,10 +87,8 @@ def synth_ood(
               f"{out_dir / 'ood.json'}")
 
 
-
-
-@synth_app.command("batch",
-             epilog="Example: crystalscope synth batch batches/ --windows 60 --onset 30")
+@synth_app.command(
+    "batch", epilog="Example: crystalscope synth batch batches/ --windows 60 --onset 30")
 def synth_batch(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the batches.")],
     windows: Annotated[int, typer.Option(help="Time windows.")] = 60,
