@@ -72,11 +72,11 @@ def score_real(run_dir: Path, crops: list[tuple[Path, str]]) -> dict:
     outputs = predictor.predict(images)
     predicted = [predictor.classes[i] for i in outputs.probabilities.argmax(axis=1)]
     truth = [name for _, name in crops]
-    unknown = (outputs.ood_scores > 1.0 if outputs.ood_scores is not None
+    unknown = (outputs.unknown_scores > 1.0 if outputs.unknown_scores is not None
                else np.zeros(len(crops), bool))
     return {"classes": predictor.classes, "truth": truth, "predicted": predicted,
             "probabilities": outputs.probabilities, "unknown": unknown,
-            "ood_scores": outputs.ood_scores}
+            "unknown_scores": outputs.unknown_scores}
 
 
 def interval_text(successes: int, trials: int) -> str:
@@ -99,11 +99,12 @@ def print_scores(scores: dict, crops: list[tuple[Path, str]]) -> dict[str, float
     positive = scores["classes"][-1]
     for (path, name), p, prob, unknown, score in zip(
             crops, predicted, scores["probabilities"], scores["unknown"],
-            scores["ood_scores"] if scores["ood_scores"] is not None else [np.nan] * len(crops),
+            scores["unknown_scores"] if scores["unknown_scores"] is not None
+            else [np.nan] * len(crops),
             strict=True):
         mark = "" if p == name else "  <- wrong"
         print(f"    {path.name:18s} {name:4s} -> {p:4s} P({positive}) {prob[-1]:.3f} "
-              f"ood {score:5.2f}{' unknown' if unknown else ''}{mark}")
+              f"score {score:5.2f}{' unknown' if unknown else ''}{mark}")
     return result
 
 

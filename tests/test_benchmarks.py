@@ -3,6 +3,7 @@ the scripts are)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,26 @@ def test_gpu_benchmark_runs_end_to_end_on_the_cpu() -> None:
     for line in ("training, steady state", "inference, onnxruntime CPUExecutionProvider",
                  "inference, torch cpu"):
         assert line in result.stdout, result.stdout
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "CRYSTALSCOPE_KERAS_PYTHON": ""})
+
+
+def test_versus_original_without_tensorflow_prints_our_side_and_why() -> None:
+    result = _script("versus_original.py", "--smoke", "--rounds", "1", "--steps", "1",
+                     "--predict-images", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "original (TF/Keras): not measured: no --keras-python" in result.stdout
+    for line in ("crystalscope georgia", "crystalscope fast", "onnx int8", "torch"):
+        assert line in result.stdout, result.stdout
+
+
+def test_trunk_cache_benchmark_compares_both_runs() -> None:
+    result = _script("trunk_cache.py", "--model", "resnet18", "--size", "32", "--per-class",
+                     "24", "--epochs", "2", "--trainable", "0.5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cache off" in result.stdout and "cache auto" in result.stdout
+    assert "faster" in result.stdout

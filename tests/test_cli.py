@@ -10,7 +10,7 @@ import pytest
 
 COMMANDS = [["synth"], ["data", "check"], ["data", "download"], ["split"], ["train"],
             ["evaluate"], ["export"], ["predict"], ["index"], ["similar"], ["explore"],
-            ["explain"], ["monitor"], ["synth", "batch"], ["synth", "ood"], ["serve"], ["demo"]]
+            ["explain"], ["monitor"], ["synth", "batch"], ["synth", "unknown"], ["serve"], ["demo"]]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -38,9 +38,9 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path: Path) -> None:
                            "no such folder")
     _assert_one_line_error(run("synth", str(tmp_path / "s"), "--difficulty", "x"), 2,
                            "--difficulty")
-    _assert_one_line_error(run("synth", "ood", str(tmp_path / "o"), "--kinds", "cats"), 2,
+    _assert_one_line_error(run("synth", "unknown", str(tmp_path / "o"), "--kinds", "cats"), 2,
                            "--kinds cats")
-    _assert_one_line_error(run("synth", "ood", str(tmp_path / "o"), "--per-kind", "0"), 2,
+    _assert_one_line_error(run("synth", "unknown", str(tmp_path / "o"), "--per-kind", "0"), 2,
                            "--per-kind")
     result = run("split", "a")  # missing argument: click's usage error, exit 2
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -136,9 +136,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert len(predictions) == 1 + len(list((tmp_path / "demo" / "splits" / "test")
                                              .rglob("*.png")))
     assert (tmp_path / "demo" / "similar.html").is_file()
-    flagged = list(csv.DictReader((tmp_path / "demo" / "unfamiliar.csv").open(newline="")))
+    flagged = list(csv.DictReader((tmp_path / "demo" / "unknown-images.csv").open(newline="")))
     cat = next(row for row in flagged if row["file"].endswith("cat.png"))
-    assert cat["predicted_class"] == "unknown" and float(cat["ood_score"]) > 1
+    assert cat["predicted_class"] == "unknown" and float(cat["unknown_score"]) > 1
     assert "cat.png: unknown" in result.stdout
     assert "6/8 index" in result.stdout and "7/8 explore" in result.stdout
     assert "8/8 monitor" in result.stdout

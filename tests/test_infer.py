@@ -60,13 +60,13 @@ def test_output_formats_name_every_number(exported_run: Path, tmp_path: Path,
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and len(rows) == count
     assert list(rows[0]) == ["file", "predicted_class", "probability_of_predicted",
-                             "probability_cex", "probability_pg", "unknown", "ood_score"]
+                             "probability_cex", "probability_pg", "unknown", "unknown_score"]
     for row in rows:
         p = {"cex": float(row["probability_cex"]), "pg": float(row["probability_pg"])}
         assert row["predicted_class"] == max(p, key=p.get)  # type: ignore[arg-type]
         assert float(row["probability_of_predicted"]) == p[row["predicted_class"]]
         assert abs(sum(p.values()) - 1) < 1e-5
-        assert row["unknown"] == ("yes" if float(row["ood_score"]) > 1 else "no")
+        assert row["unknown"] == ("yes" if float(row["unknown_score"]) > 1 else "no")
     code, out, _ = _run_cli(["predict", str(exported_run), str(folder), "--format", "json"],
                             capsys)
     records = json.loads(out)
@@ -152,7 +152,7 @@ def test_a_foreign_onnx_model_with_its_own_preprocessing(tmp_path: Path, samples
         with torch.no_grad():
             p_pg = float(net(torch.from_numpy(bgr.transpose(1, 2, 0)[None].copy())))
         record = json.loads(line)
-        assert "unknown" not in record and "ood_score" not in record  # it has no detector
+        assert "unknown" not in record and "unknown_score" not in record  # it has no detector
         assert record["probability_pg"] == pytest.approx(p_pg, abs=1e-5)
         assert record["probability_cex"] == pytest.approx(1 - p_pg, abs=1e-5)
     with pytest.raises(UserError, match="class names"):

@@ -87,8 +87,8 @@ def test_predict_good_images_over_http(server: tuple[str, Path], exported_run: P
         for name, p in result["probabilities"].items():  # the same as evaluate's
             assert abs(p - expected[image.name][name]) <= 1e-4
     local = list(predict_stream(load_predictor(exported_run), images))  # the same as predict's
-    assert [r["ood_score"] for r in body["results"]] == pytest.approx(
-        [r.ood_score for r in local], rel=1e-5)
+    assert [r["unknown_score"] for r in body["results"]] == pytest.approx(
+        [r.unknown_score for r in local], rel=1e-5)
     assert [r["unknown"] for r in body["results"]] == [r.unknown for r in local]
     assert _get(f"{url}/health") == (200, {"status": "ok"})
     code, model = _get(f"{url}/model")

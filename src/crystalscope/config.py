@@ -42,6 +42,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     cache: Literal["auto", "ram", "disk"] = "auto"  # disk: a memory-mapped file in runs_dir
+    trunk_cache: Literal["auto", "off"] = "auto"  # frozen trunk's outputs computed once
     accelerator: str = "auto"
     devices: str = "auto"
     strategy: str = "auto"

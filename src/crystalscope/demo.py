@@ -141,13 +141,13 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
     predictions = folder / "predictions.csv"
     with predictions.open("w", encoding="utf-8", newline="") as handle:
         writer = PredictionWriter(handle, "csv", predictor.classes,
-                                  ood=predictor.ood is not None)
+                                  with_unknown=predictor.unknown_detector is not None)
         for item in predict_stream(predictor, test_images):
             writer.write(item)
         writer.close()
     say(f"5/8 predict (ONNX Runtime): {writer.count} test images -> {predictions}; "
         f"{writer.unknown} of them unknown")
-    flagged = _flag_unfamiliar(predictor, folder, say) if predictor.ood else None
+    flagged = _flag_unknown(predictor, folder, say) if predictor.unknown_detector else None
 
     store = open_store(folder / "crystalscope.lance")
     try:
@@ -164,41 +164,41 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
         + f" … -> {page}")
     written = {"predictions": predictions, "store": folder / "crystalscope.lance",
                "similar": page}
-    return written | ({"unfamiliar": flagged} if flagged else {})
+    return written | ({"unknown_images": flagged} if flagged else {})
 
 
-def _flag_unfamiliar(predictor: Predictor, folder: Path, say: Callable[[str], None]) -> Path:
+def _flag_unknown(predictor: Predictor, folder: Path, say: Callable[[str], None]) -> Path:
     """predict --reject-unknown on images that are neither CEX nor PG."""
     from crystalscope.infer.output import PredictionWriter
     from crystalscope.infer.stream import ImageResult, predict_stream
 
-    unfamiliar = _unfamiliar_images(folder / "unfamiliar")
-    flagged = folder / "unfamiliar.csv"
+    images = _unknown_images(folder / "unknown-images")
+    flagged = folder / "unknown-images.csv"
     with flagged.open("w", encoding="utf-8", newline="") as handle:
-        writer = PredictionWriter(handle, "csv", predictor.classes, ood=True,
+        writer = PredictionWriter(handle, "csv", predictor.classes, with_unknown=True,
                                   reject_unknown=True)
-        for item in predict_stream(predictor, unfamiliar):
+        for item in predict_stream(predictor, images):
             writer.write(item)
             if isinstance(item, ImageResult):
                 forced = predictor.classes[int(item.probabilities.argmax())]
                 say(f"    {item.path.name}: " + (
-                    f"unknown (ood_score {item.ood_score:.1f}; forced, it would be {forced})"
-                    if item.unknown else f"{forced} (ood_score {item.ood_score:.2f}, not "
-                                         "flagged)"))
+                    f"unknown (unknown_score {item.unknown_score:.1f}; forced, it would be "
+                    f"{forced})" if item.unknown
+                    else f"{forced} (unknown_score {item.unknown_score:.2f}, not flagged)"))
         writer.close()
-    say(f"    unfamiliar images: {writer.unknown} of {writer.count} flagged unknown -> {flagged}")
+    say(f"    unknown images: {writer.unknown} of {writer.count} flagged unknown -> {flagged}")
     return flagged
 
 
-def _unfamiliar_images(folder: Path) -> list[Path]:
+def _unknown_images(folder: Path) -> list[Path]:
     """The cat the original project's model called PG, a blank frame, a bubble and cubes."""
     import numpy as np
     import skimage.data
     from PIL import Image
 
-    from crystalscope.synth.unknown import synthesize_unfamiliar
+    from crystalscope.synth.unknown import synthesize_unknown
 
-    synthesize_unfamiliar(folder, per_kind=1, kinds=("bubble", "cube"), seed=1)
+    synthesize_unknown(folder, per_kind=1, kinds=("bubble", "cube"), seed=1)
     Image.fromarray(skimage.data.chelsea()).save(folder / "cat.png")
     Image.fromarray(np.full((151, 151), 60, np.uint8)).save(folder / "blank-frame.png")
     return [folder / "cat.png", folder / "blank-frame.png", folder / "bubble" / "bubble-0001.png",

@@ -19,7 +19,7 @@ from crystalscope.settings import SettingsError
 
 
 class SynthGroup(TyperGroup):
-    """``synth OUT …`` is short for ``synth crops OUT …``; ``synth batch`` and ``synth ood``
+    """``synth OUT …`` is short for ``synth crops OUT …``; ``synth batch`` and ``synth unknown``
     are the group's other commands."""
 
     default_command = "crops"
@@ -47,9 +47,9 @@ app.add_typer(data_app, name="data")
 synth_app = typer.Typer(
     cls=SynthGroup, no_args_is_help=True, context_settings=HELP_OPTIONS,
     help="Synthetic data: probe crops (synth OUT, short for synth crops OUT), images that are "
-         "neither class (synth ood OUT), a simulated batch over time (synth batch OUT).",
+         "neither class (synth unknown OUT), a simulated batch over time (synth batch OUT).",
     epilog="Example: crystalscope synth data/synthetic --per-class 500 --seed 7   "
-           "(or: crystalscope synth ood unfamiliar/; crystalscope synth batch batches/)")
+           "(or: crystalscope synth unknown unknown-images/; crystalscope synth batch batches/)")
 app.add_typer(synth_app, name="synth")
 
 _state = {"debug": os.environ.get("CRYSTALSCOPE_DEBUG") == "1"}

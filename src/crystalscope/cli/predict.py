@@ -85,7 +85,7 @@ def predict(
     std: Annotated[str | None, typer.Option(help="Per-channel std for imagenet mode.")] = None,
     reject_unknown: Annotated[bool, typer.Option(
         "--reject-unknown", help="Give the class 'unknown' to images the unknown-detector "
-                                 "flags (ood_score > 1) instead of forcing a class.")] = False,
+                                 "flags (unknown_score > 1) instead of forcing a class.")] = False,
     outputs: Annotated[str | None, typer.Option(
         help="Foreign ONNX model: what its output holds, probabilities (softmax or sigmoid "
              "applied) or logits.")] = None,
@@ -93,12 +93,12 @@ def predict(
     """Classify images: the predicted class, its probability, and every class's probability.
 
     A model exported with its unknown-detector (crystalscope export) adds the columns
-    unknown (yes/no) and ood_score (above 1: unlike the training images). Streams in
+    unknown (yes/no) and unknown_score (above 1: unlike the training images). Streams in
     batches, so memory stays bounded however many images. Unreadable files are listed on
     stderr and skipped; the exit code is then 1.
     """
     from crystalscope.data.layout import expand_paths
-    from crystalscope.infer.output import LEGEND, OOD_LEGEND, PredictionWriter, open_output
+    from crystalscope.infer.output import LEGEND, UNKNOWN_LEGEND, PredictionWriter, open_output
     from crystalscope.infer.predictor import OUTPUT_KINDS, load_predictor, parse_classes
     from crystalscope.infer.stream import Failure, predict_stream
 
@@ -110,16 +110,16 @@ def predict(
         model, backend=backend.value, classes=parse_classes(classes),
         preprocessing=_preprocessing(input_size, layout, preprocess, mean, std),
         outputs=outputs)  # type: ignore[arg-type]
-    if reject_unknown and predictor.ood is None:
+    if reject_unknown and predictor.unknown_detector is None:
         raise UserError(f"--reject-unknown: {model} has no unknown-detector; export the run "
                         "again (crystalscope export RUN) to fit one")
     files = expand_paths(paths)
     handle = open_output(output)
-    has_ood = predictor.ood is not None
+    has_detector = predictor.unknown_detector is not None
     writer = PredictionWriter(handle or sys.stdout, output_format.value, predictor.classes,
-                              ood=has_ood, reject_unknown=reject_unknown)
+                              with_unknown=has_detector, reject_unknown=reject_unknown)
     if output_format == OutputFormat.table:
-        err.print(LEGEND + (OOD_LEGEND if has_ood else ""), highlight=False)
+        err.print(LEGEND + (UNKNOWN_LEGEND if has_detector else ""), highlight=False)
     failures: list[Failure] = []
     try:
         with progress_bar() as progress:
@@ -137,7 +137,7 @@ def predict(
         err.print(f"[yellow]skipped[/yellow] {failure.reason}", highlight=False)
     if output:
         err.print(f"wrote {writer.count} predictions to {output}")
-    if has_ood:
+    if has_detector:
         err.print(f"{writer.unknown} of {writer.count} images unknown (unlike the training "
                   "images)")
     if failures:

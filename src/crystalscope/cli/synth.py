@@ -1,9 +1,9 @@
-"""`crystalscope synth` (crops), `synth ood` (neither class), `synth batch` (a batch over time)."""
+"""`crystalscope synth` (crops), `synth unknown` (neither class), `synth batch` (over time)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -11,13 +11,11 @@ from crystalscope.cli.app import synth_app
 from crystalscope.cli.options import Workers
 from crystalscope.console import err, out, progress_bar
 
-if TYPE_CHECKING:
-    pass
 
 @synth_app.command("crops", epilog="Example: crystalscope synth data/synthetic --per-class 500 "
                     "--difficulty hard --uniform-size 151 --dihedral-copies 3.   A simulated "
                     "batch over time: crystalscope synth batch OUT; images that are neither "
-                    "CEX nor PG: crystalscope synth ood OUT (see --help there).")
+                    "CEX nor PG: crystalscope synth unknown OUT (see --help there).")
 def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the crops.")],
     per_class: Annotated[int, typer.Option(help="Images per class (copies included).")] = 200,
@@ -53,8 +51,8 @@ def synth(
 
 
 @synth_app.command(
-    "ood", epilog="Example: crystalscope synth ood unfamiliar/ --per-kind 100 --size 151")
-def synth_ood(
+    "unknown", epilog="Example: crystalscope synth unknown unknown-images/ --per-kind 100")
+def synth_unknown(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the images.")],
     per_kind: Annotated[int, typer.Option(help="Images of each kind.")] = 50,
     kinds: Annotated[str, typer.Option(
@@ -70,21 +68,24 @@ def synth_ood(
     heavy defocus, cubes (a third habit) drawn like probe crops, and pieces of scikit-image's
     bundled photographs (the cat, the astronaut, …).
 
-    Writes OUT/<kind>/<kind>-0001.png … and OUT/ood.json.
+    Writes OUT/<kind>/<kind>-0001.png … and OUT/unknown.json.
     """
     from crystalscope.synth.crops import parse_difficulty
-    from crystalscope.synth.unknown import parse_kinds, synthesize_unfamiliar
+    from crystalscope.synth.unknown import parse_kinds, synthesize_unknown
 
     chosen = parse_kinds(kinds)
     with progress_bar() as progress:
-        task = progress.add_task("synth ood", total=per_kind * len(chosen))
-        summary = synthesize_unfamiliar(out_dir, per_kind=per_kind, kinds=chosen, size=size,
-                                        difficulty=parse_difficulty(difficulty), seed=seed,
-                                        workers=workers,
-                                        progress=lambda n: progress.advance(task, n))
+        task = progress.add_task("synth unknown", total=per_kind * len(chosen))
+        summary = synthesize_unknown(out_dir, per_kind=per_kind, kinds=chosen, size=size,
+                                     difficulty=parse_difficulty(difficulty), seed=seed,
+                                     workers=workers,
+                                     progress=lambda n: progress.advance(task, n))
     err.print(f"wrote {len(summary['files'])} images to {out_dir} "
               f"({', '.join(f'{k}: {v}' for k, v in summary['kinds'].items())}) and "
-              f"{out_dir / 'ood.json'}")
+              f"{out_dir / 'unknown.json'}")
+
+
+synth_app.command("ood", hidden=True)(synth_unknown)  # its earlier name, kept for scripts
 
 
 @synth_app.command(

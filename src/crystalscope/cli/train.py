@@ -56,6 +56,10 @@ def train(
     cache: Annotated[str | None, typer.Option(
         help="Decoded images in ram, on disk (memory-mapped, for sets larger than RAM) or "
              "auto (disk when they would fill half the free memory).")] = None,
+    trunk_cache: Annotated[str | None, typer.Option(
+        help="auto: with --trainable below 1 and dihedral or no augmentation, compute the "
+             "frozen layers' outputs once and train only the top (much faster epochs); off.")]
+    = None,
     accelerator: Annotated[str | None, typer.Option(help="cpu, gpu, auto … (Lightning).")]
     = None,
     devices: Annotated[str | None, typer.Option(
@@ -99,9 +103,9 @@ def train(
         momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
         augmentation=augmentation, epochs=epochs, f1_threshold=f1_threshold, patience=patience,
         fraction=fraction, class_weights=class_weights, seed=seed, num_workers=num_workers,
-        cache=cache, accelerator=accelerator, devices=devices, strategy=strategy,
-        num_nodes=num_nodes, precision=precision, compile=compile, runs_dir=runs_dir,
-        name=name, evaluate=evaluate, export=export, false_reject=false_reject)
+        cache=cache, trunk_cache=trunk_cache, accelerator=accelerator, devices=devices,
+        strategy=strategy, num_nodes=num_nodes, precision=precision, compile=compile,
+        runs_dir=runs_dir, name=name, evaluate=evaluate, export=export, false_reject=false_reject)
     if resume is None:
         if data is None:
             raise UserError("give the split folder DATA, or --resume RUN")
@@ -131,11 +135,11 @@ def train(
     if result.evaluation:
         _print_evaluation(result.evaluation)
     if result.export:
-        from crystalscope.ood.detector import ood_summary
+        from crystalscope.unknown.detector import unknown_summary
 
         out.print("exported " + ", ".join(str(p) for p in result.export.files.values()))
-        if result.export.ood:
-            out.print(ood_summary(result.export.ood))
+        if result.export.unknown_detector:
+            out.print(unknown_summary(result.export.unknown_detector))
     for note in result.notes:
         out.print(note)
 
@@ -195,14 +199,14 @@ def export(
     as_json: AsJson = False,
 ) -> None:
     """Write model.safetensors + model.json and model.onnx, checked against the checkpoint,
-    and ood.safetensors: the unknown-detector fitted on the training split and calibrated on
+    and unknown.safetensors: the unknown-detector fitted on the training split and calibrated on
     the validation split.
 
     ONNX Runtime and torch must agree on every probability within 1e-4, and the model rebuilt
     from safetensors + json must match the checkpoint; otherwise export fails (exit 1).
     """
     from crystalscope.export.stage import export_run
-    from crystalscope.ood.detector import ood_summary
+    from crystalscope.unknown.detector import unknown_summary
 
     if not 0 < false_reject < 1:
         raise UserError(f"--false-reject {false_reject}: give a rate between 0 and 1, e.g. 0.01")
@@ -211,7 +215,8 @@ def export(
     summary = {"files": {k: str(v) for k, v in result.files.items()},
                "onnx_max_abs_difference": result.onnx_max_difference,
                "rebuilt_max_abs_difference": result.rebuilt_max_difference,
-               "int8": result.int8, "ood": result.ood, "notes": result.notes}
+               "int8": result.int8, "unknown_detector": result.unknown_detector,
+               "notes": result.notes}
     if as_json:
         out.print_json(json.dumps(summary))
         return
@@ -220,8 +225,8 @@ def export(
     out.print(f"parity: ONNX Runtime vs torch max |Δ probability| "
               f"{result.onnx_max_difference:.1e}; rebuilt from safetensors "
               f"{result.rebuilt_max_difference:.1e} (limit 1e-4)")
-    if result.ood:
-        out.print(ood_summary(result.ood))
+    if result.unknown_detector:
+        out.print(unknown_summary(result.unknown_detector))
     for note in result.notes:
         err.print(f"[yellow]{note}[/yellow]", highlight=False)
     if result.int8:

@@ -3,7 +3,7 @@ check against torch before the file is given its name.
 
 The graph is :class:`~crystalscope.model.inference.InferenceNet`: input ``images`` (float32
 RGB 0-255, NCHW, resized to the input size), outputs ``probabilities``, ``embedding`` and
-``statistics`` (the stages' feature statistics the out-of-distribution detector reads).
+``statistics`` (the stages' feature statistics the unknown-image detector reads).
 """
 
 from __future__ import annotations
@@ -138,11 +138,18 @@ def export_onnx(net: InferenceNet, path: Path, image_size: int, metadata: dict[s
     return difference
 
 
+# Relu, Add and the pools too: left in float, each ReLU between two convolutions costs a
+# dequantize/requantize pair (66 in a ResNet-101), which made int8 slower per image at batch 32
+# than at batch 1 (benchmarks/infer.py --int8: 27 vs 43 images/s; with them 49 vs 49).
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu", "Add", "MaxPool", "GlobalAveragePool"]
+
+
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: torch.Tensor) -> None:
     """Static int8 quantisation (QDQ, per-channel weights) calibrated on real images.
 
-    Convolutions and dense layers run in int8; the softmax stays in float. The metadata
-    (classes, preprocessing) is copied from the fp32 model.
+    Convolutions, dense layers, ReLUs, residual sums and pools run in int8; the softmax and the
+    unknown-detector's statistics stay in float. The metadata (classes, preprocessing) is copied
+    from the fp32 model.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -173,7 +180,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: torch.Te
             quantize_static(str(prepared), str(partial), Batches(),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv", "Gemm", "MatMul"])
+                            op_types_to_quantize=QUANTIZED_OPS)
         source = onnx.load(str(fp32_path))
         add_metadata(partial, {p.key[len(METADATA_PREFIX):]: p.value
                                for p in source.metadata_props

@@ -1,5 +1,5 @@
 """`crystalscope export`: a run's best checkpoint as model.safetensors + model.json + model.onnx,
-and its unknown-detector (ood.safetensors, described in model.json).
+and its unknown-detector (unknown.safetensors, described in model.json).
 
 After writing, the model is rebuilt from safetensors + json and run against the checkpoint,
 and ONNX Runtime is run against torch; either disagreement fails the export.
@@ -22,9 +22,9 @@ from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
-from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
-from crystalscope.ood.fitting import NoTrainingData, fit_run_detector, split_items
 from crystalscope.train.data import build_cache
+from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
+from crystalscope.unknown.fitting import NoTrainingData, fit_run_detector, split_items
 
 PARITY_IMAGES = 16
 
@@ -37,7 +37,7 @@ class Export:
     onnx_max_difference: float
     rebuilt_max_difference: float
     int8: dict[str, Any] | None = None
-    ood: dict[str, Any] | None = None  # the unknown-detector's entry in model.json
+    unknown_detector: dict[str, Any] | None = None  # its entry in model.json
     notes: list[str] = field(default_factory=list)
 
 
@@ -107,8 +107,12 @@ def int8_comparison(fp32_path: Path, int8_path: Path, images: torch.Tensor,
             for i in range(0, len(images), 32)]))
     fp32, int8 = outputs
     truth = labels.numpy()
+    changed = fp32.argmax(1) != int8.argmax(1)
     return {"images": len(truth),
-            "same_class": float((fp32.argmax(1) == int8.argmax(1)).mean()),
+            "same_class": float(1 - changed.mean()),
+            "class_changes": int(changed.sum()),
+            # how sure fp32 was of the surest image whose class changed (0 when none did)
+            "most_confident_change": float(fp32.max(1)[changed].max()) if changed.any() else 0.0,
             "max_abs_probability_difference": float(np.abs(fp32 - int8).max()),
             "mean_abs_probability_difference": float(np.abs(fp32 - int8).mean()),
             "accuracy_fp32": float((fp32.argmax(1) == truth).mean()),
@@ -118,7 +122,7 @@ def int8_comparison(fp32_path: Path, int8_path: Path, images: torch.Tensor,
 def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False,
                false_reject: float = DEFAULT_FALSE_REJECT) -> Export:
     """Write model.safetensors, model.json and model.onnx for ``run_dir``'s best checkpoint,
-    and ood.safetensors: the unknown-detector, fitted on the training split and calibrated on
+    and unknown.safetensors: the unknown-detector, fitted on the training split and calibrated on
     the validation split to ``false_reject``.
 
     With ``int8``, also model.int8.onnx, calibrated on validation images and compared with
@@ -140,7 +144,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
         notes.append(str(exc))
         (out_dir / FILE_NAME).unlink(missing_ok=True)  # never pair a stale detector with it
     else:
-        description["ood"] = detector.describe()
+        description["unknown_detector"] = detector.describe()
         save_detector(detector, out_dir)
     weights_path, json_path = save_model(run.net, description, out_dir)
 
@@ -161,9 +165,9 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
                            "model.onnx": onnx_path},
                     onnx_max_difference=onnx_difference,
                     rebuilt_max_difference=rebuilt_difference,
-                    ood=description.get("ood"), notes=notes)
-    if "ood" in description:
-        result.files["ood.safetensors"] = out_dir / "ood.safetensors"
+                    unknown_detector=description.get("unknown_detector"), notes=notes)
+    if "unknown_detector" in description:
+        result.files["unknown.safetensors"] = out_dir / "unknown.safetensors"
     if int8:
         calibration, _ = _split_images(run, "valid", limit=64)
         if not len(calibration):

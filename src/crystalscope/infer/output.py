@@ -3,7 +3,7 @@
 Every number is named for what it is: ``probability_of_predicted`` is the probability of the
 predicted class (whichever it is), ``probability_<class>`` that of each class. A model with an
 unknown-detector adds ``unknown`` (true/false in JSON, yes/no in a table or CSV) and
-``ood_score`` (above 1 = unknown); with ``reject_unknown`` the predicted class of an unknown
+``unknown_score`` (above 1 = unknown); with ``reject_unknown`` the predicted class of an unknown
 image is ``unknown``.
 """
 
@@ -20,29 +20,31 @@ from crystalscope.settings import SettingsError
 Format = Literal["table", "csv", "json", "jsonl"]
 LEGEND = ("predicted_class: the most probable class; probability_of_predicted: its "
           "probability; probability_<class>: each class's probability (they sum to 1)")
-OOD_LEGEND = ("; unknown: yes when the image is unlike the training images; ood_score: how "
+UNKNOWN_LEGEND = ("; unknown: yes when the image is unlike the training images; unknown_score: how "
               "unlike (1 = the threshold, above it = unknown)")
 UNKNOWN = "unknown"
 
 
-def columns(classes: list[str], ood: bool = False) -> list[str]:
+def columns(classes: list[str], with_unknown: bool = False) -> list[str]:
     return ["file", "predicted_class", "probability_of_predicted",
             *(f"probability_{name}" for name in classes),
-            *(("unknown", "ood_score") if ood else ())]
+            *(("unknown", "unknown_score") if with_unknown else ())]
 
 
-def as_row(result: ImageResult, classes: list[str], *, ood: bool = False,
+def as_row(result: ImageResult, classes: list[str], *, with_unknown: bool = False,
            reject_unknown: bool = False) -> dict[str, object]:
-    """One prediction as named values (``ood``: with the unknown and ood_score columns)."""
+    """One prediction as named values (``with_unknown``: with the unknown and unknown_score
+    columns)."""
     best = int(result.probabilities.argmax())
     row: dict[str, object] = {
         "file": str(result.path), "predicted_class": classes[best],
         "probability_of_predicted": round(float(result.probabilities[best]), 6),
         **{f"probability_{name}": round(float(p), 6)
            for name, p in zip(classes, result.probabilities, strict=True)}}
-    if ood:
+    if with_unknown:
         row["unknown"] = bool(result.unknown)
-        row["ood_score"] = None if result.ood_score is None else round(result.ood_score, 4)
+        score = result.unknown_score
+        row["unknown_score"] = None if score is None else round(score, 4)
         if reject_unknown and result.unknown:
             row["predicted_class"], row["probability_of_predicted"] = UNKNOWN, None
     return row
@@ -51,14 +53,14 @@ def as_row(result: ImageResult, classes: list[str], *, ood: bool = False,
 class PredictionWriter:
     """Streams rows to ``handle`` in one of the formats."""
 
-    def __init__(self, handle: TextIO, fmt: Format, classes: list[str], *, ood: bool = False,
-                 reject_unknown: bool = False) -> None:
+    def __init__(self, handle: TextIO, fmt: Format, classes: list[str], *,
+                 with_unknown: bool = False, reject_unknown: bool = False) -> None:
         self.handle, self.format, self.classes = handle, fmt, classes
-        self.ood, self.reject_unknown = ood, reject_unknown
+        self.with_unknown, self.reject_unknown = with_unknown, reject_unknown
         self.count = 0  # predictions written
         self.unknown = 0  # of which unknown
         self.json_records = 0  # records (predictions and failures) in the JSON array
-        names = columns(classes, ood)
+        names = columns(classes, with_unknown)
         if fmt == "csv":
             self.csv = csv.DictWriter(handle, fieldnames=names)
             self.csv.writeheader()
@@ -67,7 +69,7 @@ class PredictionWriter:
         elif fmt == "table":
             self.widths = [40, max(15, *(len(c) for c in classes)), 24,
                            *(max(12, len(n)) for n in names[3:])]
-            if ood:
+            if with_unknown:
                 self.widths[-2] = 7
             handle.write(self._line(names) + "\n")
 
@@ -84,9 +86,10 @@ class PredictionWriter:
             if self.format in ("json", "jsonl"):
                 self._json({"file": str(item.path), "error": item.reason})
             return
-        row = as_row(item, self.classes, ood=self.ood, reject_unknown=self.reject_unknown)
+        row = as_row(item, self.classes, with_unknown=self.with_unknown,
+                     reject_unknown=self.reject_unknown)
         self.unknown += int(bool(item.unknown))
-        if self.ood and self.format in ("csv", "table"):  # text cells: yes/no, not True/False
+        if self.with_unknown and self.format in ("csv", "table"):  # yes/no, not True/False
             row["unknown"] = "yes" if row["unknown"] else "no"
         if self.format == "csv":
             self.csv.writerow(row)

@@ -26,8 +26,8 @@ from crystalscope.model.spec import (
     RunLayout,
     resolve_model,
 )
-from crystalscope.ood.detector import OODDetector, load_detector
 from crystalscope.settings import SettingsError
+from crystalscope.unknown.detector import UnknownDetector, load_detector
 
 Backend = Literal["onnx", "torch"]
 OutputKind = Literal["probabilities", "logits"]
@@ -70,12 +70,12 @@ RawOutputs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
 
 @dataclass
 class Outputs:
-    """A batch's results: probabilities (N, C); embeddings (N, D) and ``ood_scores`` (N,;
+    """A batch's results: probabilities (N, C); embeddings (N, D) and ``unknown_scores`` (N,;
     above 1 = unknown) when the model has them."""
 
     probabilities: np.ndarray
     embeddings: np.ndarray | None
-    ood_scores: np.ndarray | None
+    unknown_scores: np.ndarray | None
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Predictor:
     source: Path
     run: Callable[[np.ndarray], RawOutputs] = field(repr=False)
     has_embedding: bool = True
-    ood: OODDetector | None = field(default=None, repr=False)
+    unknown_detector: UnknownDetector | None = field(default=None, repr=False)
     outputs: OutputKind = "probabilities"
 
     @property
@@ -97,12 +97,12 @@ class Predictor:
         return self.preprocessing.input_size
 
     def predict(self, images: np.ndarray) -> Outputs:
-        """uint8 RGB (N, 3, S, S) -> probabilities, embeddings and ood scores."""
+        """uint8 RGB (N, 3, S, S) -> probabilities, embeddings and unknown scores."""
         raw, embeddings, statistics = self.run(self.preprocessing.apply(images))
         probabilities = to_probabilities(raw, len(self.classes), self.outputs)
         scores = None
-        if self.ood is not None and statistics is not None:
-            scores = self.ood.score(statistics, probabilities)
+        if self.unknown_detector is not None and statistics is not None:
+            scores = self.unknown_detector.score(statistics, probabilities)
         return Outputs(probabilities, embeddings, scores)
 
 
@@ -187,7 +187,7 @@ def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
                 if "statistics" in optional and path.name == layout.onnx.name else None)
     return Predictor(classes=list(classes), preprocessing=preprocessing, backend="onnx",
                      source=path, run=run, has_embedding="embedding" in optional,
-                     ood=detector, outputs=_output_kind(path, wanted[0],
+                     unknown_detector=detector, outputs=_output_kind(path, wanted[0],
                                                         backend_overrides.get("outputs"),
                                                         metadata))
 
@@ -212,7 +212,8 @@ def _torch_predictor(net: torch.nn.Module, classes: list[str], size: int, source
         return probabilities.numpy(), embedding.numpy(), statistics.numpy()
 
     return Predictor(classes=list(classes), preprocessing=Preprocessing(input_size=size),
-                     backend="torch", source=source, run=run, ood=load_detector(model_json))
+                     backend="torch", source=source, run=run,
+                     unknown_detector=load_detector(model_json))
 
 
 def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str] | None = None,

@@ -21,19 +21,19 @@ from crystalscope.model.spec import decode_for_spec
 
 @dataclass
 class ImageResult:
-    """One image's prediction (and embedding and ood score, when the model gives them)."""
+    """One image's prediction (and embedding and unknown score, when the model gives them)."""
 
     path: Path
     probabilities: np.ndarray
     embedding: np.ndarray | None
     width: int
     height: int
-    ood_score: float | None = None
+    unknown_score: float | None = None
 
     @property
     def unknown(self) -> bool | None:
         """True when the image is unlike the training images (None: no detector)."""
-        return None if self.ood_score is None else bool(self.ood_score > 1.0)
+        return None if self.unknown_score is None else bool(self.unknown_score > 1.0)
 
 
 @dataclass
@@ -73,7 +73,7 @@ def predict_stream(predictor: Predictor, paths: Sequence[Path], *, batch_size: i
                     path, outputs.probabilities[row],
                     None if outputs.embeddings is None else outputs.embeddings[row],
                     item[1], item[2],
-                    None if outputs.ood_scores is None else float(outputs.ood_scores[row]))
+                    None if outputs.unknown_scores is None else float(outputs.unknown_scores[row]))
                 row += 1
             if progress:
                 progress(len(chunk))

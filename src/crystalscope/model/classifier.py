@@ -26,6 +26,7 @@ from crystalscope.model.backbones import (
     set_frozen_norms_eval,
 )
 from crystalscope.model.spec import backbone_normalization
+from crystalscope.model.trunk import inference_copy, split_backbone
 
 
 def _metrics(num_classes: int) -> MetricCollection:
@@ -66,6 +67,12 @@ class CrystalClassifier(L.LightningModule):
         self.net = Classifier(backbone, len(classes), head)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        split = split_backbone(backbone)
+        # Training runs the frozen trunk as inference (see model/trunk.py); the reason when not.
+        self.split, self.trunk_note = (None, split) if isinstance(split, str) else (split, None)
+        self.use_trunk_copy = True  # train.run turns it off for --compile
+        self._trunk_copy: tuple[torch.device, nn.Module] | None = None  # not a registered module
+        self.inputs = "images"  # or "trunk_features": see train/trunk_cache.py
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -86,6 +93,31 @@ class CrystalClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(images))
 
+    def training_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` as training runs it: the frozen trunk (if any) as a no-grad copy
+        with its BatchNorms folded, the rest on the trained modules. Same logits up to float
+        rounding; the trunk's part costs about a third less on a CPU."""
+        if self.split is None or not self.use_trunk_copy:
+            return self(images)
+        x = self.normalize(images)
+        if self._trunk_copy is None or self._trunk_copy[0] != x.device:
+            # Built lazily: after checkpoint restore, on the device training runs on.
+            self._trunk_copy = (x.device, inference_copy(self.split.trunk))
+        with torch.no_grad():
+            features = self._trunk_copy[1](x)
+        return self.top_forward(features)
+
+    def top_forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from the frozen trunk's output (cached by train/trunk_cache.py)."""
+        assert self.split is not None
+        x = features.float()
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net.head(self.split.top(x))
+
+    def on_train_start(self) -> None:
+        self._trunk_copy = None  # weights may have been restored since it was made
+
     def train(self, mode: bool = True) -> CrystalClassifier:
         super().train(mode)
         if mode:
@@ -100,7 +132,8 @@ class CrystalClassifier(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection,
               loss_metric: MeanMetric) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
+        logits = (self.top_forward(images) if self.inputs == "trunk_features"
+                  else self.training_forward(images))
         loss = self.loss(logits, labels)
         metrics.update(logits.detach(), labels)
         loss_metric.update(loss.detach(), weight=len(labels))

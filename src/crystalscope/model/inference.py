@@ -3,7 +3,7 @@
 :class:`InferenceNet` takes RGB images as float (or uint8) values 0-255, (N, 3, S, S), already
 resized to the model's input size, and returns (probabilities, embedding, statistics). The
 statistics — each backbone stage's channel means and standard deviations — are what the
-out-of-distribution detector (:mod:`crystalscope.ood`) measures. The same module is
+unknown-image detector (:mod:`crystalscope.unknown`) measures. The same module is
 what evaluate runs, what export writes to ONNX, and what a model rebuilt from
 ``model.safetensors`` + ``model.json`` computes — so all three agree by construction.
 """

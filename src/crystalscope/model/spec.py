@@ -145,7 +145,7 @@ class RunLayout:
 
     @property
     def detector(self) -> Path:
-        return self.root / "ood.safetensors"
+        return self.root / "unknown.safetensors"
 
 
 ModelKind = Literal["run", "folder", "onnx", "safetensors"]
@@ -161,7 +161,7 @@ class ResolvedModel:
 
     @property
     def folder(self) -> Path:
-        """Where the model's companions (model.json, report.json, ood.safetensors) lie."""
+        """Where the model's companions (model.json, report.json, unknown.safetensors) lie."""
         return self.path if self.kind in ("run", "folder") else self.path.parent
 
     @property

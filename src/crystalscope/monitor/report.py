@@ -1,5 +1,5 @@
 """timeline.png: the impurity fraction per window with its 95% interval, the smoothed trend,
-the alarm, the share of unknown crops and "unfamiliar particles" events, and example crops
+the alarm, the share of unknown crops and "unknown particles" events, and example crops
 called impurity around the alarm."""
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def plot_timeline(result: MonitorResult, rule: AlarmRule, path: Path) -> None:
                             for w in windows])
         axes.plot(x, unknown, "s-", color="tab:purple", markersize=2, linewidth=1,
                   label="share of crops unknown (kept out of the share above)")
-        for window in result.unfamiliar:
+        for window in result.unknown_alarms:
             axes.axvline(window.index, color="tab:purple", linestyle="--", linewidth=1.5,
-                         label=f"unfamiliar particles: window {window.index}")
+                         label=f"unknown particles: window {window.index}")
     if result.alarm:
         axes.axvline(result.alarm.index, color="red", linewidth=2,
                      label=f"alarm: window {result.alarm.index} ({result.alarm.time})")
@@ -52,8 +52,8 @@ def plot_timeline(result: MonitorResult, rule: AlarmRule, path: Path) -> None:
     axes.set_ylim(0, 1)
     axes.set_title(f"{rule.positive} over time: {len(windows)} windows, "
                    f"{result.crops} crops" + ("" if result.alarm else ", no alarm")
-                   + (f", unfamiliar particles from window {result.unfamiliar[0].index}"
-                      if result.unfamiliar else ""))
+                   + (f", unknown particles from window {result.unknown_alarms[0].index}"
+                      if result.unknown_alarms else ""))
     axes.legend(fontsize=8, loc="upper left")
     axes.grid(alpha=0.3)
     for column, crop in enumerate(examples):

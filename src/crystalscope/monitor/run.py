@@ -41,7 +41,7 @@ from crystalscope.monitor.trend import (
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
                  "p_value", "significant", "alarm")  # then one count column per class, then
-UNKNOWN_COLUMNS = ("count_unknown", "unknown_fraction", "unknown_p_value", "unfamiliar")
+UNKNOWN_COLUMNS = ("count_unknown", "unknown_fraction", "unknown_p_value", "unknown_alarm")
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ class FrameCutting:
 def unknown_rate(predictor: Predictor) -> float | None:
     """The share of in-distribution crops the model's detector calls unknown: its calibrated
     bound (None without a detector)."""
-    if predictor.ood is None:
+    if predictor.unknown_detector is None:
         return None
-    bound = predictor.ood.calibration.get("false_reject_bound")
-    return float(bound if bound is not None else predictor.ood.target_false_reject)
+    bound = predictor.unknown_detector.calibration.get("false_reject_bound")
+    return float(bound if bound is not None else predictor.unknown_detector.target_false_reject)
 
 
 def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None = None
@@ -79,7 +79,7 @@ def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None 
             continue
         if len(pieces):
             outputs = predictor.predict(pieces)
-            scores = outputs.ood_scores
+            scores = outputs.unknown_scores
             for row, probabilities in enumerate(outputs.probabilities):
                 unknown = scores is not None and scores[row] > 1.0
                 yield path, UNKNOWN if unknown else classes[int(probabilities.argmax())]
@@ -92,7 +92,7 @@ class Monitor:
                  on_alarm: str | None = None, post_url: str | None = None,
                  cutting: FrameCutting | None = None,
                  say: Callable[[str], None] = err.print) -> None:
-        if rule.unknown_rate is None and predictor.ood is not None:
+        if rule.unknown_rate is None and predictor.unknown_detector is not None:
             rule = replace(rule, unknown_rate=unknown_rate(predictor))
         self.predictor, self.rule, self.say, self.cutting = predictor, rule, say, cutting
         self.trend = Trend(predictor.classes, rule)
@@ -141,11 +141,11 @@ class Monitor:
         if not predicted:
             self.event("empty_window", window=window.index, time=window.time)
             self.say(f"[yellow]window {window.time}: no readable crops[/yellow]")
-        if result.unfamiliar:
-            text = self.trend.explain_unfamiliar(result)
-            self.result.unfamiliar.append(result)
+        if result.unknown_alarm:
+            text = self.trend.explain_unknown_alarm(result)
+            self.result.unknown_alarms.append(result)
             self.say(f"[bold yellow]{text}[/bold yellow]")
-            self.event("unfamiliar_particles", window=window.index, time=window.time,
+            self.event("unknown_particles", window=window.index, time=window.time,
                        unknown=result.unknown, crops=result.crops + result.unknown,
                        fraction=result.unknown_fraction, p_value=result.unknown_p_value,
                        examples=[str(p) for p in unknowns[:4]], message=text)
@@ -163,7 +163,7 @@ class Monitor:
                 int(r.alarm), *r.counts.values(),
                 *((r.unknown, _round(r.unknown_fraction),
                    "" if r.unknown_p_value is None else f"{r.unknown_p_value:.3e}",
-                   int(r.unfamiliar)) if self.rule.unknown_rate is not None else ())])
+                   int(r.unknown_alarm)) if self.rule.unknown_rate is not None else ())])
 
     def _raise_alarm(self, window: WindowResult) -> None:
         text = self.trend.explain_alarm(window)

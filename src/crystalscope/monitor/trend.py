@@ -11,7 +11,7 @@ rather than a false one — or the rate given with ``--false-positive-rate``.
 Crops the model's unknown-detector flags are counted apart (``unknown``) and left out of the
 impurity share: they are neither PG nor CEX. Their own test asks whether more are unknown than
 the detector's calibrated false-reject rate explains; ``consecutive`` significant windows in a
-row make an "unfamiliar particles" event (bubbles, fouling, a new crystal form …), never the
+row make an "unknown particles" event (bubbles, fouling, a new crystal form …), never the
 impurity alarm.
 """
 
@@ -89,7 +89,7 @@ class WindowResult:
     unknown: int = 0  # crops flagged unknown (not in ``crops``)
     unknown_fraction: float | None = None  # of all classified crops, unknown included
     unknown_p_value: float | None = None
-    unfamiliar: bool = False  # the "unfamiliar particles" event starts at this window
+    unknown_alarm: bool = False  # the "unknown particles" event starts at this window
 
 
 @dataclass
@@ -99,7 +99,7 @@ class MonitorResult:
     windows: list[WindowResult] = field(default_factory=list)
     alarm: WindowResult | None = None
     alarm_text: str | None = None
-    unfamiliar: list[WindowResult] = field(default_factory=list)  # where such events began
+    unknown_alarms: list[WindowResult] = field(default_factory=list)  # where such events began
     crops: int = 0
     images: int = 0
     seconds: float = 0.0
@@ -156,7 +156,7 @@ class Trend:
         self.test, self.unknown_test = rule.test(), rule.unknown_test()
         self.smoothed: float | None = None
         self.run_of_significant = 0
-        self.run_of_unfamiliar = 0
+        self.run_of_unknown = 0
         self.alarm_window: WindowResult | None = None
 
     def add(self, index: int, time: str, predicted: list[str],
@@ -187,17 +187,17 @@ class Trend:
         """Could the detector's own false rejects explain this many unknown crops?"""
         result.unknown = unknown
         if not total:
-            self.run_of_unfamiliar = 0
+            self.run_of_unknown = 0
             return
         result.unknown_fraction = unknown / total
         result.unknown_p_value = self.unknown_test.p_value(unknown, total)  # type: ignore[union-attr]
         significant = result.unknown_p_value < self.rule.alpha
-        self.run_of_unfamiliar = self.run_of_unfamiliar + 1 if significant else 0
-        result.unfamiliar = self.run_of_unfamiliar == self.rule.consecutive
+        self.run_of_unknown = self.run_of_unknown + 1 if significant else 0
+        result.unknown_alarm = self.run_of_unknown == self.rule.consecutive
 
-    def explain_unfamiliar(self, window: WindowResult) -> str:
-        """The "unfamiliar particles" message."""
-        return (f"UNFAMILIAR PARTICLES from window {window.index} ({window.time}): "
+    def explain_unknown_alarm(self, window: WindowResult) -> str:
+        """The "unknown particles" message."""
+        return (f"UNKNOWN PARTICLES from window {window.index} ({window.time}): "
                 f"{window.unknown} of {window.unknown + window.crops} crops unlike anything "
                 f"the model was trained on ({100 * (window.unknown_fraction or 0):.1f}%; "
                 f"expected at most {100 * (self.rule.unknown_rate or 0):.1f}%, probability "

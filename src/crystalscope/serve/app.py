@@ -137,9 +137,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
                   "probability_of_predicted": float(probabilities[best]),
                   "probabilities": {c: float(p) for c, p in
                                     zip(predictor.classes, probabilities, strict=True)}}
-        if outputs.ood_scores is not None:
-            score = float(outputs.ood_scores[row])
-            result.update(unknown=score > 1.0, ood_score=score)
+        if outputs.unknown_scores is not None:
+            score = float(outputs.unknown_scores[row])
+            result.update(unknown=score > 1.0, unknown_score=score)
         return result
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -201,9 +201,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
                              "interval": list(w.interval) if w.interval else None,
                              "alarm": w.alarm, "unknown": w.unknown,
                              "unknown_fraction": w.unknown_fraction,
-                             "unfamiliar": w.unfamiliar} for w in list(result.windows)],
+                             "unknown_alarm": w.unknown_alarm} for w in list(result.windows)],
                 "alarm": result.alarm_text,
-                "unfamiliar": [settings.monitor.trend.explain_unfamiliar(w)
-                               for w in result.unfamiliar]}
+                "unknown_alarms": [settings.monitor.trend.explain_unknown_alarm(w)
+                               for w in result.unknown_alarms]}
 
     return app

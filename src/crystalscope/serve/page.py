@@ -50,7 +50,7 @@ async function classify(file) {
     card.append(text("div", result.predicted_class + " (probability " +
                      result.probability_of_predicted.toFixed(4) + ")", "prediction"));
     if (result.unknown) card.append(text("div", "unknown: unlike the training crystals " +
-                                         "(ood score " + result.ood_score.toFixed(2) + ")",
+                                         "(unknown score " + result.unknown_score.toFixed(2) + ")",
                                          "unknown"));
     if (info.store) {
       const query = new FormData(); query.append("file", file); query.append("k", "5");

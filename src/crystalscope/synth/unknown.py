@@ -1,6 +1,6 @@
-"""`crystalscope synth ood`: images a CEX/PG model has never seen, to test its "unknown" flag.
+"""`crystalscope synth unknown`: images a CEX/PG model has never seen, to test its "unknown" flag.
 
-Near out-of-distribution (drawn in the probe's own style: same background, blur, noise):
+Near unknown kinds (drawn in the probe's own style: same background, blur, noise):
 
 - ``bubble``: gas bubbles — dark discs with a bright thin ring and a specular highlight;
 - ``empty``: background only, nothing in the frame;
@@ -153,11 +153,11 @@ def _render_and_write(job: tuple[str, int, int, float, int, str]) -> str:
     return name
 
 
-def synthesize_unfamiliar(out: Path, *, per_kind: int = 50, kinds: tuple[str, ...] = KINDS,
+def synthesize_unknown(out: Path, *, per_kind: int = 50, kinds: tuple[str, ...] = KINDS,
                           size: int = 151, difficulty: float = 0.3, seed: int = 0,
                           workers: int | None = None,
                           progress: Callable[[int], None] | None = None) -> dict:
-    """Write ``per_kind`` images of each kind under ``out/<kind>/`` and ``out/ood.json``."""
+    """Write ``per_kind`` images of each kind under ``out/<kind>/`` and ``out/unknown.json``."""
     if per_kind < 1:
         raise SettingsError("per_kind", "give at least 1", per_kind)
     if not 32 <= size <= 2048:
@@ -180,5 +180,5 @@ def synthesize_unfamiliar(out: Path, *, per_kind: int = 50, kinds: tuple[str, ..
                             "seed": seed},
                "kinds": {k: ("near" if k in NEAR_KINDS else "far") for k in kinds},
                "files": files}
-    (out / "ood.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    (out / "unknown.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary

@@ -151,9 +151,12 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
     )
     if config.compile:
         module.net.compile()  # in place: the checkpoint's parameter names stay the same
+        module.use_trunk_copy = False  # the compiled graph fuses the frozen part itself
     start = time.perf_counter()
     trainer, f1_stop, best = make_trainer(config, run_dir, started=time.time(), quiet=quiet,
                                           resuming=resuming)
+    # After the trainer (settings it refuses fail first), inside the run's time and epoch 1.
+    trunk_note = use_trunk_cache(config, data, module, checkpoint, cache_dir)
     if not resuming and primary:  # everything that can refuse the settings has been built
         (run_dir / "checkpoints").mkdir(parents=True)
         save_config(config, RunLayout(run_dir).config)
@@ -197,11 +200,25 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
     result = TrainResult(run_dir=run_dir, epochs=epochs,
                          best_val_f1_macro=float(score) if score is not None else None,
                          stopped_by_f1=stopped, seconds=time.perf_counter() - start,
-                         primary=primary, notes=weights_notes(config))
+                         primary=primary, notes=[*weights_notes(config), trunk_note])
     if trainer.interrupted or not primary:  # evaluation and export are the first process's
         return result
     finish_run(result, config)
     return result
+
+
+def use_trunk_cache(config: TrainConfig, data: SplitDataModule, module: CrystalClassifier,
+                    checkpoint: Path | None, cache_dir: Path) -> str:
+    """Cache the frozen trunk's outputs where that applies; the one-line note either way."""
+    from crystalscope.train.trunk_cache import cache_trunk_features, why_not
+
+    note = why_not(config, module)
+    if note is None:
+        if checkpoint is not None:  # resuming: the trunk's weights are the checkpoint's
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            module.load_state_dict(state["state_dict"])
+        note = cache_trunk_features(data, module, config, cache_dir)
+    return note
 
 
 def make_trainer(config: TrainConfig, run_dir: Path, *, started: float, quiet: bool,

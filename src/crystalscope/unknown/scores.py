@@ -1,4 +1,4 @@
-"""The pieces an out-of-distribution score is made of.
+"""The pieces an unknown-image score is made of.
 
 - :class:`GaussianDistance`: the Mahalanobis distance of a feature vector to the nearest class
   of the training set (class means, one shared covariance — Lee et al., 2018), measured in the
@@ -7,7 +7,7 @@
   varied — with fewer images than features, many directions).
 - :func:`max_softmax_score`: 1 − the largest class probability (Hendrycks & Gimpel, 2017).
 - :func:`knn_distance`: cosine distance to the k-th nearest training embedding (Sun et al.,
-  2022) — measured as an alternative in ``benchmarks/ood.py``, not used by the detector.
+  2022) — measured as an alternative in ``benchmarks/unknown.py``, not used by the detector.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from crystalscope.infer.predictor import load_predictor
 from crystalscope.infer.stream import ImageResult, predict_stream
 from crystalscope.monitor.run import Monitor, replay
 from crystalscope.monitor.trend import UNKNOWN, AlarmRule, Trend
-from crystalscope.ood.detector import conformal_threshold, load_detector
-from crystalscope.ood.scores import GaussianDistance, knn_distance
 from crystalscope.synth.crops import SynthSettings, synthesize
-from crystalscope.synth.unknown import KINDS, parse_kinds, synthesize_unfamiliar
+from crystalscope.synth.unknown import KINDS, parse_kinds, synthesize_unknown
+from crystalscope.unknown.detector import conformal_threshold, load_detector
+from crystalscope.unknown.scores import GaussianDistance, knn_distance
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -112,9 +112,9 @@ def test_conformal_threshold_holds_its_rate_on_average() -> None:
 # ----------------------------------------------------------------------- synthetic unknowns
 
 
-def test_synth_ood_writes_each_kind_the_same_way_every_time(tmp_path: Path) -> None:
+def test_synth_unknown_writes_each_kind_the_same_way_every_time(tmp_path: Path) -> None:
     for name in ("a", "b"):
-        synthesize_unfamiliar(tmp_path / name, per_kind=2, size=48, seed=4, workers=1)
+        synthesize_unknown(tmp_path / name, per_kind=2, size=48, seed=4, workers=1)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
     assert len(files) == 2 * len(KINDS)
     for file in files:
@@ -126,16 +126,16 @@ def test_synth_ood_writes_each_kind_the_same_way_every_time(tmp_path: Path) -> N
     with pytest.raises(UserError, match="not one of"):
         parse_kinds("bubble,cat")
     with pytest.raises(UserError, match="not an empty folder"):
-        synthesize_unfamiliar(tmp_path / "a", per_kind=1)
+        synthesize_unknown(tmp_path / "a", per_kind=1)
 
 
 # ----------------------------------------------------- a trained model (pg_detector fixture)
 
 
 @pytest.fixture(scope="module")
-def unfamiliar_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def unknown_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The scikit-image cat (the original project's model called it PG) and blank frames."""
-    folder = tmp_path_factory.mktemp("unfamiliar")
+    folder = tmp_path_factory.mktemp("unknown-images")
     Image.fromarray(skimage.data.chelsea()).save(folder / "cat.png")
     Image.fromarray(np.full((96, 96), 60, np.uint8)).save(folder / "blank-dark.png")
     Image.fromarray(np.full((151, 151), 200, np.uint8)).save(folder / "blank-bright.png")
@@ -143,20 +143,20 @@ def unfamiliar_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
 
 def test_unknown_flags_follow_the_score_and_reject_unknown_follows_the_flags(
-        pg_detector: Path, unfamiliar_images: dict, capsys: pytest.CaptureFixture[str]) -> None:
+        pg_detector: Path, unknown_images: dict, capsys: pytest.CaptureFixture[str]) -> None:
     # What the code guarantees, whatever a small model's training gave: unknown == score > 1,
     # forced classes without --reject-unknown, the class "unknown" with it, and the count.
     description = json.loads((pg_detector / "model.json").read_text())
-    assert description["ood"]["method"].startswith("stage-mahalanobis")
-    assert (pg_detector / "ood.safetensors").is_file()
+    assert description["unknown_detector"]["method"].startswith("stage-mahalanobis")
+    assert (pg_detector / "unknown.safetensors").is_file()
     crystals = sorted((pg_detector.parent.parent / "splits" / "test").rglob("*.png"))[:6]
-    paths = [str(p) for p in [*unfamiliar_images.values(), *crystals]]
+    paths = [str(p) for p in [*unknown_images.values(), *crystals]]
     code, out, err = _run_cli(["predict", str(pg_detector), *paths, "--format", "csv"], capsys)
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and len(rows) == len(paths)
     flagged = [row["file"] for row in rows if row["unknown"] == "yes"]
     for row in rows:
-        assert (row["unknown"] == "yes") == (float(row["ood_score"]) > 1), row
+        assert (row["unknown"] == "yes") == (float(row["unknown_score"]) > 1), row
         assert row["predicted_class"] in ("cex", "pg")  # forced, without --reject-unknown
     assert f"{len(flagged)} of {len(paths)} images unknown" in err or not flagged
     code, out, _ = _run_cli(["predict", str(pg_detector), *paths, "--format", "jsonl",
@@ -170,28 +170,28 @@ def test_unknown_flags_follow_the_score_and_reject_unknown_follows_the_flags(
 
 
 def test_a_photograph_scores_far_above_the_crystals(pg_detector: Path,
-                                                   unfamiliar_images: dict) -> None:
-    # Far out of distribution (AUROC ~0.99 in benchmarks/ood.py): the cat scores above every
+                                                   unknown_images: dict) -> None:
+    # Far out of distribution (AUROC ~0.99 in benchmarks/unknown.py): the cat scores above every
     # in-distribution test crop and is flagged. Blank frames are not asserted: an empty probe
     # window is close to a dark, blurred background (see the README).
     predictor = load_predictor(pg_detector)
     crystals = sorted((pg_detector.parent.parent / "splits" / "test").rglob("*.png"))
-    scores = [r.ood_score for r in predict_stream(predictor, crystals)
+    scores = [r.unknown_score for r in predict_stream(predictor, crystals)
               if isinstance(r, ImageResult)]
-    cat = next(r for r in predict_stream(predictor, [unfamiliar_images["cat"]])
+    cat = next(r for r in predict_stream(predictor, [unknown_images["cat"]])
                if isinstance(r, ImageResult))
-    assert cat.unknown and cat.ood_score > max(scores), (cat.ood_score, max(scores))
+    assert cat.unknown and cat.unknown_score > max(scores), (cat.unknown_score, max(scores))
 
 
-def test_onnx_and_torch_give_the_same_ood_scores(pg_detector: Path,
-                                                 unfamiliar_images: dict) -> None:
+def test_onnx_and_torch_give_the_same_unknown_scores(pg_detector: Path,
+                                                 unknown_images: dict) -> None:
     images = [*sorted((pg_detector.parent.parent / "splits" / "test").rglob("*.png"))[:6],
-              *unfamiliar_images.values()]
+              *unknown_images.values()]
     onnx = list(predict_stream(load_predictor(pg_detector), images))
     torch_ = list(predict_stream(load_predictor(pg_detector, backend="torch"), images))
     for a, b in zip(onnx, torch_, strict=True):
         assert isinstance(a, ImageResult) and isinstance(b, ImageResult)
-        assert a.ood_score == pytest.approx(b.ood_score, rel=1e-3)
+        assert a.unknown_score == pytest.approx(b.unknown_score, rel=1e-3)
 
 
 def test_the_calibration_holds_on_fresh_crystals(pg_detector: Path, tmp_path: Path) -> None:
@@ -218,9 +218,9 @@ def test_export_without_the_training_data_leaves_no_detector(pg_detector: Path, 
                                                     str(tmp_path / "gone")))
     code, _, err = _run_cli(["export", str(run)], capsys)
     assert code == 0 and "no unknown-detector" in err
-    assert not (run / "ood.safetensors").exists()
-    assert "ood" not in json.loads((run / "model.json").read_text())
-    assert load_predictor(run).ood is None
+    assert not (run / "unknown.safetensors").exists()
+    assert "unknown_detector" not in json.loads((run / "model.json").read_text())
+    assert load_predictor(run).unknown_detector is None
 
 
 # ------------------------------------------------------------------------------- monitor
@@ -235,14 +235,14 @@ def test_trend_keeps_unknowns_out_of_the_impurity_share() -> None:
     assert first.counts == {"cex": 18, "pg": 2} and first.unknown == 20
     assert first.unknown_fraction == pytest.approx(0.5)
     assert first.unknown_p_value == pytest.approx(binom.sf(19, 40, 0.01))
-    assert not first.unfamiliar  # one window is not yet an event
+    assert not first.unknown_alarm  # one window is not yet an event
     second = trend.add(2, "t2", calls)
-    assert second.unfamiliar and not second.alarm
-    assert not trend.add(3, "t3", calls).unfamiliar  # one event per episode
-    assert "UNFAMILIAR PARTICLES" in trend.explain_unfamiliar(second)
+    assert second.unknown_alarm and not second.alarm
+    assert not trend.add(3, "t3", calls).unknown_alarm  # one event per episode
+    assert "UNKNOWN PARTICLES" in trend.explain_unknown_alarm(second)
 
 
-def test_a_clean_simulated_batch_raises_no_unfamiliar_particles(pg_detector: Path,
+def test_a_clean_simulated_batch_raises_no_unknown_particles(pg_detector: Path,
                                                                  tmp_path: Path) -> None:
     # A monitor sees crops of the kind its model learnt: `synth batch` draws them as `synth`
     # does (the demo once flagged 10-37% of clean crops, drawn at another size).
@@ -256,26 +256,26 @@ def test_a_clean_simulated_batch_raises_no_unfamiliar_particles(pg_detector: Pat
                     tmp_path / "batches" / "control")
     unknown = sum(w.unknown for w in result.windows)
     total = unknown + sum(w.crops for w in result.windows)
-    assert total == 8 * 30 and result.unfamiliar == []
+    assert total == 8 * 30 and result.unknown_alarms == []
     detector = load_detector(pg_detector / "model.json")
     assert detector is not None
     bound = detector.calibration["false_reject_bound"]
     assert binom.sf(unknown - 1, total, bound) > 1e-3, (unknown, total, bound)
 
 
-def test_monitor_counts_unknowns_apart_and_raises_unfamiliar_particles(
+def test_monitor_counts_unknowns_apart_and_raises_unknown_particles(
         pg_detector: Path, tmp_path: Path) -> None:
     predictor = load_predictor(pg_detector)
     synthesize(tmp_path / "cex", SynthSettings(per_class=24, size=96, difficulty=0.0, seed=99),
                workers=1)
-    synthesize_unfamiliar(tmp_path / "odd", per_kind=24, kinds=("natural",), size=96,
+    synthesize_unknown(tmp_path / "odd", per_kind=24, kinds=("natural",), size=96,
                           seed=5, workers=1)
     crystals = sorted((tmp_path / "cex" / "cex").glob("*.png"))
     odd = [r.path for r in predict_stream(predictor, sorted((tmp_path / "odd").rglob("*.png")))
            if isinstance(r, ImageResult) and r.unknown]
     assert len(odd) >= 8  # enough images the detector flags to make the point
     stream = tmp_path / "stream"
-    for window in range(4):  # CEX crystals throughout; unfamiliar particles from window 3 on
+    for window in range(4):  # CEX crystals throughout; unknown particles from window 3 on
         folder = stream / f"t{window + 1:04d}"
         folder.mkdir(parents=True)
         for image in crystals[6 * window:6 * window + 6]:
@@ -294,10 +294,10 @@ def test_monitor_counts_unknowns_apart_and_raises_unfamiliar_particles(
         known = int(row["count_cex"]) + int(row["count_pg"])
         assert int(row["crops"]) == known
         assert float(row["fraction"]) == pytest.approx(int(row["count_pg"]) / known, abs=1e-6)
-    assert [int(r["unfamiliar"]) for r in rows] == [0, 0, 0, 1]
+    assert [int(r["unknown_alarm"]) for r in rows] == [0, 0, 0, 1]
     events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").open()]
-    unfamiliar = [e for e in events if e["event"] == "unfamiliar_particles"]
-    assert len(unfamiliar) == 1 and unfamiliar[0]["window"] == 4
+    alarms = [e for e in events if e["event"] == "unknown_particles"]
+    assert len(alarms) == 1 and alarms[0]["window"] == 4
     assert result.alarm is None  # unknowns never move the PG alarm
 
 

@@ -5,14 +5,14 @@ ResNet-18 from random weights (what this CPU allows), exports it (which fits and
 the detector on the train/valid splits at a 1% false-reject rate), then scores
 
 - in-distribution: the test split plus a fresh synthetic CEX/PG set (another seed);
-- near out-of-distribution: bubbles, empty frames, heavy defocus, cubes (`synth ood`);
-- far out-of-distribution: pieces of scikit-image's photographs (the cat, …).
+- near unknown kinds: bubbles, empty frames, heavy defocus, cubes (`synth unknown`);
+- far unknown kinds: pieces of scikit-image's photographs (the cat, …).
 
 Prints AUROC (in vs out) and, at the calibrated threshold, the in-distribution false-reject
-rate and the share of out-of-distribution images flagged — for the detector and for the
+rate and the share of unknown images flagged — for the detector and for the
 alternatives it was chosen over (scored on the same images, thresholds set the same way).
 Run:
-    .venv/bin/python benchmarks/ood.py [--seeds 2] [--per-class 420]
+    .venv/bin/python benchmarks/unknown.py [--seeds 2] [--per-class 420]
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from crystalscope.data.split import split_dataset
 from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.inference import LoadedRun, load_run, run_batches
-from crystalscope.ood.detector import conformal_threshold
-from crystalscope.ood.fitting import split_items
-from crystalscope.ood.scores import GaussianDistance, knn_distance, max_softmax_score
 from crystalscope.synth.crops import SynthSettings, synthesize
-from crystalscope.synth.unknown import FAR_KINDS, NEAR_KINDS, synthesize_unfamiliar
+from crystalscope.synth.unknown import FAR_KINDS, NEAR_KINDS, synthesize_unknown
 from crystalscope.train.data import build_cache
 from crystalscope.train.run import train
+from crystalscope.unknown.detector import conformal_threshold
+from crystalscope.unknown.fitting import split_items
+from crystalscope.unknown.scores import GaussianDistance, knn_distance, max_softmax_score
 
 SIZE = 96
 
@@ -47,7 +47,7 @@ def train_model(folder: Path, per_class: int, difficulty: float, seed: int) -> P
                                                 seed=seed))
     split_dataset(folder / "images", folder / "splits", seed=seed)
     config = resolve_train_config({
-        "data": folder / "splits", "runs_dir": folder / "runs", "name": "ood",
+        "data": folder / "splits", "runs_dir": folder / "runs", "name": "unknown",
         "model": "resnet18", "weights": "none", "image_size": SIZE, "trainable": 1.0,
         "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "scheduler": "none",
         "augmentation": "dihedral", "epochs": 15, "f1_threshold": 0.99, "seed": seed,
@@ -107,26 +107,26 @@ def measure(name: str, score: Callable[[dict], np.ndarray], sets: dict[str, dict
 def one_seed(folder: Path, seed: int, args: argparse.Namespace) -> list[dict]:
     run_dir = train_model(folder, args.per_class, args.difficulty, seed)
     export = export_run(run_dir, false_reject=args.false_reject)
-    print("  " + f"detector: {export.ood['calibration']}")
+    print("  " + f"detector: {export.unknown_detector['calibration']}")
     synthesize(folder / "fresh", SynthSettings(per_class=args.fresh, size=SIZE,
                                                uniform_size=SIZE, difficulty=args.difficulty,
                                                seed=1000 + seed))
-    synthesize_unfamiliar(folder / "ood", per_kind=args.per_kind, size=SIZE,
+    synthesize_unknown(folder / "unknown-images", per_kind=args.per_kind, size=SIZE,
                           difficulty=args.difficulty, seed=2000 + seed)
     run = load_run(run_dir)
     sets = {"test": outputs(run, folder / "splits" / "test"),
             "fresh": outputs(run, folder / "fresh")}
     for kind in (*NEAR_KINDS, *FAR_KINDS):
-        sets[kind] = outputs(run, folder / "ood" / kind)
+        sets[kind] = outputs(run, folder / "unknown-images" / kind)
     valid = outputs(run, folder / "splits" / "valid")
-    detector = load_predictor(run_dir).ood
+    detector = load_predictor(run_dir).unknown_detector
     assert detector is not None
 
     def stages_only(o: dict) -> np.ndarray:  # the detector without its max-softmax part
         parts = detector.components(o["statistics"], o["probabilities"])[:, :-1]
         return ((parts - detector.center[:-1]) / detector.scale[:-1]).max(axis=1)
 
-    rows = [measure("crystalscope (its own threshold: ood_score > 1)",
+    rows = [measure("crystalscope (its own threshold: unknown_score > 1)",
                     lambda o: detector.score(o["statistics"], o["probabilities"]),
                     sets, valid, args.false_reject, threshold=1.0),
             measure("  the same without max-softmax", stages_only, sets, valid,

@@ -11,8 +11,8 @@ import torch
 from crystalscope.data.layout import is_image_name, list_files
 from crystalscope.errors import CrystalscopeError
 from crystalscope.model.inference import InferenceNet, LoadedRun
-from crystalscope.ood.detector import DEFAULT_FALSE_REJECT, OODDetector, fit_detector
 from crystalscope.train.data import build_cache
+from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, UnknownDetector, fit_detector
 
 
 @torch.inference_mode()
@@ -42,7 +42,7 @@ class NoTrainingData(CrystalscopeError):
 
 
 def fit_run_detector(run: LoadedRun, false_reject: float = DEFAULT_FALSE_REJECT
-                     ) -> OODDetector:
+                     ) -> UnknownDetector:
     """The detector fitted on the run's training split and calibrated on its validation
     split; :class:`NoTrainingData` when those images are no longer there."""
     train_items, valid_items = split_items(run, "train"), split_items(run, "valid")

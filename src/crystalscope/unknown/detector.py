@@ -1,20 +1,20 @@
-"""The out-of-distribution detector: is this image like the crystals the model was trained on?
+"""The unknown-image detector: is this image like the crystals the model was trained on?
 
-How the score is made (chosen by measuring, see ``benchmarks/ood.py``):
+How the score is made (chosen by measuring, see ``benchmarks/unknown.py``):
 
 1. For each stage of the backbone, the channel means and standard deviations of its feature
    maps (:func:`crystalscope.model.inference.stage_statistics`) — early stages see blur,
    texture and brightness, late ones shapes;
 2. per stage, the Mahalanobis distance to the nearest class of the training split and the
    part outside the directions the training split varied in
-   (:class:`~crystalscope.ood.scores.GaussianDistance`); plus 1 − the top softmax probability;
+   (:class:`~crystalscope.unknown.scores.GaussianDistance`); plus 1 − the top softmax probability;
 3. each of these put on one scale with half of the validation split (0 = its median, 1 = its
    standard deviation), and the largest taken;
 4. the threshold: the conformal quantile of the other half's scores for the chosen
    false-reject rate (default 1%): with n such images, an in-distribution image scores above
    it with probability at most ``bound`` = 1 − k/(n+1), k the rank used.
 
-``ood_score`` is that score divided by the threshold: above 1 means "unknown".
+``unknown_score`` is that score divided by the threshold: above 1 means "unknown".
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from crystalscope.errors import CrystalscopeError, UserError
-from crystalscope.ood.scores import GaussianDistance, max_softmax_score
 from crystalscope.settings import SettingsError
+from crystalscope.unknown.scores import GaussianDistance, max_softmax_score
 
 METHOD = "stage-mahalanobis+max-softmax"
-FILE_NAME = "ood.safetensors"
+FILE_NAME = "unknown.safetensors"
 DEFAULT_FALSE_REJECT = 0.01
 
 
@@ -52,7 +52,7 @@ def conformal_threshold(scores: np.ndarray, rate: float) -> tuple[float, float]:
 
 
 @dataclass
-class OODDetector:
+class UnknownDetector:
     """Scores images from the model's outputs (stage statistics and probabilities)."""
 
     stage_sizes: list[int]
@@ -81,7 +81,7 @@ class OODDetector:
         return np.nan_to_num(parts.max(axis=1), nan=np.inf)  # broken features: unknown
 
     def score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        """``ood_score`` per image: 1 is the threshold, above it the image is unknown."""
+        """``unknown_score`` per image: 1 is the threshold, above it the image is unknown."""
         return self.raw_score(statistics, probabilities) / self.threshold
 
     def describe(self) -> dict[str, Any]:
@@ -95,7 +95,7 @@ class OODDetector:
 def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
                  valid_statistics: np.ndarray, valid_probabilities: np.ndarray,
                  stage_sizes: list[int], false_reject: float = DEFAULT_FALSE_REJECT
-                 ) -> OODDetector:
+                 ) -> UnknownDetector:
     """Fit the per-stage Gaussians on the training split; put the parts on one scale with
     half of the validation split and set the threshold with the other half (so the threshold
     is set on images the score never saw, as the guarantee needs)."""
@@ -109,7 +109,7 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
     edges = np.cumsum([0, *stage_sizes])
     distances = [GaussianDistance.fit(train_statistics[:, a:b], train_labels)
                  for a, b in itertools.pairwise(edges)]
-    detector = OODDetector(stage_sizes=list(map(int, stage_sizes)), distances=distances,
+    detector = UnknownDetector(stage_sizes=list(map(int, stage_sizes)), distances=distances,
                            center=np.zeros(2 * len(distances) + 1),
                            scale=np.ones(2 * len(distances) + 1), threshold=1.0,
                            target_false_reject=false_reject)
@@ -132,8 +132,8 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
     return detector
 
 
-def save_detector(detector: OODDetector, folder: Path) -> Path:
-    """Write ``folder/ood.safetensors`` (the fitted arrays); model.json holds the rest."""
+def save_detector(detector: UnknownDetector, folder: Path) -> Path:
+    """Write ``folder/unknown.safetensors`` (the fitted arrays); model.json holds the rest."""
     arrays: dict[str, np.ndarray] = {}
     for index, distance in enumerate(detector.distances):
         arrays.update(distance.arrays(f"stage{index}"))
@@ -142,13 +142,14 @@ def save_detector(detector: OODDetector, folder: Path) -> Path:
     return path
 
 
-def load_detector(model_json: Path) -> OODDetector | None:
+def load_detector(model_json: Path) -> UnknownDetector | None:
     """The detector described in ``model_json`` (its arrays beside it), or None if it has none."""
     model_json = Path(model_json)
     if not model_json.is_file():
         return None
     try:
-        info = json.loads(model_json.read_text(encoding="utf-8")).get("ood")
+        description = json.loads(model_json.read_text(encoding="utf-8"))
+        info = description.get("unknown_detector") or description.get("ood")  # "ood": earlier runs
     except (OSError, json.JSONDecodeError):
         return None
     if not info:
@@ -158,7 +159,7 @@ def load_detector(model_json: Path) -> OODDetector | None:
         arrays = load_file(path)
         distances = [GaussianDistance.from_arrays(arrays, f"stage{i}")
                      for i in range(len(info["stage_sizes"]))]
-        return OODDetector(stage_sizes=list(info["stage_sizes"]), distances=distances,
+        return UnknownDetector(stage_sizes=list(info["stage_sizes"]), distances=distances,
                            center=np.asarray(info["center"], np.float64),
                            scale=np.asarray(info["scale"], np.float64),
                            threshold=float(info["threshold"]),
@@ -169,7 +170,7 @@ def load_detector(model_json: Path) -> OODDetector | None:
                         f"({type(exc).__name__}: {exc}); export the model again") from exc
 
 
-def ood_summary(info: dict[str, Any]) -> str:
+def unknown_summary(info: dict[str, Any]) -> str:
     """One plain sentence about a fitted detector (its model.json entry)."""
     calibration = info.get("calibration", {})
     n, bound = calibration.get("calibration_images", 0), calibration.get("false_reject_bound")

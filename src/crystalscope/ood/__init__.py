@@ -1,1 +1,0 @@
-"""Out-of-distribution detection: say "unknown" instead of forcing a class."""
