@@ -18,6 +18,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -63,10 +64,11 @@ def run_original(python: str, images: Path, steps: int) -> dict[str, float]:
     return {line["what"]: line["images_per_s"] for line in lines}
 
 
-def trained_model(splits: Path, runs: Path, recipe: str, model: str, size: int) -> Path:
-    """A 1-epoch run of ``recipe`` exported with int8: a complete model folder to predict with."""
+def trained_model(splits: Path, runs: Path, recipe: str, model: str, size: int,
+                  epochs: int) -> Path:
+    """A short run of ``recipe`` exported with int8: a complete model folder to predict with."""
     config = resolve_train_config({
-        "recipe": recipe, "data": splits, "runs_dir": runs, "name": recipe, "epochs": 1,
+        "recipe": recipe, "data": splits, "runs_dir": runs, "name": recipe, "epochs": epochs,
         "model": model, "image_size": size,
         "weights": "none", "trainable": RECIPES[recipe]["trainable"], "evaluate": False,
         "export": False, "seed": 0})
@@ -75,16 +77,25 @@ def trained_model(splits: Path, runs: Path, recipe: str, model: str, size: int) 
     return run_dir
 
 
-def predict_rate(model: Path, images: Path, *extra: str) -> float:
-    """Images/s of `crystalscope predict MODEL IMAGES`, start-up included."""
+def predict_rate(model: Path, images: Path, output: Path, *extra: str) -> float:
+    """Images/s of `crystalscope predict MODEL IMAGES --output OUTPUT`, start-up included."""
     count = sum(1 for _ in images.rglob("*.png"))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "crystalscope.cli", "predict", str(model),
-                    str(images), "--format", "csv", "--output", str(images.parent / "p.csv"),
-                    *extra], check=True, capture_output=True)
-    seconds = time.perf_counter() - start
-    (images.parent / "p.csv").unlink()
-    return count / seconds
+                    str(images), "--format", "csv", "--output", str(output), *extra],
+                   check=True, capture_output=True)
+    return count / (time.perf_counter() - start)
+
+
+def class_changes(fp32_csv: Path, int8_csv: Path) -> tuple[int, int, float]:
+    """(images, how many changed class, largest probability change) between two predict CSVs."""
+    def read(path: Path) -> dict[str, tuple[str, float]]:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return {row["file"]: (row["predicted_class"], float(row["probability_pg"]))
+                    for row in csv.DictReader(handle)}
+    fp32, int8 = read(fp32_csv), read(int8_csv)
+    changed = sum(fp32[f][0] != int8[f][0] for f in fp32)
+    return len(fp32), changed, max(abs(fp32[f][1] - int8[f][1]) for f in fp32)
 
 
 def main() -> None:
@@ -93,7 +104,9 @@ def main() -> None:
     parser.add_argument("--keras-python", help="Python with tensorflow-cpu and tf_keras")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="training steps timed per round")
-    parser.add_argument("--predict-images", type=int, default=512)
+    parser.add_argument("--predict-images", type=int, default=1000)
+    parser.add_argument("--predict-epochs", type=int, default=1,
+                        help="epochs of the models predict runs (speed does not depend on it)")
     parser.add_argument("--skip-predict", action="store_true")
     parser.add_argument("--smoke", action="store_true",
                         help="ResNet-18 at 32 px for every recipe: checks the script, not speed")
@@ -153,15 +166,20 @@ def main() -> None:
             print(f"  original (Keras, one file at a time, model already loaded) {rate:6.1f}")
         for recipe in ("georgia", "fast"):
             model, size = model_of(recipe)
-            run_dir = trained_model(folder / "splits", folder / "runs", recipe, model, size)
-            for name, model, extra in (("torch", run_dir, ("--backend", "torch")),
-                                       ("onnx fp32", run_dir / "model.onnx", ()),
-                                       ("onnx int8", run_dir / "model.int8.onnx", ())):
-                rate_ours = predict_rate(model, crops, *extra)
+            run_dir = trained_model(folder / "splits", folder / "runs", recipe, model, size,
+                                    args.predict_epochs)
+            for name, path, extra in (("torch", run_dir, ("--backend", "torch")),
+                                      ("onnx fp32", run_dir / "model.onnx", ()),
+                                      ("onnx int8", run_dir / "model.int8.onnx", ())):
+                rate_ours = predict_rate(path, crops, folder / f"{recipe}-{name}.csv", *extra)
                 ratio = (f"  {rate_ours / statistics.median(original['predict_per_image']):.1f}x"
                          " the original" if python else "")
                 print(f"  crystalscope {model}@{size} {name:9s} "
                       f"{rate_ours:6.1f}{ratio}", flush=True)
+            images, changed, largest = class_changes(folder / f"{recipe}-onnx fp32.csv",
+                                                     folder / f"{recipe}-onnx int8.csv")
+            print(f"    int8 vs fp32 on {images} crops: {changed} changed class "
+                  f"({100 * changed / images:.2f}%), largest probability change {largest:.3f}")
 
 
 if __name__ == "__main__":

@@ -55,12 +55,17 @@ def _decode(job: tuple[Path, int]) -> tuple[np.ndarray, int, int] | str:
 def predict_stream(predictor: Predictor, paths: Sequence[Path], *, batch_size: int = 32,
                    progress: Callable[[int], None] | None = None
                    ) -> Iterator[ImageResult | Failure]:
-    """Results in the order of ``paths``, one batch in memory at a time."""
+    """Results in the order of ``paths``; at most two batches in memory at a time."""
     size = predictor.input_size
+    chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            decoded = list(pool.map(_decode, [(p, size) for p in chunk]))
+        # The next batch decodes while this one runs through the model (one batch ahead, so
+        # memory stays bounded).
+        ahead = [pool.submit(_decode, (p, size)) for p in chunks[0]] if chunks else []
+        for number, chunk in enumerate(chunks):
+            decoded = [future.result() for future in ahead]
+            ahead = ([pool.submit(_decode, (p, size)) for p in chunks[number + 1]]
+                     if number + 1 < len(chunks) else [])
             good = [d for d in decoded if not isinstance(d, str)]
             if good:
                 outputs = predictor.predict(np.stack([d[0] for d in good]))

@@ -1,0 +1,64 @@
+"""`crystalscope label`: the labelling page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from crystalscope.cli.app import app
+from crystalscope.console import err
+
+
+@app.command(epilog="Example: crystalscope label new-crops/ --out labelled/ --classes cex,pg "
+                    "--model runs/demo")
+def label(
+    images: Annotated[Path, typer.Argument(help="Folder of crops to label (searched "
+                                                "recursively; never changed).")],
+    out: Annotated[Path, typer.Option(help="Folder the labels go to: labels.csv and one "
+                                           "folder per class (split and train take it as is).")],
+    classes: Annotated[str, typer.Option(help="Class names in key order, e.g. cex,pg (keys 1, "
+                                              "2, …).")],
+    model: Annotated[Path | None, typer.Option(
+        help="Run directory or model.onnx: shows its guess and puts first what it is unsure "
+             "of.")] = None,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link instead of copying (same "
+                                                      "file system).")] = False,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+    token: Annotated[str | None, typer.Option(
+        envvar="CRYSTALSCOPE_TOKEN", help="Require this token (open the page with ?token=…).")]
+    = None,
+) -> None:
+    """Label crops one at a time in a local page: keys 1-9 assign a class, u = not sure, z =
+    undo, arrows move. Every decision is appended to OUT/labels.csv at once and the file is
+    copied into OUT/<class>/; a restart resumes where it stopped."""
+    import uvicorn
+
+    from crystalscope.label.app import create_label_app
+    from crystalscope.label.session import open_session, parse_label_classes
+    from crystalscope.serve.server import LOOPBACK
+
+    names = parse_label_classes(classes)
+    predictor = None
+    if model is not None:
+        from crystalscope.infer.predictor import load_predictor
+
+        predictor = load_predictor(model)
+    if host not in LOOPBACK and not token:
+        err.print(f"[yellow]serving on {host} without a token: anyone who reaches it can "
+                  "label (give --token)[/yellow]")
+    session = open_session(images, out, names, predictor=predictor, link=link)
+    try:
+        state = session.state()
+        err.print(f"{state['total']} crops, {state['labelled']} labelled, {state['left']} left"
+                  + (f", {len(session.unreadable)} unreadable (listed on the page)"
+                     if session.unreadable else ""))
+        err.print(session.scores.note)
+        suffix = f"?token={token}" if token else ""
+        err.print(f"label at http://{host}:{port}/{suffix}   (Ctrl-C to stop; nothing is lost)")
+        uvicorn.run(create_label_app(session, token), host=host, port=port, log_level="warning")
+    finally:
+        session.close()

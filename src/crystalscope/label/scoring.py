@@ -1,0 +1,70 @@
+"""What the labelling order is computed from: a model's probabilities and embeddings, or,
+without a model, the crops' own pixels (works offline, no weights needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from crystalscope.data.images import load_image
+
+if TYPE_CHECKING:
+    from crystalscope.infer.predictor import Predictor
+    from crystalscope.label.session import Scores
+
+ORDER_DIMENSIONS = 32  # principal components the distances are measured in
+THUMBNAIL = 16
+
+
+def pixel_embeddings(paths: list[Path]) -> np.ndarray:
+    """Per crop: a 16x16 grey thumbnail and a 16-bin brightness histogram, standardised."""
+    rows = []
+    for path in paths:
+        gray = load_image(path, warn_on_mismatch=False).convert("L")
+        small = np.asarray(gray.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX),
+                           np.float32).ravel() / 255
+        histogram = np.histogram(np.asarray(gray), bins=16, range=(0, 256))[0]
+        rows.append(np.concatenate([small, 4 * histogram / max(histogram.sum(), 1)]))
+    x = np.asarray(rows, np.float64)
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+
+def principal_components(x: np.ndarray, dimensions: int = ORDER_DIMENSIONS) -> np.ndarray:
+    """``x`` centred and projected on its first principal components (fewer when fewer rows)."""
+    centred = x - x.mean(0)
+    if min(centred.shape) <= dimensions:
+        return centred
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:dimensions].T
+
+
+def score_crops(paths: list[Path], predictor: Predictor | None) -> Scores:
+    """Embeddings (reduced for distances) and, with a model, its class probabilities."""
+    from crystalscope.label.session import Scores
+
+    if predictor is None:
+        return Scores(principal_components(pixel_embeddings(paths)),
+                      note="no --model: ordered by diversity of the crops' own pixels "
+                           "(thumbnails and brightness); give --model RUN to put first what "
+                           "a model is unsure of")
+    from crystalscope.infer.stream import Failure, predict_stream
+
+    probabilities, embeddings = [], []
+    for item in predict_stream(predictor, paths):
+        if isinstance(item, Failure):  # unreadable after all: neutral scores
+            probabilities.append(np.full(len(predictor.classes), 1 / len(predictor.classes)))
+            embeddings.append(None)
+            continue
+        probabilities.append(item.probabilities)
+        embeddings.append(item.embedding)
+    if any(e is None for e in embeddings):
+        x = pixel_embeddings(paths)
+        note = "model guesses shown; ordered by its uncertainty and the crops' pixels"
+    else:
+        x = np.asarray(embeddings, np.float64)
+        note = ("ordered by what the model is unsure of (margin) and by diversity of its "
+                "embeddings")
+    return Scores(principal_components(x), np.asarray(probabilities, np.float64), note)

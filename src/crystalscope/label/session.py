@@ -1,0 +1,331 @@
+"""A labelling session: the crops to label, in the order that teaches a model most, and every
+decision journalled and mirrored as a copy (or hard link) in ``LABELLED/<class>/``.
+
+The images are never moved or modified. ``LABELLED/labels.csv`` is the record of truth: a copy
+is made or removed after its row is on disk, and a restart replays the journal and puts the
+class folders back in step with it, so a crash at any point loses nothing. While a session
+runs, ``LABELLED/.label.lock`` is locked by the operating system (released even by ``kill -9``),
+and a second session on the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from crystalscope.data.dedupe import file_sha256
+from crystalscope.data.images import ImageLoadError, load_image
+from crystalscope.data.layout import expand_paths
+from crystalscope.errors import UserError
+from crystalscope.label.journal import Journal, read_decisions, replay
+from crystalscope.label.ordering import active_order
+
+if TYPE_CHECKING:
+    from crystalscope.infer.predictor import Predictor
+
+JOURNAL, LOCK = "labels.csv", ".label.lock"
+CHUNK = 200  # crops ordered at a time (farthest-first costs one pass over all crops per pick)
+NEIGHBOURS = 4
+CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def parse_label_classes(text: str) -> list[str]:
+    """``cex,pg`` -> ["cex", "pg"]: 1-9 distinct names usable as folder names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if not CLASS_NAME.match(n)]
+    if not names or len(names) > 9 or bad or len(set(names)) != len(names):
+        raise UserError(f"--classes {text!r}: give 1 to 9 distinct names (letters, digits, "
+                        "_ . -), comma-separated, e.g. cex,pg" + (f"; not {bad[0]!r}" if bad
+                                                                  else ""))
+    return names
+
+
+class FolderLock:
+    """An OS lock on ``folder/.label.lock`` for this process's lifetime."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK
+        self._handle = self.path.open("a+")
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                msvcrt.locking(self._handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._handle.close()
+            raise UserError(f"{folder}: another `crystalscope label` is labelling into it; "
+                            "close that one first (one session per folder)") from None
+
+    def release(self) -> None:
+        self._handle.close()
+
+
+@dataclass
+class Crop:
+    """One image to label."""
+
+    path: Path
+    name: str  # relative to the images folder, with forward slashes: the journal's key
+    sha256: str
+    copy_name: str  # its file name inside LABELLED/<class>/
+
+
+@dataclass
+class Scores:
+    """What ordering and the page know about each crop (rows follow ``LabelSession.crops``)."""
+
+    embeddings: np.ndarray
+    probabilities: np.ndarray | None = None
+    note: str = ""
+
+
+@dataclass
+class LabelSession:
+    """The crops, the journal and the order; one instance serves one page."""
+
+    crops: list[Crop]
+    out: Path
+    classes: list[str]
+    scores: Scores
+    link: bool = False
+    unreadable: list[str] = field(default_factory=list)
+    journal: Journal | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # crop name -> class
+    history: list[str] = field(default_factory=list)  # standing decisions' crops, in order
+    queue: list[int] = field(default_factory=list)  # crops not yet decided, next first
+    cursor: int = 0  # position in history + [queue head]
+    lock: FolderLock | None = None
+    ranked: set[int] = field(default_factory=set)  # crops placed by the active order
+    by_name: dict[str, int] = field(default_factory=dict)  # crop name -> index
+
+    def __post_init__(self) -> None:
+        self.by_name = {crop.name: i for i, crop in enumerate(self.crops)}
+
+    def close(self) -> None:
+        if self.journal:
+            self.journal.close()
+        if self.lock:
+            self.lock.release()
+
+    # ---- what the page shows
+    def current(self) -> int | None:
+        """The crop under the cursor: a decided one (going back) or the next to label."""
+        if self.cursor < len(self.history):
+            return self.by_name[self.history[self.cursor]]
+        return self.queue[0] if self.queue else None
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.classes, 0)
+        for label in self.labels.values():
+            counts[label] = counts.get(label, 0) + 1
+        return counts
+
+    def state(self) -> dict[str, Any]:
+        index = self.current()
+        skipped = len({n for n in self.history if n not in self.labels})
+        return {"classes": self.classes, "counts": self.counts(), "labelled": len(self.labels),
+                "skipped": skipped, "left": len(self.queue), "total": len(self.crops),
+                "unreadable": self.unreadable, "order": self.scores.note,
+                "position": self.cursor, "history": len(self.history),
+                "crop": None if index is None else self.describe(index)}
+
+    def describe(self, index: int) -> dict[str, Any]:
+        crop = self.crops[index]
+        info: dict[str, Any] = {"id": index, "name": crop.name,
+                                "label": self.labels.get(crop.name),
+                                "neighbours": self.neighbours(index)}
+        if self.scores.probabilities is not None:
+            p = self.scores.probabilities[index]
+            best = int(np.argmax(p))
+            info["guess"] = {"class": self.classes[best] if best < len(self.classes)
+                             else str(best), "probability": round(float(p[best]), 4)}
+        return info
+
+    def neighbours(self, index: int) -> list[dict[str, Any]]:
+        """The nearest already-labelled crops (embedding distance), with their classes."""
+        lookup = self.by_name
+        labelled = [lookup[n] for n in self.labels if lookup[n] != index]
+        if not labelled:
+            return []
+        e = self.scores.embeddings
+        distances = np.sqrt(((e[labelled] - e[index]) ** 2).sum(1))
+        nearest = np.argsort(distances)[:NEIGHBOURS]
+        return [{"id": labelled[i], "label": self.labels[self.crops[labelled[i]].name],
+                 "distance": round(float(distances[i]), 3)} for i in nearest]
+
+    # ---- decisions
+    def label(self, label: str, input: str) -> None:
+        if label not in self.classes:
+            raise UserError(f"class {label!r}: use one of {', '.join(self.classes)}")
+        self._decide(label, "label", input)
+
+    def skip(self, input: str) -> None:
+        self._decide("", "skip", input)
+
+    def _decide(self, label: str, action: str, input: str) -> None:
+        index = self.current()
+        if index is None:
+            raise UserError("nothing left to label")
+        crop = self.crops[index]
+        assert self.journal is not None
+        self.journal.append(crop.name, crop.sha256, label, action, input)
+        # A crop's place in the history is its latest decision; a skipped crop waits at the
+        # end of the queue until it is labelled.
+        self.history = [n for n in self.history if n != crop.name] + [crop.name]
+        self.queue = [i for i in self.queue if i != index]
+        if action == "skip":
+            self.queue.append(index)
+            self.ranked.add(index)
+        if action == "label":
+            self.labels[crop.name] = label
+        else:
+            self.labels.pop(crop.name, None)
+        self._sync(crop)
+        self.cursor = len(self.history)
+        self._top_up()
+
+    def undo(self, input: str) -> None:
+        """Take back the latest standing decision; its crop is shown again."""
+        if not self.history:
+            raise UserError("nothing to undo")
+        assert self.journal is not None
+        name = self.history[-1]
+        crop = self.crops[self.by_name[name]]
+        self.journal.append(name, crop.sha256, "", "undo", input)
+        self._reload()
+        index = self.by_name[name]
+        if name not in self.history:  # its only decision was undone: back to the queue's head
+            self.queue = [index] + [i for i in self.queue if i != index]
+            self.ranked.add(index)
+            self.cursor = len(self.history)
+        else:
+            self.cursor = self.history.index(name)
+        self._sync(crop)
+
+    def move(self, step: int) -> None:
+        """Arrow keys: back through the decided crops, or forward to the next to label."""
+        self.cursor = min(max(self.cursor + step, 0), len(self.history))
+
+    # ---- keeping folders and order in step with the journal
+    def _reload(self) -> None:
+        labels, standing = replay(read_decisions(self.out / JOURNAL))
+        self.labels = {n: c for n, c in labels.items() if n in self.by_name}
+        names, seen = [], set()
+        for decision in reversed(standing):  # a crop's latest decision sets its place
+            if decision.file in self.by_name and decision.file not in seen:
+                seen.add(decision.file)
+                names.append(decision.file)
+        self.history = names[::-1]
+        decided = {self.by_name[n] for n in self.history}
+        skipped = [self.by_name[n] for n in self.history if n not in self.labels]
+        self.queue = [i for i in self.queue if i not in decided] + skipped
+        self.ranked |= set(skipped)
+
+    def _sync(self, crop: Crop) -> None:
+        """Make LABELLED/<class>/ hold this crop's copy exactly where the journal says."""
+        wanted = self.labels.get(crop.name)
+        for name in self.classes:
+            target = self.out / name / crop.copy_name
+            if name == wanted:
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _place(crop.path, target, self.link)
+            elif target.is_file() and file_sha256(target) == crop.sha256:
+                target.unlink()  # our own copy (same bytes as the source): never a user file
+
+    def _top_up(self) -> None:
+        """Order the next chunk once fewer than half a chunk of ordered crops is left."""
+        head = 0
+        while head < len(self.queue) and self.queue[head] in self.ranked:
+            head += 1
+        if head == len(self.queue) or head > CHUNK // 2:
+            return
+        rest = self.queue[head:]
+        unranked = [i for i in rest if i not in self.ranked]
+        others = np.setdiff1d(np.arange(len(self.crops)), unranked)  # distances start there
+        picks = active_order(self.scores.embeddings, self.scores.probabilities,
+                             labelled=others if len(others) else None,
+                             count=min(CHUNK, len(unranked)))
+        chosen = set(picks)
+        self.queue = self.queue[:head] + picks + [i for i in rest if i not in chosen]
+        self.ranked |= chosen
+
+
+def _place(source: Path, target: Path, link: bool) -> None:
+    partial = target.with_name(f".{target.name}.partial")
+    if link:
+        try:
+            os.link(source, partial)
+        except OSError:  # another file system, or links not allowed: copy instead
+            shutil.copy2(source, partial)
+    else:
+        shutil.copy2(source, partial)
+    partial.replace(target)
+
+
+def _copy_names(names: list[str], hashes: list[str]) -> list[str]:
+    """File names inside a class folder: the crop's own, or with its hash where two crops from
+    different subfolders share a name."""
+    base = [Path(n).name for n in names]
+    taken = {b: base.count(b) for b in base}
+    return [b if taken[b] == 1 else f"{Path(b).stem}-{h[:8]}{Path(b).suffix}"
+            for b, h in zip(base, hashes, strict=True)]
+
+
+def open_session(images: Path, out: Path, classes: list[str], *,
+                 predictor: Predictor | None = None, link: bool = False,
+                 embed: Callable[[list[Path]], Scores] | None = None) -> LabelSession:
+    """Lock ``out``, read the images (unreadable ones listed), score them and replay the
+    journal. ``embed`` (tests) replaces the scoring."""
+    images, out = Path(images), Path(out)
+    if not images.is_dir():
+        raise UserError(f"{images}: not a folder of images")
+    if out.resolve() == images.resolve():
+        raise UserError(f"--out {out}: must differ from the images folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out)
+    try:
+        inside = out.resolve()
+        files = [p for p in expand_paths([images]) if inside not in p.resolve().parents]
+        readable, unreadable = [], []
+        for path in files:
+            try:
+                load_image(path, warn_on_mismatch=False)
+            except ImageLoadError as exc:
+                unreadable.append(str(exc))
+            else:
+                readable.append(path)
+        if not readable:
+            raise UserError(f"{images}: holds no readable images")
+        names = [p.resolve().relative_to(images.resolve()).as_posix() for p in readable]
+        hashes = [file_sha256(p) for p in readable]
+        crops = [Crop(p, n, h, c) for p, n, h, c in
+                 zip(readable, names, hashes, _copy_names(names, hashes), strict=True)]
+        from crystalscope.label.scoring import score_crops
+
+        scores = (embed or (lambda paths: score_crops(paths, predictor)))(readable)
+        session = LabelSession(crops=crops, out=out, classes=classes, scores=scores, link=link,
+                               unreadable=unreadable, lock=lock)
+        session.journal = Journal(out / JOURNAL)
+        session.queue = list(range(len(crops)))
+        session._reload()
+        for crop in crops:  # a crash between a journal row and its copy: put it right
+            session._sync(crop)
+        session.cursor = len(session.history)
+        session._top_up()
+        return session
+    except BaseException:
+        lock.release()
+        raise

@@ -1,0 +1,295 @@
+"""`crystalscope label`: the ordering against simple references, the journal and the folders
+through undo, restarts and kill -9, the lock, and the page in a real browser."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalscope.data.layout import read_class_folders
+from crystalscope.errors import UserError
+from crystalscope.label.app import create_label_app
+from crystalscope.label.journal import Journal, read_decisions, replay
+from crystalscope.label.ordering import active_order, entropy, k_center_greedy, margin
+from crystalscope.label.session import Scores, open_session, parse_label_classes
+from crystalscope.serve.server import running
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# ---- ordering
+def test_entropy_and_margin_by_hand() -> None:
+    p = np.array([[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]])
+    assert entropy(p) == pytest.approx(
+        [1.0, 0.0, -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)) / np.log(2)], abs=1e-9)
+    assert margin(p) == pytest.approx([1.0, 0.0, 0.2])
+    three = np.array([[0.2, 0.3, 0.5]])
+    assert margin(three) == pytest.approx([0.8])
+    assert entropy(three)[0] == pytest.approx(
+        -sum(q * np.log(q) for q in (0.2, 0.3, 0.5)) / np.log(3))
+
+
+def _reference_k_center(x: np.ndarray, count: int, labelled: list[int]) -> list[int]:
+    """Farthest-first, written the plain way."""
+    chosen = list(labelled)
+    picks: list[int] = []
+    if not chosen:
+        mean = x.mean(0)
+        first = min(range(len(x)), key=lambda i: float(((x[i] - mean) ** 2).sum()))
+        chosen, picks = [first], [first]
+    while len(picks) < count:
+        best, best_distance = -1, -1.0
+        for i in range(len(x)):
+            if i in chosen:
+                continue
+            distance = min(float(np.linalg.norm(x[i] - x[j])) for j in chosen)
+            if distance > best_distance:
+                best, best_distance = i, distance
+        chosen.append(best)
+        picks.append(best)
+    return picks
+
+
+def test_k_center_greedy_matches_the_plain_reference() -> None:
+    line = np.array([[0.0], [1.0], [2.0], [10.0], [11.0]])
+    assert k_center_greedy(line, 3) == [2, 4, 0]  # nearest the mean (4.8), then the ends
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(60, 5))
+    assert k_center_greedy(points, 12) == _reference_k_center(points, 12, [])
+    assert k_center_greedy(points, 10, labelled=np.array([3, 7])) == \
+        _reference_k_center(points, 10, [3, 7])
+
+
+def test_uncertainty_moves_an_unsure_crop_forward() -> None:
+    points = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 4.9]])
+    sure_far = np.array([[0.99, 0.01], [0.99, 0.01], [0.5, 0.5]])
+    assert active_order(points, labelled=np.array([0]))[0] == 1  # diversity alone
+    assert active_order(points, sure_far, labelled=np.array([0]))[0] == 2  # the tie wins
+
+
+# ---- journal
+def test_the_journal_replays_labels_skips_and_undos(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "labels.csv")
+    for name, label, action in [("a", "cex", "label"), ("b", "pg", "label"), ("c", "", "skip"),
+                                ("c", "", "undo"), ("a", "pg", "label")]:
+        journal.append(name, "0" * 64, label, action, "keyboard")
+    journal.close()
+    labels, standing = replay(read_decisions(tmp_path / "labels.csv"))
+    assert labels == {"a": "pg", "b": "pg"}  # the undo took back c's skip, the latest
+    assert [d.file for d in standing] == ["a", "b", "a"]
+
+
+def test_undo_takes_back_the_latest_standing_decision(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "labels.csv")
+    journal.append("a", "x", "cex", "label", "keyboard")
+    journal.append("b", "x", "pg", "label", "keyboard")
+    journal.append("", "", "", "undo", "keyboard")
+    journal.append("c", "x", "", "skip", "button")
+    journal.append("", "", "", "undo", "keyboard")
+    journal.append("", "", "", "undo", "keyboard")
+    journal.append("a", "x", "pg", "label", "button")
+    journal.close()
+    labels, standing = replay(read_decisions(tmp_path / "labels.csv"))
+    assert labels == {"a": "pg"} and [d.file for d in standing] == ["a"]
+
+
+def test_a_row_cut_by_a_crash_is_ignored_and_the_next_starts_on_its_own_line(
+        tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    journal = Journal(path)
+    journal.append("a", "x", "cex", "label", "keyboard")
+    journal.close()
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("2026-01-01T00:00:00,b,x,pg,lab")  # cut mid-row, no newline
+    journal = Journal(path)
+    journal.append("c", "x", "pg", "label", "button")
+    journal.close()
+    labels, _ = replay(read_decisions(path))
+    assert labels == {"a": "cex", "c": "pg"}
+
+
+# ---- sessions on real files
+def _crops(folder: Path, count: int = 8) -> Path:
+    from crystalscope.synth.crops import SynthSettings, synthesize
+
+    synthesize(folder / "pool", SynthSettings(per_class=count // 2, size=48, seed=5), workers=1)
+    flat = folder / "images"
+    flat.mkdir()
+    for path in sorted((folder / "pool").rglob("*.png")):
+        shutil.copy(path, flat / f"{path.parent.name}-{path.name}")
+    return flat
+
+
+def _open(images: Path, out: Path, **kwargs: object):
+    return open_session(images, out, ["cex", "pg"], **kwargs)
+
+
+def test_labels_copy_files_undo_removes_them_and_the_sources_stay(tmp_path: Path) -> None:
+    images = _crops(tmp_path)
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    session = _open(images, tmp_path / "out")
+    try:
+        first = session.crops[session.current()].name
+        session.label("cex", "keyboard")
+        second = session.crops[session.current()].name
+        session.label("pg", "button")
+        assert (tmp_path / "out" / "cex" / first).read_bytes() == before[first]
+        assert (tmp_path / "out" / "pg" / second).is_file()
+        session.undo("keyboard")
+        assert not (tmp_path / "out" / "pg" / second).exists()
+        assert session.crops[session.current()].name == second  # shown again
+        session.move(-1)  # back to the first: relabel it
+        assert session.crops[session.current()].name == first
+        session.label("pg", "keyboard")
+        assert not (tmp_path / "out" / "cex" / first).exists()
+        assert (tmp_path / "out" / "pg" / first).is_file()
+        assert session.counts() == {"cex": 0, "pg": 1}
+    finally:
+        session.close()
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before  # never changed
+    rows = list(csv.DictReader((tmp_path / "out" / "labels.csv").open()))
+    assert [r["action"] for r in rows] == ["label", "label", "undo", "label"]
+    assert all(len(r["sha256"]) == 64 for r in rows)
+    # The result is a class-folder tree that split and train read as is.
+    (tmp_path / "out" / "cex" / "x.png").write_bytes(before[first])  # both classes present
+    assert [c.name for c in read_class_folders(tmp_path / "out")] == ["cex", "pg"]
+
+
+def test_a_second_session_on_the_same_folder_is_refused(tmp_path: Path) -> None:
+    images = _crops(tmp_path)
+    first = _open(images, tmp_path / "out")
+    try:
+        with pytest.raises(UserError, match="another `crystalscope label`"):
+            _open(images, tmp_path / "out")
+    finally:
+        first.close()
+    _open(images, tmp_path / "out").close()  # free again once the first one closed
+
+
+def test_unreadable_images_are_listed_and_skipped(tmp_path: Path) -> None:
+    images = _crops(tmp_path)
+    (images / "broken.png").write_bytes(b"not a png")
+    session = _open(images, tmp_path / "out")
+    try:
+        assert len(session.crops) == 8 and len(session.unreadable) == 1
+        assert "broken.png" in session.unreadable[0]
+        assert session.state()["unreadable"] == session.unreadable
+    finally:
+        session.close()
+
+
+def test_bad_class_lists_are_refused() -> None:
+    assert parse_label_classes("cex, pg") == ["cex", "pg"]
+    for text in ["", "cex,cex", "a/b,c", ",".join(str(i) for i in range(10))]:
+        with pytest.raises(UserError, match="--classes"):
+            parse_label_classes(text)
+
+
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+from crystalscope.label.session import open_session
+session = open_session(Path(sys.argv[1]), Path(sys.argv[2]), ["cex", "pg"])
+n = 0
+while session.current() is not None:
+    session.label(("cex", "pg")[n % 2], "keyboard")
+    n += 1
+    print(n, flush=True)
+    time.sleep(0.05)
+time.sleep(60)
+"""
+
+
+def test_the_journal_survives_kill_9_and_a_restart_shows_the_same_counts(
+        tmp_path: Path) -> None:
+    images = _crops(tmp_path, 16)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(images),
+                              str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    for line in child.stdout:
+        if int(line) >= 5:
+            break
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    labels, _ = replay(read_decisions(tmp_path / "out" / "labels.csv"))
+    assert len(labels) >= 5
+    session = _open(images, tmp_path / "out")  # the lock died with the process
+    try:
+        counts = session.counts()
+        assert sum(counts.values()) == len(labels)
+        for name in ("cex", "pg"):  # the folders agree with the journal
+            assert len(list((tmp_path / "out" / name).glob("*.png"))) == counts[name]
+        assert session.state()["left"] == 16 - len(labels)
+    finally:
+        session.close()
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_the_api_needs_the_token_when_one_is_set(tmp_path: Path) -> None:
+    session = _open(_crops(tmp_path), tmp_path / "out")
+    try:
+        with running(create_label_app(session, token="s3cret")) as url:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _get(url + "/api/state")
+            assert refused.value.code == 401
+            assert _get(url + "/api/state?token=s3cret")["total"] == 8
+    finally:
+        session.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install "
+                                              "chromium); .ci/run installs it")
+def test_labelling_five_crops_by_keyboard_in_chromium(tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    images = _crops(tmp_path)
+    session = _open(images, tmp_path / "out",
+                    embed=lambda paths: Scores(np.arange(len(paths), dtype=float)[:, None],
+                                               note="test order"))
+    try:
+        with running(create_label_app(session)) as url, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                "--disable-background-networking",
+                                                "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url + "/")
+            page.wait_for_selector("text=left: 8")
+            for key in ["1", "1", "2", "1", "2"]:
+                page.keyboard.press(key)
+            page.wait_for_selector("text=left: 3")
+            page.keyboard.press("z")
+            page.wait_for_selector("text=left: 4")
+            page.wait_for_function("document.getElementById('crop').complete")
+            screenshot = Path(__file__).parent.parent / "test-artifacts" / "label.png"
+            screenshot.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+            counts = page.locator("#counts").inner_text()
+            browser.close()
+    finally:
+        session.close()
+    assert errors == []
+    assert "cex: 3" in counts and "pg: 1" in counts
+    assert len(list((tmp_path / "out" / "cex").glob("*.png"))) == 3
+    assert len(list((tmp_path / "out" / "pg").glob("*.png"))) == 1
+    rows = list(csv.DictReader((tmp_path / "out" / "labels.csv").open()))
+    assert [(r["class"], r["action"], r["input"]) for r in rows] == [
+        ("cex", "label", "keyboard"), ("cex", "label", "keyboard"), ("pg", "label", "keyboard"),
+        ("cex", "label", "keyboard"), ("pg", "label", "keyboard"), ("", "undo", "keyboard")]
