@@ -6,12 +6,15 @@ orders: random, or `crystalscope label`'s active order (diversity on the crops' 
 the first batch, then the model's margin uncertainty mixed with diversity,
 crystalscope.label.ordering.active_order). After each batch a model is trained on the labels so
 far and its validation macro F1 recorded. The model is a logistic regression on the crops'
-embeddings (the page's own offline embedding: thumbnails and brightness histograms, 32
-principal components), so that dozens of retrainings take seconds on a CPU.
+embeddings, so that dozens of retrainings take seconds on a CPU: by default the page's own
+offline embedding (thumbnails and brightness histograms), or with ``--embeddings model`` the
+embeddings of a ResNet-18 trained briefly on a separate synthetic set (a model from an earlier
+campaign); 32 principal components either way.
 
 Prints F1 against labels for both orders, the F1 random order reaches with every label, and the
 share of the labels the active order needs to reach it. Run:
     .venv/bin/python benchmarks/active.py [--seeds 1 2 3] [--pool 300] [--batch 20]
+        [--embeddings pixels|model]
 """
 
 from __future__ import annotations
@@ -24,16 +27,36 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
+from crystalscope.config import resolve_train_config
+from crystalscope.data.split import split_dataset
+from crystalscope.infer.predictor import Predictor, load_predictor
+from crystalscope.infer.stream import predict_stream
 from crystalscope.label.ordering import active_order
 from crystalscope.label.scoring import pixel_embeddings
 from crystalscope.synth.crops import SynthSettings, synthesize
+from crystalscope.train.run import train
 
 
-def load_set(folder: Path, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def load_set(folder: Path, per_class: int, seed: int, predictor: Predictor | None
+             ) -> tuple[np.ndarray, np.ndarray]:
     synthesize(folder, SynthSettings(per_class=per_class, seed=seed))
     paths = sorted(folder.rglob("*.png"))
     labels = np.array([int(p.parent.name == "pg") for p in paths])
-    return pixel_embeddings(paths), labels
+    if predictor is None:
+        return pixel_embeddings(paths), labels
+    return np.array([r.embedding for r in predict_stream(predictor, paths)]), labels
+
+
+def earlier_model(folder: Path) -> Predictor:
+    """A ResNet-18 trained for 8 epochs on 150 crops per class of another seed, exported."""
+    synthesize(folder / "images", SynthSettings(per_class=150, seed=99))
+    split_dataset(folder / "images", folder / "splits", seed=99)
+    config = resolve_train_config({
+        "data": folder / "splits", "runs_dir": folder / "runs", "name": "earlier",
+        "model": "resnet18", "weights": "none", "image_size": 64, "trainable": 1.0,
+        "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "scheduler": "cosine",
+        "augmentation": "dihedral", "epochs": 8, "evaluate": False, "seed": 99})
+    return load_predictor(train(config, quiet=True).run_dir)
 
 
 def fit_f1(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray
@@ -71,12 +94,17 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=300, help="crops per class in the pool")
     parser.add_argument("--validation", type=int, default=200, help="crops per class")
     parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--embeddings", choices=["pixels", "model"], default="pixels")
     args = parser.parse_args()
     shares = []
+    models = tempfile.TemporaryDirectory()
+    predictor = earlier_model(Path(models.name)) if args.embeddings == "model" else None
+    print(f"embeddings: {args.embeddings}")
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            x, y = load_set(Path(tmp) / "pool", args.pool, seed)
-            x_val, y_val = load_set(Path(tmp) / "valid", args.validation, 1000 + seed)
+            x, y = load_set(Path(tmp) / "pool", args.pool, seed, predictor)
+            x_val, y_val = load_set(Path(tmp) / "valid", args.validation, 1000 + seed,
+                                    predictor)
         # Embeddings reduced as the page reduces them, fitted on the pool only.
         mean = x.mean(0)
         _, _, vt = np.linalg.svd(x - mean, full_matrices=False)

@@ -56,3 +56,11 @@ def test_trunk_cache_benchmark_compares_both_runs() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cache off" in result.stdout and "cache auto" in result.stdout
     assert "faster" in result.stdout
+
+
+def test_active_labelling_benchmark_reports_the_share_of_labels() -> None:
+    result = _script("active.py", "--seeds", "1", "--pool", "20", "--validation", "20",
+                     "--batch", "10")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "random order with all 40 labels" in result.stdout
+    assert "labels the active order needs" in result.stdout

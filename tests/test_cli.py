@@ -10,7 +10,8 @@ import pytest
 
 COMMANDS = [["synth"], ["data", "check"], ["data", "download"], ["split"], ["train"],
             ["evaluate"], ["export"], ["predict"], ["index"], ["similar"], ["explore"],
-            ["explain"], ["monitor"], ["synth", "batch"], ["synth", "unknown"], ["serve"], ["demo"]]
+            ["explain"], ["monitor"], ["synth", "batch"], ["synth", "unknown"], ["serve"],
+            ["label"], ["demo"]]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -42,6 +43,10 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path: Path) -> None:
                            "--kinds cats")
     _assert_one_line_error(run("synth", "unknown", str(tmp_path / "o"), "--per-kind", "0"), 2,
                            "--per-kind")
+    _assert_one_line_error(run("label", str(tmp_path), "--out", str(tmp_path / "l"),
+                               "--classes", "cex,cex"), 2, "--classes cex,cex")
+    _assert_one_line_error(run("label", str(tmp_path / "nope"), "--out", str(tmp_path / "l"),
+                               "--classes", "cex,pg"), 2, "not a folder of images")
     result = run("split", "a")  # missing argument: click's usage error, exit 2
     assert result.returncode == 2 and "Traceback" not in result.stderr
 

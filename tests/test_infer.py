@@ -166,8 +166,8 @@ def test_a_foreign_onnx_model_with_its_own_preprocessing(tmp_path: Path, samples
     assert code == 2 and "has no unknown-detector" in err
 
 
-def test_prediction_streams_one_batch_at_a_time(exported_run: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prediction_streams_a_batch_at_a_time(exported_run: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     image = tmp_path / "a.png"
     Image.new("RGB", (20, 20), "gray").save(image)
     decoded = []
@@ -181,7 +181,8 @@ def test_prediction_streams_one_batch_at_a_time(exported_run: Path, tmp_path: Pa
     predictor = load_predictor(exported_run)
     results = predict_stream(predictor, [image] * 10_000, batch_size=16)
     next(results)
-    assert len(decoded) == 16  # 10,000 images asked for, one batch decoded
+    # 10,000 images asked for: the first batch decoded, and the next decoding meanwhile
+    assert 16 <= len(decoded) <= 32
     results.close()
 
 

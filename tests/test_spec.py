@@ -51,7 +51,7 @@ def _reference(run_dir: Path, paths: list[Path], mean: tuple, std: tuple) -> np.
     checkpoint's backbone + head and a softmax."""
     from crystalscope.model.inference import load_run
 
-    classifier = load_run(run_dir).net.net
+    classifier = load_run(run_dir).net.classifier
     rows = []
     for path in paths:
         image = Image.open(path).convert("RGB").resize((ODD_SIZE, ODD_SIZE),

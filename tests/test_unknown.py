@@ -334,7 +334,7 @@ def test_stage_statistics_are_channel_means_and_deviations(pg_detector: Path) ->
     images = torch.randint(0, 256, (2, 3, 96, 96)).float()
     with torch.inference_mode():
         _, embedding, stages = net.stages(images)
-        maps = net.net.backbone.forward_intermediates((images - net.mean) / net.std,
+        maps = net.classifier.backbone.forward_intermediates((images - net.mean) / net.std,
                                                       intermediates_only=True)
     assert len(stages) == len(maps)
     for stage, feature_map in zip(stages, maps, strict=True):

@@ -122,7 +122,7 @@ def test_store_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot open or create"):
         open_store(tmp_path / "file" / "inside.lance").upsert(_records(1))
     start = time.monotonic()
-    with pytest.raises(CrystalscopeError, match="cannot reach Weaviate"):
+    with pytest.raises(CrystalscopeError, match=r"Weaviate at .*cannot reach it"):
         open_store("http://127.0.0.1:9", timeout_s=2)  # nothing listens there
     assert time.monotonic() - start < 15  # an error, not a hang
 

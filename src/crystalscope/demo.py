@@ -77,6 +77,8 @@ def run_demo(folder: Path, *, per_class: int = DEMO_PER_CLASS, seed: int = 0,
         written.update(_predict_index_similar(result.run_dir, splits, folder, say))
         written.update(_explore_explain(result.run_dir, splits, folder, say))
         written.update(_monitor_batch(result.run_dir, folder, seed, say))
+        say(f"next: label crops of your own, most informative first: crystalscope label "
+            f"YOUR-CROPS/ --out labelled/ --classes cex,pg --model {result.run_dir}")
     return written
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -22,40 +22,6 @@ from crystalscope.cli.options import (
 from crystalscope.console import err, out, progress_bar
 from crystalscope.errors import UserError
 from crystalscope.vectors.backends import DEFAULT_STORE
-
-if TYPE_CHECKING:
-    from crystalscope.infer.predictor import Preprocessing
-
-def _preprocessing(input_size: int | None, layout: str | None, preprocess: str | None,
-                   mean: str | None, std: str | None) -> Preprocessing | None:
-    """Preprocessing for a foreign ONNX model from the command line (None: the model's own)."""
-    from crystalscope.infer.predictor import Preprocessing
-
-    if input_size is None:
-        if any(v is not None for v in (layout, preprocess, mean, std)):
-            raise UserError("--layout/--preprocess/--mean/--std need --input-size as well")
-        return None
-
-    def triple(text: str | None, name: str, default: tuple) -> tuple[float, ...]:
-        if text is None:
-            return default
-        try:
-            values = tuple(float(v) for v in text.split(","))
-        except ValueError:
-            values = ()
-        if len(values) != 3:
-            raise UserError(f"--{name} {text}: give three numbers, e.g. 0.485,0.456,0.406")
-        return values
-
-    mode = preprocess or ("imagenet" if mean or std else "raw")
-    if mode not in ("raw", "imagenet", "caffe", "tf"):
-        raise UserError(f"--preprocess {mode}: use raw, imagenet, caffe or tf")
-    if layout not in (None, "nchw", "nhwc"):
-        raise UserError(f"--layout {layout}: use nchw or nhwc")
-    defaults = Preprocessing(input_size=input_size)
-    return Preprocessing(input_size=input_size, layout=layout or "nchw", mode=mode,
-                         mean=triple(mean, "mean", defaults.mean),
-                         std=triple(std, "std", defaults.std))
 
 
 @app.command(epilog="Example: crystalscope predict runs/demo frames/ 'more/*.png' --format csv "
@@ -99,7 +65,12 @@ def predict(
     """
     from crystalscope.data.layout import expand_paths
     from crystalscope.infer.output import LEGEND, UNKNOWN_LEGEND, PredictionWriter, open_output
-    from crystalscope.infer.predictor import OUTPUT_KINDS, load_predictor, parse_classes
+    from crystalscope.infer.predictor import (
+        OUTPUT_KINDS,
+        Preprocessing,
+        load_predictor,
+        parse_classes,
+    )
     from crystalscope.infer.stream import Failure, predict_stream
 
     if batch_size < 1:
@@ -108,7 +79,7 @@ def predict(
         raise UserError(f"--outputs {outputs}: use probabilities or logits")
     predictor = load_predictor(
         model, backend=backend.value, classes=parse_classes(classes),
-        preprocessing=_preprocessing(input_size, layout, preprocess, mean, std),
+        preprocessing=Preprocessing.for_foreign_model(input_size, layout, preprocess, mean, std),
         outputs=outputs)  # type: ignore[arg-type]
     if reject_unknown and predictor.unknown_detector is None:
         raise UserError(f"--reject-unknown: {model} has no unknown-detector; export the run "

@@ -34,12 +34,12 @@ class Logits(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images - self.inner.mean) / self.inner.std
-        return self.inner.net.head(self.inner.net.backbone(x))
+        return self.inner.classifier.head(self.inner.classifier.backbone(x))
 
 
 def last_stage(net: InferenceNet, name: str | None = None) -> nn.Module:
     """The module to explain: ``name`` if given, else the backbone's last feature stage."""
-    backbone = net.net.backbone
+    backbone = net.classifier.backbone
     if name is None:
         info = getattr(backbone, "feature_info", None)
         if not info:

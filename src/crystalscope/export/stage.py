@@ -134,7 +134,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
     config = run.config.model_dump(mode="json")
     description = model_description(
         backbone=run.config.model, head=run.config.head, spec=run.spec,
-        embedding_size=run.net.net.backbone.num_features,
+        embedding_size=run.net.classifier.backbone.num_features,
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
         metrics=run_metrics(run), data=data_summary(run.config.data, run.classes))
     notes = []

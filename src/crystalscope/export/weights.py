@@ -59,7 +59,7 @@ def save_model(net: InferenceNet, description: dict[str, Any], out_dir: Path
     """Write model.safetensors (the Classifier's weights) and model.json."""
     out_dir = Path(out_dir)
     weights_path, json_path = RunLayout(out_dir).weights, RunLayout(out_dir).model_json
-    state = {k: v.detach().contiguous().cpu() for k, v in net.net.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in net.classifier.state_dict().items()}
     save_file(state, weights_path, metadata={"format": FORMAT,
                                              "classes": json.dumps(description["classes"])})
     json_path.write_text(json.dumps(description, indent=2), encoding="utf-8")

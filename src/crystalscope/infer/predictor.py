@@ -56,6 +56,38 @@ class Preprocessing:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
+    @classmethod
+    def for_foreign_model(cls, input_size: int | None, layout: str | None = None,
+                          preprocess: str | None = None, mean: str | None = None,
+                          std: str | None = None) -> Preprocessing | None:
+        """A foreign ONNX model's preprocessing from text settings (mean/std as "a,b,c");
+        None when no ``input_size`` is given (the model's own metadata then decides)."""
+        if input_size is None:
+            if any(v is not None for v in (layout, preprocess, mean, std)):
+                raise SettingsError("input_size", "needed as well when layout, preprocess, "
+                                    "mean or std is given")
+            return None
+
+        def triple(text: str | None, name: str, default: tuple) -> tuple[float, ...]:
+            if text is None:
+                return default
+            try:
+                values = tuple(float(v) for v in text.split(","))
+            except ValueError:
+                values = ()
+            if len(values) != 3:
+                raise SettingsError(name, "give three numbers, e.g. 0.485,0.456,0.406", text)
+            return values
+
+        mode = preprocess or ("imagenet" if mean or std else "raw")
+        if mode not in ("raw", "imagenet", "caffe", "tf"):
+            raise SettingsError("preprocess", "use raw, imagenet, caffe or tf", mode)
+        if layout not in (None, "nchw", "nhwc"):
+            raise SettingsError("layout", "use nchw or nhwc", layout)
+        return cls(input_size=input_size, layout=layout or "nchw",  # type: ignore[arg-type]
+                   mode=mode, mean=triple(mean, "mean", IMAGENET_MEAN),  # type: ignore[arg-type]
+                   std=triple(std, "std", IMAGENET_STD))
+
     def apply(self, images: np.ndarray) -> np.ndarray:
         x = images.astype(np.float32)
         if self.mode == "imagenet":

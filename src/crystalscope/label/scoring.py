@@ -3,6 +3,7 @@ without a model, the crops' own pixels (works offline, no weights needed)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,15 @@ from crystalscope.data.images import load_image
 
 if TYPE_CHECKING:
     from crystalscope.infer.predictor import Predictor
-    from crystalscope.label.session import Scores
+
+@dataclass
+class Scores:
+    """What ordering and the page know about each crop (rows follow the session's crops)."""
+
+    embeddings: np.ndarray
+    probabilities: np.ndarray | None = None
+    note: str = ""
+
 
 ORDER_DIMENSIONS = 32  # principal components the distances are measured in
 THUMBNAIL = 16
@@ -43,8 +52,6 @@ def principal_components(x: np.ndarray, dimensions: int = ORDER_DIMENSIONS) -> n
 
 def score_crops(paths: list[Path], predictor: Predictor | None) -> Scores:
     """Embeddings (reduced for distances) and, with a model, its class probabilities."""
-    from crystalscope.label.session import Scores
-
     if predictor is None:
         return Scores(principal_components(pixel_embeddings(paths)),
                       note="no --model: ordered by diversity of the crops' own pixels "

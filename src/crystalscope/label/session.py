@@ -27,6 +27,8 @@ from crystalscope.data.layout import expand_paths
 from crystalscope.errors import UserError
 from crystalscope.label.journal import Journal, read_decisions, replay
 from crystalscope.label.ordering import active_order
+from crystalscope.label.scoring import Scores, score_crops
+from crystalscope.settings import SettingsError
 
 if TYPE_CHECKING:
     from crystalscope.infer.predictor import Predictor
@@ -42,9 +44,9 @@ def parse_label_classes(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if not CLASS_NAME.match(n)]
     if not names or len(names) > 9 or bad or len(set(names)) != len(names):
-        raise UserError(f"--classes {text!r}: give 1 to 9 distinct names (letters, digits, "
-                        "_ . -), comma-separated, e.g. cex,pg" + (f"; not {bad[0]!r}" if bad
-                                                                  else ""))
+        raise SettingsError("classes", "give 1 to 9 distinct names (letters, digits, _ . -), "
+                            "comma-separated, e.g. cex,pg" + (f"; not {bad[0]!r}" if bad else ""),
+                            text)
     return names
 
 
@@ -80,15 +82,6 @@ class Crop:
     name: str  # relative to the images folder, with forward slashes: the journal's key
     sha256: str
     copy_name: str  # its file name inside LABELLED/<class>/
-
-
-@dataclass
-class Scores:
-    """What ordering and the page know about each crop (rows follow ``LabelSession.crops``)."""
-
-    embeddings: np.ndarray
-    probabilities: np.ndarray | None = None
-    note: str = ""
 
 
 @dataclass
@@ -293,7 +286,7 @@ def open_session(images: Path, out: Path, classes: list[str], *,
     if not images.is_dir():
         raise UserError(f"{images}: not a folder of images")
     if out.resolve() == images.resolve():
-        raise UserError(f"--out {out}: must differ from the images folder")
+        raise SettingsError("out", "must differ from the images folder", out)
     out.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out)
     try:
@@ -313,8 +306,6 @@ def open_session(images: Path, out: Path, classes: list[str], *,
         hashes = [file_sha256(p) for p in readable]
         crops = [Crop(p, n, h, c) for p, n, h, c in
                  zip(readable, names, hashes, _copy_names(names, hashes), strict=True)]
-        from crystalscope.label.scoring import score_crops
-
         scores = (embed or (lambda paths: score_crops(paths, predictor)))(readable)
         session = LabelSession(crops=crops, out=out, classes=classes, scores=scores, link=link,
                                unreadable=unreadable, lock=lock)

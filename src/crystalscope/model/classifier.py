@@ -73,6 +73,7 @@ class CrystalClassifier(L.LightningModule):
         self.use_trunk_copy = True  # train.run turns it off for --compile
         self._trunk_copy: tuple[torch.device, nn.Module] | None = None  # not a registered module
         self.inputs = "images"  # or "trunk_features": see train/trunk_cache.py
+        self.top_layout = torch.channels_last if channels_last else torch.contiguous_format
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -103,16 +104,25 @@ class CrystalClassifier(L.LightningModule):
         if self._trunk_copy is None or self._trunk_copy[0] != x.device:
             # Built lazily: after checkpoint restore, on the device training runs on.
             self._trunk_copy = (x.device, inference_copy(self.split.trunk))
+            self.set_top_layout(x.device)
         with torch.no_grad():
             features = self._trunk_copy[1](x)
         return self.top_forward(features)
 
+    def set_top_layout(self, device: torch.device) -> None:
+        """On a CPU the top's small maps (10x10, 5x5 px) train 5-9% faster in the plain
+        layout than channels_last (ResNet-50 at 160 px, 2 cores); elsewhere channels_last."""
+        if not self.hparams.channels_last:
+            return
+        self.top_layout = (torch.contiguous_format if device.type == "cpu"
+                           else torch.channels_last)
+        if self.split is not None:
+            self.split.top.to(memory_format=self.top_layout)
+
     def top_forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from the frozen trunk's output (cached by train/trunk_cache.py)."""
         assert self.split is not None
-        x = features.float()
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = features.float().contiguous(memory_format=self.top_layout)
         return self.net.head(self.split.top(x))
 
     def on_train_start(self) -> None:

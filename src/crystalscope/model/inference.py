@@ -36,7 +36,7 @@ class InferenceNet(nn.Module):
     def __init__(self, net: Classifier, mean: tuple[float, ...] = IMAGENET_MEAN,
                  std: tuple[float, ...] = IMAGENET_STD) -> None:
         super().__init__()
-        self.net = net
+        self.classifier = net
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
@@ -44,7 +44,7 @@ class InferenceNet(nn.Module):
                                                     list[torch.Tensor]]:
         """(probabilities, embedding, statistics of each stage)."""
         x = (images.float() - self.mean) / self.std
-        backbone = self.net.backbone
+        backbone = self.classifier.backbone
         intermediates = None
         if hasattr(backbone, "forward_intermediates"):  # timm >= 1.0, most models
             # The stages' outputs in the same pass as the final features; only the call is
@@ -58,7 +58,7 @@ class InferenceNet(nn.Module):
             final, stages = intermediates
             embedding = backbone.forward_head(final)
             statistics = stage_statistics([s for s in stages if s.ndim == 4]) or [embedding]
-        probabilities = torch.softmax(self.net.head(embedding), dim=1)
+        probabilities = torch.softmax(self.classifier.head(embedding), dim=1)
         return probabilities, embedding, statistics
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -231,7 +231,7 @@ class SplitDataModule(L.LightningDataModule):
         train_images, train_labels = sets["train"]
         if len(train_labels) < self.batch_size:
             raise UserError(f"{self.folder.root}/train: {len(train_labels)} images is fewer "
-                            f"than the batch size {self.batch_size}; use a smaller --batch-size")
+                            f"than the batch size {self.batch_size}; use a smaller batch size")
         self.train_set = CachedImages(train_images, train_labels,
                                       make_augmentation(self.augmentation))
         self.val_set = CachedImages(*sets["valid"])

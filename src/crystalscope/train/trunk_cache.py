@@ -125,6 +125,7 @@ def cache_trunk_features(data: SplitDataModule, module: CrystalClassifier, confi
     data.val_set = CachedImages(sets["valid"][:, 0], data.val_set.labels)
     module.to("cpu")
     module.inputs = "trunk_features"
+    module.set_top_layout(device)
     return (f"frozen-trunk cache: {module.split.trunk_blocks} of {module.split.blocks} blocks "
             f"computed once for {counts['train']} x {transforms} + {counts['valid']} inputs "
             f"in {time.perf_counter() - started:.0f} s ({nbytes / 2**30:.2f} GiB fp16 in "

@@ -22,6 +22,7 @@ from crystalscope.data.images import ImageLoadError, load_image
 from crystalscope.errors import UserError
 from crystalscope.infer.predictor import Predictor
 from crystalscope.infer.stream import Failure, ImageResult, predict_stream
+from crystalscope.settings import SettingsError
 from crystalscope.vectors.store import Neighbour, Record, VectorStore, record_id
 
 UPSERT_BATCH = 256
@@ -84,8 +85,8 @@ def find_similar(predictor: Predictor, image: Path, store: VectorStore, k: int, 
     """The query image's prediction and its k nearest stored neighbours."""
     _require_embeddings(predictor)
     if predicted is not None and predicted not in predictor.classes:
-        raise UserError(f"--class {predicted}: not a class of the model "
-                        f"({', '.join(predictor.classes)})")
+        raise SettingsError("class", f"not a class of the model "
+                            f"({', '.join(predictor.classes)})", predicted)
     if store.count() == 0:
         raise UserError("the store is empty; fill it first: crystalscope index MODEL IMAGES")
     (query,) = list(predict_stream(predictor, [image]))

@@ -211,7 +211,7 @@ class LanceStore:
         try:
             rows = query.to_list()
         except (OSError, RuntimeError) as exc:
-            raise CrystalscopeError(f"--store {self.path}: search failed ({exc})") from exc
+            raise CrystalscopeError(f"LanceDB store {self.path}: search failed ({exc})") from exc
         return [Neighbour(self._record(row), float(row["_distance"])) for row in rows]
 
     def exact_nearest(self, vector: np.ndarray, k: int) -> list[Neighbour]:

@@ -122,5 +122,5 @@ def check_vector(vector: np.ndarray, dimension: int | None) -> np.ndarray:
     if dimension is not None and vector.shape[0] != dimension:
         raise UserError(f"the model's embeddings have {vector.shape[0]} values but the store "
                         f"holds {dimension}-value vectors (another model indexed it); use "
-                        "another --store")
+                        "another store")
     return vector

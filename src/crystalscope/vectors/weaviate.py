@@ -40,8 +40,8 @@ class WeaviateStore:
             import weaviate
             from weaviate.classes.init import AdditionalConfig, Timeout
         except ImportError as exc:
-            raise UserError("--store http://…: the Weaviate client is not installed; "
-                            "pip install 'crystalscope[weaviate]'") from exc
+            raise SettingsError("store", "the Weaviate client is not installed; pip install "
+                                "'crystalscope[weaviate]'", "http://…") from exc
 
         parsed = urlparse(url)
         if not parsed.hostname:
@@ -56,7 +56,7 @@ class WeaviateStore:
                 additional_config=AdditionalConfig(timeout=Timeout(
                     init=timeout_s, query=timeout_s, insert=3 * timeout_s)))
         except Exception as exc:  # the client raises several connection error types
-            raise CrystalscopeError(f"--store {url}: cannot reach Weaviate "
+            raise CrystalscopeError(f"Weaviate at {url}: cannot reach it "
                                     f"({type(exc).__name__}: {_one_line(exc)})") from exc
         self._ensure_collection()
 
@@ -66,7 +66,7 @@ class WeaviateStore:
         except (UserError, CrystalscopeError):
             raise
         except Exception as exc:  # network errors, timeouts, server errors
-            raise CrystalscopeError(f"--store {self.url}: {what} failed "
+            raise CrystalscopeError(f"Weaviate at {self.url}: {what} failed "
                                     f"({type(exc).__name__}: {_one_line(exc)})") from exc
 
     def _ensure_collection(self) -> None:
@@ -119,7 +119,7 @@ class WeaviateStore:
 
         failed = self._call("writing", write)
         if failed:
-            raise CrystalscopeError(f"--store {self.url}: {len(failed)} records were not "
+            raise CrystalscopeError(f"Weaviate at {self.url}: {len(failed)} records were not "
                                     f"written ({str(failed[0])[:200]})")
 
     def records(self) -> Iterator[Record]:
@@ -127,7 +127,7 @@ class WeaviateStore:
             for obj in self.collection.iterator(include_vector=True):
                 yield self._record(obj)
         except Exception as exc:  # network errors, timeouts, server errors
-            raise CrystalscopeError(f"--store {self.url}: reading failed "
+            raise CrystalscopeError(f"Weaviate at {self.url}: reading failed "
                                     f"({type(exc).__name__}: {_one_line(exc)})") from exc
 
     def get(self, record_id: str) -> Record | None:
