@@ -139,10 +139,14 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
         grains = grains / max(float(np.percentile(grains[inside], 90)) if inside.any() else 1,
                               1e-6)
         floor = rng.uniform(0.1, 0.5)
-        body = rng.uniform(180, 360) * (floor + (1 - floor) * np.clip(
+        body = rng.uniform(190, 420) * (floor + (1 - floor) * np.clip(
             rng.uniform(0.8, 1.6) * (0.8 * grains + 0.2 * texture), 0, 1.3))
         halo = ndimage.gaussian_filter(mask, radius * 0.12) * (grains > rng.uniform(0.4, 0.9))
         alpha = np.maximum(mask, halo) * rng.uniform(0.8, 1.0)
+        if rng.uniform() < 0.5:  # a loose agglomerate: no outline, grains thin out outwards
+            alpha = loose_cloud(rng, h, w, radius, center) * np.clip(
+                grains * rng.uniform(1.0, 2.5), 0, 1) * rng.uniform(0.85, 1.0)
+            mask = (alpha > 0.25).astype(np.float32)
     elif kind == "plate":  # bright, nearly flat plate; a granular rim with dark flecks
         body = rng.uniform(205, 300) + rng.uniform(5, 30) * smooth_field(rng, h, w, 3)
         rim = np.clip(1 - depth / (rng.uniform(0.1, 0.35) * radius), 0, 1) * (mask > 0.05)
@@ -170,11 +174,23 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
     return body.astype(np.float32), alpha.astype(np.float32), mask.astype(np.float32)
 
 
+def loose_cloud(rng: np.random.Generator, h: int, w: int, radius: float,
+                center: tuple[float, float]) -> np.ndarray:
+    """Where a loose agglomerate's grains lie (0-1): dense at ``center``, thinning out
+    irregularly over about ``radius`` px, with no outline."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    distance = np.hypot(yy - center[0], xx - center[1]) / radius
+    ragged = distance * (1 + rng.uniform(0.15, 0.4) * smooth_field(rng, h, w, 4))
+    return np.clip(1.6 - 1.4 * ragged ** rng.uniform(1.5, 3.0), 0, 1).astype(np.float32)
+
+
 def _pg_scene(rng: np.random.Generator, h: int, w: int, *, small: bool, difficulty: float,
               kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A PG crop before the camera's effects, and its particle's mask."""
     behind = background(rng, h, w) + haze(rng, h, w, rng.uniform(0, 50)) + needle_scene(
-        rng, h, w, density=rng.uniform(0.1, 1.0), brightness=rng.uniform(0.6, 1.2))
+        rng, h, w, density=rng.uniform(0.1, 1.0) * (rng.uniform(0.0, 0.2) if rng.uniform() < 0.3
+                                              else 1.0),  # some crops show few needles
+        brightness=rng.uniform(0.6, 1.2))
     if rng.uniform() < 0.25:
         behind += rod_scene(rng, h, w, int(rng.integers(1, 3)), brightness=rng.uniform(0.5, 1.2))
     body, alpha, mask = particle(rng, h, w, small=small, kind=kind,
