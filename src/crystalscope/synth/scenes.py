@@ -41,6 +41,11 @@ FAINT_KINDS = ("translucent", "rim")
 FULL_RANGE_DIFFICULTY = 0.3  # from here up, every kind at its full odds
 
 
+def full_range_share(difficulty: float) -> float:
+    """0 at difficulty 0 (easy: the conspicuous looks only) .. 1 from FULL_RANGE_DIFFICULTY."""
+    return min(1.0, max(0.0, difficulty) / FULL_RANGE_DIFFICULTY)
+
+
 def particle_odds(difficulty: float) -> tuple[float, ...]:
     """Odds of each particle kind: the faint kinds grow from none at difficulty 0 to their
     full share at :data:`FULL_RANGE_DIFFICULTY` (``easy`` shows the conspicuous PG only)."""
@@ -139,11 +144,14 @@ def particle(rng: np.random.Generator, h: int, w: int, *, small: bool = False,
         grains = grains / max(float(np.percentile(grains[inside], 90)) if inside.any() else 1,
                               1e-6)
         floor = rng.uniform(0.1, 0.5)
-        body = rng.uniform(190, 420) * (floor + (1 - floor) * np.clip(
+        wide = full_range_share(difficulty)  # easy: the grey-to-bright range of old
+        body = rng.uniform(180 + 10 * wide, 360 + 60 * wide) * (floor + (1 - floor) * np.clip(
             rng.uniform(0.8, 1.6) * (0.8 * grains + 0.2 * texture), 0, 1.3))
         halo = ndimage.gaussian_filter(mask, radius * 0.12) * (grains > rng.uniform(0.4, 0.9))
         alpha = np.maximum(mask, halo) * rng.uniform(0.8, 1.0)
-        if rng.uniform() < 0.5:  # a loose agglomerate: no outline, grains thin out outwards
+        # Half the time (from full range up), a loose agglomerate: no outline, grains thinning
+        # out towards the edge. (No random draw when easy: easy crops stay as they were.)
+        if wide > 0 and rng.uniform() < 0.5 * wide:
             alpha = loose_cloud(rng, h, w, radius, center) * np.clip(
                 grains * rng.uniform(1.0, 2.5), 0, 1) * rng.uniform(0.85, 1.0)
             mask = (alpha > 0.25).astype(np.float32)
@@ -188,8 +196,9 @@ def _pg_scene(rng: np.random.Generator, h: int, w: int, *, small: bool, difficul
               kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A PG crop before the camera's effects, and its particle's mask."""
     behind = background(rng, h, w) + haze(rng, h, w, rng.uniform(0, 50)) + needle_scene(
-        rng, h, w, density=rng.uniform(0.1, 1.0) * (rng.uniform(0.0, 0.2) if rng.uniform() < 0.3
-                                              else 1.0),  # some crops show few needles
+        rng, h, w, density=rng.uniform(0.1, 1.0) * (
+            rng.uniform(0.0, 0.2) if (wide := full_range_share(difficulty)) > 0
+            and rng.uniform() < 0.3 * wide else 1.0),  # some crops show few needles
         brightness=rng.uniform(0.6, 1.2))
     if rng.uniform() < 0.25:
         behind += rod_scene(rng, h, w, int(rng.integers(1, 3)), brightness=rng.uniform(0.5, 1.2))
