@@ -294,3 +294,21 @@ def test_labelling_five_crops_by_keyboard_in_chromium(tmp_path: Path) -> None:
     assert [(r["class"], r["action"], r["input"]) for r in rows] == [
         ("cex", "label", "keyboard"), ("cex", "label", "keyboard"), ("pg", "label", "keyboard"),
         ("cex", "label", "keyboard"), ("pg", "label", "keyboard"), ("", "undo", "keyboard")]
+
+
+def test_with_a_model_the_page_shows_its_guess_and_orders_by_it(exported_run: Path,
+                                                                tmp_path: Path) -> None:
+    from crystalscope.infer.predictor import load_predictor
+
+    predictor = load_predictor(exported_run)
+    session = _open(_crops(tmp_path), tmp_path / "out", predictor=predictor)
+    try:
+        assert session.scores.probabilities is not None
+        assert session.scores.probabilities.shape == (8, 2)
+        assert "unsure" in session.scores.note
+        crop = session.state()["crop"]
+        assert crop["guess"]["class"] in ("cex", "pg") and crop["guess"]["probability"] >= 0.5
+        session.label("cex", "button")
+        assert session.state()["crop"]["neighbours"][0]["label"] == "cex"
+    finally:
+        session.close()

@@ -344,7 +344,7 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
 def test_existing_run_is_never_overwritten(split_folder: Path, tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "note.txt").write_text("mine")
-    with pytest.raises(UserError, match="a run of that name exists"):
+    with pytest.raises(UserError, match="exists; choose another name"):
         train(_config(split_folder, tmp_path, name="taken"), quiet=True)
     assert (tmp_path / "taken" / "note.txt").read_text() == "mine"
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["note.txt"]

@@ -113,7 +113,7 @@ def test_helper_processes_of_a_ddp_run_join_the_first_ones_run(
     assert is_primary_process()
     monkeypatch.setenv("NODE_RANK", "1")  # local rank 0 of the second machine
     assert not is_primary_process()
-    with pytest.raises(UserError, match="same --name"):
+    with pytest.raises(UserError, match="give every process the same name"):
         joined_run_dir(config)  # torchrun/SLURM: a timestamped name would differ per process
     named = config.model_copy(update={"name": "shared"})
     assert joined_run_dir(named) == tmp_path / "runs" / "shared"

@@ -78,8 +78,8 @@ def joined_run_dir(config: TrainConfig) -> Path:
         return Path(os.environ[RUN_DIR_VARIABLE])
     if config.name:
         return Path(config.runs_dir) / config.name
-    raise UserError("this process is one of several of a distributed run started by torchrun "
-                    "or SLURM: give every process the same --name, so they share one run")
+    raise SettingsError("name", "needed in a distributed run started by torchrun or SLURM: "
+                        "give every process the same name, so they share one run")
 
 
 def new_run_dir(config: TrainConfig) -> Path:
@@ -87,8 +87,8 @@ def new_run_dir(config: TrainConfig) -> Path:
     name = config.name or f"{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config.runs_dir) / name
     if run_dir.exists():
-        raise UserError(f"{run_dir}: a run of that name exists; choose another --name or "
-                        f"continue it with --resume {run_dir}")
+        raise SettingsError("name", f"{run_dir} exists; choose another name or resume that "
+                            "run", name)
     return run_dir
 
 
