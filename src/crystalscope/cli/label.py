@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from crystalscope.cli.app import app
+from crystalscope.cli.options import HostOption, PortOption, TokenOption
 from crystalscope.console import err
 
 
@@ -25,12 +26,9 @@ def label(
              "of.")] = None,
     link: Annotated[bool, typer.Option("--link", help="Hard-link instead of copying (same "
                                                       "file system).")] = False,
-    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")]
-    = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8001,
-    token: Annotated[str | None, typer.Option(
-        envvar="CRYSTALSCOPE_TOKEN", help="Require this token (open the page with ?token=…).")]
-    = None,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8001,
+    token: TokenOption = None,
 ) -> None:
     """Label crops one at a time in a local page: keys 1-9 assign a class, u = not sure, z =
     undo, arrows move. Every decision is appended to OUT/labels.csv at once and the file is

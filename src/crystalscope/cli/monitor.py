@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from crystalscope.cli.app import app
+from crystalscope.cli.options import HostOption, PortOption, TokenOption
 from crystalscope.console import err, out, progress_bar
 from crystalscope.errors import UserError
 from crystalscope.monitor.frames import DEFAULT_TIME_PATTERN
@@ -127,12 +128,9 @@ def serve(
     false_positive_rate: Annotated[float | None, typer.Option(
         help="--monitor: the model's false impurity rate (default: from the run's report).")]
     = None,
-    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")]
-    = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    token: Annotated[str | None, typer.Option(
-        envvar="CRYSTALSCOPE_TOKEN", help="Require Authorization: Bearer TOKEN on the API.")]
-    = None,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    token: TokenOption = None,
 ) -> None:
     """The model behind HTTP: /predict, /similar, /model, /monitor, /health, /docs, and a
     dashboard page at / (drop images, see classes and similar crystals, follow a batch)."""

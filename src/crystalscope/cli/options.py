@@ -32,3 +32,9 @@ BackendOption = Annotated[Backend, typer.Option(help="onnx (ONNX Runtime) or tor
 ModelArgument = Annotated[Path, typer.Argument(
     metavar="MODEL", help="Run directory, model.onnx or model.safetensors.")]
 StoreOption = Annotated[str, typer.Option(help=STORE_HELP)]
+HostOption = Annotated[str, typer.Option(
+    help="Address to bind (127.0.0.1: this machine only).")]
+PortOption = Annotated[int, typer.Option(help="Port.")]
+TokenOption = Annotated[str | None, typer.Option(
+    envvar="CRYSTALSCOPE_TOKEN",
+    help="Require this token: Authorization: Bearer TOKEN on the API, ?token=TOKEN on pages.")]
