@@ -325,6 +325,37 @@ def test_a_backbone_without_stages_gives_its_embedding_as_statistics() -> None:
     torch.testing.assert_close(statistics, embedding)
 
 
+def test_a_backbone_that_declines_intermediates_falls_back_and_other_errors_surface() -> None:
+    import torch
+
+    from crystalscope.model.backbones import Classifier
+    from crystalscope.model.inference import InferenceNet
+
+    class Declines(torch.nn.Module):  # timm's way of saying "no stages for this model"
+        num_features = 4
+        error: type[Exception] = NotImplementedError
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean(dim=(2, 3))
+
+        def forward_intermediates(self, x: torch.Tensor) -> None:
+            raise self.error("no intermediates")
+
+    backbone = Declines()
+    net = InferenceNet(Classifier(backbone, 2, "linear")).eval()
+    images = torch.randint(0, 256, (3, 3, 16, 16)).float()
+    with torch.inference_mode():
+        _, embedding, statistics = net(images)
+    torch.testing.assert_close(statistics, embedding)
+    backbone.error = RuntimeError  # a real failure is not mistaken for "no stages"
+    with pytest.raises(RuntimeError, match="no intermediates"), torch.inference_mode():
+        net(images)
+
+
 def test_stage_statistics_are_channel_means_and_deviations(pg_detector: Path) -> None:
     import torch
 
