@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
@@ -32,7 +33,7 @@ from crystalscope.data.split import split_dataset
 from crystalscope.infer.predictor import Predictor, load_predictor
 from crystalscope.infer.stream import predict_stream
 from crystalscope.label.ordering import active_order
-from crystalscope.label.scoring import pixel_embeddings
+from crystalscope.label.scoring import ORDER_DIMENSIONS, pixel_embeddings
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.train.run import train
 
@@ -106,9 +107,8 @@ def main() -> None:
             x_val, y_val = load_set(Path(tmp) / "valid", args.validation, 1000 + seed,
                                     predictor)
         # Embeddings reduced as the page reduces them, fitted on the pool only.
-        mean = x.mean(0)
-        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-        x, x_val = (x - mean) @ vt[:32].T, (x_val - mean) @ vt[:32].T
+        pca = PCA(n_components=ORDER_DIMENSIONS, svd_solver="full").fit(x)
+        x, x_val = pca.transform(x), pca.transform(x_val)
         curves = {order: curve(order, x, y, x_val, y_val, args.batch, seed)
                   for order in ("random", "active")}
         target = curves["random"][-1][1]

@@ -43,11 +43,11 @@ def pixel_embeddings(paths: list[Path]) -> np.ndarray:
 
 def principal_components(x: np.ndarray, dimensions: int = ORDER_DIMENSIONS) -> np.ndarray:
     """``x`` centred and projected on its first principal components (fewer when fewer rows)."""
-    centred = x - x.mean(0)
-    if min(centred.shape) <= dimensions:
-        return centred
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return centred @ vt[:dimensions].T
+    from sklearn.decomposition import PCA
+
+    if min(x.shape) <= dimensions:
+        return x - x.mean(0)
+    return PCA(n_components=dimensions, svd_solver="full").fit_transform(x)
 
 
 def score_crops(paths: list[Path], predictor: Predictor | None) -> Scores:
