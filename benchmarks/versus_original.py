@@ -6,8 +6,9 @@ original_keras.py, run by a Python that has tensorflow-cpu and tf_keras) and the
 crystalscope's training step from files for the `georgia` recipe (the original's: ResNet-101 at
 224 px, last 10% trainable, batch 64, its affine augmentation) and the `fast` recipe, and prints
 the ratios of that round. Then `crystalscope predict` over a folder, start-up included, as a
-user runs it (torch, ONNX Runtime fp32, ONNX Runtime int8), against the original's one file at a
-time. Weights are random (speed does not depend on them).
+user runs it (torch, ONNX Runtime fp32, ONNX Runtime int8, and int8 through OpenVINO when it is
+installed), against the original's one file at a time. Weights are random (speed does not
+depend on them).
 
 Without --keras-python (or $CRYSTALSCOPE_KERAS_PYTHON) it prints our side only and says why.
 Run:
@@ -170,16 +171,32 @@ def main() -> None:
                                     args.predict_epochs)
             for name, path, extra in (("torch", run_dir, ("--backend", "torch")),
                                       ("onnx fp32", run_dir / "model.onnx", ()),
-                                      ("onnx int8", run_dir / "model.int8.onnx", ())):
+                                      ("onnx int8", run_dir / "model.int8.onnx", ()),
+                                      *openvino_int8(run_dir)):
                 rate_ours = predict_rate(path, crops, folder / f"{recipe}-{name}.csv", *extra)
                 ratio = (f"  {rate_ours / statistics.median(original['predict_per_image']):.1f}x"
                          " the original" if python else "")
                 print(f"  crystalscope {model}@{size} {name:9s} "
                       f"{rate_ours:6.1f}{ratio}", flush=True)
-            images, changed, largest = class_changes(folder / f"{recipe}-onnx fp32.csv",
-                                                     folder / f"{recipe}-onnx int8.csv")
-            print(f"    int8 vs fp32 on {images} crops: {changed} changed class "
-                  f"({100 * changed / images:.2f}%), largest probability change {largest:.3f}")
+            for name in ("onnx int8", "openvino int8"):
+                if not (folder / f"{recipe}-{name}.csv").is_file():
+                    continue
+                images, changed, largest = class_changes(folder / f"{recipe}-onnx fp32.csv",
+                                                         folder / f"{recipe}-{name}.csv")
+                print(f"    {name} vs onnx fp32 on {images} crops: {changed} changed class "
+                      f"({100 * changed / images:.2f}%), largest probability change "
+                      f"{largest:.3f}")
+
+
+def openvino_int8(run_dir: Path) -> list[tuple[str, Path, tuple[str, ...]]]:
+    """The int8 model through OpenVINO, when it is installed (else a line says so)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        print("  (openvino int8 not measured: OpenVINO is not installed; "
+              "pip install 'crystalscope[openvino]')")
+        return []
+    return [("openvino int8", run_dir / "model.int8.onnx", ("--backend", "openvino"))]
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def test_versus_original_without_tensorflow_prints_our_side_and_why() -> None:
                      "--predict-images", "8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "original (TF/Keras): not measured: no --keras-python" in result.stdout
-    for line in ("crystalscope georgia", "crystalscope fast", "onnx int8", "torch"):
+    for line in ("crystalscope georgia", "crystalscope fast", "onnx int8", "openvino int8",
+                 "torch"):
         assert line in result.stdout, result.stdout
 
 

@@ -28,7 +28,7 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return int(exit_info.value.code or 0), captured.out, captured.err
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torch"])
+@pytest.mark.parametrize("backend", ["onnx", "openvino", "torch"])
 def test_predictions_equal_the_evaluate_stage(exported_run: Path, backend: str) -> None:
     report = json.loads((exported_run / "report.json").read_text())
     expected = {row["path"]: row["probabilities"] for row in report["predictions"]}
@@ -49,6 +49,28 @@ def test_exported_files_predict_like_the_run(exported_run: Path) -> None:
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert np.abs(a.probabilities - b.probabilities).max() <= 1e-4
+
+
+def test_openvino_runs_the_same_model_as_onnx_runtime(exported_run: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from crystalscope.export.stage import export_run
+
+    images = sorted((exported_run.parent.parent / "splits").rglob("*.png"))[:19]  # 8 + 8 + 3
+    fp32 = {backend: list(predict_stream(load_predictor(exported_run, backend=backend), images,
+                                         batch_size=19)) for backend in ("onnx", "openvino")}
+    for a, b in zip(fp32["onnx"], fp32["openvino"], strict=True):
+        assert np.abs(a.probabilities - b.probabilities).max() <= 1e-4
+        assert np.abs(a.embedding - b.embedding).max() <= 1e-3 * max(1, np.abs(a.embedding).max())
+        assert a.unknown_score == pytest.approx(b.unknown_score, rel=1e-3, abs=1e-4)
+    # int8: the two runtimes round differently, but run the same quantised model
+    int8 = export_run(exported_run, tmp_path, int8=True).files["model.int8.onnx"]
+    runs = [list(predict_stream(load_predictor(int8, backend=backend), images))
+            for backend in ("onnx", "openvino")]
+    for a, b in zip(*runs, strict=True):
+        assert np.abs(a.probabilities - b.probabilities).max() <= 0.05
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # not installed
+    with pytest.raises(UserError, match=r"pip install 'crystalscope\[openvino\]'"):
+        load_predictor(exported_run, backend="openvino")
 
 
 def test_output_formats_name_every_number(exported_run: Path, tmp_path: Path,
@@ -141,20 +163,22 @@ def test_a_foreign_onnx_model_with_its_own_preprocessing(tmp_path: Path, samples
                       input_names=["input_1"], output_names=["dense"],
                       dynamic_axes={"input_1": {0: "n"}, "dense": {0: "n"}})
     images = sorted(samples.glob("*.png"))[:4]
-    code, out, _ = _run_cli(["predict", str(path), *map(str, images), "--format", "jsonl",
-                             "--input-size", "48", "--layout", "nhwc", "--preprocess", "caffe",
-                             "--classes", "cex,pg", "--outputs", "probabilities"], capsys)
-    assert code == 0
-    for image, line in zip(images, out.splitlines(), strict=True):
-        pixels, _, _ = decode_for_spec(image, 48)  # (3, 48, 48) RGB
-        bgr = pixels[::-1].astype(np.float32) - np.array([103.939, 116.779, 123.68],
-                                                         np.float32)[:, None, None]
-        with torch.no_grad():
-            p_pg = float(net(torch.from_numpy(bgr.transpose(1, 2, 0)[None].copy())))
-        record = json.loads(line)
-        assert "unknown" not in record and "unknown_score" not in record  # it has no detector
-        assert record["probability_pg"] == pytest.approx(p_pg, abs=1e-5)
-        assert record["probability_cex"] == pytest.approx(1 - p_pg, abs=1e-5)
+    for backend in ("onnx", "openvino"):
+        code, out, _ = _run_cli(["predict", str(path), *map(str, images), "--format", "jsonl",
+                                 "--input-size", "48", "--layout", "nhwc", "--preprocess",
+                                 "caffe", "--classes", "cex,pg", "--outputs", "probabilities",
+                                 "--backend", backend], capsys)
+        assert code == 0
+        for image, line in zip(images, out.splitlines(), strict=True):
+            pixels, _, _ = decode_for_spec(image, 48)  # (3, 48, 48) RGB
+            bgr = pixels[::-1].astype(np.float32) - np.array([103.939, 116.779, 123.68],
+                                                             np.float32)[:, None, None]
+            with torch.no_grad():
+                p_pg = float(net(torch.from_numpy(bgr.transpose(1, 2, 0)[None].copy())))
+            record = json.loads(line)
+            assert "unknown" not in record and "unknown_score" not in record  # no detector
+            assert record["probability_pg"] == pytest.approx(p_pg, abs=1e-5)
+            assert record["probability_cex"] == pytest.approx(1 - p_pg, abs=1e-5)
     with pytest.raises(UserError, match="class names"):
         load_predictor(path, preprocessing=Preprocessing(input_size=48, layout="nhwc"))
     with pytest.raises(UserError, match="--outputs probabilities"):  # never guessed

@@ -20,6 +20,7 @@ class OutputFormat(StrEnum):
 
 class Backend(StrEnum):
     onnx = "onnx"
+    openvino = "openvino"
     torch = "torch"
 
 
@@ -28,7 +29,9 @@ STORE_HELP = (f"LanceDB folder (default ./{DEFAULT_STORE}) or a Weaviate server 
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Workers = Annotated[int | None, typer.Option(help="Processes (default: CPU cores).")]
-BackendOption = Annotated[Backend, typer.Option(help="onnx (ONNX Runtime) or torch.")]
+BackendOption = Annotated[Backend, typer.Option(
+    help="onnx (ONNX Runtime), openvino (the same ONNX model through OpenVINO: int8 models "
+         "about 1.4x faster on Intel CPUs; pip install 'crystalscope[openvino]') or torch.")]
 ModelArgument = Annotated[Path, typer.Argument(
     metavar="MODEL", help="Run directory, model.onnx or model.safetensors.")]
 StoreOption = Annotated[str, typer.Option(help=STORE_HELP)]

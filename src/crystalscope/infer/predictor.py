@@ -1,5 +1,5 @@
-"""Load a model for inference — ONNX Runtime by default, torch optionally — with its
-preprocessing, and run it on batches of decoded images.
+"""Load a model for inference — ONNX Runtime by default, OpenVINO or torch optionally — with
+its preprocessing, and run it on batches of decoded images.
 
 MODEL is a run directory, an exported ``model.onnx`` or ``model.safetensors`` (+ model.json),
 or any ONNX image classifier whose preprocessing is given (``Preprocessing``): so a model from
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from crystalscope.errors import UserError
+from crystalscope.infer.onnx_engines import RUN_BATCH, Runtime, open_onnx
 from crystalscope.model.spec import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,11 +32,8 @@ from crystalscope.unknown.detector import UnknownDetector, load_detector
 if TYPE_CHECKING:
     import torch
 
-Backend = Literal["onnx", "torch"]
-# ONNX Runtime on a CPU runs ResNets faster in batches of 4-8 than of 32, whose activations
-# fall out of the caches (ResNet-101 at 224 px, 2 cores: int8 55 vs 49 images/s, fp32 21 vs
-# 18); predict's batches are cut into runs of this size.
-ORT_BATCH = 8
+Backend = Literal["onnx", "openvino", "torch"]
+ONNX_RUNTIMES: dict[str, Runtime] = {"onnx": "onnxruntime", "openvino": "openvino"}
 OutputKind = Literal["probabilities", "logits"]
 OUTPUT_KINDS = ("probabilities", "logits")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # Keras' "caffe" mode: BGR, mean subtracted
@@ -186,19 +184,12 @@ def _output_kind(path: Path, output_name: str, given: OutputKind | None,
                     "logits")
 
 
-def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
-    import onnxruntime as ort
-
+def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onnx"
+                    ) -> Predictor:
     from crystalscope.export.onnx import read_metadata
 
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise UserError(f"{path}: not a loadable ONNX model ({str(exc)[:200]})") from exc
+    engine = open_onnx(path, ONNX_RUNTIMES[backend])
     metadata = read_metadata(path)
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1:
-        raise UserError(f"{path}: has {len(inputs)} inputs; an image classifier has one")
     classes = backend_overrides.get("classes") or metadata.get("classes")
     if not classes:
         raise UserError(f"{path}: carries no class names; give them, e.g. --classes cex,pg")
@@ -207,8 +198,9 @@ def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
         spec = ModelSpec.from_dict(metadata["preprocessing"], list(classes))
         preprocessing = Preprocessing(input_size=spec.input_size)
     else:
-        preprocessing = backend_overrides.get("preprocessing") or _guess(inputs[0].shape, path)
-    names = [o.name for o in outputs]
+        preprocessing = backend_overrides.get("preprocessing") or _guess(engine.input_shape,
+                                                                          path)
+    names = engine.output_names
     wanted = [names[0] if "probabilities" not in names else "probabilities"]
     # The detector was calibrated on this model's own fp32 statistics: an int8 or foreign
     # model beside a model.json is not given it, and then its statistics are not computed.
@@ -217,18 +209,15 @@ def _onnx_predictor(path: Path, backend_overrides: dict) -> Predictor:
                 if "statistics" in names and path.name == layout.onnx.name else None)
     optional = [name for name in ("embedding", "statistics") if name in names
                 and (name != "statistics" or detector is not None)]
-    fetch, input_name = [*wanted, *optional], inputs[0].name
-    fixed = inputs[0].shape[0]  # a foreign model may take a fixed number of images per run
-    step = fixed if isinstance(fixed, int) and fixed > 0 else ORT_BATCH
+    fetch = [*wanted, *optional]
+    fixed = engine.input_shape[0]  # a foreign model may take a fixed number of images per run
+    runner = engine.runner(fetch, fixed if isinstance(fixed, int) and fixed > 0 else RUN_BATCH)
 
     def run(x: np.ndarray) -> RawOutputs:
-        parts = [session.run(fetch, {input_name: x[i:i + step]})
-                 for i in range(0, len(x), step)]
-        results = {name: np.concatenate([part[k] for part in parts])
-                   for k, name in enumerate(fetch)}
+        results = dict(zip(fetch, runner(x), strict=True))
         return results[wanted[0]], results.get("embedding"), results.get("statistics")
 
-    return Predictor(classes=list(classes), preprocessing=preprocessing, backend="onnx",
+    return Predictor(classes=list(classes), preprocessing=preprocessing, backend=backend,
                      source=path, run=run, has_embedding="embedding" in optional,
                      unknown_detector=detector, outputs=_output_kind(path, wanted[0],
                                                         backend_overrides.get("outputs"),
@@ -274,14 +263,14 @@ def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str]
     overrides = {"classes": classes, "preprocessing": preprocessing, "outputs": outputs}
     if resolved.kind == "onnx":
         if backend == "torch":
-            raise UserError(f"{model}: an ONNX file runs on ONNX Runtime; for --backend torch "
-                            "give the run directory or model.safetensors")
-        return _onnx_predictor(resolved.path, overrides)
-    if resolved.kind in ("run", "folder") and backend == "onnx":
+            raise UserError(f"{model}: an ONNX file runs on ONNX Runtime or OpenVINO; for "
+                            "--backend torch give the run directory or model.safetensors")
+        return _onnx_predictor(resolved.path, overrides, backend)
+    if resolved.kind in ("run", "folder") and backend in ONNX_RUNTIMES:
         if not layout.onnx.is_file():
             raise UserError(f"{model}: has no model.onnx; run `crystalscope export {model}` "
                             "or use --backend torch")
-        return _onnx_predictor(layout.onnx, overrides)
+        return _onnx_predictor(layout.onnx, overrides, backend)
     if resolved.kind == "run":
         from crystalscope.model.inference import load_run
 
