@@ -1,5 +1,6 @@
-"""Inference speed: ONNX Runtime vs torch eager at batch 1 and 32, fp32 (and int8 with
---int8), and peak memory of `predict`'s streaming over 10,000 images.
+"""Inference speed: ONNX Runtime (and OpenVINO, when installed) vs torch eager at batch 1, 8
+and 32, fp32 (and int8 with --int8), and peak memory of `predict`'s streaming over 10,000
+images.
 
 Models are random-initialised (speed does not depend on the weights). Run:
     .venv/bin/python benchmarks/infer.py [--model resnet50 --size 160] [--images 64] [--int8]
@@ -15,10 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from crystalscope.export.onnx import export_onnx, quantize_int8
+from crystalscope.infer.onnx_engines import open_onnx
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.infer.stream import predict_stream
 from crystalscope.model.backbones import Classifier, create_backbone
@@ -26,7 +27,9 @@ from crystalscope.model.inference import InferenceNet
 from crystalscope.synth.crops import SynthSettings, synthesize
 
 
-def _rate(function, images: np.ndarray, batch: int) -> float:
+def _rate(make_runner, images: np.ndarray, batch: int) -> float:
+    """Images/s of ``make_runner(batch)`` over ``images``, ``batch`` at a time."""
+    function = make_runner(batch)
     function(images[:batch])  # warm-up
     start = time.perf_counter()
     for begin in range(0, len(images), batch):
@@ -57,24 +60,35 @@ def main() -> None:
         onnx_path = Path(tmp) / "model.onnx"
         export_onnx(net, onnx_path, args.size, {"classes": ["cex", "pg"]},
                     torch.from_numpy(images[:4]))
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        runners = {"onnxruntime fp32": lambda x: session.run(["probabilities"], {"images": x})}
+        models = {"fp32": onnx_path}
         if args.int8:
-            int8_path = Path(tmp) / "model.int8.onnx"
-            quantize_int8(onnx_path, int8_path, torch.from_numpy(images[:16]))
-            int8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
-            runners["onnxruntime int8"] = lambda x: int8.run(["probabilities"], {"images": x})
+            models["int8"] = Path(tmp) / "model.int8.onnx"
+            quantize_int8(onnx_path, models["int8"], torch.from_numpy(images[:16]))
+        runtimes = ["onnxruntime"]
+        try:
+            import openvino  # noqa: F401
+            runtimes.append("openvino")
+        except ImportError:
+            print("(OpenVINO not installed: pip install 'crystalscope[openvino]' to time it)")
+        runners = {f"{runtime} {precision}": open_onnx(path, runtime).runner  # type: ignore[arg-type]
+                   for precision, path in models.items() for runtime in runtimes}
 
-        def torch_eager(x: np.ndarray) -> None:
-            with torch.inference_mode():
-                net(torch.from_numpy(x))
+        def torch_eager(batch: int):
+            def run(x: np.ndarray) -> None:
+                with torch.inference_mode():
+                    net(torch.from_numpy(x))
+            return run
 
-        runners["torch eager fp32"] = torch_eager
         print(f"{args.model}@{args.size}, {args.images} images, "
               f"{torch.get_num_threads()} threads (images/s)")
-        for name, function in runners.items():
-            print(f"  {name:18s} batch 1: {_rate(function, images, 1):7.1f}   "
-                  f"batch 32: {_rate(function, images, 32):7.1f}", flush=True)
+        for name, make in runners.items():
+            rates = [_rate(lambda batch, make=make: make(["probabilities"], batch), images, b)
+                     for b in (1, 8, 32)]
+            print(f"  {name:18s} batch 1: {rates[0]:7.1f}   batch 8: {rates[1]:7.1f}   "
+                  f"batch 32: {rates[2]:7.1f}", flush=True)
+        rates = [_rate(torch_eager, images, b) for b in (1, 8, 32)]
+        print(f"  {'torch eager fp32':18s} batch 1: {rates[0]:7.1f}   batch 8: {rates[1]:7.1f}   "
+              f"batch 32: {rates[2]:7.1f}", flush=True)
 
         if args.stream:
             # Streaming memory: a small model, real PNG files (repeated), predict's code path.

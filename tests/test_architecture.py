@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "crystalscope"
 MAX_LINES = 450  # "about 400": a file that outgrows it has two jobs
 
@@ -64,4 +66,23 @@ def test_onnx_inference_imports_no_lightning_torchvision_or_torch() -> None:
             "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=120)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_predicting_with_an_onnx_model_never_imports_torch(exported_run: Path,
+                                                           backend: str) -> None:
+    # Not just the modules: the whole path a predict takes, loading the model included.
+    image = next((exported_run.parent.parent / "splits" / "test").rglob("*.png"))
+    code = ("import sys; from pathlib import Path; "
+            "from crystalscope.infer.predictor import load_predictor; "
+            "from crystalscope.infer.stream import predict_stream; "
+            f"p = load_predictor(Path({str(exported_run)!r}), backend={backend!r}); "
+            f"r = list(predict_stream(p, [Path({str(image)!r})])); "
+            "assert r[0].unknown_score is not None; "
+            "print(sorted(m for m in ('lightning', 'timm', 'torchvision', 'torch') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

@@ -65,3 +65,12 @@ def test_active_labelling_benchmark_reports_the_share_of_labels() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "random order with all 40 labels" in result.stdout
     assert "labels the active order needs" in result.stdout
+
+
+def test_inference_benchmark_times_every_runtime() -> None:
+    result = _script("infer.py", "--model", "resnet18", "--size", "32", "--images", "8",
+                     "--int8", "--stream", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino int8",
+                 "torch eager fp32"):
+        assert line in result.stdout, result.stdout

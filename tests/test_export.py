@@ -17,7 +17,8 @@ from onnx import numpy_helper
 from crystalscope.cli import main
 from crystalscope.errors import UserError
 from crystalscope.export import onnx as onnx_export
-from crystalscope.export.onnx import ExportParityError, read_metadata
+from crystalscope.export.metadata import read_metadata
+from crystalscope.export.onnx import ExportParityError
 from crystalscope.export.stage import export_run, parity_images
 from crystalscope.export.weights import load_model
 from crystalscope.model.inference import load_run

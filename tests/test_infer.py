@@ -230,7 +230,7 @@ def test_an_images_probabilities_do_not_depend_on_its_batch_mates(kind: str) -> 
 
 
 def test_our_export_says_its_output_is_probabilities(exported_run: Path) -> None:
-    from crystalscope.export.onnx import read_metadata
+    from crystalscope.export.metadata import read_metadata
 
     assert read_metadata(exported_run / "model.onnx")["outputs"] == "probabilities"
     assert load_predictor(exported_run).outputs == "probabilities"

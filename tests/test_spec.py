@@ -70,7 +70,7 @@ def _test_images(run_dir: Path) -> list[Path]:
 
 
 def test_the_spec_is_written_as_data(odd_run: Path) -> None:
-    from crystalscope.export.onnx import read_metadata
+    from crystalscope.export.metadata import read_metadata
 
     layout = RunLayout(odd_run)
     described = json.loads(layout.model_json.read_text(encoding="utf-8"))["preprocessing"]

@@ -8,7 +8,6 @@ RGB 0-255, NCHW, resized to the input size), outputs ``probabilities``, ``embedd
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,12 @@ import onnx
 import torch
 
 from crystalscope.errors import CrystalscopeError
+from crystalscope.export.metadata import add_metadata, raw_metadata
 from crystalscope.model.inference import InferenceNet
 
 PARITY_TOLERANCE = 1e-4
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "embedding", "statistics")
-METADATA_PREFIX = "crystalscope."
 
 
 class ExportParityError(CrystalscopeError):
@@ -54,35 +53,6 @@ def _to_onnx(net: InferenceNet, path: Path, image_size: int) -> None:
                     f"{str(dynamo_error)[:200]}; TorchScript exporter: "
                     f"{type(legacy_error).__name__}: {str(legacy_error)[:200]}"
                 ) from legacy_error
-
-
-def add_metadata(path: Path, metadata: dict[str, Any]) -> None:
-    """Store ``metadata`` as the model's metadata_props (values as JSON text)."""
-    model = onnx.load(str(path))
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in metadata.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        entry = existing.get(METADATA_PREFIX + key) or model.metadata_props.add()
-        entry.key, entry.value = METADATA_PREFIX + key, text
-    model.producer_name = "crystalscope"
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The crystalscope entries of an ONNX file's metadata, JSON values decoded."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    entries = session.get_modelmeta().custom_metadata_map
-    decoded = {}
-    for key, value in entries.items():
-        if key.startswith(METADATA_PREFIX):
-            try:
-                decoded[key[len(METADATA_PREFIX):]] = json.loads(value)
-            except json.JSONDecodeError:
-                decoded[key[len(METADATA_PREFIX):]] = value
-    return decoded
 
 
 def check_parity(path: Path, net: InferenceNet, images: torch.Tensor,
@@ -182,9 +152,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: torch.Te
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=QUANTIZED_OPS)
         source = onnx.load(str(fp32_path))
-        add_metadata(partial, {p.key[len(METADATA_PREFIX):]: p.value
-                               for p in source.metadata_props
-                               if p.key.startswith(METADATA_PREFIX)})
+        add_metadata(partial, raw_metadata(source))
         partial.replace(int8_path)
     finally:
         partial.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from crystalscope.errors import UserError
+from crystalscope.export.metadata import read_metadata
 from crystalscope.infer.onnx_engines import RUN_BATCH, Runtime, open_onnx
 from crystalscope.model.spec import (
     IMAGENET_MEAN,
@@ -186,8 +187,6 @@ def _output_kind(path: Path, output_name: str, given: OutputKind | None,
 
 def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onnx"
                     ) -> Predictor:
-    from crystalscope.export.onnx import read_metadata
-
     engine = open_onnx(path, ONNX_RUNTIMES[backend])
     metadata = read_metadata(path)
     classes = backend_overrides.get("classes") or metadata.get("classes")
