@@ -31,7 +31,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON o
 Workers = Annotated[int | None, typer.Option(help="Processes (default: CPU cores).")]
 BackendOption = Annotated[Backend, typer.Option(
     help="onnx (ONNX Runtime), openvino (the same ONNX model through OpenVINO: int8 models "
-         "about 1.4x faster on Intel CPUs; pip install 'crystalscope[openvino]') or torch.")]
+         "about 1.5x faster on Intel CPUs; pip install 'crystalscope[openvino]') or torch.")]
 ModelArgument = Annotated[Path, typer.Argument(
     metavar="MODEL", help="Run directory, model.onnx or model.safetensors.")]
 StoreOption = Annotated[str, typer.Option(help=STORE_HELP)]

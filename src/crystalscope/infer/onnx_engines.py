@@ -4,7 +4,7 @@ Both give the same small interface — the input's name and shape, the output na
 :meth:`runner`, a function from a batch of preprocessed images to the chosen outputs — so the
 predictor does not care which one runs. OpenVINO is optional (``pip install
 'crystalscope[openvino]'``): on Intel CPUs its int8 kernels run crystalscope's quantised
-ResNets about 1.4× faster than ONNX Runtime's (measured in docs/benchmarks.md).
+ResNets about 1.5× faster than ONNX Runtime's (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ Runner = Callable[[np.ndarray], list[np.ndarray]]
 # ONNX Runtime on a CPU runs ResNets faster in batches of 4-8 than of 32, whose activations
 # fall out of the caches (ResNet-101 at 224 px, 2 cores: int8 55 vs 49 images/s, fp32 21 vs
 # 18); predict's batches are cut into runs of this size. OpenVINO, compiled for a fixed batch
-# of 8, runs the same int8 model at 75 images/s (65 with a dynamic batch).
+# of 8, runs the same int8 model at 86 images/s (about 12% slower with a dynamic batch).
 RUN_BATCH = 8
 OPENVINO_INSTALL = "pip install 'crystalscope[openvino]'"
 
