@@ -81,6 +81,7 @@ def run_all(args: argparse.Namespace, cutter: str | None, run: Path) -> None:
             rate, source = calibrate(predictor, out / "calibration", "pg", cutting)
             rule = AlarmRule(positive="pg", false_positive_rate=rate, source=source)
             first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
+            delay = None  # this seed's PG batch: windows from the first PG crop to the alarm
             for name in ("pg-batch", "control"):
                 result = replay(Monitor(predictor, rule, out / f"monitor-{name}",
                                         cutting=cutting, say=lambda _: None), out / name)
@@ -92,10 +93,11 @@ def run_all(args: argparse.Namespace, cutter: str | None, run: Path) -> None:
                 if result.alarm and (name == "control" or result.alarm.index < first_pg):
                     false_alarms += 1
                 elif result.alarm:
-                    delays.append(result.alarm.index - first_pg)
+                    delay = result.alarm.index - first_pg
+                    delays.append(delay)
             print(json.dumps({"seed": seed, "false_positive_rate": round(rate, 4),
-                              "first_pg_window": first_pg,
-                              "delay_windows": delays[-1] if delays else None}), flush=True)
+                              "first_pg_window": first_pg, "delay_windows": delay}),
+                  flush=True)
         what = (f"{args.frames} frames cut into {cutter}" if cutter
                 else f"{args.per_window} crops")
         print(f"{args.seeds} PG + {args.seeds} control batches of {args.windows} windows x "
