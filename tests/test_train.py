@@ -355,11 +355,16 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_continues(
     process = _start_training(split_folder, tmp_path, "interrupted", 12,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_epochs(process, tmp_path / "interrupted" / "metrics.csv", 1)
+    # Frozen until Ctrl-C is on its way, so that it cannot run on (or stop early, on a perfect
+    # validation F1) between the check above and the signal, however loaded the machine is.
+    process.send_signal(signal.SIGSTOP)
+    assert process.poll() is None, "training ended before it could be interrupted"
     checkpoint_path = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
     checkpoint_path.unlink(missing_ok=True)  # so only the Ctrl-C handler can write it again
     process.send_signal(signal.SIGINT)  # 11 epochs still to go: it cannot have finished
+    process.send_signal(signal.SIGCONT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0
+    assert process.returncode != 0, stderr[-3000:]
     assert checkpoint_path.is_file(), stderr
     assert "interrupted: checkpoint saved" in stderr and "Traceback" not in stderr
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
