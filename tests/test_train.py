@@ -135,7 +135,10 @@ def _start_training(split_folder: Path, runs: Path, name: str, epochs: int, **po
                "--runs-dir", str(runs), "--name", name, "--epochs", str(epochs),
                "--f1-threshold", "1.0", "--patience", "50", "--fraction", "0.25",
                *_cli_options(TINY)]
-    return subprocess.Popen(command, **popen)  # type: ignore[call-overload]
+    # Ctrl-C reaches the run even when the suite itself runs as a background job, whose
+    # children inherit an ignored SIGINT (and Python then installs no KeyboardInterrupt).
+    return subprocess.Popen(command, **popen,  # type: ignore[call-overload]
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_epochs(process: subprocess.Popen, metrics: Path, rows: int) -> None:
