@@ -34,6 +34,8 @@ class TrainConfig(BaseModel):
     scheduler: Literal["none", "cosine"]
     batch_size: int = Field(ge=1)
     augmentation: Literal["none", "dihedral", "georgia"]
+    # After training (evaluate, export, predict): average over the 8 rotations and flips.
+    tta: Literal["none", "dihedral"] = "none"
     epochs: int = Field(ge=1)
     f1_threshold: float = Field(gt=0, le=1.0)
     patience: int = Field(ge=1)

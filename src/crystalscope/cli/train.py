@@ -41,6 +41,10 @@ def train(
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="none or cosine.")] = None,
     augmentation: Annotated[str | None, typer.Option(help="none, dihedral or georgia.")] = None,
+    tta: Annotated[str | None, typer.Option(
+        help="Test-time averaging in the trained model (evaluate, export, predict): none, or "
+             "dihedral (the mean over the 8 rotations and flips; 8x the inference compute).")]
+    = None,
     epochs: Annotated[int | None, typer.Option(help="Most epochs to train.")] = None,
     f1_threshold: Annotated[float | None, typer.Option(
         help="Stop once every class's validation F1 reaches this.")] = None,
@@ -101,11 +105,12 @@ def train(
         data=data, recipe=recipe, model=model, weights=weights, trainable=trainable, head=head,
         image_size=image_size, batch_size=batch_size, lr=lr, optimizer=optimizer,
         momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
-        augmentation=augmentation, epochs=epochs, f1_threshold=f1_threshold, patience=patience,
-        fraction=fraction, class_weights=class_weights, seed=seed, num_workers=num_workers,
-        cache=cache, trunk_cache=trunk_cache, accelerator=accelerator, devices=devices,
-        strategy=strategy, num_nodes=num_nodes, precision=precision, compile=compile,
-        runs_dir=runs_dir, name=name, evaluate=evaluate, export=export, false_reject=false_reject)
+        augmentation=augmentation, tta=tta, epochs=epochs, f1_threshold=f1_threshold,
+        patience=patience, fraction=fraction, class_weights=class_weights, seed=seed,
+        num_workers=num_workers, cache=cache, trunk_cache=trunk_cache, accelerator=accelerator,
+        devices=devices, strategy=strategy, num_nodes=num_nodes, precision=precision,
+        compile=compile, runs_dir=runs_dir, name=name, evaluate=evaluate, export=export,
+        false_reject=false_reject)
     if resume is None:
         if data is None:
             raise UserError("give the split folder DATA, or --resume RUN")

@@ -136,7 +136,8 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
         backbone=run.config.model, head=run.config.head, spec=run.spec,
         embedding_size=run.net.classifier.backbone.num_features,
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
-        metrics=run_metrics(run), data=data_summary(run.config.data, run.classes))
+        metrics=run_metrics(run), data=data_summary(run.config.data, run.classes),
+        tta=run.config.tta)
     notes = []
     try:
         detector = fit_run_detector(run, false_reject)

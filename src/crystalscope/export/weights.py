@@ -40,13 +40,15 @@ def library_versions() -> dict[str, str]:
 
 def model_description(*, backbone: str, head: str, spec: ModelSpec, embedding_size: int,
                       recipe: dict[str, Any], metrics: dict[str, Any],
-                      data: dict[str, Any]) -> dict[str, Any]:
-    """The content of model.json; ``preprocessing`` is the :class:`ModelSpec`, as data."""
+                      data: dict[str, Any], tta: str = "none") -> dict[str, Any]:
+    """The content of model.json; ``preprocessing`` is the :class:`ModelSpec`, as data;
+    ``architecture.tta`` the test-time averaging built into the network."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "architecture": {"backbone": backbone, "library": "timm", "head": head,
-                         "num_classes": len(spec.classes), "embedding_size": embedding_size},
+                         "num_classes": len(spec.classes), "embedding_size": embedding_size,
+                         "tta": tta},
         "classes": list(spec.classes),
         "preprocessing": spec.to_dict(),
         "recipe": recipe, "metrics": metrics, "data": data,
@@ -97,7 +99,9 @@ def load_model(path: Path) -> tuple[InferenceNet, dict[str, Any]]:
         raise UserError(f"{weights_path}: does not fit the architecture in {json_path.name} "
                         f"({str(exc)[:200]})") from exc
     spec = model_spec(description, json_path)
-    return InferenceNet(net, mean=spec.mean, std=spec.std).eval(), description
+    # Files written before test-time averaging existed have no "tta": they had none.
+    return (InferenceNet(net, mean=spec.mean, std=spec.std,
+                         tta=architecture.get("tta", "none")).eval(), description)
 
 
 def model_spec(description: dict[str, Any], source: Path | str = "model.json") -> ModelSpec:

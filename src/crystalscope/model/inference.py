@@ -6,6 +6,11 @@ statistics — each backbone stage's channel means and standard deviations — a
 unknown-image detector (:mod:`crystalscope.unknown`) measures. The same module is
 what evaluate runs, what export writes to ONNX, and what a model rebuilt from
 ``model.safetensors`` + ``model.json`` computes — so all three agree by construction.
+
+With ``tta="dihedral"`` the network sees each image in its 8 rotations and flips and returns
+the mean of each output over them: exactly invariant to how a crop lies, at 8 times the
+compute. Being part of the module, it is also part of the ONNX graph and of what the
+unknown-detector is fitted on.
 """
 
 from __future__ import annotations
@@ -22,6 +27,19 @@ from crystalscope.errors import UserError
 from crystalscope.model.backbones import Classifier
 from crystalscope.model.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, RunLayout
 
+TTA_VIEWS = {"none": 1, "dihedral": 8}
+
+
+def dihedral_views(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, S, S) -> (8N, C, S, S): the 4 rotations, then the same mirrored, view-major."""
+    rotations = [torch.rot90(images, k, dims=(2, 3)) for k in range(4)]
+    return torch.cat([*rotations, *(r.flip(3) for r in rotations)])
+
+
+def mean_over_views(values: torch.Tensor, views: int) -> torch.Tensor:
+    """(views * N, ...) -> (N, ...): the mean over each image's views."""
+    return values.reshape(views, -1, *values.shape[1:]).mean(dim=0)
+
 
 def stage_statistics(stages: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per stage, (N, 2C): each channel's spatial mean, then its spatial standard deviation."""
@@ -31,12 +49,19 @@ def stage_statistics(stages: list[torch.Tensor]) -> list[torch.Tensor]:
 
 class InferenceNet(nn.Module):
     """Normalise -> backbone -> head -> softmax; also returns the pooled embedding and the
-    per-stage feature statistics (concatenated; :meth:`stages` gives them one by one)."""
+    per-stage feature statistics (concatenated; :meth:`stages` gives them one by one).
+
+    ``tta="dihedral"``: every output is the mean over the image's 8 rotations and flips.
+    """
 
     def __init__(self, net: Classifier, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD) -> None:
+                 std: tuple[float, ...] = IMAGENET_STD, tta: str = "none") -> None:
         super().__init__()
+        if tta not in TTA_VIEWS:
+            raise UserError(f"tta {tta!r}: use {' or '.join(TTA_VIEWS)}")
         self.classifier = net
+        self.tta = tta
+        self.views = TTA_VIEWS[tta]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
@@ -44,6 +69,8 @@ class InferenceNet(nn.Module):
                                                     list[torch.Tensor]]:
         """(probabilities, embedding, statistics of each stage)."""
         x = (images.float() - self.mean) / self.std
+        if self.views > 1:
+            x = dihedral_views(x)
         backbone = self.classifier.backbone
         intermediates = None
         if hasattr(backbone, "forward_intermediates"):  # timm >= 1.0, most models
@@ -59,6 +86,10 @@ class InferenceNet(nn.Module):
             embedding = backbone.forward_head(final)
             statistics = stage_statistics([s for s in stages if s.ndim == 4]) or [embedding]
         probabilities = torch.softmax(self.classifier.head(embedding), dim=1)
+        if self.views > 1:
+            probabilities, embedding = (mean_over_views(t, self.views)
+                                        for t in (probabilities, embedding))
+            statistics = [mean_over_views(t, self.views) for t in statistics]
         return probabilities, embedding, statistics
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,7 +141,7 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> LoadedRun:
                         f"({type(exc).__name__}: {str(exc)[:200]})") from exc
     net = module.net.to(memory_format=torch.contiguous_format).float()
     inference = InferenceNet(net, mean=tuple(module.hparams.mean),
-                             std=tuple(module.hparams.std)).eval()
+                             std=tuple(module.hparams.std), tta=config.tta).eval()
     return LoadedRun(run_dir=run_dir, config=config, classes=list(module.classes),
                      net=inference, checkpoint=path)
 
@@ -119,6 +150,7 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> LoadedRun:
 def run_batches(net: InferenceNet, images: torch.Tensor, batch_size: int = 64
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probabilities, embeddings and stage statistics for (N, 3, S, S) images, in batches."""
+    batch_size = max(1, batch_size // net.views)  # test-time views multiply the batch
     outputs: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(images), batch_size):
         outputs.append(net(images[start:start + batch_size]))

@@ -20,6 +20,7 @@ def stage_outputs(net: InferenceNet, images: torch.Tensor, batch_size: int = 64
                   ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(statistics (N, D), probabilities (N, C), width of each stage's statistics)."""
     statistics, probabilities, sizes = [], [], []
+    batch_size = max(1, batch_size // net.views)  # test-time views multiply the batch
     for start in range(0, len(images), batch_size):
         p, _, stages = net.stages(images[start:start + batch_size].float())
         sizes = [s.shape[1] for s in stages]
