@@ -74,3 +74,14 @@ def test_inference_benchmark_times_every_runtime() -> None:
     for line in ("onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino int8",
                  "torch eager fp32"):
         assert line in result.stdout, result.stdout
+
+
+def test_realism_benchmark_scores_the_real_crops_with_and_without_averaging() -> None:
+    real = Path(__file__).parent / "data" / "opencrystal"
+    result = _script("realism.py", "--real", str(real), "--seeds", "1", "--per-class", "24",
+                     "--epochs", "1", "--size", "32", "--statistics", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("test-time averaging dihedral", "accuracy on 14 real crops",
+                 "flagged unknown:", "the same network on single views:", "PG (5308).png",
+                 "image statistics, real vs synthetic"):
+        assert line in result.stdout, result.stdout
