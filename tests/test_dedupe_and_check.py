@@ -153,3 +153,50 @@ def test_altered_copies_group_and_distinct_blank_frames_do_not(tmp_path: Path) -
     blanks = {group[f"cex/blank{n}"] for n in range(6)}
     assert len(blanks) == 6 and not blanks & originals
     assert all(r.low_texture == r.path.stem.startswith("blank") for r in scan.records)
+
+
+def test_near_search_on_20000_random_hashes_stays_within_a_candidate_budget() -> None:
+    """The bound, not only the answer: 7-bit blocks made every key match ~1/16 of all rows
+    (about 2 x 10^8 candidate pairs here); the planned blocks check ~35 per row."""
+    import tracemalloc
+
+    from crystalscope.data.dedupe import SearchStats, plan_search
+
+    rng = np.random.default_rng(3)
+    n = 20_000
+    hashes = rng.integers(0, 2**64 - 1, (n, 8), dtype=np.uint64, endpoint=True)
+    hashes[1] = hashes[0] ^ np.uint64(0b1011)  # one planted near copy (3 bits)
+    stats = SearchStats()
+    tracemalloc.start()
+    pairs = near_pairs(hashes, 8, stats)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (0, 1) in pairs
+    assert stats.candidates <= 100 * n  # linear in N: ~50 per row expected for random hashes
+    assert stats.candidates <= 3 * n * plan_search(n, 8).expected_candidates(n)
+    assert peak < 128 * 2**20  # bucket offsets (2**22) and one query chunk; no N x N
+
+
+def test_group_duplicates_memory_is_bounded_by_the_files_not_their_square() -> None:
+    """Identical hash rows (a cluster of 3,000 copies) are joined directly, so grouping them
+    checks no N^2 pairs and holds no N^2 edges."""
+    import tracemalloc
+
+    from crystalscope.data.dedupe import SearchStats, plan_search
+
+    rng = np.random.default_rng(4)
+    distinct = rng.integers(0, 2**64 - 1, (5_000, 8), dtype=np.uint64, endpoint=True)
+    copy = tuple(int(v) for v in distinct[0])
+    prints = [Fingerprint(f"s{i}", f"p{i}", tuple(int(v) for v in row))
+              for i, row in enumerate(distinct)]
+    prints += [Fingerprint(f"c{i}", f"q{i}", copy) for i in range(3_000)]
+    stats = SearchStats()
+    tracemalloc.start()
+    groups = group_duplicates(prints, stats=stats)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert groups[5_000:] == [0] * 3_000 and groups[0] == 0
+    assert len(set(groups)) == 5_000
+    # searched 3,000 identical rows would add 3,000 x 3,000 x 8 entries per block (~4 x 10^8)
+    assert stats.candidates <= 3 * len(distinct) * plan_search(5_000, 8).expected_candidates(5_000)
+    assert peak < 96 * 2**20

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from crystalscope.data.dedupe import file_sha256
-from crystalscope.data.images import ImageLoadError, load_image
 from crystalscope.data.layout import expand_paths
 from crystalscope.errors import UserError
 from crystalscope.label.journal import Journal, read_decisions, replay
-from crystalscope.label.ordering import active_order
-from crystalscope.label.scoring import Scores, score_crops
+from crystalscope.label.ordering import FarthestFirst, uncertainty_weights
+from crystalscope.label.scoring import Scores, scan_crop, score_crops
+from crystalscope.parallel import ordered_map
 from crystalscope.settings import SettingsError
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ class LabelSession:
     lock: FolderLock | None = None
     ranked: set[int] = field(default_factory=set)  # crops placed by the active order
     by_name: dict[str, int] = field(default_factory=dict)  # crop name -> index
+    traversal: FarthestFirst | None = None  # the active order, continued chunk after chunk
 
     def __post_init__(self) -> None:
         self.by_name = {crop.name: i for i, crop in enumerate(self.crops)}
@@ -239,18 +241,27 @@ class LabelSession:
                 target.unlink()  # our own copy (same bytes as the source): never a user file
 
     def _top_up(self) -> None:
-        """Order the next chunk once fewer than half a chunk of ordered crops is left."""
+        """Order the next chunk once fewer than half a chunk of ordered crops is left.
+
+        Every crop that is decided or already ordered is a centre the next picks keep away
+        from. The traversal keeps each crop's distance to the nearest centre between chunks,
+        so a chunk costs O(CHUNK x N x d), and a centre added from outside the order (a
+        decision replayed from the journal) O(N x d) once; never N x N.
+        """
         head = 0
         while head < len(self.queue) and self.queue[head] in self.ranked:
             head += 1
         if head == len(self.queue) or head > CHUNK // 2:
             return
         rest = self.queue[head:]
-        unranked = [i for i in rest if i not in self.ranked]
-        others = np.setdiff1d(np.arange(len(self.crops)), unranked)  # distances start there
-        picks = active_order(self.scores.embeddings, self.scores.probabilities,
-                             labelled=others if len(others) else None,
-                             count=min(CHUNK, len(unranked)))
+        unranked = np.array([i for i in rest if i not in self.ranked], dtype=np.int64)
+        if self.traversal is None:
+            self.traversal = FarthestFirst(self.scores.embeddings,
+                                           uncertainty_weights(self.scores.probabilities))
+        centre = np.ones(len(self.crops), dtype=bool)
+        centre[unranked] = False
+        self.traversal.place(np.flatnonzero(centre & ~self.traversal.taken))
+        picks = self.traversal.pick(min(CHUNK, len(unranked)))
         chosen = set(picks)
         self.queue = self.queue[:head] + picks + [i for i in rest if i not in chosen]
         self.ranked |= chosen
@@ -272,7 +283,7 @@ def _copy_names(names: list[str], hashes: list[str]) -> list[str]:
     """File names inside a class folder: the crop's own, or with its hash where two crops from
     different subfolders share a name."""
     base = [Path(n).name for n in names]
-    taken = {b: base.count(b) for b in base}
+    taken = Counter(base)  # O(N): list.count per name was O(N^2)
     return [b if taken[b] == 1 else f"{Path(b).stem}-{h[:8]}{Path(b).suffix}"
             for b, h in zip(base, hashes, strict=True)]
 
@@ -292,21 +303,23 @@ def open_session(images: Path, out: Path, classes: list[str], *,
     try:
         inside = out.resolve()
         files = [p for p in expand_paths([images]) if inside not in p.resolve().parents]
-        readable, unreadable = [], []
-        for path in files:
-            try:
-                load_image(path, warn_on_mismatch=False)
-            except ImageLoadError as exc:
-                unreadable.append(str(exc))
+        readable, unreadable, hashes, pixels = [], [], [], []
+        for path, scan in zip(files, ordered_map(scan_crop, files, min_parallel=256,
+                                                 chunksize=64), strict=True):
+            if scan.error is not None:
+                unreadable.append(scan.error)
             else:
                 readable.append(path)
+                hashes.append(scan.sha256)
+                pixels.append(scan.pixels)
         if not readable:
             raise UserError(f"{images}: holds no readable images")
-        names = [p.resolve().relative_to(images.resolve()).as_posix() for p in readable]
-        hashes = [file_sha256(p) for p in readable]
+        root = images.resolve()
+        names = [p.resolve().relative_to(root).as_posix() for p in readable]
         crops = [Crop(p, n, h, c) for p, n, h, c in
                  zip(readable, names, hashes, _copy_names(names, hashes), strict=True)]
-        scores = (embed or (lambda paths: score_crops(paths, predictor)))(readable)
+        scores = (embed(readable) if embed else
+                  score_crops(readable, predictor, pixels=np.asarray(pixels)))
         session = LabelSession(crops=crops, out=out, classes=classes, scores=scores, link=link,
                                unreadable=unreadable, lock=lock)
         session.journal = Journal(out / JOURNAL)
