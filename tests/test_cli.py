@@ -193,3 +193,10 @@ def test_train_passes_every_setting_it_has_a_flag_for() -> None:
                 if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "dict")
     assert {k.arg for k in call.keywords} == flags
     assert all(isinstance(k.value, ast.Name) and k.value.id == k.arg for k in call.keywords)
+
+
+def test_error_messages_keep_square_brackets(tmp_path: Path) -> None:
+    """Rich markup must not eat bracketed text: file names like 'crop[1].png', or install
+    hints such as pip install 'crystalscope[ray]'."""
+    result = run("predict", str(tmp_path / "run[1]"), str(tmp_path / "crop.png"))
+    _assert_one_line_error(result, 2, "run[1]")

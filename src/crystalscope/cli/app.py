@@ -10,6 +10,7 @@ from typing import Annotated
 
 import click
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from crystalscope import __version__
@@ -91,12 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             raise
         message = exc.for_flags() if isinstance(exc, SettingsError) else str(exc)
-        err.print(f"[red]error:[/red] {message}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
         sys.exit(exc.exit_code)
     except Exception as exc:
         if _state["debug"]:
             raise
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc} "
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} "
                   "(run with --debug for the traceback)", highlight=False)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)

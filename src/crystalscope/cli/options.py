@@ -16,12 +16,26 @@ class OutputFormat(StrEnum):
     csv = "csv"
     json = "json"
     jsonl = "jsonl"
+    parquet = "parquet"
 
 
 class Backend(StrEnum):
     onnx = "onnx"
     openvino = "openvino"
     torch = "torch"
+
+
+class Engine(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+EngineOption = Annotated[Engine, typer.Option(
+    help="local (this process) or ray (Ray Data: read, decode and run the ONNX model on a Ray "
+         "cluster's CPUs, same rows as local; pip install 'crystalscope[ray]').")]
+RayAddressOption = Annotated[str | None, typer.Option(
+    help="With --engine ray: auto (the cluster this machine joined with `ray start`) or "
+         "ray://HOST:10001; default: a local Ray started for this run.")]
 
 
 STORE_HELP = (f"LanceDB folder (default ./{DEFAULT_STORE}) or a Weaviate server URL, "

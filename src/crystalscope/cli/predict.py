@@ -15,8 +15,11 @@ from crystalscope.cli.options import (
     AsJson,
     Backend,
     BackendOption,
+    Engine,
+    EngineOption,
     ModelArgument,
     OutputFormat,
+    RayAddressOption,
     StoreOption,
 )
 from crystalscope.console import err, out, progress_bar
@@ -32,7 +35,8 @@ def predict(
     paths: Annotated[list[str], typer.Argument(
         help="Image files, folders (searched recursively) or quoted globs.")],
     output_format: Annotated[OutputFormat, typer.Option(
-        "--format", help="table, csv, json or jsonl.")] = OutputFormat.table,
+        "--format", help="table, csv, json, jsonl or parquet (parquet needs --output).")]
+    = OutputFormat.table,
     output: Annotated[Path | None, typer.Option(
         help="Write to this new file instead of the screen.")] = None,
     backend: BackendOption = Backend.onnx,
@@ -55,6 +59,8 @@ def predict(
     outputs: Annotated[str | None, typer.Option(
         help="Foreign ONNX model: what its output holds, probabilities (softmax or sigmoid "
              "applied) or logits.")] = None,
+    engine: EngineOption = Engine.local,
+    ray_address: RayAddressOption = None,
 ) -> int:
     """Classify images: the predicted class, its probability, and every class's probability.
 
@@ -64,7 +70,14 @@ def predict(
     stderr and skipped; the exit code is then 1.
     """
     from crystalscope.data.layout import expand_paths
-    from crystalscope.infer.output import LEGEND, UNKNOWN_LEGEND, PredictionWriter, open_output
+    from crystalscope.infer.output import (
+        LEGEND,
+        UNKNOWN_LEGEND,
+        ParquetPredictionWriter,
+        PredictionWriter,
+        check_new_file,
+        open_output,
+    )
     from crystalscope.infer.predictor import (
         OUTPUT_KINDS,
         Preprocessing,
@@ -77,26 +90,49 @@ def predict(
         raise UserError(f"--batch-size {batch_size}: give at least 1")
     if outputs not in (None, *OUTPUT_KINDS):
         raise UserError(f"--outputs {outputs}: use probabilities or logits")
-    predictor = load_predictor(
-        model, backend=backend.value, classes=parse_classes(classes),
-        preprocessing=Preprocessing.for_foreign_model(input_size, layout, preprocess, mean, std),
-        outputs=outputs)  # type: ignore[arg-type]
+    if engine == Engine.ray:
+        from crystalscope.infer.ray_engine import check_engine
+
+        check_engine("ray")  # before any output is written
+    if output_format == OutputFormat.parquet and output is None:
+        raise UserError("--format parquet: give --output FILE.parquet (Parquet is a binary "
+                        "file, not for the screen)")
+    load_options = {"classes": parse_classes(classes), "outputs": outputs,
+                    "preprocessing": Preprocessing.for_foreign_model(input_size, layout,
+                                                                     preprocess, mean, std)}
+    predictor = load_predictor(model, backend=backend.value, **load_options)  # type: ignore[arg-type]
     if reject_unknown and predictor.unknown_detector is None:
         raise UserError(f"--reject-unknown: {model} has no unknown-detector; export the run "
                         "again (crystalscope export RUN) to fit one")
     files = expand_paths(paths)
-    handle = open_output(output)
     has_detector = predictor.unknown_detector is not None
-    writer = PredictionWriter(handle or sys.stdout, output_format.value, predictor.classes,
-                              with_unknown=has_detector, reject_unknown=reject_unknown)
+    handle = None
+    if output_format == OutputFormat.parquet:
+        assert output is not None
+        writer: PredictionWriter | ParquetPredictionWriter = ParquetPredictionWriter(
+            check_new_file(output), predictor.classes, with_unknown=has_detector,
+            reject_unknown=reject_unknown)
+    else:
+        handle = open_output(output)
+        writer = PredictionWriter(handle or sys.stdout, output_format.value, predictor.classes,
+                                  with_unknown=has_detector, reject_unknown=reject_unknown)
     if output_format == OutputFormat.table:
         err.print(LEGEND + (UNKNOWN_LEGEND if has_detector else ""), highlight=False)
     failures: list[Failure] = []
     try:
         with progress_bar() as progress:
             task = progress.add_task("predict", total=len(files))
-            for item in predict_stream(predictor, files, batch_size=batch_size,
-                                       progress=lambda n: progress.advance(task, n)):
+            advance = lambda n: progress.advance(task, n)  # noqa: E731
+            if engine == Engine.ray:
+                from crystalscope.infer.ray_engine import ray_predict_stream
+
+                stream = ray_predict_stream(model, files, batch_size=batch_size,
+                                            backend=backend.value, load_options=load_options,
+                                            address=ray_address, progress=advance)
+            else:
+                stream = predict_stream(predictor, files, batch_size=batch_size,
+                                        progress=advance)
+            for item in stream:
                 writer.write(item)
                 if isinstance(item, Failure):
                     failures.append(item)
@@ -129,6 +165,8 @@ def index_command(
     backend: BackendOption = Backend.onnx,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     as_json: AsJson = False,
+    engine: EngineOption = Engine.local,
+    ray_address: RayAddressOption = None,
 ) -> int:
     """Store one embedding per image (pooled backbone features) with its prediction.
 
@@ -141,26 +179,47 @@ def index_command(
     from crystalscope.vectors.backends import open_store
     from crystalscope.vectors.indexing import index_images
 
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give at least 1")
     predictor = load_predictor(model, backend=backend.value)
     files = expand_paths(paths)
+    if engine == Engine.ray:
+        from crystalscope.infer.ray_engine import check_engine
+
+        check_engine("ray")  # before the store is opened or created
     vector_store = open_store(store)
     try:
         with progress_bar() as progress:
             task = progress.add_task("index", total=len(files))
+            advance = lambda n: progress.advance(task, n)  # noqa: E731
+            results = None
+            if engine == Engine.ray:
+                from crystalscope.infer.ray_engine import ray_predict_stream
+
+                results = ray_predict_stream(model, files, batch_size=batch_size,
+                                             backend=backend.value, address=ray_address,
+                                             progress=advance)
             result = index_images(predictor, files, vector_store, batch_size=batch_size,
-                                  progress=lambda n: progress.advance(task, n))
+                                  progress=advance, results=results)
         info = vector_store.info()
     finally:
         vector_store.close()
+    recall = info.details.get("recall_at_10")
     summary = {"store": info.uri, "indexed": result.indexed, "new": result.new,
                "updated": result.indexed - result.new, "total": info.count,
-               "ann_index": info.indexed, "failed": [f.reason for f in result.failures]}
+               "ann_index": info.indexed, "ann_recall_at_10": recall,
+               "failed": [f.reason for f in result.failures]}
     if as_json:
         out.print_json(json.dumps(summary))
     else:
+        search = "exact search"
+        if info.indexed:
+            search = "ANN index" + (f", recall@10 {recall:.3f} against exact search on "
+                                    f"{info.details.get('recall_queries')} stored vectors"
+                                    if recall is not None else "")
         out.print(f"{info.uri}: indexed {result.indexed} images ({result.new} new, "
-                  f"{result.indexed - result.new} updated); the store holds {info.count}"
-                  + (" (ANN index)" if info.indexed else " (exact search)"))
+                  f"{result.indexed - result.new} updated); the store holds {info.count} "
+                  f"({search})")
     for failure in result.failures:
         err.print(f"[yellow]skipped[/yellow] {failure.reason}", highlight=False)
     return 1 if result.failures else 0

@@ -43,11 +43,15 @@ class OnnxEngine(Protocol):
 class OnnxRuntimeEngine:
     """An ONNX model in an ONNX Runtime CPU session."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        options = ort.SessionOptions()
+        if threads:  # e.g. one actor of a Ray pool: only the CPUs it was given
+            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise UserError(f"{path}: not a loadable ONNX model ({str(exc)[:200]})") from exc
         inputs = self.session.get_inputs()
@@ -69,12 +73,14 @@ class OpenVinoEngine:
     """An ONNX model compiled by OpenVINO for the CPU: a fixed batch (the last run of a call is
     padded), only the outputs asked for, full fp32 precision outside the int8 layers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int | None = None) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
             raise UserError(f"the openvino backend needs OpenVINO: {OPENVINO_INSTALL}") from exc
         self.core = ov.Core()
+        if threads:
+            self.core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
         try:
             self.model = self.core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
@@ -119,10 +125,12 @@ class OpenVinoEngine:
         return run
 
 
-def open_onnx(path: Path, runtime: Runtime = "onnxruntime") -> OnnxEngine:
-    """Open an ONNX model on ``runtime``."""
+def open_onnx(path: Path, runtime: Runtime = "onnxruntime",
+              threads: int | None = None) -> OnnxEngine:
+    """Open an ONNX model on ``runtime`` (``threads``: CPU threads; None: the runtime's
+    default, every core)."""
     if runtime == "onnxruntime":
-        return OnnxRuntimeEngine(path)
+        return OnnxRuntimeEngine(path, threads)
     if runtime == "openvino":
-        return OpenVinoEngine(path)
+        return OpenVinoEngine(path, threads)
     raise ValueError(f"runtime {runtime!r}: use onnxruntime or openvino")

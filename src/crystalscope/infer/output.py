@@ -1,4 +1,4 @@
-"""Write predictions as they come: an aligned table, CSV, JSON or JSON lines.
+"""Write predictions as they come: an aligned table, CSV, JSON, JSON lines or Parquet.
 
 Every number is named for what it is: ``probability_of_predicted`` is the probability of the
 predicted class (whichever it is), ``probability_<class>`` that of each class. A model with an
@@ -17,7 +17,7 @@ from typing import Literal, TextIO
 from crystalscope.infer.stream import Failure, ImageResult
 from crystalscope.settings import SettingsError
 
-Format = Literal["table", "csv", "json", "jsonl"]
+Format = Literal["table", "csv", "json", "jsonl", "parquet"]
 LEGEND = ("predicted_class: the most probable class; probability_of_predicted: its "
           "probability; probability_<class>: each class's probability (they sum to 1)")
 UNKNOWN_LEGEND = ("; unknown: yes when the image is unlike the training images; unknown_score: how "
@@ -112,13 +112,63 @@ class PredictionWriter:
         self.handle.flush()
 
 
-def open_output(path: Path | None) -> TextIO | None:
-    """A new file for --output (an existing file is never replaced)."""
-    if path is None:
-        return None
+class ParquetPredictionWriter:
+    """Streams the CSV columns to a Parquet file in row groups of ``ROW_GROUP`` predictions
+    (memory bounded by one group); unreadable files are left out, as in CSV."""
+
+    ROW_GROUP = 8192
+
+    def __init__(self, path: Path, classes: list[str], *, with_unknown: bool = False,
+                 reject_unknown: bool = False) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.classes, self.with_unknown, self.reject_unknown = classes, with_unknown, \
+            reject_unknown
+        self.count = self.unknown = 0
+        fields = [pa.field("file", pa.string()), pa.field("predicted_class", pa.string()),
+                  pa.field("probability_of_predicted", pa.float64()),
+                  *(pa.field(f"probability_{c}", pa.float64()) for c in classes)]
+        if with_unknown:
+            fields += [pa.field("unknown", pa.bool_()), pa.field("unknown_score", pa.float64())]
+        self.schema = pa.schema(fields)
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+        self.rows: list[dict[str, object]] = []
+
+    def write(self, item: ImageResult | Failure) -> None:
+        if isinstance(item, Failure):
+            return
+        self.rows.append(as_row(item, self.classes, with_unknown=self.with_unknown,
+                                reject_unknown=self.reject_unknown))
+        self.unknown += int(bool(item.unknown))
+        self.count += 1
+        if len(self.rows) >= self.ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
+
+
+def check_new_file(path: Path) -> Path:
+    """``path`` as a file to create: refuse an existing file or a missing folder."""
     path = Path(path)
     if path.exists():
         raise SettingsError("output", "exists; remove it or choose another name", path)
     if not path.parent.is_dir():
         raise SettingsError("output", f"folder {path.parent} does not exist", path)
-    return path.open("x", encoding="utf-8", newline="")
+    return path
+
+
+def open_output(path: Path | None) -> TextIO | None:
+    """A new file for --output (an existing file is never replaced)."""
+    if path is None:
+        return None
+    return check_new_file(path).open("x", encoding="utf-8", newline="")

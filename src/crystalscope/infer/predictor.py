@@ -185,9 +185,9 @@ def _output_kind(path: Path, output_name: str, given: OutputKind | None,
                     "logits")
 
 
-def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onnx"
-                    ) -> Predictor:
-    engine = open_onnx(path, ONNX_RUNTIMES[backend])
+def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onnx",
+                    threads: int | None = None) -> Predictor:
+    engine = open_onnx(path, ONNX_RUNTIMES[backend], threads)
     metadata = read_metadata(path)
     classes = backend_overrides.get("classes") or metadata.get("classes")
     if not classes:
@@ -251,11 +251,12 @@ def _torch_predictor(net: torch.nn.Module, classes: list[str], size: int, source
 
 def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str] | None = None,
                    preprocessing: Preprocessing | None = None,
-                   outputs: OutputKind | None = None) -> Predictor:
+                   outputs: OutputKind | None = None, threads: int | None = None) -> Predictor:
     """Open MODEL (run directory, model.onnx, model.safetensors/model.json) for inference.
 
     ``classes``, ``preprocessing`` and ``outputs`` describe a foreign ONNX model (what its
     output holds: ``probabilities`` or ``logits``); crystalscope's own models carry them.
+    ``threads``: CPU threads of an ONNX runtime (None: every core).
     """
     resolved = resolve_model(model)
     layout = resolved.layout
@@ -264,12 +265,12 @@ def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str]
         if backend == "torch":
             raise UserError(f"{model}: an ONNX file runs on ONNX Runtime or OpenVINO; for "
                             "--backend torch give the run directory or model.safetensors")
-        return _onnx_predictor(resolved.path, overrides, backend)
+        return _onnx_predictor(resolved.path, overrides, backend, threads)
     if resolved.kind in ("run", "folder") and backend in ONNX_RUNTIMES:
         if not layout.onnx.is_file():
             raise UserError(f"{model}: has no model.onnx; run `crystalscope export {model}` "
                             "or use --backend torch")
-        return _onnx_predictor(layout.onnx, overrides, backend)
+        return _onnx_predictor(layout.onnx, overrides, backend, threads)
     if resolved.kind == "run":
         from crystalscope.model.inference import load_run
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from crystalscope.infer.stream import Failure, ImageResult, predict_stream
 from crystalscope.settings import SettingsError
 from crystalscope.vectors.store import Neighbour, Record, VectorStore, record_id
 
-UPSERT_BATCH = 256
+UPSERT_BATCH = 2048  # records per write: one LanceDB commit (a merge on the id) per batch
 
 
 @dataclass
@@ -59,13 +59,20 @@ def _require_embeddings(predictor: Predictor) -> None:
 
 
 def index_images(predictor: Predictor, files: list[Path], store: VectorStore, *,
-                 batch_size: int = 32, progress: Callable[[int], None] | None = None
-                 ) -> IndexResult:
-    """Embed ``files`` and upsert them into ``store``."""
+                 batch_size: int = 32, progress: Callable[[int], None] | None = None,
+                 results: Iterable[ImageResult | Failure] | None = None) -> IndexResult:
+    """Embed ``files`` and upsert them into ``store``.
+
+    ``results``: the predictions already computed elsewhere (e.g. on Ray), in place of this
+    process's :func:`predict_stream`; they are written the same way. Cost: O(N) embeddings,
+    written in batches of ``UPSERT_BATCH`` (memory: one batch).
+    """
     _require_embeddings(predictor)
+    if results is None:
+        results = predict_stream(predictor, files, batch_size=batch_size, progress=progress)
     result, pending = IndexResult(), []
     before = store.count()
-    for item in predict_stream(predictor, files, batch_size=batch_size, progress=progress):
+    for item in results:
         if isinstance(item, Failure):
             result.failures.append(item)
             continue
