@@ -28,6 +28,7 @@ vectors):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -59,10 +60,8 @@ def tree_rss(process: object) -> int:
 
     total = 0
     for member in [process, *process.children(recursive=True)]:  # type: ignore[attr-defined]
-        try:
+        with contextlib.suppress(psutil.Error):  # a worker that just ended
             total += member.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -80,10 +79,8 @@ def measure(command: list[str], log: Path, *, until: object = None) -> dict:
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                try:
+                with contextlib.suppress(psutil.Error):
                     peak = max(peak, tree_rss(process))
-                except psutil.Error:
-                    pass
                 time.sleep(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -385,8 +382,8 @@ def main() -> None:
             previous = None
             for n in sizes:
                 result = run_stage(stage, n, work)
-                growth = ("" if previous is None else
-                          f"  growth exponent {math.log(result['seconds'] / previous[1]) / math.log(n / previous[0]):.2f}")
+                growth = "" if previous is None else "  growth exponent {:.2f}".format(
+                    math.log(result["seconds"] / previous[1]) / math.log(n / previous[0]))
                 extra = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in result.items() if k not in ("seconds", "peak_mib"))
                 print(f"{stage:12s} N={n:>9,}  {result['seconds']:9.1f} s  peak "

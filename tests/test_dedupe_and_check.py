@@ -28,6 +28,25 @@ def test_pixel_digest_and_phash_are_invariant_under_the_8_rotations_and_flips() 
     assert dihedral_phash(Image.fromarray(other)) not in hashes
 
 
+def test_batched_phashes_are_imagehash_bit_for_bit(samples: Path) -> None:
+    """The 8 views hashed in one batch equal imagehash.phash of each view (the independent
+    reference), on real crops and on random images of odd sizes and modes."""
+    import imagehash
+
+    from crystalscope.data.dedupe import DIHEDRAL, dihedral_phashes
+
+    rng = np.random.default_rng(2)
+    images = [Image.open(p) for p in sorted(samples.glob("*.png"))]
+    images += [Image.fromarray(rng.integers(0, 256, (int(h), int(w)), dtype=np.uint8))
+               for h, w in rng.integers(5, 200, (40, 2))]
+    images.append(Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)))
+    for image in images:
+        gray = image.convert("L")
+        expected = tuple(int(str(imagehash.phash(gray if op is None else gray.transpose(op))),
+                             16) for op in DIHEDRAL)
+        assert dihedral_phashes(image) == expected
+
+
 def test_group_duplicates_joins_chains_across_fingerprints() -> None:
     h1, h2, h4 = (1,) * 8, (2**40,) * 8, (2**64 - 1,) * 8
     prints = [Fingerprint("a", "p1", h1), Fingerprint("b", "p1", h2),

@@ -72,6 +72,32 @@ def test_k_center_greedy_matches_the_plain_reference() -> None:
         _reference_k_center(points, 10, [3, 7])
 
 
+def test_farthest_first_continued_equals_starting_again_and_allocates_no_n_by_n() -> None:
+    """The session orders chunk after chunk; keeping the distances between chunks must give
+    what a fresh traversal from every placed crop gives, in O(N) memory at 20,000 crops."""
+    import tracemalloc
+
+    from crystalscope.label.ordering import BLOCK_BYTES, FarthestFirst
+
+    rng = np.random.default_rng(5)
+    n = 20_000
+    x = rng.normal(size=(n, 32))
+    labelled = rng.choice(n, 3_000, replace=False)
+    traversal = FarthestFirst(x)
+    tracemalloc.start()
+    traversal.place(labelled)
+    first = traversal.pick(100)
+    extra = np.setdiff1d(rng.choice(n, 50, replace=False), [*labelled, *first])
+    traversal.place(extra)  # e.g. decisions replayed from the journal
+    second = traversal.pick(100)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * n * 32 * 8 + 2 * BLOCK_BYTES  # an N x N float64 matrix: 3.2 GB
+    placed = np.concatenate([labelled, first, extra])
+    assert second == k_center_greedy(x, 100, labelled=placed)
+    assert first == k_center_greedy(x, 100, labelled=labelled)
+
+
 def test_uncertainty_moves_an_unsure_crop_forward() -> None:
     points = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 4.9]])
     sure_far = np.array([[0.99, 0.01], [0.99, 0.01], [0.5, 0.5]])

@@ -101,6 +101,38 @@ def test_ddp_on_two_processes_writes_one_run_and_counts_each_validation_image_on
     assert float(last["val_loss"]) == pytest.approx(here["val_loss"], rel=1e-4)
 
 
+def test_two_node_launch_on_loopback_trains_one_run(odd_split: Path, tmp_path: Path) -> None:
+    """docs/scale.md's two-machine launch, both "machines" on this one: the same command on
+    each, NODE_RANK 0 and 1, MASTER_ADDR/MASTER_PORT of the first, one shared run name."""
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runs = tmp_path / "runs"
+    options = [f"--{key.replace('_', '-')}={value}" for key, value in SMALL.items()
+               if not isinstance(value, bool)]
+    command = [sys.executable, "-m", "crystalscope.cli", "train", str(odd_split), *options,
+               "--devices=1", "--num-nodes=2", "--strategy=ddp", "--epochs=1",
+               "--f1-threshold=1.0", "--runs-dir", str(runs), "--name", "two-node",
+               "--no-evaluate", "--no-export"]
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True,
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), "NODE_RANK": str(rank)})
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-3000:]
+    assert [p.name for p in runs.iterdir()] == ["two-node"]
+    assert outputs[0][0].count("best validation macro F1") == 1
+    assert "best validation macro F1" not in outputs[1][0]  # the second node reports nothing
+    here = _validation_in_one_process(runs / "two-node", odd_split)
+    last = _rows(runs / "two-node")[-1]
+    assert float(last["val_acc"]) == pytest.approx(here["val_acc"], abs=2e-6)
+
+
 def test_helper_processes_of_a_ddp_run_join_the_first_ones_run(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID",

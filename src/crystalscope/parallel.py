@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TypeVar
 
 Job = TypeVar("Job")
@@ -37,3 +38,18 @@ def ordered_map(function: Callable[[Job], Result], jobs: Sequence[Job], *,
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
         yield from pool.map(function, jobs, chunksize=chunksize)
+
+
+def threaded_map(function: Callable[[Job], Result], jobs: Iterable[Job], *, threads: int = 4,
+                 in_flight: int = 256) -> Iterator[Result]:
+    """``map(function, jobs)`` in threads (for work that waits on the disk), results in job
+    order, at most ``in_flight`` jobs submitted at a time: memory stays bounded however many
+    jobs (``Executor.map`` would hold a future for every job at once)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque[Future[Result]] = deque()
+        for job in jobs:
+            pending.append(pool.submit(function, job))
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -24,6 +24,7 @@ from crystalscope.data.dedupe import (
     group_duplicates,
     groups_of,
     is_low_texture,
+    pack_phashes,
     pixel_digest,
 )
 from crystalscope.data.images import FormatMismatchWarning, ImageLoadError, load_image
@@ -33,7 +34,7 @@ from crystalscope.parallel import ordered_map
 Progress = Callable[[int], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class FileRecord:
     """What one file is: where, which class, its fingerprints, or why it cannot be read."""
 
@@ -47,7 +48,7 @@ class FileRecord:
     width: int | None = None
     height: int | None = None
     pixel_digest: str | None = None
-    phashes: tuple[int, ...] | None = None  # None: unreadable, or too flat to hash reliably
+    phashes: bytes | None = None  # pack_phashes; None: unreadable, or too flat to hash
     low_texture: bool = False
     warning: str | None = None
     group: int = -1
@@ -87,7 +88,7 @@ def inspect_file(path: Path, class_name: str) -> FileRecord:
     record.pixel_digest = pixel_digest(gray)
     record.low_texture = is_low_texture(image)
     if not record.low_texture:
-        record.phashes = dihedral_phashes(image)
+        record.phashes = pack_phashes(dihedral_phashes(image))
     return record
 
 

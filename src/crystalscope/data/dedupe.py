@@ -30,7 +30,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from PIL import Image
 
@@ -79,10 +78,20 @@ LOW_TEXTURE_STD = 3.0  # grey levels, on a 32 x 32 thumbnail
 
 
 def dihedral_phashes(image: Image.Image) -> tuple[int, ...]:
-    """The 64-bit pHashes of the 8 rotations/flips of ``image`` (the image itself first)."""
+    """The 64-bit pHashes of the 8 rotations/flips of ``image`` (the image itself first).
+
+    Bit for bit imagehash's DCT pHash (32 x 32 LANCZOS thumbnail, 2-D DCT, the 8 x 8 lowest
+    frequencies against their median), computed for the 8 views in one batch: a scan of 10^6
+    files spends most of its time here.
+    """
+    import scipy.fftpack
+
     gray = image.convert("L")
-    return tuple(int(str(imagehash.phash(gray if op is None else gray.transpose(op))), 16)
-                 for op in DIHEDRAL)
+    thumbnails = np.stack([np.asarray((gray if op is None else gray.transpose(op)).resize(
+        (32, 32), Image.Resampling.LANCZOS)) for op in DIHEDRAL])
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(thumbnails, axis=1), axis=2)[:, :8, :8]
+    bits = dct.reshape(8, 64) > np.median(dct.reshape(8, 64), axis=1, keepdims=True)
+    return tuple(int(v) for v in np.packbits(bits, axis=1).view(">u8").reshape(8))
 
 
 def dihedral_phash(image: Image.Image) -> str:
@@ -96,14 +105,31 @@ def is_low_texture(image: Image.Image) -> bool:
     return float(np.asarray(thumbnail, np.float32).std()) < LOW_TEXTURE_STD
 
 
-@dataclass(frozen=True)
+PHashes = tuple[int, ...] | bytes  # the 8 hashes, or packed by pack_phashes
+
+
+def pack_phashes(hashes: tuple[int, ...]) -> bytes:
+    """The 8 hashes as 64 little-endian bytes: ~100 bytes a file instead of ~400 for a tuple of
+    Python ints, which counts when a scan holds 10^6 files."""
+    return np.array(hashes, dtype="<u8").tobytes()
+
+
+def hash_table(rows: Sequence[PHashes]) -> np.ndarray:
+    """(N, 8) uint64 from hash tuples or packed bytes."""
+    if all(isinstance(r, bytes) for r in rows):
+        return np.frombuffer(b"".join(rows), dtype="<u8").reshape(-1, 8).astype(np.uint64)
+    return np.array([np.frombuffer(r, dtype="<u8") if isinstance(r, bytes) else r
+                     for r in rows], dtype=np.uint64).reshape(-1, 8)
+
+
+@dataclass(frozen=True, slots=True)
 class Fingerprint:
     """The fingerprints of one file (pixel ones are None for unreadable files, and phashes
     None for low-texture images)."""
 
     sha256: str
     pixel_digest: str | None = None
-    phashes: tuple[int, ...] | None = None
+    phashes: PHashes | None = None
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -312,7 +338,7 @@ def group_duplicates(fingerprints: Sequence[Fingerprint], *,
     hashed = np.array([i for i, f in enumerate(fingerprints) if f.phashes is not None],
                       dtype=np.int64)
     if len(hashed) > 1:
-        table = np.array([fingerprints[i].phashes for i in hashed], dtype=np.uint64)
+        table = hash_table([fingerprints[i].phashes for i in hashed])  # type: ignore[misc]
         distinct, first, inverse = np.unique(table, axis=0, return_index=True,
                                              return_inverse=True)
         inverse = inverse.reshape(-1)

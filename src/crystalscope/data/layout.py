@@ -8,6 +8,7 @@ sub-folder and no images.
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +32,30 @@ def _visible(path: Path) -> bool:
 
 
 def list_files(folder: Path) -> list[Path]:
-    """Every regular file below ``folder`` (recursively), sorted; hidden ones skipped."""
-    files = (
-        p for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+    """Every regular file below ``folder`` (recursively; not into linked folders), sorted by
+    relative path; hidden files and folders skipped.
+
+    One directory listing per folder; a file's type comes from the listing (a stat only for
+    links), so a folder of 10^6 crops costs 10^6 names, not 10^6 stats: O(N log N) with the
+    sort.
+    """
+    found: list[tuple[str, Path]] = []
+    pending: list[tuple[str, str]] = [(str(folder), "")]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((entry.path, f"{prefix}{entry.name}/"))
+                    elif entry.is_file():
+                        found.append((prefix + entry.name, Path(entry.path)))
+        except OSError:  # unreadable or vanished folder: nothing listed from it, as rglob
+            continue
+    found.sort(key=lambda item: item[0])
+    return [path for _, path in found]
 
 
 def is_image_name(path: Path) -> bool:

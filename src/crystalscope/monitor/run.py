@@ -274,6 +274,35 @@ def _window_folders(stream: Path) -> list[Path]:
     return sorted(d for d in stream.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+class _OpenWindow:
+    """The files of the newest window folder, followed from poll to poll.
+
+    Each poll lists the names (``list_files``: no stat per file) and stats only the new ones
+    and those changed within the last ``settle_s`` seconds (they may still be being written):
+    O(files) names plus O(new + recent) stats per poll, not a stat of every file of a window
+    that may receive 10^5 files.
+    """
+
+    def __init__(self, folder: Path, settle_s: float) -> None:
+        self.folder, self.settle_s = folder, settle_s
+        self.mtimes: dict[Path, float] = {}
+
+    def look(self) -> float:
+        """Update; return the newest modification time (the folder's own when empty)."""
+        now = time.time()
+        for path in (p for p in list_files(self.folder) if is_image_name(p)):
+            known = self.mtimes.get(path)
+            if known is None or now - known < self.settle_s:
+                try:
+                    self.mtimes[path] = path.stat().st_mtime
+                except OSError:  # deleted or rotated away since the listing
+                    self.mtimes.pop(path, None)
+        return max(self.mtimes.values(), default=self.folder.stat().st_mtime)
+
+    def files(self) -> list[Path]:
+        return sorted(self.mtimes, key=lambda p: p.relative_to(self.folder).as_posix())
+
+
 def watch(monitor: Monitor, stream: Path, *, poll_s: float = 1.0, settle_s: float = 5.0,
           idle_stop_s: float | None = None) -> MonitorResult:
     """Process time folders as the probe writes them, until Ctrl-C (or ``idle_stop_s``).
@@ -282,6 +311,7 @@ def watch(monitor: Monitor, stream: Path, *, poll_s: float = 1.0, settle_s: floa
     for ``settle_s`` seconds.
     """
     done: set[str] = set()
+    open_window: _OpenWindow | None = None
     last_activity = time.monotonic()
     monitor.say(f"watching {stream} (Ctrl-C to stop)")
     try:
@@ -294,11 +324,14 @@ def watch(monitor: Monitor, stream: Path, *, poll_s: float = 1.0, settle_s: floa
             for position, folder in enumerate(folders):
                 if folder.name in done:
                     continue
-                files = [p for p in list_files(folder) if is_image_name(p)]
-                newest = max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime)
+                if open_window is None or open_window.folder != folder:
+                    open_window = _OpenWindow(folder, settle_s)
+                newest = open_window.look()
                 later_exists = position < len(folders) - 1
                 if not later_exists and time.time() - newest < settle_s:
                     break  # the probe may still be writing this window
+                files = open_window.files()
+                open_window = None
                 done.add(folder.name)
                 monitor.process(Window(len(done), folder.name, files))
                 last_activity = time.monotonic()
