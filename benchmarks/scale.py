@@ -209,6 +209,7 @@ def child_vectors(n: int, work: Path) -> None:
         store.upsert([Record(id=f"{begin + i:08d}", vector=block[i], path="", sha256="",
                              predicted="cex", probabilities={"cex": 1.0})
                       for i in range(count)])
+    store.flush()  # as `index` does after its writes: the ANN index, built once
     insert_s = time.perf_counter() - start
     picks = rng.integers(0, n, queries)
     query = data[picks] + 0.05 * np.abs(rng.normal(size=(queries, dim))).astype(np.float32)

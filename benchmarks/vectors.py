@@ -40,6 +40,7 @@ def measure(n: int, dim: int, queries: int, folder: Path) -> dict[str, float]:
     start = time.perf_counter()
     for begin in range(0, n, 5000):
         store.upsert(records[begin:begin + 5000])
+    store.flush()  # as `index` does after its writes
     insert_s = time.perf_counter() - start
     picks = rng.integers(0, n, queries)
     query_vectors = data[picks] + 0.05 * np.abs(rng.normal(size=(queries, dim))).astype(

@@ -101,9 +101,13 @@ def test_lance_builds_an_ann_index_with_high_recall(tmp_path: Path) -> None:
     records = _records(3000, seed=2, dim=32)
     store = LanceStore(tmp_path / "ann.lance", index_threshold=2000)
     store.upsert(records[:1000])
+    store.flush()
     assert not store.info().indexed  # small: exact search
     store.upsert(records[1000:])
+    assert not store.info().indexed  # writes leave the index to flush
+    store.flush()
     assert store.info().indexed
+    assert store.info().details["recall_at_10"] >= 0.95  # its own measurement at build
     rng = np.random.default_rng(3)
     hits = 0
     for _ in range(20):
@@ -113,6 +117,14 @@ def test_lance_builds_an_ann_index_with_high_recall(tmp_path: Path) -> None:
         assert [n.record.id for n in store.exact_nearest(query, 10)] == \
             [i for i, _ in _exact(records, query, 10)]
     assert hits / 200 >= 0.95
+    built = store.info().details["rows_at_build"]
+    assert built == 3000
+    store.upsert(_records(200, seed=9, dim=32))  # new ids: +6.7%, under a tenth
+    store.flush()
+    assert store.info().details["rows_at_build"] == built
+    store.upsert(_records(600, seed=10, dim=32)[200:])  # now +13%: rebuilt
+    store.flush()
+    assert store.info().details["rows_at_build"] == 3600
 
 
 def test_store_errors_are_clear(tmp_path: Path) -> None:

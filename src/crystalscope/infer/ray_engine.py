@@ -35,6 +35,9 @@ from crystalscope.settings import SettingsError
 
 RAY_INSTALL = "pip install 'crystalscope[ray]'"
 BLOCK_ROWS = 1024  # paths per Ray block: enough work per task, small enough to spread
+# Decode tasks ask for less than a CPU: so they are not fused into the model actors (Ray Data
+# fuses operators with equal resources), and decoding runs beside the model on every CPU.
+DECODE_CPUS = 0.5
 
 
 def _require_ray() -> Any:
@@ -85,7 +88,7 @@ def _decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarr
         else:
             errors.append("")
     return {"index": batch["index"], "path": paths, "image": images, "width": width,
-            "height": height, "error": np.array(errors, dtype=object)}
+            "height": height, "error": np.array(errors, dtype=str)}
 
 
 class _ModelActor:
@@ -158,7 +161,8 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
         dataset = (ray.data.from_items(items, override_num_blocks=max(1, math.ceil(
                        len(items) / BLOCK_ROWS)))
                    .map_batches(_decode_batch, fn_kwargs={"size": size},
-                                batch_size=batch_size, batch_format="numpy")
+                                batch_size=batch_size, batch_format="numpy",
+                                num_cpus=DECODE_CPUS)
                    .map_batches(_ModelActor, fn_constructor_kwargs={
                        "model": str(Path(model).resolve()), "load_options": options,
                        "threads": cpus_per_actor},

@@ -82,6 +82,7 @@ def index_images(predictor: Predictor, files: list[Path], store: VectorStore, *,
             result.indexed += len(pending)
             pending = []
     store.upsert(pending)
+    store.flush()  # one ANN index build for the whole run, not one per batch
     result.indexed += len(pending)
     result.new = store.count() - before
     return result

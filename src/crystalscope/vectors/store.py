@@ -99,6 +99,10 @@ class VectorStore(Protocol):
     def truncate(self) -> None:
         """Delete every record."""
 
+    def flush(self) -> None:
+        """After a run of writes: bring search structures up to date (LanceDB builds or
+        rebuilds its ANN index; a server that indexes as it writes does nothing)."""
+
     def count(self) -> int:
         """How many records the store holds."""
 

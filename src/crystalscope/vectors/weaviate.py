@@ -168,6 +168,9 @@ class WeaviateStore:
         return [Neighbour(self._record(o), float(o.metadata.distance))
                 for o in response.objects]
 
+    def flush(self) -> None:
+        """Weaviate indexes (HNSW) as it writes: nothing to do."""
+
     def info(self) -> StoreInfo:
         return StoreInfo(uri=self.url, count=self.count(), dimension=self._stored_dimension(),
                          indexed=True, details={"collection": self.name})
