@@ -239,7 +239,9 @@ def child_explore(n: int, work: Path) -> None:
     dim = 2048
     truth = rng.integers(0, 4, n)
     centres = rng.normal(size=(4, dim)).astype(np.float32)
-    embeddings = centres[truth] + rng.normal(scale=1.5, size=(n, dim)).astype(np.float32)
+    embeddings = rng.standard_normal((n, dim), dtype=np.float32)  # no float64 temporary
+    embeddings *= 1.5
+    embeddings += centres[truth]
     predicted = [("cex", "pg")[t % 2] for t in truth]
     points = Points(paths=[f"crops/{i:07d}.png" for i in range(n)], embeddings=embeddings,
                     classes=["cex", "pg"], predicted=predicted,

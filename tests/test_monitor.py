@@ -272,3 +272,34 @@ def test_the_false_positive_rate_comes_from_the_report_beside_a_run_or_a_model_f
     (elsewhere / "model.onnx").write_text("", encoding="utf-8")
     with pytest.raises(UserError, match="no test report beside"):
         choose_false_positive_rate(None, elsewhere / "model.onnx", "pg")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("times", [["15", "5", "10"], ["10:00", "9:00", "9:30:15"]])
+def test_csv_stream_times_sort_as_times_not_as_text(tmp_path: Path, times: list[str]) -> None:
+    from crystalscope.monitor.frames import read_stream, time_value
+
+    stream = tmp_path / "stream.csv"
+    stream.write_text("time,path\n" + "".join(f"{t},crop-{t.replace(':', '')}.png\n"
+                                              for t in times), encoding="utf-8")
+    order = [w.time for w in read_stream(stream)]
+    assert order == sorted(times, key=time_value)  # type: ignore[arg-type]
+    assert order != sorted(times)  # text order would differ: 10 < 5, 10:00 < 9:00
+
+
+def test_csv_stream_labels_that_are_not_times_keep_text_order(tmp_path: Path) -> None:
+    from crystalscope.monitor.frames import read_stream
+
+    stream = tmp_path / "stream.csv"
+    stream.write_text("time,path\nbatch-b,b.png\nbatch-a,a.png\n", encoding="utf-8")
+    assert [w.time for w in read_stream(stream)] == ["batch-a", "batch-b"]
+
+
+def test_a_class_named_unknown_is_refused(exported_run: Path) -> None:
+    """'unknown' marks crops the detector flags; a class of that name would be counted as
+    such (or the reverse), so the monitor refuses to start."""
+    from crystalscope.infer.predictor import load_predictor
+    from crystalscope.monitor.run import build_alarm_rule
+
+    predictor = load_predictor(exported_run / "model.onnx", classes=["unknown", "pg"])
+    with pytest.raises(UserError, match="class named 'unknown'"):
+        build_alarm_rule(predictor, exported_run, "pg", false_positive_rate=0.05)

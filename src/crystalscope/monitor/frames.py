@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +55,34 @@ def _from_csv(stream: Path) -> list[Window]:
         path = Path(row["path"])
         by_time.setdefault(row["time"].strip(), []).append(
             path if path.is_absolute() else stream.parent / path)
-    return [Window(i, t, by_time[t]) for i, t in enumerate(sorted(by_time), 1)]
+    return [Window(i, t, by_time[t]) for i, t in enumerate(_in_time_order(by_time), 1)]
+
+
+CLOCK = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}(?:\.\d+)?))?$")
+
+
+def time_value(text: str) -> float | None:
+    """A CSV time as a number to sort by: seconds (``5``, ``10.5``), a timestamp
+    (``20261128-101500``, ISO 8601) or a clock time (``9:00``, ``10:15:30``, seconds of the
+    day); None when it is none of these."""
+    clock = CLOCK.match(text)
+    if clock:
+        hours, minutes, seconds = clock.groups()
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds or 0)
+    try:
+        return parse_time(text)
+    except UserError:
+        return None
+
+
+def _in_time_order(times: Iterable[str]) -> list[str]:
+    """Times sorted as times when every one reads as a time (so ``5`` comes before ``10`` and
+    ``9:00`` before ``10:00``), else as text."""
+    times = list(times)
+    values = [time_value(t) for t in times]
+    if any(v is None for v in values):
+        return sorted(times)
+    return [t for _, t in sorted(zip(values, times, strict=True))]
 
 
 DEFAULT_TIME_PATTERN = r"(\d{8}[T_-]?\d{6})"

@@ -239,6 +239,10 @@ def build_alarm_rule(predictor: Predictor, model: Path, positive: str, *,
     rate :func:`choose_false_positive_rate` picks."""
     if not 0 < alpha < 1 or consecutive < 1:
         raise UserError("--alpha: give a probability in (0, 1); --consecutive: at least 1")
+    if UNKNOWN in predictor.classes:
+        raise UserError(f"{model}: has a class named '{UNKNOWN}', the monitor's mark for crops "
+                        "unlike the training images; its crops could not be told apart — "
+                        "rename the class folder and train again")
     rate, source = choose_false_positive_rate(predictor, model, positive,
                                               given=false_positive_rate,
                                               clean_stream=clean_stream, cutting=cutting)
