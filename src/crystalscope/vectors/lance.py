@@ -42,7 +42,11 @@ os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
 
 TABLE = "crystals"
 INDEX_THRESHOLD = 10_000
-NPROBES = 24
+# Query settings, tuned at 10^6 x 512 (benchmarks/scale.py, docs/benchmarks.md): recall was
+# limited by the HNSW candidates per partition (LanceDB's default ef is 1.5 x k), not by the
+# partitions probed (24 to 96 probes: 0.929). 8 probes with ef 120 (see docs/benchmarks.md).
+NPROBES = 8
+HNSW_EF = 120
 REFINE_FACTOR: int | None = 4
 PARTITION_DIVISOR = 4
 REBUILD_GROWTH = 1.1
@@ -237,7 +241,7 @@ class LanceStore:
         if predicted is not None:
             query = query.where(f"predicted = {_quote(predicted)}", prefilter=True)
         if self._indexed():
-            query = query.nprobes(NPROBES)
+            query = query.nprobes(NPROBES).ef(HNSW_EF)
             if REFINE_FACTOR:
                 query = query.refine_factor(REFINE_FACTOR)
         try:
