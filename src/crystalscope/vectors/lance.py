@@ -154,6 +154,8 @@ class LanceStore:
 
         self.table.create_index("vector", replace=True, config=IvfHnswSq(
             distance_type="cosine", num_partitions=partitions_for(rows)))
+        self._index_meta_path().write_text(json.dumps({"rows_at_build": rows}),
+                                           encoding="utf-8")  # queries read it (partitions)
         recall = self.measure_recall(RECALL_QUERIES)
         self._index_meta_path().write_text(json.dumps({
             "rows_at_build": rows, "recall_at_10": recall, "recall_queries": RECALL_QUERIES}),
@@ -241,7 +243,10 @@ class LanceStore:
         if predicted is not None:
             query = query.where(f"predicted = {_quote(predicted)}", prefilter=True)
         if self._indexed():
-            query = query.nprobes(NPROBES).ef(HNSW_EF)
+            partitions = partitions_for(self._index_meta().get("rows_at_build", 0))
+            # a small index (a low index_threshold) is searched whole: it costs little
+            probes = partitions if partitions <= 2 * NPROBES else NPROBES
+            query = query.nprobes(probes).ef(HNSW_EF)
             if REFINE_FACTOR:
                 query = query.refine_factor(REFINE_FACTOR)
         try:
