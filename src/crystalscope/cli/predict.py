@@ -128,7 +128,8 @@ def predict(
 
                 stream = ray_predict_stream(model, files, batch_size=batch_size,
                                             backend=backend.value, load_options=load_options,
-                                            address=ray_address, progress=advance)
+                                            address=ray_address,
+                                            input_size=predictor.input_size, progress=advance)
             else:
                 stream = predict_stream(predictor, files, batch_size=batch_size,
                                         progress=advance)
@@ -198,6 +199,7 @@ def index_command(
 
                 results = ray_predict_stream(model, files, batch_size=batch_size,
                                              backend=backend.value, address=ray_address,
+                                             input_size=predictor.input_size,
                                              progress=advance)
             result = index_images(predictor, files, vector_store, batch_size=batch_size,
                                   progress=advance, results=results)

@@ -130,6 +130,7 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
                        backend: str = "onnx", load_options: dict[str, Any] | None = None,
                        address: str | None = None, num_cpus: int | None = None,
                        cpus_per_actor: int = 1, actors: int | None = None,
+                       input_size: int | None = None,
                        progress: Callable[[int], None] | None = None,
                        ) -> Iterator[ImageResult | Failure]:
     """Results in the order of ``paths``, computed on Ray (see the module docstring).
@@ -137,7 +138,8 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
     ``model``: a run directory or model.onnx that every Ray node can read; ``load_options``:
     what :func:`~crystalscope.infer.predictor.load_predictor` takes besides (classes,
     preprocessing, outputs of a foreign model); ``actors``: model actors (default: half the
-    cluster's CPUs over ``cpus_per_actor``).
+    cluster's CPUs over ``cpus_per_actor``); ``input_size``: the model's input side, when the
+    caller has the model open already (otherwise it is opened here to read it).
     """
     if backend not in ("onnx", "openvino"):
         raise SettingsError("backend", "the ray engine runs the exported ONNX model; use onnx "
@@ -146,10 +148,12 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
         raise SettingsError("batch_size", "give at least 1", batch_size)
     if not paths:
         return
-    from crystalscope.infer.predictor import load_predictor
+    size = input_size
+    if size is None:
+        from crystalscope.infer.predictor import load_predictor
 
-    local = load_predictor(Path(model), backend=backend, threads=1, **(load_options or {}))
-    size = local.input_size
+        size = load_predictor(Path(model), backend=backend, threads=1,
+                              **(load_options or {})).input_size
     options = {"backend": backend, **(load_options or {})}
     with ray_session(address, num_cpus) as ray:
         context = ray.data.DataContext.get_current()
