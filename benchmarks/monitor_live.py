@@ -47,7 +47,8 @@ def main() -> None:
     predictor = load_predictor(args.run)
     with tempfile.TemporaryDirectory() as tmp:
         settings = BatchSettings(windows=args.windows, per_window=args.per_window,
-                                 onset=args.windows // 2, rate=0.05)
+                                 onset=args.windows // 2, rate=0.05,
+                                 calibration_windows=1)
         synthesize_batch(Path(tmp) / "batch", settings)
         sources = sorted(p for p in (Path(tmp) / "batch" / "pg-batch").glob("t*") if p.is_dir())
         print(f"{args.windows} windows of {args.per_window} crops, 2 cores")

@@ -44,7 +44,7 @@ def _rows(out: Path) -> list[dict]:
 
 def test_alarm_p_values_are_scipys_one_sided_binomial_test() -> None:
     trend = Trend(["cex", "pg"], AlarmRule(positive="pg", false_positive_rate=0.1, alpha=1e-3,
-                                           consecutive=2))
+                                           consecutive=2, rule="binomial"))
     history = [(2, 30), (9, 30), (11, 30), (12, 30), (3, 30)]
     results = [trend.add(i, f"t{i}", ["pg"] * k + ["cex"] * (n - k))
                for i, (k, n) in enumerate(history, 1)]
@@ -79,7 +79,8 @@ def test_no_alarm_on_the_control_batch_and_an_alarm_after_the_onset(
     assert first_pg <= alarm_window <= SETTINGS.windows
     events = [json.loads(line) for line in (tmp_path / "pg" / "events.jsonl").open()]
     alarm = next(e for e in events if e["event"] == "alarm")
-    assert alarm["window"] == alarm_window and alarm["p_value"] < 1e-3
+    assert alarm["window"] == alarm_window and alarm["rule"] == "cusum"
+    assert alarm["statistic"] >= alarm["threshold"] > 0
     assert (tmp_path / "pg" / "timeline.png").stat().st_size > 10_000
     assert "ALARM at window" in err
 
@@ -195,7 +196,8 @@ def test_frames_are_cut_into_tiles_or_particles() -> None:
 def test_monitor_cuts_full_frames(pg_detector: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     settings = BatchSettings(windows=16, per_window=1, onset=6, rate=0.08, size=96,
-                             difficulty=0.0, seed=4, frames=2, frame_size=384)
+                             difficulty=0.0, seed=4, frames=2, frame_size=384,
+                             calibration_windows=30)
     summary = synthesize_batch(tmp_path / "frames", settings, workers=2)
     first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
     common = ["--positive", "pg", "--frames", "--crop-size", "96", "--calibrate",
@@ -244,7 +246,7 @@ def test_the_alarm_is_posted_to_a_url(pg_detector: Path, batches: Path, tmp_path
     finally:
         server.shutdown()
     assert code == 3
-    assert len(received) == 1 and received[0]["p_value"] < 1e-3
+    assert len(received) == 1 and received[0]["statistic"] >= received[0]["threshold"]
     assert received[0]["counts"]["pg"] > 0
 
 

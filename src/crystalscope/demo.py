@@ -86,8 +86,7 @@ def _monitor_batch(run_dir: Path, folder: Path, seed: int,
                    say: Callable[[str], None]) -> dict[str, Path]:
     """Replay a simulated batch in which PG appears, with the alarm calibrated on a clean one."""
     from crystalscope.infer.predictor import load_predictor
-    from crystalscope.monitor.run import Monitor, calibrate, replay
-    from crystalscope.monitor.trend import AlarmRule
+    from crystalscope.monitor.run import Monitor, build_alarm_rule, replay
     from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
     settings = BatchSettings(windows=24, per_window=24, onset=12, rate=0.06,
@@ -95,13 +94,12 @@ def _monitor_batch(run_dir: Path, folder: Path, seed: int,
     batches = folder / "batches"
     summary = synthesize_batch(batches, settings)
     predictor = load_predictor(RunLayout(run_dir).onnx)
-    rate, source = calibrate(predictor, batches / "calibration", "pg")
-    rule = AlarmRule(positive="pg", false_positive_rate=rate, source=source)
+    rule = build_alarm_rule(predictor, run_dir, "pg", clean_stream=batches / "calibration")
     result = replay(Monitor(predictor, rule, folder / "monitor", say=lambda _: None),
                     batches / "pg-batch")
     first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
     say(f"8/8 monitor: simulated batch, PG from window {first_pg}; false-positive rate "
-        f"{rate:.3f} measured on a clean batch; "
+        f"{rule.false_positive_rate:.3f} measured on a clean batch; "
         + (f"alarm at window {result.alarm.index}" if result.alarm else "no alarm")
         + f" -> {folder / 'monitor' / 'timeline.png'}")
     return {"batches": batches, "timeline": result.files["timeline.png"]}

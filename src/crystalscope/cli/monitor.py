@@ -8,13 +8,31 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from crystalscope.cli.app import app
-from crystalscope.cli.options import HostOption, PortOption, TokenOption
+from crystalscope.cli.options import (
+    AlarmRuleName,
+    AlphaOption,
+    Arl0Option,
+    CalibrateOption,
+    ConsecutiveOption,
+    DispersionOption,
+    FalsePositiveRateOption,
+    HostOption,
+    MinShiftOption,
+    OpcUaCertOption,
+    OpcUaKeyOption,
+    OpcUaOption,
+    OpcUaTrustOption,
+    PortOption,
+    RuleOption,
+    TokenOption,
+)
 from crystalscope.console import err, out, progress_bar
 from crystalscope.errors import UserError
 from crystalscope.monitor.frames import DEFAULT_TIME_PATTERN
 
 if TYPE_CHECKING:
-    pass
+    from crystalscope.monitor.opcua import OpcUaPublisher
+    from crystalscope.monitor.trend import AlarmRule
 
 @app.command(epilog="Example: crystalscope monitor runs/demo batches/pg-batch --positive pg "
                     "--out monitor/  (live: add --watch)")
@@ -26,16 +44,14 @@ def monitor(
         help="The impurity class to watch, e.g. pg.")] = "",
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the outputs.")]
     = Path("monitor"),
-    false_positive_rate: Annotated[float | None, typer.Option(
-        help="The model's rate of false impurity calls (default: measured with --calibrate, "
-             "else from the run's test report; upper 95% bound).")] = None,
-    calibrate: Annotated[Path | None, typer.Option(
-        help="A known-clean stream (no impurity) to measure the false-positive rate on.")]
-    = None,
-    alpha: Annotated[float, typer.Option(
-        help="Significance of one window (one-sided binomial test).")] = 1e-3,
-    consecutive: Annotated[int, typer.Option(
-        help="Significant windows in a row that raise the alarm.")] = 2,
+    false_positive_rate: FalsePositiveRateOption = None,
+    calibrate: CalibrateOption = None,
+    rule: RuleOption = AlarmRuleName.cusum,
+    arl0: Arl0Option = 10_000,
+    min_shift: MinShiftOption = 0.0,
+    dispersion: DispersionOption = None,
+    alpha: AlphaOption = 1e-3,
+    consecutive: ConsecutiveOption = 2,
     watch_mode: Annotated[bool, typer.Option(
         "--watch", help="Follow the folder as the probe writes it (Ctrl-C stops).")] = False,
     poll: Annotated[float, typer.Option(help="--watch: seconds between looks.")] = 1.0,
@@ -66,9 +82,14 @@ def monitor(
     = None,
     post: Annotated[str | None, typer.Option(
         help="URL to POST the alarm's evidence to (JSON).")] = None,
+    opcua: OpcUaOption = None,
+    opcua_cert: OpcUaCertOption = None,
+    opcua_key: OpcUaKeyOption = None,
+    opcua_trust: OpcUaTrustOption = None,
 ) -> int:
     """Impurity share per time window, with a 95% interval and an alarm that accounts for the
-    model's own false positives; writes trend.csv, events.jsonl, timeline.png.
+    model's own false calls, their spread and drift (a promised false-alarm rate); writes
+    trend.csv, events.jsonl, timeline.png.
 
     Exit code 3 when the alarm fired (so scripts can act), 0 when it did not.
     """
@@ -84,24 +105,29 @@ def monitor(
         raise UserError(f"--cut {cut} / --crop-size {crop_size}: use tiles or particles, and "
                         "a crop side of at least 8 pixels")
     cutting = FrameCutting(crop_size, cut) if frames else None  # type: ignore[arg-type]
-    rule = build_alarm_rule(predictor, Path(model), positive,
-                            false_positive_rate=false_positive_rate, clean_stream=calibrate,
-                            cutting=cutting, alpha=alpha, consecutive=consecutive)
-    err.print(f"alarm rule: {consecutive} window(s) in a row with P(this many {positive} calls "
-              f"| false-positive rate {rule.false_positive_rate:.4f}) < {alpha:g}; rate: "
-              f"{rule.source}", highlight=False, markup=False)
-    runner = Monitor(predictor, rule, out_dir, on_alarm=on_alarm, post_url=post,
-                     cutting=cutting)
-    if watch_mode:
-        if not stream.is_dir():
-            raise UserError(f"--watch {stream}: give the folder the probe writes time folders to")
-        result = watch(runner, stream, poll_s=poll, settle_s=settle, idle_stop_s=stop_when_idle)
-    else:
-        with progress_bar() as progress:
-            task = progress.add_task("monitor", total=None)
-            result = replay(runner, stream, progress=lambda n: progress.advance(task, n),
-                            time_from=time_from, pattern=time_pattern,
-                            window_seconds=window_seconds)
+    alarm_rule = build_alarm_rule(
+        predictor, Path(model), positive, false_positive_rate=false_positive_rate,
+        clean_stream=calibrate, cutting=cutting, rule=rule.value, arl0=arl0,
+        min_shift=min_shift, dispersion=dispersion, alpha=alpha, consecutive=consecutive)
+    if watch_mode and not stream.is_dir():
+        raise UserError(f"--watch {stream}: give the folder the probe writes time folders to")
+    publisher = open_opcua(opcua, opcua_cert, opcua_key, opcua_trust, stream, Path(model))
+    try:
+        runner = Monitor(predictor, alarm_rule, out_dir, on_alarm=on_alarm, post_url=post,
+                         cutting=cutting, publishers=[publisher] if publisher else [])
+        say_rule(alarm_rule, runner.trend.promise())
+        if watch_mode:
+            result = watch(runner, stream, poll_s=poll, settle_s=settle,
+                           idle_stop_s=stop_when_idle)
+        else:
+            with progress_bar() as progress:
+                task = progress.add_task("monitor", total=None)
+                result = replay(runner, stream, progress=lambda n: progress.advance(task, n),
+                                time_from=time_from, pattern=time_pattern,
+                                window_seconds=window_seconds)
+    finally:
+        if publisher is not None:
+            publisher.stop()
     per_second = result.seconds or float("inf")
     rate_text = (f"{result.images / per_second:.1f} frames/s, {result.crops / per_second:.0f} "
                  "crops/s" if frames else f"{result.crops / per_second:.0f} crops/s")
@@ -114,6 +140,49 @@ def monitor(
     return 3 if result.alarm else 0
 
 
+def open_opcua(endpoint: str | None, certificate: Path | None, key: Path | None,
+               trusted: Path | None, stream: Path, model: Path) -> OpcUaPublisher | None:
+    """The started OPC UA server for ``--opcua`` (None without it)."""
+    if endpoint is None:
+        if certificate or key or trusted:
+            raise UserError("--opcua-cert/--opcua-key/--opcua-trust need --opcua ENDPOINT")
+        return None
+    from crystalscope.monitor.opcua import LOOPBACK, OpcUaPublisher, OpcUaSecurity
+
+    if (certificate is None) != (key is None):
+        raise UserError("--opcua-cert and --opcua-key go together (the server's certificate "
+                        "and its private key)")
+    if trusted is not None and certificate is None:
+        raise UserError("--opcua-trust needs --opcua-cert and --opcua-key")
+    security = (OpcUaSecurity(certificate, key, trusted)  # type: ignore[arg-type]
+                if certificate is not None else None)
+    model_path = model.resolve()
+    run = model_path.name if model_path.is_dir() else model_path.parent.name
+    publisher = OpcUaPublisher(endpoint, stream.stem or stream.name, run, security=security)
+    if publisher.host not in LOOPBACK and security is None:
+        err.print(f"[yellow]OPC UA on {publisher.host} without security: anyone on the "
+                  "network can read it (give --opcua-cert and --opcua-key)[/yellow]")
+    publisher.start()
+    err.print(f"OPC UA: {endpoint}  node nsu={publisher.namespace_uri()};"
+              f"s={publisher.node_prefix}AlarmActive", highlight=False, markup=False)
+    return publisher
+
+
+def say_rule(rule: AlarmRule, promise: str) -> None:
+    """The calibration and the promise, before the first window."""
+    if rule.calibration is not None:
+        err.print(f"false {rule.positive} calls: {rule.calibration.describe()}",
+                  highlight=False, markup=False)
+    err.print(f"alarm rule: {promise}", highlight=False, markup=False)
+    calibration = rule.calibration
+    if (rule.rule == "cusum" and calibration is not None and calibration.measured_spread
+            and 2 * calibration.drift > rule.min_shift + 0.25 * rule.false_positive_rate):
+        err.print(f"[yellow]the clean stream's share drifts, by at least +-"
+                  f"{2 * calibration.drift:.4f} (2 sd) beyond its short-term spread; give "
+                  "--min-shift the largest slow drift a clean batch shows (a short calibration "
+                  "sees only part of it), or the alarm will answer drift too[/yellow]")
+
+
 
 
 @app.command(epilog="Example: crystalscope serve runs/demo --store crystals.lance --port 8000  "
@@ -122,12 +191,22 @@ def serve(
     model: Annotated[Path, typer.Argument(help="Run directory or model.onnx.")],
     store: Annotated[str | None, typer.Option(help="Vector store for /similar.")] = None,
     monitor_stream: Annotated[Path | None, typer.Option(
-        "--monitor", help="Follow this stream folder (as monitor --watch) for /monitor.")]
+        "--monitor", help="Follow this stream folder (as monitor --watch) for /monitor and "
+                          "the dashboard's trend; the alarm options are monitor's.")]
     = None,
     positive: Annotated[str, typer.Option(help="--monitor: the impurity class.")] = "",
-    false_positive_rate: Annotated[float | None, typer.Option(
-        help="--monitor: the model's false impurity rate (default: from the run's report).")]
-    = None,
+    false_positive_rate: FalsePositiveRateOption = None,
+    calibrate: CalibrateOption = None,
+    rule: RuleOption = AlarmRuleName.cusum,
+    arl0: Arl0Option = 10_000,
+    min_shift: MinShiftOption = 0.0,
+    dispersion: DispersionOption = None,
+    alpha: AlphaOption = 1e-3,
+    consecutive: ConsecutiveOption = 2,
+    opcua: OpcUaOption = None,
+    opcua_cert: OpcUaCertOption = None,
+    opcua_key: OpcUaKeyOption = None,
+    opcua_trust: OpcUaTrustOption = None,
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
     token: TokenOption = None,
@@ -148,11 +227,20 @@ def serve(
     settings = ServeSettings(predictor=predictor, token=token,
                              store=open_store(store) if store else None)
     if monitor_stream is not None:
-        from crystalscope.monitor.run import watch_in_background
+        from crystalscope.monitor.run import build_alarm_rule, watch_in_background
 
         if not positive:
             raise UserError("--monitor needs --positive CLASS (the impurity)")
-        settings.monitor = watch_in_background(predictor, Path(model), monitor_stream, positive,
-                                               false_positive_rate=false_positive_rate)
+        alarm_rule = build_alarm_rule(
+            predictor, Path(model), positive, false_positive_rate=false_positive_rate,
+            clean_stream=calibrate, rule=rule.value, arl0=arl0, min_shift=min_shift,
+            dispersion=dispersion, alpha=alpha, consecutive=consecutive)
+        publisher = open_opcua(opcua, opcua_cert, opcua_key, opcua_trust, monitor_stream,
+                               Path(model))
+        settings.monitor = watch_in_background(predictor, alarm_rule, monitor_stream,
+                                               publishers=[publisher] if publisher else [])
+        say_rule(alarm_rule, settings.monitor.trend.promise())
+    elif opcua:
+        raise UserError("--opcua needs --monitor STREAM (it publishes the monitor's state)")
     err.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")

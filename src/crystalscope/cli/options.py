@@ -55,3 +55,46 @@ PortOption = Annotated[int, typer.Option(help="Port.")]
 TokenOption = Annotated[str | None, typer.Option(
     envvar="CRYSTALSCOPE_TOKEN",
     help="Require this token: Authorization: Bearer TOKEN on the API, ?token=TOKEN on pages.")]
+
+
+class AlarmRuleName(StrEnum):
+    cusum = "cusum"
+    binomial = "binomial"
+
+
+# The alarm's options, shared by `monitor` and `serve --monitor` (one rule for both).
+RuleOption = Annotated[AlarmRuleName, typer.Option(
+    "--rule", help="cusum (default: accounts for over-dispersed, drifting false calls and "
+                   "promises --arl0) or binomial (the first rule: --consecutive windows with "
+                   "p < --alpha; assumes independent crops).")]
+Arl0Option = Annotated[float, typer.Option(
+    "--arl0", help="cusum: the promise, one false alarm per this many clean windows at most "
+                   "(in expectation).")]
+MinShiftOption = Annotated[float, typer.Option(
+    help="cusum: alarm only on an impurity share above the false-call rate plus this (e.g. "
+         "0.02; set it to the slow drift a clean batch shows).")]
+DispersionOption = Annotated[float | None, typer.Option(
+    help="cusum: the false calls' intra-window correlation (default: measured with "
+         "--calibrate, else 0 = independent crops).")]
+FalsePositiveRateOption = Annotated[float | None, typer.Option(
+    help="The model's rate of false impurity calls (default: measured with --calibrate, else "
+         "from the run's test report; upper 95% bound).")]
+CalibrateOption = Annotated[Path | None, typer.Option(
+    help="A known-clean stream (no impurity; cusum: at least 30 windows) to measure the false "
+         "calls' rate and window-to-window spread on.")]
+AlphaOption = Annotated[float, typer.Option(
+    help="Significance of one window (the binomial rule's test; the 'significant' column).")]
+ConsecutiveOption = Annotated[int, typer.Option(
+    help="binomial: significant windows in a row that raise the alarm.")]
+OpcUaOption = Annotated[str | None, typer.Option(
+    "--opcua", help="Host an OPC UA server at this endpoint, e.g. opc.tcp://127.0.0.1:4840, "
+                    "with the alarm's state under Objects/Crystalscope/<stream> (pip install "
+                    "'crystalscope[opcua]').")]
+OpcUaCertOption = Annotated[Path | None, typer.Option(
+    "--opcua-cert", help="--opcua: the server's certificate (DER or PEM); with --opcua-key "
+                         "only Basic256Sha256 SignAndEncrypt is offered.")]
+OpcUaKeyOption = Annotated[Path | None, typer.Option(
+    "--opcua-key", help="--opcua: the server's private key (PEM).")]
+OpcUaTrustOption = Annotated[Path | None, typer.Option(
+    "--opcua-trust", help="--opcua: a folder of client certificates to accept (default: any "
+                          "client certificate).")]

@@ -108,6 +108,8 @@ def synth_batch(
         help="Write this many full probe frames per window instead of crops (0: crops).")]
     = 0,
     frame_size: Annotated[int, typer.Option(help="--frames: frame side in pixels.")] = 604,
+    calibration_windows: Annotated[int, typer.Option(
+        help="Windows of the clean calibration batch (the alarm needs at least 30).")] = 40,
 ) -> None:
     """A simulated batch: crops over time with PG from a known onset, plus a control batch
     and a calibration batch (both PG-free).
@@ -121,11 +123,14 @@ def synth_batch(
     settings = BatchSettings(windows=windows, per_window=per_window, onset=onset, rate=rate,
                              max_fraction=max_fraction, size=size,
                              difficulty=parse_difficulty(difficulty),
-                             seed=seed, frames=frames, frame_size=frame_size)
+                             seed=seed, frames=frames, frame_size=frame_size,
+                             calibration_windows=calibration_windows)
     with progress_bar() as progress:
-        task = progress.add_task("synth batch", total=3 * windows * per_window)
+        task = progress.add_task("synth batch",
+                                 total=(2 * windows + calibration_windows) * per_window)
         summary = synthesize_batch(out_dir, settings,
                                    progress=lambda n: progress.advance(task, n))
     for batch in summary["batches"].values():
-        out.print(f"{batch['folder']}: {windows} windows of {per_window} crops; first PG in "
+        count = len(list(Path(batch["folder"]).glob("t*")))
+        out.print(f"{batch['folder']}: {count} windows of {per_window} crops; first PG in "
                   f"window {batch['first_pg_window'] or '-'}")

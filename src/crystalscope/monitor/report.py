@@ -36,6 +36,9 @@ def plot_timeline(result: MonitorResult, rule: AlarmRule, path: Path) -> None:
     axes.plot(x, smoothed, "-", color="black", linewidth=1, label="smoothed")
     axes.axhline(rule.false_positive_rate, color="grey", linestyle=":",
                  label=f"false-positive rate {rule.false_positive_rate:.3f}")
+    if rule.in_control_share > rule.false_positive_rate:
+        axes.axhline(rule.in_control_share, color="grey", linestyle="--",
+                     label=f"clean up to {rule.in_control_share:.3f} (min shift)")
     if rule.unknown_rate is not None:
         unknown = np.array([np.nan if w.unknown_fraction is None else w.unknown_fraction
                             for w in windows])

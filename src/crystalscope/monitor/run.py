@@ -14,10 +14,11 @@ import shlex
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from crystalscope.console import err
 from crystalscope.data.images import ImageLoadError
@@ -29,19 +30,29 @@ from crystalscope.model.spec import resolve_model
 from crystalscope.monitor.cutting import Cutter, cut_frame
 from crystalscope.monitor.frames import Window, read_stream
 from crystalscope.monitor.report import plot_timeline
+from crystalscope.monitor.rules import Calibration, assumed_calibration, calibrate_counts
 from crystalscope.monitor.trend import (
+    DEFAULT_ARL0,
     UNKNOWN,
     AlarmRule,
     MonitorResult,
     Trend,
     WindowResult,
-    false_positive_rate_from_clean_stream,
     false_positive_rate_from_report,
 )
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
-                 "p_value", "significant", "alarm")  # then one count column per class, then
+                 "p_value", "significant", "statistic", "threshold",
+                 "alarm")  # then one count column per class, then
 UNKNOWN_COLUMNS = ("count_unknown", "unknown_fraction", "unknown_p_value", "unknown_alarm")
+
+
+class Publisher(Protocol):
+    """Somewhere the monitor's state goes after each window (the OPC UA server)."""
+
+    def publish(self, values: dict[str, object]) -> None:
+        """Write these values (names: crystalscope.monitor.opcua.VARIABLES)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -91,10 +102,14 @@ class Monitor:
     def __init__(self, predictor: Predictor, rule: AlarmRule, out_dir: Path, *,
                  on_alarm: str | None = None, post_url: str | None = None,
                  cutting: FrameCutting | None = None,
-                 say: Callable[[str], None] = err.print) -> None:
+                 say: Callable[[str], None] = err.print,
+                 publishers: Sequence[Publisher] = ()) -> None:
         if rule.unknown_rate is None and predictor.unknown_detector is not None:
             rule = replace(rule, unknown_rate=unknown_rate(predictor))
         self.predictor, self.rule, self.say, self.cutting = predictor, rule, say, cutting
+        self.publishers = list(publishers)
+        self.degraded: str | None = None  # why the monitor can no longer be trusted
+        self.watcher: object = None  # the thread that feeds it, when it runs in one
         self.trend = Trend(predictor.classes, rule)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +124,49 @@ class Monitor:
                                          *(f"count_{c}" for c in predictor.classes),
                                          *(UNKNOWN_COLUMNS if rule.unknown_rate is not None
                                            else ())])
+
+    def status(self) -> tuple[str, str]:
+        """(ok | alarm | unknown particles | degraded, why) — for /health, OPC UA, the page."""
+        if self.degraded:
+            return "degraded", self.degraded
+        if self.result.alarm:
+            return "alarm", self.result.alarm_text or "alarm"
+        if self.result.unknown_alarms and self.trend.run_of_unknown >= self.rule.consecutive:
+            return "unknown particles", self.trend.explain_unknown_alarm(
+                self.result.unknown_alarms[-1])
+        count = len(self.result.windows)
+        return "ok", f"{count} window{'s' * (count != 1)}, no alarm"
+
+    def mark_degraded(self, why: str) -> None:
+        """The watcher stopped or the stream cannot be read: say so everywhere."""
+        self.degraded = why
+        self.event("degraded", reason=why)
+        self.say(f"[bold yellow]monitor degraded: {why}[/bold yellow]")
+        self._publish()
+
+    def _publish(self, window: WindowResult | None = None) -> None:
+        """The state after a window (or a status change) to every publisher (OPC UA)."""
+        if not self.publishers:
+            return
+        status, why = self.status()
+        values: dict[str, object] = {"Status": status, "StatusReason": why,
+                                     "Rule": self.rule.rule, "Promise": self.trend.promise(),
+                                     "BaseRate": self.rule.in_control_share,
+                                     "AlarmWindow": self.result.alarm.index
+                                     if self.result.alarm else 0}
+        if window is not None:
+            values.update(Window=window.index, Crops=window.crops,
+                          ImpurityShare=window.fraction,
+                          ImpurityShareUpper=window.interval[1] if window.interval else None,
+                          PValue=window.p_value, Statistic=window.statistic,
+                          Threshold=window.threshold, UnknownShare=window.unknown_fraction)
+        values["AlarmActive"] = self.result.alarm is not None  # last: the rest is in place
+        for publisher in self.publishers:
+            try:
+                publisher.publish(values)
+            except Exception as exc:  # a publisher must not stop the monitor
+                self.event("publish_failed", publisher=type(publisher).__name__,
+                           error=str(exc))
 
     def event(self, kind: str, **details: object) -> None:
         record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "event": kind,
@@ -151,6 +209,7 @@ class Monitor:
                        examples=[str(p) for p in unknowns[:4]], message=text)
         if result.alarm:
             self._raise_alarm(result)
+        self._publish(result)
         return result
 
     def _write_row(self, r: WindowResult) -> None:
@@ -160,7 +219,7 @@ class Monitor:
                 _round(r.interval[0] if r.interval else None),
                 _round(r.interval[1] if r.interval else None), _round(r.smoothed),
                 "" if r.p_value is None else f"{r.p_value:.3e}", int(r.significant),
-                int(r.alarm), *r.counts.values(),
+                _round(r.statistic), _round(r.threshold), int(r.alarm), *r.counts.values(),
                 *((r.unknown, _round(r.unknown_fraction),
                    "" if r.unknown_p_value is None else f"{r.unknown_p_value:.3e}",
                    int(r.unknown_alarm)) if self.rule.unknown_rate is not None else ())])
@@ -172,8 +231,12 @@ class Monitor:
         evidence = {"window": window.index, "time": window.time, "crops": window.crops,
                     "counts": window.counts, "fraction": window.fraction,
                     "interval": window.interval, "p_value": window.p_value,
+                    "rule": self.rule.rule, "statistic": window.statistic,
+                    "threshold": window.threshold,
                     "false_positive_rate": self.rule.false_positive_rate,
-                    "alpha": self.rule.alpha, "message": text}
+                    "in_control_share": self.rule.in_control_share,
+                    "alpha": self.rule.alpha, "promise": self.trend.promise(),
+                    "message": text}
         self.event("alarm", **evidence)
         if self.on_alarm:
             try:
@@ -202,27 +265,47 @@ def _round(value: float | None) -> str:
 
 
 def calibrate(predictor: Predictor, clean_stream: Path, positive: str,
-              cutting: FrameCutting | None = None) -> tuple[float, str]:
-    """The false-positive rate (upper 95% bound) measured on a stream known to be clean."""
-    labels = [item[1] for window in read_stream(clean_stream)
-              for item in calls(predictor, window.paths, cutting)
-              if not isinstance(item, Failure) and item[1] != UNKNOWN]
-    return false_positive_rate_from_clean_stream(labels, positive)
+              cutting: FrameCutting | None = None, *, need_spread: bool = True
+              ) -> Calibration:
+    """The false-call rate and its window-to-window spread, measured on a stream known to be
+    clean (its windows in time order; see :func:`~crystalscope.monitor.rules.calibrate_counts`)."""
+    counts = []
+    for window in read_stream(clean_stream):
+        labels = [item[1] for item in calls(predictor, window.paths, cutting)
+                  if not isinstance(item, Failure) and item[1] != UNKNOWN]
+        counts.append((labels.count(positive), len(labels)))
+    return calibrate_counts(counts, f"measured on the clean stream {clean_stream}",
+                            need_spread=need_spread)
+
+
+def choose_calibration(predictor: Predictor, model: Path, positive: str, *,
+                       given: float | None = None, clean_stream: Path | None = None,
+                       cutting: FrameCutting | None = None, dispersion: float | None = None,
+                       need_spread: bool = True) -> Calibration:
+    """The model's false impurity calls for the alarm, and where they came from.
+
+    In this order: ``given``; measured on ``clean_stream`` (rate and spread); the upper 95%
+    bound from the test report that ``evaluate`` wrote beside the model (``model`` is a run
+    folder or a model file inside one). Without a clean stream the spread is ``dispersion``
+    (default 0: independent crops), said so. One rule for ``monitor`` and ``serve --monitor``.
+    """
+    if given is None and clean_stream is not None:
+        measured = calibrate(predictor, clean_stream, positive, cutting,
+                             need_spread=need_spread)
+        if dispersion is None:
+            return measured
+        return replace(measured, dispersion=dispersion, dispersion_bound=dispersion,
+                       measured_spread=False)
+    rate, source = ((given, "given") if given is not None
+                    else choose_false_positive_rate(predictor, model, positive))
+    return assumed_calibration(rate, source, dispersion or 0.0)
 
 
 def choose_false_positive_rate(predictor: Predictor, model: Path, positive: str, *,
-                               given: float | None = None, clean_stream: Path | None = None,
-                               cutting: FrameCutting | None = None) -> tuple[float, str]:
-    """The model's false-positive rate for the alarm, and where it came from.
-
-    In this order: ``given``; measured on ``clean_stream``; the upper 95% bound from the test
-    report that ``evaluate`` wrote beside the model (``model`` is a run folder or a model file
-    inside one). One rule for ``monitor`` and ``serve --monitor``.
-    """
+                               given: float | None = None) -> tuple[float, str]:
+    """``given``, else the upper 95% bound from the test report beside the model."""
     if given is not None:  # its range is checked where the rule is used (``Trend``)
         return given, "given"
-    if clean_stream is not None:
-        return calibrate(predictor, clean_stream, positive, cutting)
     report = resolve_model(model).layout.report
     if not report.is_file():
         raise UserError(f"no test report beside {model} to take the false-positive rate from; "
@@ -234,32 +317,52 @@ def choose_false_positive_rate(predictor: Predictor, model: Path, positive: str,
 def build_alarm_rule(predictor: Predictor, model: Path, positive: str, *,
                      false_positive_rate: float | None = None,
                      clean_stream: Path | None = None, cutting: FrameCutting | None = None,
-                     alpha: float = 1e-3, consecutive: int = 2) -> AlarmRule:
-    """The alarm rule for ``monitor`` and ``serve --monitor`` alike: the binomial rule at the
-    rate :func:`choose_false_positive_rate` picks."""
-    if not 0 < alpha < 1 or consecutive < 1:
-        raise UserError("--alpha: give a probability in (0, 1); --consecutive: at least 1")
+                     rule: str = "cusum", arl0: float = DEFAULT_ARL0, min_shift: float = 0.0,
+                     dispersion: float | None = None, alpha: float = 1e-3,
+                     consecutive: int = 2) -> AlarmRule:
+    """The alarm rule for ``monitor`` and ``serve --monitor`` alike, built once: the rate and
+    spread :func:`choose_calibration` picks, checked (:meth:`AlarmRule.check`)."""
     if UNKNOWN in predictor.classes:
         raise UserError(f"{model}: has a class named '{UNKNOWN}', the monitor's mark for crops "
                         "unlike the training images; its crops could not be told apart — "
                         "rename the class folder and train again")
-    rate, source = choose_false_positive_rate(predictor, model, positive,
-                                              given=false_positive_rate,
-                                              clean_stream=clean_stream, cutting=cutting)
-    return AlarmRule(positive=positive, false_positive_rate=rate, alpha=alpha,
-                     consecutive=consecutive, source=source)
+    draft = AlarmRule(positive=positive, false_positive_rate=0.5, alpha=alpha,
+                      consecutive=consecutive, rule=rule, arl0=arl0,
+                      dispersion=dispersion or 0.0)
+    draft.check()  # the options, before a calibration stream is read
+    calibration = choose_calibration(predictor, model, positive, given=false_positive_rate,
+                                     clean_stream=clean_stream, cutting=cutting,
+                                     dispersion=dispersion, need_spread=rule == "cusum")
+    rate = (calibration.rate_bound if rule == "cusum" or not calibration.windows
+            else calibration.independent_bound)
+    built = replace(draft, false_positive_rate=rate, source=calibration.source,
+                    min_shift=min_shift, dispersion=calibration.dispersion_bound,
+                    design_crops=calibration.window_crops, calibration=calibration)
+    built.check()
+    return built
 
 
-def watch_in_background(predictor: Predictor, model: Path, stream: Path, positive: str, *,
-                        false_positive_rate: float | None = None) -> Monitor:
+def watch_in_background(predictor: Predictor, rule: AlarmRule, stream: Path, *,
+                        publishers: Sequence[Publisher] = (), poll_s: float = 1.0,
+                        settle_s: float = 5.0) -> Monitor:
     """A monitor that follows ``stream`` in a daemon thread (for ``serve --monitor``); its
-    files go to a temporary folder, its state is read from the returned object."""
+    files go to a temporary folder, its state is read from the returned object. If the
+    thread dies, the monitor is marked degraded with the reason (``/health`` answers 503)."""
     import tempfile
     import threading
 
-    rule = build_alarm_rule(predictor, model, positive, false_positive_rate=false_positive_rate)
-    monitor = Monitor(predictor, rule, Path(tempfile.mkdtemp(prefix="crystalscope-serve-monitor-")))
-    threading.Thread(target=watch, args=(monitor, stream), daemon=True).start()
+    monitor = Monitor(predictor, rule, Path(tempfile.mkdtemp(prefix="crystalscope-serve-monitor-")),
+                      publishers=publishers)
+
+    def follow() -> None:
+        try:
+            watch(monitor, stream, poll_s=poll_s, settle_s=settle_s)
+            monitor.mark_degraded("the watcher stopped")
+        except Exception as exc:  # the thread's end: tell /health, OPC UA and the page why
+            monitor.mark_degraded(f"the watcher died: {type(exc).__name__}: {exc}")
+
+    monitor.watcher = threading.Thread(target=follow, name="monitor-watch", daemon=True)
+    monitor.watcher.start()
     return monitor
 
 

@@ -1,12 +1,13 @@
 """Per-window impurity fraction with a 95% interval, a smoothed trend, and the alarm.
 
-The alarm asks, window by window: could the model's false positives alone explain this many
-impurity (e.g. PG) calls? Under "no impurity", the number of impurity calls among n crops is
-binomial(n, f), f the model's false-positive rate. The window is significant when
-P(X >= k) < alpha (one-sided binomial test); the alarm fires once ``consecutive`` windows in a
-row are significant. By default f is the upper end of the 95% Wilson interval of the rate
-measured on the run's test split — conservative, so a small test set gives a late alarm
-rather than a false one — or the rate given with ``--false-positive-rate``.
+The alarm asks, window by window: could the model's own false impurity (e.g. PG) calls explain
+what this stream shows? The statistics live in :mod:`crystalscope.monitor.rules`: by default a
+CUSUM of the beta-binomial likelihood ratio that accounts for over-dispersed, drifting false
+calls and promises an in-control average run length (ARL0: one false alarm per ARL0 windows at
+most, in expectation); the first rule — ``consecutive`` windows whose one-sided binomial
+p-value is below ``alpha`` — is kept for comparison (``rule="binomial"``). The false-call rate
+is the upper end of its 95% interval: measured on a clean stream (with its spread), on the
+run's test split, or given.
 
 Crops the model's unknown-detector flags are counted apart (``unknown``) and left out of the
 impurity share: they are neither PG nor CEX. Their own test asks whether more are unknown than
@@ -26,14 +27,22 @@ from scipy.stats import binom
 
 from crystalscope.errors import UserError
 from crystalscope.evaluate.report import wilson_interval
+from crystalscope.monitor.rules import (
+    RULES,
+    BetaBinomialCusum,
+    BinomialRun,
+    Calibration,
+    Detector,
+)
 
 SMOOTHING = 0.3  # weight of the newest window in the exponentially smoothed fraction
 UNKNOWN = "unknown"  # the label of crops the unknown-detector flags
+DEFAULT_ARL0 = 10_000
 
 
 class EvidenceTest(Protocol):
-    """How surprising ``k`` calls among ``n`` crops are when nothing new is present: the seam
-    for another alarm statistic (a sequential test, a test with a prior, …)."""
+    """How surprising ``k`` calls among ``n`` crops are when nothing new is present (the
+    unknown crops' test)."""
 
     def p_value(self, k: int, n: int) -> float:
         """P(at least ``k`` of ``n`` | nothing new), for ``n`` >= 1."""
@@ -52,8 +61,14 @@ class BinomialTest:
 
 @dataclass(frozen=True)
 class AlarmRule:
-    """What counts as evidence of the impurity: ``consecutive`` windows in a row whose
-    :meth:`test` p-value is below ``alpha``."""
+    """What counts as evidence of the impurity.
+
+    ``rule``: ``cusum`` (over-dispersion and drift aware, promises ``arl0``) or ``binomial``
+    (``consecutive`` windows in a row with p < ``alpha``). ``false_positive_rate``: the
+    clean rate's upper bound; ``min_shift``: the cusum alarms only on a share above
+    ``false_positive_rate + min_shift``; ``dispersion``: the intra-window correlation the
+    cusum assumes (the calibration's upper bound when measured).
+    """
 
     positive: str
     false_positive_rate: float
@@ -61,14 +76,51 @@ class AlarmRule:
     consecutive: int = 2
     source: str = "given"
     unknown_rate: float | None = None  # the detector's false-reject rate; None: no detector
+    rule: str = "cusum"
+    arl0: float = DEFAULT_ARL0
+    min_shift: float = 0.0
+    dispersion: float = 0.0
+    design_crops: int = 0  # the cusum's window size; 0: the first window's
+    calibration: Calibration | None = None
 
-    def test(self) -> EvidenceTest:
-        """The test of a window's impurity calls (the binomial rule)."""
-        return BinomialTest(self.false_positive_rate)
+    @property
+    def in_control_share(self) -> float:
+        """The share up to which the stream counts as clean (the cusum's p0)."""
+        return self.false_positive_rate + (self.min_shift if self.rule == "cusum" else 0.0)
+
+    def detector(self) -> Detector:
+        """A fresh detector of the impurity (its state starts at zero)."""
+        if self.rule == "binomial":
+            return BinomialRun(self.false_positive_rate, self.alpha, self.consecutive)
+        p0 = self.in_control_share
+        return BetaBinomialCusum(p0, p0 + max(self.min_shift, self.false_positive_rate),
+                                 self.dispersion, self.arl0, self.design_crops)
 
     def unknown_test(self) -> EvidenceTest | None:
         """The test of a window's unknown crops, when the model has a detector."""
         return None if self.unknown_rate is None else BinomialTest(self.unknown_rate)
+
+    def check(self) -> None:
+        """Every setting in range, with a one-line message naming the option."""
+        if self.rule not in RULES:
+            raise UserError(f"--rule {self.rule}: use {' or '.join(RULES)}")
+        if not 0 < self.alpha < 1 or self.consecutive < 1:
+            raise UserError("--alpha: give a probability in (0, 1); --consecutive: at least 1")
+        if not 0 <= self.false_positive_rate < 1:
+            raise UserError(f"--false-positive-rate {self.false_positive_rate}: give a rate "
+                            "from 0 to below 1")
+        if self.rule == "cusum":
+            if self.false_positive_rate <= 0:
+                raise UserError("--false-positive-rate 0: the cusum rule needs a rate above 0 "
+                                "(or use --rule binomial)")
+            if not 0 <= self.min_shift < 1 - self.false_positive_rate:
+                raise UserError(f"--min-shift {self.min_shift}: give a share from 0 to below "
+                                f"{1 - self.false_positive_rate:.4f}")
+            if self.arl0 < 10:
+                raise UserError(f"--arl0 {self.arl0:g}: give at least 10 windows")
+            if not 0 <= self.dispersion < 1:
+                raise UserError(f"--dispersion {self.dispersion}: give a correlation from 0 "
+                                "to below 1")
 
 
 @dataclass
@@ -82,9 +134,11 @@ class WindowResult:
     fraction: float | None
     interval: tuple[float, float] | None
     smoothed: float | None
-    p_value: float | None
+    p_value: float | None  # the window's own one-sided p-value under the clean model
     significant: bool
     alarm: bool
+    statistic: float | None = None  # the rule's running statistic (cusum: S; binomial: run)
+    threshold: float | None = None  # the alarm fires when the statistic reaches it
     unreadable: list[str] = field(default_factory=list)
     unknown: int = 0  # crops flagged unknown (not in ``crops``)
     unknown_fraction: float | None = None  # of all classified crops, unknown included
@@ -130,18 +184,6 @@ def false_positive_rate_from_report(report_json: Path, positive: str) -> tuple[f
                          f"on the test split ({report_json})")
 
 
-def false_positive_rate_from_clean_stream(predicted: list[str], positive: str
-                                         ) -> tuple[float, str]:
-    """Upper 95% Wilson bound of the share of ``positive`` calls on a known-clean stream."""
-    if not predicted:
-        raise UserError("--calibrate: the calibration stream holds no readable crops")
-    calls = predicted.count(positive)
-    interval = wilson_interval(calls, len(predicted))
-    assert interval is not None
-    return interval[1], (f"upper 95% bound of {calls}/{len(predicted)} {positive} calls on "
-                         "the clean calibration stream")
-
-
 class Trend:
     """Feeds windows in time order; keeps the smoothed fraction and the alarm state."""
 
@@ -149,15 +191,14 @@ class Trend:
         if rule.positive not in classes:
             raise UserError(f"--positive {rule.positive}: not a class of the model "
                             f"({', '.join(classes)})")
-        if not 0 <= rule.false_positive_rate < 1:
-            raise UserError(f"--false-positive-rate {rule.false_positive_rate}: give a rate "
-                            "from 0 to below 1")
+        rule.check()
         self.classes, self.rule = classes, rule
-        self.test, self.unknown_test = rule.test(), rule.unknown_test()
+        self.detector, self.unknown_test = rule.detector(), rule.unknown_test()
         self.smoothed: float | None = None
-        self.run_of_significant = 0
         self.run_of_unknown = 0
         self.alarm_window: WindowResult | None = None
+        self.evidence_since: int | None = None  # the window where the statistic left zero
+        self.evidence_counts = [0, 0]  # impurity calls and crops since then
 
     def add(self, index: int, time: str, predicted: list[str],
             unreadable: list[str] | None = None) -> WindowResult:
@@ -166,22 +207,36 @@ class Trend:
         counts = {c: predicted.count(c) for c in self.classes}
         n, k = len(predicted) - unknown, counts[self.rule.positive]
         fraction = k / n if n else None
-        p_value = self.test.p_value(k, n) if n else None
-        significant = p_value is not None and p_value < self.rule.alpha
-        self.run_of_significant = self.run_of_significant + 1 if significant else 0
+        step = self.detector.step(k, n) if n else None
+        if step is None:
+            self.detector.empty()
+        elif step.statistic > 0:
+            if self.evidence_since is None:
+                self.evidence_since, self.evidence_counts = index, [0, 0]
+            self.evidence_counts[0] += k
+            self.evidence_counts[1] += n
+        else:
+            self.evidence_since = None
         if fraction is not None:
             self.smoothed = (fraction if self.smoothed is None
                              else SMOOTHING * fraction + (1 - SMOOTHING) * self.smoothed)
-        alarm = self.alarm_window is None and self.run_of_significant >= self.rule.consecutive
-        result = WindowResult(index=index, time=time, crops=n, counts=counts,
-                              fraction=fraction, interval=wilson_interval(k, n),
-                              smoothed=self.smoothed, p_value=p_value, significant=significant,
-                              alarm=alarm, unreadable=unreadable or [])
+        alarm = self.alarm_window is None and step is not None and step.alarm
+        result = WindowResult(
+            index=index, time=time, crops=n, counts=counts, fraction=fraction,
+            interval=wilson_interval(k, n), smoothed=self.smoothed,
+            p_value=None if step is None else step.p_value,
+            significant=step is not None and step.p_value < self.rule.alpha, alarm=alarm,
+            statistic=None if step is None else step.statistic,
+            threshold=None if step is None else step.threshold, unreadable=unreadable or [])
         if alarm:
             self.alarm_window = result
         if self.unknown_test is not None:
             self._add_unknown(result, unknown, len(predicted))
         return result
+
+    def promise(self) -> str:
+        """The rule and its false-alarm promise, in words."""
+        return self.detector.promise()
 
     def _add_unknown(self, result: WindowResult, unknown: int, total: int) -> None:
         """Could the detector's own false rejects explain this many unknown crops?"""
@@ -209,9 +264,20 @@ class Trend:
         """When, why, with which evidence."""
         rule = self.rule
         k = window.counts[rule.positive]
-        return (f"ALARM at window {window.index} ({window.time}): {k} of {window.crops} crops "
+        head = (f"ALARM at window {window.index} ({window.time}): {k} of {window.crops} crops "
                 f"called {rule.positive} ({100 * (window.fraction or 0):.1f}%, 95% interval "
-                f"{100 * window.interval[0]:.1f}-{100 * window.interval[1]:.1f}%); false "
-                f"positives alone (rate {rule.false_positive_rate:.4f}, {rule.source}) give "
-                f"this many with probability {window.p_value:.2e} < {rule.alpha:g}, "
-                f"{rule.consecutive} window(s) in a row")  # type: ignore[index]
+                f"{100 * window.interval[0]:.1f}-{100 * window.interval[1]:.1f}%); ")  # type: ignore[index]
+        if rule.rule == "binomial":
+            return head + (f"false positives alone (rate {rule.false_positive_rate:.4f}, "
+                           f"{rule.source}) give this many with probability "
+                           f"{window.p_value:.2e} < {rule.alpha:g}, {rule.consecutive} "
+                           "window(s) in a row")
+        since = self.evidence_since or window.index
+        calls, crops = self.evidence_counts
+        return head + (f"since window {since}, {calls} of {crops} crops "
+                       f"({100 * calls / max(1, crops):.1f}%) against a clean share of at most "
+                       f"{100 * rule.in_control_share:.2f}% (false-call rate "
+                       f"{rule.false_positive_rate:.4f}, {rule.source}"
+                       + (f", + min shift {rule.min_shift:.4f}" if rule.min_shift else "")
+                       + f"); CUSUM {window.statistic:.2f} >= {window.threshold:.2f}, set for "
+                       f"one false alarm per {rule.arl0:,.0f} windows at most")

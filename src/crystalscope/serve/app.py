@@ -14,6 +14,7 @@ time). The images of one request go through the model in one batch.
 
 from __future__ import annotations
 
+import bisect
 import secrets
 import tempfile
 import threading
@@ -146,8 +147,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
     def dashboard() -> str:
         return DASHBOARD
 
-    @app.get("/health")
-    def health() -> dict[str, str]:
+    @app.get("/health", response_model=None)
+    def health() -> dict[str, str] | JSONResponse:
+        """ok; 503 "degraded" with the reason when the monitor's watcher has stopped."""
+        monitor = settings.monitor
+        if monitor is not None:
+            watcher = monitor.watcher
+            if monitor.degraded is None and watcher is not None and not watcher.is_alive():
+                monitor.mark_degraded("the watcher thread is not running")
+            if monitor.degraded is not None:
+                return JSONResponse({"status": "degraded", "reason": monitor.degraded},
+                                    status_code=503)
         return {"status": "ok"}
 
     @app.get("/model", dependencies=[Depends(authorised)])
@@ -188,22 +198,40 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return {"query": describe(outputs, Path(file.filename or "").name),
                 "neighbours": found}
 
+    thumbnails: dict[int, list[dict[str, str]]] = {}  # alarm window -> its example crops
+
     @app.get("/monitor", dependencies=[Depends(authorised)])
-    def monitor() -> dict[str, Any]:
-        """The trend so far and the alarm state (404 when not monitoring)."""
+    def monitor(since: int = 0) -> dict[str, Any]:
+        """The trend (windows after ``since``: poll with the last index seen, so each poll
+        costs the new windows only), the status and the alarm with its evidence (404 when not
+        monitoring)."""
         if settings.monitor is None:
             raise HTTPException(404, "not monitoring: start serve with --monitor STREAM")
-        result = settings.monitor.result
-        return {"positive": settings.monitor.rule.positive,
-                "false_positive_rate": settings.monitor.rule.false_positive_rate,
+        runner = settings.monitor
+        result, rule = runner.result, runner.rule
+        status, reason = runner.status()
+        alarm = result.alarm
+        if alarm is not None and alarm.index not in thumbnails:
+            thumbnails[alarm.index] = [{"path": str(p), "thumbnail": thumbnail_uri(p, 96)}
+                                       for p in result.examples.get(alarm.index, [])]
+        return {"positive": rule.positive, "rule": rule.rule,
+                "promise": runner.trend.promise(),
+                "false_positive_rate": rule.false_positive_rate,
+                "base_rate": rule.in_control_share, "status": status, "reason": reason,
+                "windows_total": len(result.windows),
                 "windows": [{"window": w.index, "time": w.time, "crops": w.crops,
                              "fraction": w.fraction,
                              "interval": list(w.interval) if w.interval else None,
+                             "statistic": w.statistic, "threshold": w.threshold,
                              "alarm": w.alarm, "unknown": w.unknown,
                              "unknown_fraction": w.unknown_fraction,
-                             "unknown_alarm": w.unknown_alarm} for w in list(result.windows)],
+                             "unknown_alarm": w.unknown_alarm}
+                            for w in result.windows[bisect.bisect_right(
+                                result.windows, since, key=lambda w: w.index):]],
                 "alarm": result.alarm_text,
-                "unknown_alarms": [settings.monitor.trend.explain_unknown_alarm(w)
-                               for w in result.unknown_alarms]}
+                "alarm_window": alarm.index if alarm else None,
+                "examples": thumbnails.get(alarm.index, []) if alarm else [],
+                "unknown_alarms": [runner.trend.explain_unknown_alarm(w)
+                                   for w in result.unknown_alarms]}
 
     return app

@@ -13,8 +13,14 @@ body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
 .similar img { width: 48px; height: 48px; object-fit: cover; margin: 2px; }
 .error { color: #b00; }
 .unknown { color: #a60; font-weight: bold; }
-#alarm { font-weight: bold; }
-#alarm.on { color: #b00; }
+#status { padding: .6rem .8rem; border-radius: 6px; background: #e8f5e9; }
+#status.alarm { background: #b00020; color: white; font-weight: bold; font-size: 1.1rem; }
+#status.unknown-particles { background: #fff3cd; }
+#status.degraded { background: #ddd; color: #333; font-weight: bold; }
+#examples img { width: 72px; height: 72px; object-fit: cover; margin: .3rem .3rem 0 0;
+                border: 2px solid white; }
+#promise, #legend { font-size: .8rem; color: #555; }
+#chart { background: #fafafa; border: 1px solid #ddd; }
 </style></head>
 <body>
 <h1>crystalscope</h1>
@@ -22,9 +28,16 @@ body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
 <div id="drop">Drop crystal images here, or
   <input id="files" type="file" accept="image/*" multiple></div>
 <div id="cards"></div>
-<section id="trend" hidden><h2>Batch trend</h2><p id="alarm"></p>
-  <svg id="chart" width="640" height="200" role="img" aria-label="impurity share per window">
-  </svg></section>
+<section id="trend" hidden><h2>Batch trend</h2>
+  <div id="status" role="status" aria-live="assertive"><span id="status-text"></span>
+    <div id="examples"></div></div>
+  <p id="promise"></p>
+  <svg id="chart" width="720" height="240" role="img" aria-label="impurity share per window">
+  </svg>
+  <p id="legend"><span style="color:darkorange">&#9632;</span> impurity share with its 95%
+    interval &nbsp; <span style="color:#777">- - -</span> clean up to (no alarm below) &nbsp;
+    <span style="color:purple">&#9632;</span> unknown share &nbsp;
+    <span style="color:#b00">|</span> alarm</p></section>
 <script>
 const token = new URLSearchParams(location.search).get("token");
 const headers = token ? {"Authorization": "Bearer " + token} : {};
@@ -72,23 +85,73 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", e => { e.preventDefault(); drop.classList.remove("over");
                                      handle(e.dataTransfer.files); });
 document.getElementById("files").addEventListener("change", e => handle(e.target.files));
+const series = [];  // every window seen so far; each poll fetches only the new ones
 async function trend() {
-  const state = await api("/monitor");
+  const since = series.length ? series[series.length - 1].window : 0;
+  const state = await api("/monitor?since=" + since);
+  series.push(...state.windows);
   document.getElementById("trend").hidden = false;
-  const alarm = document.getElementById("alarm");
-  alarm.textContent = state.alarm || ("no alarm; " + state.windows.length + " windows");
-  alarm.className = state.alarm ? "on" : "";
-  const svg = document.getElementById("chart"), w = 640, h = 200;
-  const points = state.windows.filter(x => x.fraction !== null).map((x, i, all) =>
-    (i * (w - 20) / Math.max(1, all.length - 1) + 10) + "," + (h - 10 - x.fraction * (h - 20)));
-  svg.innerHTML = '<polyline fill="none" stroke="darkorange" stroke-width="2" points="' +
-                  points.join(" ") + '"></polyline>';
+  const status = document.getElementById("status");
+  status.className = state.status.replace(" ", "-");
+  document.getElementById("status-text").textContent =
+    state.status === "ok" ? "OK: " + state.reason : state.status.toUpperCase() + ": " + state.reason;
+  const examples = document.getElementById("examples");
+  if (examples.childElementCount !== state.examples.length) {
+    examples.replaceChildren(...state.examples.map(e => {
+      const img = document.createElement("img"); img.src = e.thumbnail; img.title = e.path;
+      img.alt = "crop called " + state.positive; return img; }));
+  }
+  document.getElementById("promise").textContent = "rule: " + state.promise;
+  draw(state);
+}
+async function follow() {  // one poll at a time: no window is fetched twice
+  try { await trend(); } catch (error) {
+    const status = document.getElementById("status");
+    status.className = "degraded";
+    document.getElementById("status-text").textContent = "NO CONNECTION: " + error.message;
+  }
+  setTimeout(follow, 2000);
+}
+function draw(state) {
+  const svg = document.getElementById("chart"), w = 720, h = 240, pad = 30;
+  const shown = series.filter(x => x.fraction !== null);
+  const top = Math.min(1, Math.max(0.05, state.base_rate * 2,
+    ...shown.map(x => x.interval ? x.interval[1] : x.fraction),
+    ...series.map(x => x.unknown_fraction || 0)) * 1.1);
+  const first = series.length ? series[0].window : 1;
+  const last = series.length ? series[series.length - 1].window : 1;
+  const X = i => pad + (i - first) * (w - 2 * pad) / Math.max(1, last - first);
+  const Y = v => h - pad - v * (h - 2 * pad) / top;
+  const line = (points, style) => '<polyline fill="none" ' + style + ' points="' +
+    points.map(p => X(p[0]).toFixed(1) + "," + Y(p[1]).toFixed(1)).join(" ") + '"/>';
+  const band = shown.filter(x => x.interval);
+  let body = '<line x1="' + pad + '" x2="' + (w - pad) + '" y1="' + Y(0) + '" y2="' + Y(0) +
+    '" stroke="#999"/><text x="2" y="' + (pad - 8) + '" font-size="11">' +
+    (100 * top).toFixed(1) + '%</text><text x="2" y="' + (h - pad + 4) +
+    '" font-size="11">0%</text><text x="' + (w - pad) + '" y="' + (h - 8) +
+    '" font-size="11" text-anchor="end">window ' + last + '</text>';
+  if (band.length) body += '<polygon id="interval" fill="orange" fill-opacity="0.25" points="' +
+    band.map(x => X(x.window).toFixed(1) + "," + Y(x.interval[1]).toFixed(1))
+      .concat(band.slice().reverse().map(x => X(x.window).toFixed(1) + "," +
+                                           Y(x.interval[0]).toFixed(1))).join(" ") + '"/>';
+  body += '<line id="base-rate" x1="' + pad + '" x2="' + (w - pad) + '" y1="' +
+    Y(state.base_rate) + '" y2="' + Y(state.base_rate) +
+    '" stroke="#777" stroke-dasharray="6 4"/>';
+  const unknown = series.filter(x => x.unknown_fraction !== null);
+  if (unknown.length) body += line(unknown.map(x => [x.window, x.unknown_fraction]),
+                                   'id="unknown" stroke="purple" stroke-width="1.5"');
+  body += line(shown.map(x => [x.window, x.fraction]),
+               'id="share" stroke="darkorange" stroke-width="2"');
+  if (state.alarm_window !== null) body += '<line id="alarm-line" x1="' +
+    X(state.alarm_window) + '" x2="' + X(state.alarm_window) + '" y1="' + pad + '" y2="' +
+    (h - pad) + '" stroke="#b00" stroke-width="2"/>';
+  svg.innerHTML = body;
 }
 api("/model").then(m => {
   info = m;
   document.getElementById("model").textContent = "classes: " + m.classes.join(", ") +
     " · input " + m.input_size + " px · " + m.backend;
-  if (m.monitoring) { trend(); setInterval(trend, 2000); }
+  if (m.monitoring) follow();
 }).catch(e => { document.getElementById("model").textContent = e.message; });
 </script></body></html>
 """

@@ -2,8 +2,9 @@
 onset on — and a control batch without PG — to test and demonstrate `monitor`.
 
 Layout: ``OUT/pg-batch/t0001/crop-0001.png …``, ``OUT/control/t0001/…`` and
-``OUT/calibration/t0001/…`` (a second PG-free batch, to measure the model's false-positive rate
-under the same imaging, as a plant would on a known-clean batch), one folder per time window,
+``OUT/calibration/t0001/…`` (a second PG-free batch of ``calibration_windows`` windows, to
+measure the model's false-positive rate and its spread under the same imaging, as a plant would
+on a known-clean batch), one folder per time window,
 plus ``truth.csv`` in each batch (window, PG crops, all crops) and ``batch.json``.
 The PG share is 0 before ``onset`` and grows by ``rate`` per window after it (up to
 ``max_fraction``).
@@ -40,6 +41,9 @@ class BatchSettings(Settings):
     seed: int = 0
     frames: int = Field(0, ge=0)  # > 0: this many full probe frames per window, not crops
     frame_size: int = 604
+    # The clean calibration stream's windows: the alarm measures the false calls' window-to-
+    # window spread on at least 30.
+    calibration_windows: int = Field(40, ge=1)
 
     @model_validator(mode="after")
     def _fits(self) -> BatchSettings:
@@ -100,8 +104,9 @@ def synthesize_batch(out: Path, settings: BatchSettings, *, workers: int | None 
     summary = {"settings": settings.model_dump(), "batches": {}}
     for stream, (name, with_pg) in enumerate((("pg-batch", True), ("control", False),
                                               ("calibration", False))):
+        windows = settings.calibration_windows if name == "calibration" else settings.windows
         jobs = [(out / name / f"t{w:04d}", w, settings.per_window, with_pg, settings, stream)
-                for w in range(1, settings.windows + 1)]
+                for w in range(1, windows + 1)]
         counts = []
         for result in ordered_map(_render_window, jobs, workers=workers, min_parallel=4,
                                   chunksize=1):
