@@ -82,6 +82,16 @@ def monitor(
     = None,
     post: Annotated[str | None, typer.Option(
         help="URL to POST the alarm's evidence to (JSON).")] = None,
+    repeat_alarm: Annotated[int, typer.Option(
+        help="Repeat a standing alarm (message, event, hooks) every this many windows until "
+             "the batch ends (0: once).")] = 10,
+    post_retries: Annotated[int, typer.Option(
+        help="--post: tries after the first, 0.5, 1, 2 … s apart; each failure is an event.")]
+    = 3,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Start over in --out (its trend.csv and events.jsonl are replaced); "
+                        "without it a run on the same stream resumes where it stopped.")]
+    = False,
     opcua: OpcUaOption = None,
     opcua_cert: OpcUaCertOption = None,
     opcua_key: OpcUaKeyOption = None,
@@ -113,8 +123,17 @@ def monitor(
         raise UserError(f"--watch {stream}: give the folder the probe writes time folders to")
     publisher = open_opcua(opcua, opcua_cert, opcua_key, opcua_trust, stream, Path(model))
     try:
+        if repeat_alarm < 0 or post_retries < 0:
+            raise UserError("--repeat-alarm and --post-retries: give 0 or more")
+        identity = {"stream": str(stream.resolve()), "model": str(Path(model).resolve()),
+                    "positive": positive, "rule": alarm_rule.rule,
+                    "false_positive_rate": alarm_rule.false_positive_rate,
+                    "min_shift": alarm_rule.min_shift, "arl0": alarm_rule.arl0,
+                    "alpha": alarm_rule.alpha, "consecutive": alarm_rule.consecutive}
         runner = Monitor(predictor, alarm_rule, out_dir, on_alarm=on_alarm, post_url=post,
-                         cutting=cutting, publishers=[publisher] if publisher else [])
+                         cutting=cutting, publishers=[publisher] if publisher else [],
+                         repeat_every=repeat_alarm, post_retries=post_retries,
+                         identity=identity, resume=not fresh)
         say_rule(alarm_rule, runner.trend.promise())
         if watch_mode:
             result = watch(runner, stream, poll_s=poll, settle_s=settle,
@@ -133,7 +152,9 @@ def monitor(
                  "crops/s" if frames else f"{result.crops / per_second:.0f} crops/s")
     counted = (f"{result.images} frames, {result.crops} crops" if frames
                else f"{result.crops} crops")
-    out.print(f"{len(result.windows)} windows, {counted} ({rate_text}); "
+    earlier = (f" ({result.resumed_windows} done by the earlier run; this run: {counted})"
+               if result.resumed_windows else f", {counted}")
+    out.print(f"{len(result.windows)} windows{earlier} ({rate_text}); "
               + (f"alarm at window {result.alarm.index} ({result.alarm.time})" if result.alarm
                  else "no alarm"))
     out.print(f"wrote {', '.join(result.files)} to {out_dir}")

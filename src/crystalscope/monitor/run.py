@@ -7,6 +7,7 @@ hook failures) and timeline.png. Problems in the stream are events, never the en
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -30,6 +31,7 @@ from crystalscope.model.spec import resolve_model
 from crystalscope.monitor.cutting import Cutter, cut_frame
 from crystalscope.monitor.frames import Window, read_stream
 from crystalscope.monitor.report import plot_timeline
+from crystalscope.monitor.resume import Previous, read_previous
 from crystalscope.monitor.rules import Calibration, assumed_calibration, calibrate_counts
 from crystalscope.monitor.trend import (
     DEFAULT_ARL0,
@@ -103,11 +105,15 @@ class Monitor:
                  on_alarm: str | None = None, post_url: str | None = None,
                  cutting: FrameCutting | None = None,
                  say: Callable[[str], None] = err.print,
-                 publishers: Sequence[Publisher] = ()) -> None:
+                 publishers: Sequence[Publisher] = (), repeat_every: int = 10,
+                 post_retries: int = 3, post_backoff_s: float = 0.5,
+                 identity: dict[str, object] | None = None, resume: bool = False) -> None:
         if rule.unknown_rate is None and predictor.unknown_detector is not None:
             rule = replace(rule, unknown_rate=unknown_rate(predictor))
         self.predictor, self.rule, self.say, self.cutting = predictor, rule, say, cutting
         self.publishers = list(publishers)
+        self.repeat_every, self.post_retries = repeat_every, post_retries
+        self.post_backoff_s = post_backoff_s
         self.degraded: str | None = None  # why the monitor can no longer be trusted
         self.watcher: object = None  # the thread that feeds it, when it runs in one
         self.trend = Trend(predictor.classes, rule)
@@ -117,13 +123,61 @@ class Monitor:
         self.result = MonitorResult(files={"trend.csv": self.out_dir / "trend.csv",
                                            "events.jsonl": self.out_dir / "events.jsonl",
                                            "timeline.png": self.out_dir / "timeline.png"})
+        self.header = [*TREND_COLUMNS, *(f"count_{c}" for c in predictor.classes),
+                       *(UNKNOWN_COLUMNS if rule.unknown_rate is not None else ())]
+        self.done_times: set[str] = set()  # windows an earlier run on this --out processed
+        previous = (read_previous(self.out_dir, identity or {}, self.header, predictor.classes)
+                    if resume else None)
+        if previous is not None:
+            self._restore(previous)
+            return
         for name in ("trend.csv", "events.jsonl"):
             self.result.files[name].unlink(missing_ok=True)  # a new run, new files
         with self.result.files["trend.csv"].open("w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerow([*TREND_COLUMNS,
-                                         *(f"count_{c}" for c in predictor.classes),
-                                         *(UNKNOWN_COLUMNS if rule.unknown_rate is not None
-                                           else ())])
+            csv.writer(handle).writerow(self.header)
+        self.event("start", **(identity or {}))
+
+    def _restore(self, previous: Previous) -> None:
+        """Go on where an earlier run on this --out stopped (see monitor/resume.py)."""
+        windows, trend = previous.windows, self.trend
+        self.result.windows = list(windows)
+        self.result.resumed_windows = len(windows)
+        self.result.resumed_crops = sum(w.crops for w in windows)
+        self.done_times = {w.time for w in windows}
+        trend.smoothed = next((w.smoothed for w in reversed(windows) if w.smoothed is not None),
+                              None)
+        detector = trend.detector
+        first = next((w for w in windows if w.crops), None)
+        if first is not None and getattr(detector, "design_crops", None) == 0:
+            detector.step(0, first.crops)  # sets the threshold for the first window's size
+        detector.reset()
+        last = next((w for w in reversed(windows) if w.statistic is not None), None)
+        if last is not None:
+            detector.statistic = last.statistic  # type: ignore[attr-defined]
+        for window in reversed(windows):  # where the running evidence began
+            if not window.statistic:
+                break
+            trend.evidence_since = window.index
+            trend.evidence_counts[0] += window.counts[self.rule.positive]
+            trend.evidence_counts[1] += window.crops
+        for window in reversed(windows):
+            if window.unknown_p_value is None or window.unknown_p_value >= self.rule.alpha:
+                break
+            trend.run_of_unknown += 1
+        by_index = {w.index: w for w in windows}
+        self.result.unknown_alarms = [by_index[i] for i in previous.unknown_alarm_windows
+                                      if i in by_index]
+        if previous.alarm is not None and previous.alarm.get("window") in by_index:
+            alarm = by_index[previous.alarm["window"]]
+            self.result.alarm, trend.alarm_window = alarm, alarm
+            self.result.alarm_text = previous.alarm.get("message")
+            self.result.examples[alarm.index] = [Path(p) for p in
+                                                 previous.alarm.get("examples", [])]
+        self.event("resumed", after_window=windows[-1].index if windows else 0,
+                   alarm_window=self.result.alarm.index if self.result.alarm else None)
+        self.say(f"resuming {self.out_dir}: {len(windows)} windows done"
+                 + (f", alarm standing since window {self.result.alarm.index}"
+                    if self.result.alarm else ""))
 
     def status(self) -> tuple[str, str]:
         """(ok | alarm | unknown particles | degraded, why) — for /health, OPC UA, the page."""
@@ -140,7 +194,8 @@ class Monitor:
     def mark_degraded(self, why: str) -> None:
         """The watcher stopped or the stream cannot be read: say so everywhere."""
         self.degraded = why
-        self.event("degraded", reason=why)
+        with contextlib.suppress(OSError):  # the out folder may be what failed
+            self.event("degraded", reason=why)
         self.say(f"[bold yellow]monitor degraded: {why}[/bold yellow]")
         self._publish()
 
@@ -209,6 +264,9 @@ class Monitor:
                        examples=[str(p) for p in unknowns[:4]], message=text)
         if result.alarm:
             self._raise_alarm(result)
+        elif (self.result.alarm is not None and self.repeat_every
+              and (result.index - self.result.alarm.index) % self.repeat_every == 0):
+            self._repeat_alarm(result)
         self._publish(result)
         return result
 
@@ -236,8 +294,27 @@ class Monitor:
                     "false_positive_rate": self.rule.false_positive_rate,
                     "in_control_share": self.rule.in_control_share,
                     "alpha": self.rule.alpha, "promise": self.trend.promise(),
+                    "examples": [str(p) for p in self.result.examples.get(window.index, [])],
                     "message": text}
         self.event("alarm", **evidence)
+        self._notify(evidence)
+
+    def _repeat_alarm(self, window: WindowResult) -> None:
+        """The alarm stands until the batch ends: remind every ``repeat_every`` windows."""
+        alarm = self.result.alarm
+        assert alarm is not None
+        text = (f"ALARM STILL ACTIVE (since window {alarm.index}, {alarm.time}): window "
+                f"{window.index} ({window.time}) has {window.counts[self.rule.positive]} of "
+                f"{window.crops} crops called {self.rule.positive}")
+        self.say(f"[bold red]{text}[/bold red]")
+        evidence = {"window": window.index, "time": window.time, "crops": window.crops,
+                    "counts": window.counts, "fraction": window.fraction,
+                    "alarm_window": alarm.index, "repeated": True, "message": text}
+        self.event("alarm_repeated", **evidence)
+        self._notify(evidence)
+
+    def _notify(self, evidence: dict) -> None:
+        """The alarm's hooks: a command and an HTTP POST, each failure an event."""
         if self.on_alarm:
             try:
                 subprocess.run(shlex.split(self.on_alarm), check=True, timeout=30,
@@ -246,13 +323,28 @@ class Monitor:
                 self.event("hook_failed", hook="command", error=str(exc))
                 self.say(f"[yellow]--on-alarm failed: {exc}[/yellow]")
         if self.post_url:
-            request = urllib.request.Request(self.post_url, data=json.dumps(evidence).encode(),
+            self._post(evidence)
+
+    def _post(self, evidence: dict) -> bool:
+        """POST with retries: ``post_retries`` more tries after the first, waiting 0.5, 1,
+        2 … s between them; every failed try is an event. True when delivered."""
+        body = json.dumps(evidence).encode()
+        for attempt in range(self.post_retries + 1):
+            request = urllib.request.Request(self.post_url, data=body,  # type: ignore[arg-type]
                                              headers={"Content-Type": "application/json"})
             try:
                 urllib.request.urlopen(request, timeout=5).close()
+                return True
             except OSError as exc:
-                self.event("hook_failed", hook="post", error=str(exc))
-                self.say(f"[yellow]--post {self.post_url} failed: {exc}[/yellow]")
+                last = attempt == self.post_retries
+                self.event("hook_failed", hook="post", attempt=attempt + 1, final=last,
+                           error=str(exc))
+                if last:
+                    self.say(f"[yellow]--post {self.post_url} failed {attempt + 1} times: "
+                             f"{exc}[/yellow]")
+                    return False
+                time.sleep(self.post_backoff_s * 2 ** attempt)
+        return False
 
     def finish(self) -> MonitorResult:
         if self.result.windows:
@@ -371,6 +463,8 @@ def replay(monitor: Monitor, stream: Path,
            ) -> MonitorResult:
     """Every window of a recorded stream, in time order (options: see ``read_stream``)."""
     for window in read_stream(stream, **stream_options):  # type: ignore[arg-type]
+        if window.time in monitor.done_times:  # an earlier run on this --out did it
+            continue
         monitor.process(window)
         if progress:
             progress(1)
@@ -417,7 +511,8 @@ def watch(monitor: Monitor, stream: Path, *, poll_s: float = 1.0, settle_s: floa
     A window is complete once a later window folder exists, or when nothing in it has changed
     for ``settle_s`` seconds.
     """
-    done: set[str] = set()
+    done: set[str] = set(monitor.done_times)
+    vanished: set[str] = set()  # not counted as windows
     open_window: _OpenWindow | None = None
     last_activity = time.monotonic()
     monitor.say(f"watching {stream} (Ctrl-C to stop)")
@@ -429,11 +524,19 @@ def watch(monitor: Monitor, stream: Path, *, poll_s: float = 1.0, settle_s: floa
                 monitor.event("stream_unreadable", error=str(exc))
                 folders = []
             for position, folder in enumerate(folders):
-                if folder.name in done:
+                if folder.name in done or folder.name in vanished:
                     continue
                 if open_window is None or open_window.folder != folder:
                     open_window = _OpenWindow(folder, settle_s)
-                newest = open_window.look()
+                try:
+                    newest = open_window.look()
+                except OSError as exc:  # deleted or rotated away before it was processed
+                    monitor.event("window_vanished", time=folder.name, error=str(exc))
+                    monitor.say(f"[yellow]window {folder.name}: gone before it was read; "
+                                "skipped[/yellow]")
+                    open_window = None
+                    vanished.add(folder.name)
+                    continue
                 later_exists = position < len(folders) - 1
                 if not later_exists and time.time() - newest < settle_s:
                     break  # the probe may still be writing this window

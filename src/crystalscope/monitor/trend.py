@@ -156,6 +156,8 @@ class MonitorResult:
     unknown_alarms: list[WindowResult] = field(default_factory=list)  # where such events began
     crops: int = 0
     images: int = 0
+    resumed_windows: int = 0  # windows an earlier run on the same --out processed
+    resumed_crops: int = 0
     seconds: float = 0.0
     examples: dict[int, list[Path]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)

@@ -94,7 +94,8 @@ async function trend() {
   const status = document.getElementById("status");
   status.className = state.status.replace(" ", "-");
   document.getElementById("status-text").textContent =
-    state.status === "ok" ? "OK: " + state.reason : state.status.toUpperCase() + ": " + state.reason;
+    state.status === "alarm" ? state.reason :  // the alarm's text begins "ALARM at window"
+    (state.status === "ok" ? "OK" : state.status.toUpperCase()) + ": " + state.reason;
   const examples = document.getElementById("examples");
   if (examples.childElementCount !== state.examples.length) {
     examples.replaceChildren(...state.examples.map(e => {
