@@ -83,8 +83,6 @@ def main() -> None:
                         help="--overdispersed: crops per window")
     args = parser.parse_args()
     if args.overdispersed:
-        global CALIBRATION_WINDOWS
-        CALIBRATION_WINDOWS = args.calibration_windows
         overdispersed(args)
         return
     with tempfile.TemporaryDirectory() as model_dir:
@@ -167,10 +165,10 @@ def make_rule(kind: str, counts: list[tuple[int, int]], stream: CountStream) -> 
                      design_crops=calibration.window_crops, calibration=calibration)
 
 
-def calibrated(kind: str, stream: CountStream, rng: np.random.Generator, z: float | None
-               ) -> tuple[object, float]:
-    """A fresh detector calibrated on CALIBRATION_WINDOWS clean windows; the drift's state."""
-    rates, z = drift_path(stream, CALIBRATION_WINDOWS, rng, z)
+def calibrated(kind: str, stream: CountStream, rng: np.random.Generator, z: float | None,
+               windows: int) -> tuple[object, float]:
+    """A fresh detector calibrated on ``windows`` clean windows; the drift's state."""
+    rates, z = drift_path(stream, windows, rng, z)
     counts = window_counts(stream, rates, rng)
     rule = make_rule(kind, [(int(k), stream.crops) for k in counts], stream)
     return rule.detector(), z
@@ -189,20 +187,21 @@ def alarms(detector: object, counts: np.ndarray, crops: int, *, first_only: bool
     return found
 
 
-def one_setting(stream: CountStream, trials: int, seed: int) -> dict:
+def one_setting(stream: CountStream, trials: int, seed: int, calibration_windows: int
+                ) -> dict:
     """False alarms per 10^4 clean windows and median delays to 2x/3x/5x, per rule."""
     result = {}
     for kind in ("cusum", "binomial", "oracle"):
         rng = np.random.default_rng(seed)  # both rules see the same streams
         false_alarms = 0
         for _ in range(CLEAN_RUNS):
-            detector, z = calibrated(kind, stream, rng, None)
+            detector, z = calibrated(kind, stream, rng, None, calibration_windows)
             rates, z = drift_path(stream, CLEAN_WINDOWS, rng, z)
             false_alarms += len(alarms(detector, window_counts(stream, rates, rng),
                                        stream.crops))
         delays = {m: [] for m in STEPS}
         for _ in range(trials):
-            detector, z = calibrated(kind, stream, rng, None)
+            detector, z = calibrated(kind, stream, rng, None, calibration_windows)
             rates, z = drift_path(stream, 50, rng, z)
             alarms(detector, window_counts(stream, rates, rng), stream.crops)
             state = detector.statistic  # type: ignore[attr-defined]
@@ -224,7 +223,7 @@ def overdispersed(args: argparse.Namespace) -> None:
     import time
 
     print(f"false-call rate {args.false_rate:.0%}, {args.crops} crops a window, AR(1) 0.95, "
-          f"calibrated on {CALIBRATION_WINDOWS} clean windows; cusum ARL0 10^4, min shift = "
+          f"calibrated on {args.calibration_windows} clean windows; cusum ARL0 10^4, min shift = "
           "drift x rate; binomial alpha 1e-3 x 2 windows", flush=True)
     print("| rho | drift | rule | false alarms / 10^4 windows | median delay 2x | 3x | 5x |")
     print("|---|---|---|---|---|---|---|")
@@ -232,7 +231,8 @@ def overdispersed(args: argparse.Namespace) -> None:
         for drift in (0.0, 0.5, 1.0):
             stream = CountStream(rate=args.false_rate, rho=rho, drift=drift, crops=args.crops)
             start = time.perf_counter()
-            result = one_setting(stream, args.trials, seed=int(1000 * rho + 10 * drift))
+            result = one_setting(stream, args.trials, seed=int(1000 * rho + 10 * drift),
+                                 calibration_windows=args.calibration_windows)
             for kind, numbers in result.items():
                 delays = " | ".join(
                     f"{numbers[f'delay_{m}x']:.0f}"

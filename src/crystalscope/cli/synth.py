@@ -131,6 +131,6 @@ def synth_batch(
         summary = synthesize_batch(out_dir, settings,
                                    progress=lambda n: progress.advance(task, n))
     for batch in summary["batches"].values():
-        count = len(list(Path(batch["folder"]).glob("t*")))
+        count = sum(p.is_dir() for p in Path(batch["folder"]).iterdir())
         out.print(f"{batch['folder']}: {count} windows of {per_window} crops; first PG in "
                   f"window {batch['first_pg_window'] or '-'}")
