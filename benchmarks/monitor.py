@@ -33,8 +33,9 @@ import numpy as np
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
 from crystalscope.infer.predictor import load_predictor
+from crystalscope.monitor.rule_setup import build_alarm_rule
 from crystalscope.monitor.rules import calibrate_counts
-from crystalscope.monitor.run import FrameCutting, Monitor, build_alarm_rule, replay
+from crystalscope.monitor.run import FrameCutting, Monitor, replay
 from crystalscope.monitor.trend import AlarmRule
 from crystalscope.synth.batch import BatchSettings, synthesize_batch
 from crystalscope.synth.counts import CountStream, drift_path, window_counts

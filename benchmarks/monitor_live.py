@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from crystalscope.infer.predictor import load_predictor
-from crystalscope.monitor.run import Monitor, watch
+from crystalscope.monitor.run import Monitor
 from crystalscope.monitor.trend import AlarmRule
+from crystalscope.monitor.watching import watch
 from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
 

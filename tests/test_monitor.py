@@ -254,7 +254,7 @@ def test_the_false_positive_rate_comes_from_the_report_beside_a_run_or_a_model_f
         tmp_path: Path) -> None:
     """One rule for monitor and serve: MODEL may be the run folder or its model.onnx."""
     from crystalscope.errors import UserError
-    from crystalscope.monitor.run import choose_false_positive_rate
+    from crystalscope.monitor.rule_setup import choose_false_positive_rate
     from crystalscope.monitor.trend import false_positive_rate_from_report
 
     run = tmp_path / "run"
@@ -300,7 +300,7 @@ def test_a_class_named_unknown_is_refused(exported_run: Path) -> None:
     """'unknown' marks crops the detector flags; a class of that name would be counted as
     such (or the reverse), so the monitor refuses to start."""
     from crystalscope.infer.predictor import load_predictor
-    from crystalscope.monitor.run import build_alarm_rule
+    from crystalscope.monitor.rule_setup import build_alarm_rule
 
     predictor = load_predictor(exported_run / "model.onnx", classes=["unknown", "pg"])
     with pytest.raises(UserError, match="class named 'unknown'"):

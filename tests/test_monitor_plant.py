@@ -22,8 +22,9 @@ from PIL import Image
 from crystalscope.cli import main
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.monitor.frames import Window
-from crystalscope.monitor.run import Monitor, watch, watch_in_background
+from crystalscope.monitor.run import Monitor
 from crystalscope.monitor.trend import AlarmRule
+from crystalscope.monitor.watching import watch, watch_in_background
 from crystalscope.serve.app import ServeSettings, create_app
 from crystalscope.serve.server import running
 from crystalscope.synth.batch import BatchSettings, synthesize_batch

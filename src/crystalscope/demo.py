@@ -86,7 +86,8 @@ def _monitor_batch(run_dir: Path, folder: Path, seed: int,
                    say: Callable[[str], None]) -> dict[str, Path]:
     """Replay a simulated batch in which PG appears, with the alarm calibrated on a clean one."""
     from crystalscope.infer.predictor import load_predictor
-    from crystalscope.monitor.run import Monitor, build_alarm_rule, replay
+    from crystalscope.monitor.rule_setup import build_alarm_rule
+    from crystalscope.monitor.run import Monitor, replay
     from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
     settings = BatchSettings(windows=24, per_window=24, onset=12, rate=0.06,

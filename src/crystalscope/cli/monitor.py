@@ -104,7 +104,9 @@ def monitor(
     Exit code 3 when the alarm fired (so scripts can act), 0 when it did not.
     """
     from crystalscope.infer.predictor import load_predictor
-    from crystalscope.monitor.run import Monitor, build_alarm_rule, replay, watch
+    from crystalscope.monitor.rule_setup import build_alarm_rule
+    from crystalscope.monitor.run import Monitor, replay
+    from crystalscope.monitor.watching import watch
 
     if not positive:
         raise UserError("give --positive CLASS: the impurity to watch (e.g. --positive pg)")
@@ -248,7 +250,8 @@ def serve(
     settings = ServeSettings(predictor=predictor, token=token,
                              store=open_store(store) if store else None)
     if monitor_stream is not None:
-        from crystalscope.monitor.run import build_alarm_rule, watch_in_background
+        from crystalscope.monitor.rule_setup import build_alarm_rule
+        from crystalscope.monitor.watching import watch_in_background
 
         if not positive:
             raise UserError("--monitor needs --positive CLASS (the impurity)")

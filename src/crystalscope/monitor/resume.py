@@ -44,8 +44,9 @@ def _same(a: object, b: object) -> bool:
 
 def read_previous(out_dir: Path, identity: dict[str, Any], header: list[str],
                   classes: list[str]) -> Previous | None:
-    """The earlier run in ``out_dir`` (None when there is none); a one-line error when it is
-    another stream's, model's or rule's, or was written with other columns. O(windows)."""
+    """The earlier run in ``out_dir`` (None when there is none, or it processed no window); a
+    one-line error when it is another stream's, model's or rule's, or was written with other
+    columns. A row cut short by a killed run is dropped. O(windows)."""
     trend, events = out_dir / "trend.csv", out_dir / "events.jsonl"
     if not trend.is_file() and not events.is_file():
         return None
@@ -57,6 +58,18 @@ def read_previous(out_dir: Path, identity: dict[str, Any], header: list[str],
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a line cut short when the run was killed
+    windows: list[WindowResult] = []
+    if trend.is_file():
+        with trend.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            columns = next(reader, None)
+            rows = [values for values in reader if len(values) == len(columns or [])]
+        if rows and columns != header:
+            raise UserError(f"--out {out_dir}: its trend.csv has other columns (another "
+                            "version or model); " + fresh_hint)
+        windows = [_window(dict(zip(header, values, strict=True)), classes) for values in rows]
+    if not windows:
+        return None  # nothing was processed there: start over, nothing is lost
     start = next((r for r in records if r.get("event") == "start"), None)
     if start is None:
         raise UserError(f"--out {out_dir}: holds a monitor's files without their start record; "
@@ -65,22 +78,10 @@ def read_previous(out_dir: Path, identity: dict[str, Any], header: list[str],
     if differs:
         raise UserError(f"--out {out_dir}: holds the run of another "
                         f"{', '.join(differs)} ({start.get(differs[0])!r}); " + fresh_hint)
-    previous = Previous(alarm=next((r for r in records if r.get("event") == "alarm"), None))
-    previous.unknown_alarm_windows = [int(r["window"]) for r in records
-                                      if r.get("event") == "unknown_particles"]
-    if not trend.is_file():
-        return previous
-    with trend.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        if next(reader, None) != header:
-            raise UserError(f"--out {out_dir}: its trend.csv has other columns (another version "
-                            "or model); " + fresh_hint)
-        for values in reader:
-            if len(values) != len(header):
-                break  # the row being written when the run was killed
-            row = dict(zip(header, values, strict=True))
-            previous.windows.append(_window(row, classes))
-    return previous
+    return Previous(windows=windows,
+                    alarm=next((r for r in records if r.get("event") == "alarm"), None),
+                    unknown_alarm_windows=[int(r["window"]) for r in records
+                                           if r.get("event") == "unknown_particles"])
 
 
 def _window(row: dict[str, str], classes: list[str]) -> WindowResult:

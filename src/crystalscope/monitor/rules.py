@@ -37,7 +37,8 @@ from crystalscope.errors import UserError
 RuleName = Literal["cusum", "binomial"]
 RULES: tuple[str, ...] = ("cusum", "binomial")
 MIN_CALIBRATION_WINDOWS = 30
-Z95 = 1.959964  # the 95% interval's upper end, as the rest of the monitor
+Z95 = 1.959964  # the 95% interval's upper end, as the rest of the monitor (binomial rule)
+Z95_ONE_SIDED = 1.644854  # an upper 95% bound: the cusum's rate
 ARL_GRID = 400  # cells of the Markov chain that approximates the CUSUM (Brook & Evans)
 
 
@@ -48,9 +49,8 @@ ARL_GRID = 400  # cells of the Markov chain that approximates the CUSUM (Brook &
 class Calibration:
     """A clean stream's false impurity calls: the rate and the window-to-window spread.
 
-    ``rate``: pooled share of impurity calls; ``rate_bound``: its upper 95% bound (the Wilson
-    bound at the effective sample size, crops / (1 + (n - 1) rho_total), so slow drift widens
-    it); ``dispersion``: the short-term intra-window correlation rho, from successive windows'
+    ``rate``: pooled share of impurity calls; ``rate_bound``: its one-sided upper 95% bound
+    (Wilson, at the effective sample size: slow drift and spread widen it); ``dispersion``: the short-term intra-window correlation rho, from successive windows'
     differences (Laney's moving-range idea: slow drift cancels out of them), with its upper
     95% bound ``dispersion_bound``; ``total_dispersion``: the same from the Pearson X^2 of all
     windows, drift included; ``drift``: the share's slow spread (standard deviation) that the
@@ -134,7 +134,7 @@ def calibrate_counts(counts: Sequence[tuple[int, int]], source: str, *,
     from chi^2 with 2(m - 1)/3 degrees of freedom; the total phi is Pearson's X^2 / (m - 1).
     The rate's bound counts the crops as total / (phi x T) independent ones, T the long-run
     variance factor of z (:func:`long_run_factor`: drifting windows are not independent draws
-    either), with Student's t at m / T - 1 degrees of freedom in place of 1.96.
+    either), with Student's t (one-sided 95%) at m / T - 1 degrees of freedom in place of z.
     With fewer than 30 windows the spread is not measured: an error, or, when not
     ``need_spread`` (the binomial rule), the rate alone. O(windows log windows).
     """
@@ -158,7 +158,7 @@ def calibrate_counts(counts: Sequence[tuple[int, int]], source: str, *,
     rate = float(k.sum() / total)
     window_crops = int(np.median(n))
     rho = rho_bound = rho_total = drift = 0.0
-    design, quantile = 1.0, Z95  # crops per independent crop, and the quantile, for the bound
+    design, quantile = 1.0, Z95_ONE_SIDED  # crops per independent crop; the bound's quantile
     if 0 < rate < 1 and window_crops > 1:
         z = (k - n * rate) / np.sqrt(n * rate * (1 - rate))
         to_rho = 1 / (window_crops - 1)
@@ -173,7 +173,7 @@ def calibrate_counts(counts: Sequence[tuple[int, int]], source: str, *,
         drift = math.sqrt(max(0.0, phi_total - phi_short) * binomial_var)
         in_time = long_run_factor(z)
         design = max(phi_total, 1 + (window_crops - 1) * rho_bound) * in_time
-        quantile = float(student_t.ppf(0.975, max(1.0, m / in_time - 1)))
+        quantile = float(student_t.ppf(0.95, max(1.0, m / in_time - 1)))
     bound = wilson_upper(k.sum() / design, total / design, quantile)
     return Calibration(rate=rate, rate_bound=bound, dispersion=rho, dispersion_bound=rho_bound,
                        windows=m, crops=int(total), window_crops=window_crops, source=source,

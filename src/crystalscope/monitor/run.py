@@ -23,24 +23,18 @@ from typing import Protocol
 
 from crystalscope.console import err
 from crystalscope.data.images import ImageLoadError
-from crystalscope.data.layout import is_image_name, list_files
-from crystalscope.errors import UserError
 from crystalscope.infer.predictor import Predictor
 from crystalscope.infer.stream import Failure, predict_stream
-from crystalscope.model.spec import resolve_model
 from crystalscope.monitor.cutting import Cutter, cut_frame
 from crystalscope.monitor.frames import Window, read_stream
 from crystalscope.monitor.report import plot_timeline
 from crystalscope.monitor.resume import Previous, read_previous
-from crystalscope.monitor.rules import Calibration, assumed_calibration, calibrate_counts
 from crystalscope.monitor.trend import (
-    DEFAULT_ARL0,
     UNKNOWN,
     AlarmRule,
     MonitorResult,
     Trend,
     WindowResult,
-    false_positive_rate_from_report,
 )
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
@@ -356,108 +350,6 @@ def _round(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
-def calibrate(predictor: Predictor, clean_stream: Path, positive: str,
-              cutting: FrameCutting | None = None, *, need_spread: bool = True
-              ) -> Calibration:
-    """The false-call rate and its window-to-window spread, measured on a stream known to be
-    clean (its windows in time order; see :func:`~crystalscope.monitor.rules.calibrate_counts`)."""
-    counts = []
-    for window in read_stream(clean_stream):
-        labels = [item[1] for item in calls(predictor, window.paths, cutting)
-                  if not isinstance(item, Failure) and item[1] != UNKNOWN]
-        counts.append((labels.count(positive), len(labels)))
-    return calibrate_counts(counts, f"measured on the clean stream {clean_stream}",
-                            need_spread=need_spread)
-
-
-def choose_calibration(predictor: Predictor, model: Path, positive: str, *,
-                       given: float | None = None, clean_stream: Path | None = None,
-                       cutting: FrameCutting | None = None, dispersion: float | None = None,
-                       need_spread: bool = True) -> Calibration:
-    """The model's false impurity calls for the alarm, and where they came from.
-
-    In this order: ``given``; measured on ``clean_stream`` (rate and spread); the upper 95%
-    bound from the test report that ``evaluate`` wrote beside the model (``model`` is a run
-    folder or a model file inside one). Without a clean stream the spread is ``dispersion``
-    (default 0: independent crops), said so. One rule for ``monitor`` and ``serve --monitor``.
-    """
-    if given is None and clean_stream is not None:
-        measured = calibrate(predictor, clean_stream, positive, cutting,
-                             need_spread=need_spread)
-        if dispersion is None:
-            return measured
-        return replace(measured, dispersion=dispersion, dispersion_bound=dispersion,
-                       measured_spread=False)
-    rate, source = ((given, "given") if given is not None
-                    else choose_false_positive_rate(predictor, model, positive))
-    return assumed_calibration(rate, source, dispersion or 0.0)
-
-
-def choose_false_positive_rate(predictor: Predictor, model: Path, positive: str, *,
-                               given: float | None = None) -> tuple[float, str]:
-    """``given``, else the upper 95% bound from the test report beside the model."""
-    if given is not None:  # its range is checked where the rule is used (``Trend``)
-        return given, "given"
-    report = resolve_model(model).layout.report
-    if not report.is_file():
-        raise UserError(f"no test report beside {model} to take the false-positive rate from; "
-                        "run `crystalscope evaluate RUN`, or give --false-positive-rate or a "
-                        "clean stream to calibrate on")
-    return false_positive_rate_from_report(report, positive)
-
-
-def build_alarm_rule(predictor: Predictor, model: Path, positive: str, *,
-                     false_positive_rate: float | None = None,
-                     clean_stream: Path | None = None, cutting: FrameCutting | None = None,
-                     rule: str = "cusum", arl0: float = DEFAULT_ARL0, min_shift: float = 0.0,
-                     dispersion: float | None = None, alpha: float = 1e-3,
-                     consecutive: int = 2) -> AlarmRule:
-    """The alarm rule for ``monitor`` and ``serve --monitor`` alike, built once: the rate and
-    spread :func:`choose_calibration` picks, checked (:meth:`AlarmRule.check`)."""
-    if UNKNOWN in predictor.classes:
-        raise UserError(f"{model}: has a class named '{UNKNOWN}', the monitor's mark for crops "
-                        "unlike the training images; its crops could not be told apart — "
-                        "rename the class folder and train again")
-    draft = AlarmRule(positive=positive, false_positive_rate=0.5, alpha=alpha,
-                      consecutive=consecutive, rule=rule, arl0=arl0,
-                      dispersion=dispersion or 0.0)
-    draft.check()  # the options, before a calibration stream is read
-    calibration = choose_calibration(predictor, model, positive, given=false_positive_rate,
-                                     clean_stream=clean_stream, cutting=cutting,
-                                     dispersion=dispersion, need_spread=rule == "cusum")
-    rate = (calibration.rate_bound if rule == "cusum" or not calibration.windows
-            else calibration.independent_bound)
-    built = replace(draft, false_positive_rate=rate, source=calibration.source,
-                    min_shift=min_shift, dispersion=calibration.dispersion_bound,
-                    design_crops=calibration.window_crops, calibration=calibration)
-    built.check()
-    return built
-
-
-def watch_in_background(predictor: Predictor, rule: AlarmRule, stream: Path, *,
-                        publishers: Sequence[Publisher] = (), poll_s: float = 1.0,
-                        settle_s: float = 5.0) -> Monitor:
-    """A monitor that follows ``stream`` in a daemon thread (for ``serve --monitor``); its
-    files go to a temporary folder, its state is read from the returned object. If the
-    thread dies, the monitor is marked degraded with the reason (``/health`` answers 503)."""
-    import tempfile
-    import threading
-
-    monitor = Monitor(predictor, rule, Path(tempfile.mkdtemp(prefix="crystalscope-serve-monitor-")),
-                      publishers=publishers)
-
-    def follow() -> None:
-        try:
-            watch(monitor, stream, poll_s=poll_s, settle_s=settle_s)
-            monitor.mark_degraded("the watcher stopped")
-        except Exception as exc:  # the thread's end: tell /health, OPC UA and the page why
-            monitor.mark_degraded(f"the watcher died: {type(exc).__name__}: {exc}")
-
-    monitor.watcher = threading.Thread(target=follow, name="monitor-watch", daemon=True)
-    monitor.watcher.start()
-    return monitor
-
-
 def replay(monitor: Monitor, stream: Path,
            progress: Callable[[int], None] | None = None, **stream_options: object
            ) -> MonitorResult:
@@ -468,86 +360,4 @@ def replay(monitor: Monitor, stream: Path,
         monitor.process(window)
         if progress:
             progress(1)
-    return monitor.finish()
-
-
-def _window_folders(stream: Path) -> list[Path]:
-    return sorted(d for d in stream.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-class _OpenWindow:
-    """The files of the newest window folder, followed from poll to poll.
-
-    Each poll lists the names (``list_files``: no stat per file) and stats only the new ones
-    and those changed within the last ``settle_s`` seconds (they may still be being written):
-    O(files) names plus O(new + recent) stats per poll, not a stat of every file of a window
-    that may receive 10^5 files.
-    """
-
-    def __init__(self, folder: Path, settle_s: float) -> None:
-        self.folder, self.settle_s = folder, settle_s
-        self.mtimes: dict[Path, float] = {}
-
-    def look(self) -> float:
-        """Update; return the newest modification time (the folder's own when empty)."""
-        now = time.time()
-        for path in (p for p in list_files(self.folder) if is_image_name(p)):
-            known = self.mtimes.get(path)
-            if known is None or now - known < self.settle_s:
-                try:
-                    self.mtimes[path] = path.stat().st_mtime
-                except OSError:  # deleted or rotated away since the listing
-                    self.mtimes.pop(path, None)
-        return max(self.mtimes.values(), default=self.folder.stat().st_mtime)
-
-    def files(self) -> list[Path]:
-        return sorted(self.mtimes, key=lambda p: p.relative_to(self.folder).as_posix())
-
-
-def watch(monitor: Monitor, stream: Path, *, poll_s: float = 1.0, settle_s: float = 5.0,
-          idle_stop_s: float | None = None) -> MonitorResult:
-    """Process time folders as the probe writes them, until Ctrl-C (or ``idle_stop_s``).
-
-    A window is complete once a later window folder exists, or when nothing in it has changed
-    for ``settle_s`` seconds.
-    """
-    done: set[str] = set(monitor.done_times)
-    vanished: set[str] = set()  # not counted as windows
-    open_window: _OpenWindow | None = None
-    last_activity = time.monotonic()
-    monitor.say(f"watching {stream} (Ctrl-C to stop)")
-    try:
-        while True:
-            try:
-                folders = _window_folders(Path(stream))
-            except OSError as exc:
-                monitor.event("stream_unreadable", error=str(exc))
-                folders = []
-            for position, folder in enumerate(folders):
-                if folder.name in done or folder.name in vanished:
-                    continue
-                if open_window is None or open_window.folder != folder:
-                    open_window = _OpenWindow(folder, settle_s)
-                try:
-                    newest = open_window.look()
-                except OSError as exc:  # deleted or rotated away before it was processed
-                    monitor.event("window_vanished", time=folder.name, error=str(exc))
-                    monitor.say(f"[yellow]window {folder.name}: gone before it was read; "
-                                "skipped[/yellow]")
-                    open_window = None
-                    vanished.add(folder.name)
-                    continue
-                later_exists = position < len(folders) - 1
-                if not later_exists and time.time() - newest < settle_s:
-                    break  # the probe may still be writing this window
-                files = open_window.files()
-                open_window = None
-                done.add(folder.name)
-                monitor.process(Window(len(done), folder.name, files))
-                last_activity = time.monotonic()
-            if idle_stop_s is not None and time.monotonic() - last_activity > idle_stop_s:
-                break
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        monitor.say("stopped")
     return monitor.finish()
