@@ -50,8 +50,9 @@ class Calibration:
     """A clean stream's false impurity calls: the rate and the window-to-window spread.
 
     ``rate``: pooled share of impurity calls; ``rate_bound``: its one-sided upper 95% bound
-    (Wilson, at the effective sample size: slow drift and spread widen it); ``dispersion``: the short-term intra-window correlation rho, from successive windows'
-    differences (Laney's moving-range idea: slow drift cancels out of them), with its upper
+    (Wilson, at the effective sample size: slow drift and spread widen it); ``dispersion``:
+    the short-term intra-window correlation rho, from successive windows' differences
+    (Laney's moving-range idea: slow drift cancels out of them), with its upper
     95% bound ``dispersion_bound``; ``total_dispersion``: the same from the Pearson X^2 of all
     windows, drift included; ``drift``: the share's slow spread (standard deviation) that the
     total holds beyond the short term; ``window_crops``: the median crops per window.
