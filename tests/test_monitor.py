@@ -20,7 +20,7 @@ from crystalscope.monitor.trend import AlarmRule, Trend
 from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
 SETTINGS = BatchSettings(windows=14, per_window=24, onset=7, rate=0.1, max_fraction=0.6,
-                         size=96, difficulty=0.0, seed=2)
+                         size=96, difficulty=0.0, seed=2, calibration_windows=30)
 
 
 @pytest.fixture(scope="module")
