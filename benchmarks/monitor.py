@@ -33,7 +33,7 @@ import numpy as np
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
 from crystalscope.infer.predictor import load_predictor
-from crystalscope.monitor.rule_setup import build_alarm_rule
+from crystalscope.monitor.rule_setup import build_alarm_rule, rule_from_calibration
 from crystalscope.monitor.rules import calibrate_counts
 from crystalscope.monitor.run import FrameCutting, Monitor, replay
 from crystalscope.monitor.trend import AlarmRule
@@ -157,13 +157,9 @@ def make_rule(kind: str, counts: list[tuple[int, int]], stream: CountStream) -> 
         return AlarmRule(positive="pg", false_positive_rate=stream.rate, rule="cusum",
                          min_shift=stream.drift * stream.rate, dispersion=stream.rho,
                          design_crops=stream.crops)
-    if kind == "binomial":
-        return AlarmRule(positive="pg", false_positive_rate=calibration.independent_bound,
-                         rule="binomial", calibration=calibration)
-    return AlarmRule(positive="pg", false_positive_rate=calibration.rate_bound, rule="cusum",
-                     min_shift=stream.drift * stream.rate,
-                     dispersion=calibration.dispersion_bound,
-                     design_crops=calibration.window_crops, calibration=calibration)
+    draft = AlarmRule(positive="pg", false_positive_rate=calibration.rate_bound, rule=kind)
+    return rule_from_calibration(draft, calibration,
+                                 min_shift=stream.drift * stream.rate if kind == "cusum" else 0.0)
 
 
 def calibrated(kind: str, stream: CountStream, rng: np.random.Generator, z: float | None,

@@ -170,7 +170,8 @@ def open_opcua(endpoint: str | None, certificate: Path | None, key: Path | None,
         if certificate or key or trusted:
             raise UserError("--opcua-cert/--opcua-key/--opcua-trust need --opcua ENDPOINT")
         return None
-    from crystalscope.monitor.opcua import LOOPBACK, OpcUaPublisher, OpcUaSecurity
+    from crystalscope.monitor.opcua import OpcUaPublisher, OpcUaSecurity
+    from crystalscope.serve.server import LOOPBACK
 
     if (certificate is None) != (key is None):
         raise UserError("--opcua-cert and --opcua-key go together (the server's certificate "

@@ -30,7 +30,6 @@ from urllib.parse import urlparse
 from crystalscope.errors import UserError
 
 NAMESPACE = "urn:crystalscope:monitor"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TIMEOUT_S = 30.0
 
 # name -> (OPC UA type, initial value); the order is the order in the address space.

@@ -90,10 +90,18 @@ def build_alarm_rule(predictor: Predictor, model: Path, positive: str, *,
     calibration = choose_calibration(predictor, model, positive, given=false_positive_rate,
                                      clean_stream=clean_stream, cutting=cutting,
                                      dispersion=dispersion, need_spread=rule == "cusum")
-    rate = (calibration.rate_bound if rule == "cusum" or not calibration.windows
-            else calibration.independent_bound)
-    built = replace(draft, false_positive_rate=rate, source=calibration.source,
-                    min_shift=min_shift, dispersion=calibration.dispersion_bound,
-                    design_crops=calibration.window_crops, calibration=calibration)
+    built = rule_from_calibration(draft, calibration, min_shift=min_shift)
     built.check()
     return built
+
+
+def rule_from_calibration(draft: AlarmRule, calibration: Calibration, *,
+                          min_shift: float = 0.0) -> AlarmRule:
+    """``draft`` (its rule, promise and options) with the calibration's numbers: the cusum
+    takes the rate's bound widened for spread and drift, the binomial rule the bound as if
+    crops were independent (as it always did)."""
+    rate = (calibration.rate_bound if draft.rule == "cusum" or not calibration.windows
+            else calibration.independent_bound)
+    return replace(draft, false_positive_rate=rate, source=calibration.source,
+                   min_shift=min_shift, dispersion=calibration.dispersion_bound,
+                   design_crops=calibration.window_crops, calibration=calibration)

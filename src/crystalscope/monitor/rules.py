@@ -343,10 +343,14 @@ class BetaBinomialCusum:
             self.threshold = cusum_threshold(self.design_crops, self.p0, self.p1, self.rho,
                                              self.arl0)
 
+    def design(self, n: int) -> None:
+        """Set the threshold for windows of ``n`` crops (when none was given)."""
+        self.design_crops = n
+        self.threshold = cusum_threshold(n, self.p0, self.p1, self.rho, self.arl0)
+
     def step(self, k: int, n: int) -> Step:
         if not self.threshold:
-            self.design_crops = n
-            self.threshold = cusum_threshold(n, self.p0, self.p1, self.rho, self.arl0)
+            self.design(n)
         increment = float(log_likelihood_ratio(n, self.p0, self.p1, self.rho)[k])
         self.statistic = max(0.0, self.statistic + increment)
         return Step(p_value=float(_tail(n, self.p0, self.rho)[k]), statistic=self.statistic,

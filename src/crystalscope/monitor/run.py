@@ -143,8 +143,7 @@ class Monitor:
         detector = trend.detector
         first = next((w for w in windows if w.crops), None)
         if first is not None and getattr(detector, "design_crops", None) == 0:
-            detector.step(0, first.crops)  # sets the threshold for the first window's size
-        detector.reset()
+            detector.design(first.crops)  # type: ignore[attr-defined] # as the first run did
         last = next((w for w in reversed(windows) if w.statistic is not None), None)
         if last is not None:
             detector.statistic = last.statistic  # type: ignore[attr-defined]
