@@ -37,9 +37,31 @@ def test_modes_become_8bit(tmp_path: Path, mode: str, expected: str) -> None:
     loaded = load_image(path)
     assert loaded.mode == expected
     assert loaded.size == (30, 20)
-    if mode == "I;16":  # scaled by its own range into the full 8 bits
-        array = np.asarray(loaded)
-        assert array.min() == 0 and array.max() == 255
+    if mode == "I;16":  # scaled by the bit depth: 65535 -> 255
+        expected_array = (np.asarray(source, dtype=np.float64) / 257).round()
+        assert np.array_equal(np.asarray(loaded), expected_array)
+
+
+def test_16bit_images_scale_by_bit_depth_not_by_their_own_range(tmp_path: Path) -> None:
+    crystal = np.full((16, 16), 20000, np.uint16)
+    crystal[4:12, 4:12] = 30000
+    bright = crystal.copy()
+    bright[0, 0] = 65535  # a glint elsewhere in the frame must not change the crystal's pixels
+    inputs = []
+    for name, array in (("plain", crystal), ("glint", bright)):
+        Image.fromarray(array).save(tmp_path / f"{name}.png")
+        inputs.append(np.asarray(load_image(tmp_path / f"{name}.png")))
+    assert np.array_equal(inputs[0][4:12, 4:12], inputs[1][4:12, 4:12])
+    assert inputs[0][5, 5] == round(30000 / 257)
+
+
+def test_float_images_outside_a_fixed_window_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.full((8, 8), -3.5, np.float32), mode="F").save(path)
+    with pytest.raises(ImageLoadError, match="no fixed bit depth"):
+        load_image(path)
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), mode="F").save(path)
+    assert np.asarray(load_image(path))[0, 0] == 128
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:

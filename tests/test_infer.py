@@ -190,6 +190,26 @@ def test_a_foreign_onnx_model_with_its_own_preprocessing(tmp_path: Path, samples
     assert code == 2 and "has no unknown-detector" in err
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
+def test_a_foreign_model_with_a_fixed_batch_predicts_a_partial_last_batch(
+        tmp_path: Path, samples: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    net = KerasLikeNet().eval()
+    path = tmp_path / "fixed_batch.onnx"
+    torch.onnx.export(net, (torch.zeros(4, 32, 32, 3),), str(path), dynamo=False,
+                      input_names=["input_1"], output_names=["dense"])  # batch fixed at 4
+    images = sorted(samples.glob("*.png"))[:6]  # one run of 4, then 2 (padded to 4)
+    lines = {}
+    for backend in ("onnx", "openvino"):
+        code, out, err = _run_cli(["predict", str(path), *map(str, images), "--format",
+                                   "jsonl", "--input-size", "32", "--layout", "nhwc",
+                                   "--classes", "cex,pg", "--outputs", "probabilities",
+                                   "--backend", backend], capsys)
+        assert code == 0, err
+        lines[backend] = [json.loads(line)["probability_pg"] for line in out.splitlines()]
+        assert len(lines[backend]) == len(images)
+    assert lines["onnx"] == pytest.approx(lines["openvino"], abs=1e-5)
+
+
 def test_prediction_streams_a_batch_at_a_time(exported_run: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     image = tmp_path / "a.png"

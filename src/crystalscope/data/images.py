@@ -41,6 +41,25 @@ class FormatMismatchWarning(UserWarning):
     """The file's content is a different format than its extension says (it is still read)."""
 
 
+def _high_depth_to_8bit(array: np.ndarray, mode: str) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float image in 8 bits, scaled by its bit depth — never by
+    its own range, so one crystal gives the same input in every frame whatever else is in it.
+
+    16-bit (and 32-bit integer images holding 16-bit values, as PIL reads some 16-bit PNGs):
+    0..65535 onto 0..255. Float: 0..1 onto 0..255 (values of 0..65535 as 16-bit). Anything
+    else has no fixed window and is refused (ValueError, reported with the file's name).
+    """
+    low, high = float(array.min()), float(array.max())
+    if mode == "F" and low >= 0 and high <= 1:
+        full_scale = 1.0
+    elif low >= 0 and high <= 65535:
+        full_scale = 65535.0
+    else:
+        raise ValueError(f"{mode} image with values {low:g}..{high:g}: no fixed bit depth to "
+                         "scale by; save it as 8 or 16 bits")
+    return (array * (255.0 / full_scale)).round().astype(np.uint8)
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit ``L`` (grayscale) or ``RGB``."""
     mode = image.mode
@@ -49,11 +68,8 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     if mode in ("1", "LA", "La"):
         return image.convert("L")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit and float images are scaled by their own range into 8 bits.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scale = 255.0 / (high - low) if high > low else 0.0
-        return Image.fromarray(((array - low) * scale).round().astype(np.uint8), mode="L")
+        array = _high_depth_to_8bit(np.asarray(image, dtype=np.float64), mode)
+        return Image.fromarray(array, mode="L")
     if mode == "P":
         return image.convert("RGBA").convert("RGB")
     return image.convert("RGB")  # RGBA, CMYK, YCbCr, LAB, HSV, RGBX
@@ -95,6 +111,10 @@ def load_image(path: str | Path, *, warn_on_mismatch: bool = True) -> Image.Imag
         if "truncated" in reason.lower() or isinstance(exc, (OSError, SyntaxError)):
             reason = f"truncated or corrupt image ({reason})"
         raise ImageLoadError(path, reason) from exc
+    try:
+        converted = _to_8bit(image)
+    except ValueError as exc:
+        raise ImageLoadError(path, str(exc)) from exc
     if warn_on_mismatch and path.suffix.lower() not in SUPPORTED_FORMATS.get(detected, ()):
         warnings.warn(
             f"{path}: content is {detected} but the name ends in '{path.suffix}'; "
@@ -102,7 +122,7 @@ def load_image(path: str | Path, *, warn_on_mismatch: bool = True) -> Image.Imag
             FormatMismatchWarning,
             stacklevel=2,
         )
-    return _to_8bit(image)
+    return converted
 
 
 def load_gray(path: str | Path) -> np.ndarray:

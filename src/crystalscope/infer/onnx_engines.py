@@ -28,6 +28,28 @@ RUN_BATCH = 8
 OPENVINO_INSTALL = "pip install 'crystalscope[openvino]'"
 
 
+def run_in_batches(infer: Callable[[np.ndarray], list[np.ndarray]], x: np.ndarray,
+                   batch: int, *, pad: bool) -> list[np.ndarray]:
+    """``infer`` over ``x`` ``batch`` images at a time, the outputs joined. ``pad``: the model
+    takes exactly ``batch`` images (a fixed batch dimension), so a last short run is padded
+    with zeros and the padding's outputs dropped. O(len(x)) images, one batch in memory."""
+    parts: list[list[np.ndarray]] = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        real = len(chunk)
+        if pad and real < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - real, *chunk.shape[1:]),
+                                                    chunk.dtype)])
+        parts.append([np.array(out[:real]) for out in infer(chunk)])  # copies: reused buffers
+    return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
+
+
+def fixed_batch(input_shape: list) -> int | None:
+    """The model's batch size when its first input dimension is fixed, else None."""
+    first = input_shape[0] if input_shape else None
+    return first if isinstance(first, int) and first > 0 else None
+
+
 class OnnxEngine(Protocol):
     """An opened ONNX model: what it takes, what it gives, and how to run it."""
 
@@ -61,10 +83,13 @@ class OnnxRuntimeEngine:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def runner(self, fetch: list[str], batch: int) -> Runner:
+        fixed = fixed_batch(self.input_shape)  # a foreign model exported for batches of N
+
+        def infer(chunk: np.ndarray) -> list[np.ndarray]:
+            return self.session.run(fetch, {self.input_name: chunk})
+
         def run(x: np.ndarray) -> list[np.ndarray]:
-            parts = [self.session.run(fetch, {self.input_name: x[i:i + batch]})
-                     for i in range(0, len(x), batch)]
-            return [np.concatenate([part[k] for part in parts]) for k in range(len(fetch))]
+            return run_in_batches(infer, x, fixed or batch, pad=fixed is not None)
 
         return run
 
@@ -109,18 +134,13 @@ class OpenVinoEngine:
         request = compiled.create_infer_request()
         lock = threading.Lock()  # one request, reused: callers in several threads take turns
 
+        def infer(chunk: np.ndarray) -> list[np.ndarray]:
+            results = request.infer({0: chunk})
+            return [results[port] for port in compiled.outputs]
+
         def run(x: np.ndarray) -> list[np.ndarray]:
-            parts: list[list[np.ndarray]] = []
-            with lock:
-                for i in range(0, len(x), batch):
-                    chunk = x[i:i + batch]
-                    if len(chunk) < batch:  # padded: the model is compiled for whole runs
-                        chunk = np.concatenate([chunk, np.zeros(
-                            (batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-                    results = request.infer({0: chunk})
-                    parts.append([np.array(results[port][:len(x) - i])  # copies: reused buffers
-                                  for port in compiled.outputs])
-            return [np.concatenate([part[k] for part in parts]) for k in range(len(fetch))]
+            with lock:  # padded: the model is compiled for whole runs
+                return run_in_batches(infer, x, batch, pad=True)
 
         return run
 
