@@ -104,7 +104,7 @@ def test_bad_uploads_get_json_errors(server: tuple[str, Path], tmp_path: Path) -
         ([("files", "cut.png", good[: len(good) // 2])], 400, "truncated"),
         ([("files", "text.png", b"hello, not an image")], 400, "not an image"),
         ([("files", "big.png", b"\x89PNG" + bytes(2_000_001))], 413, "larger than"),
-        ([("files", "bomb.png", bomb.read_bytes())], 400, "pixels"),
+        ([("files", "bomb.png", bomb.read_bytes())], 413, "pixels"),  # over the 4 MP cap
         ([("wrong_field", "a.png", good)], 422, "files"),
     ]
     for files, status, words in cases:
@@ -259,3 +259,63 @@ def test_monitor_endpoint_reports_the_trend(exported_run: Path, tmp_path: Path) 
     first = body["windows"][0]
     assert first["crops"] + first["unknown"] == 4 and body["alarm"] is None
     assert first["unknown"] == runner.result.windows[0].unknown
+
+
+def test_an_upload_over_the_pixel_cap_is_refused_from_its_header(exported_run: Path) -> None:
+    import io
+
+    def png(side: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("L", (side, side)).save(buffer, format="PNG")  # compresses to a few KB
+        return buffer.getvalue()
+
+    app = create_app(ServeSettings(predictor=load_predictor(exported_run)))  # 4 MP default
+    with running(app) as url:
+        code, body = _post(f"{url}/predict", [("files", "frame.png", png(2100))])
+        assert code == 413 and "2100x2100 pixels is over the limit of 4,000,000" in body["error"]
+        code, body = _post(f"{url}/predict", [("files", "crop.png", png(64))])
+        assert code == 200 and len(body["results"]) == 1
+
+
+def _get_with_host(url: str, host: str) -> int:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    connection.request("GET", "/health", headers={"Host": host})
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+def test_only_loopback_and_allowed_host_names_are_answered(exported_run: Path) -> None:
+    from crystalscope.serve.server import allowed_hosts
+
+    predictor = load_predictor(exported_run)
+    with running(create_app(ServeSettings(predictor=predictor))) as url:
+        port = url.rsplit(":", 1)[1]
+        assert _get_with_host(url, f"127.0.0.1:{port}") == 200
+        assert _get_with_host(url, f"localhost:{port}") == 200
+        assert _get_with_host(url, f"attacker.example:{port}") == 400  # a rebound DNS name
+    hosts = allowed_hosts("0.0.0.0", ["crystals.plant.local"])
+    with running(create_app(ServeSettings(predictor=predictor, allowed_hosts=hosts))) as url:
+        assert _get_with_host(url, "crystals.plant.local") == 200
+        assert _get_with_host(url, "attacker.example") == 400
+    assert "10.0.0.5" in allowed_hosts("10.0.0.5") and "[::1]" in allowed_hosts("127.0.0.1")
+
+
+def test_requests_beyond_the_concurrency_limit_get_503(exported_run: Path) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    app = create_app(ServeSettings(predictor=load_predictor(exported_run)))
+    with running(app, max_concurrency=2) as url:
+        assert _get_with_host(url, "127.0.0.1") == 200  # alone: within the limit
+        parts = urlsplit(url)
+        held = socket.create_connection((parts.hostname, parts.port))  # an open, slow client
+        try:
+            held.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+            assert _get_with_host(url, "127.0.0.1") == 503  # uvicorn's plain-text 503
+        finally:
+            held.close()

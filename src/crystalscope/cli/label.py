@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from crystalscope.cli.app import app
-from crystalscope.cli.options import HostOption, PortOption, TokenOption
+from crystalscope.cli.options import (
+    AllowedHostOption,
+    HostOption,
+    MaxConcurrencyOption,
+    PortOption,
+    TokenOption,
+)
 from crystalscope.console import err
 
 
@@ -29,15 +35,15 @@ def label(
     host: HostOption = "127.0.0.1",
     port: PortOption = 8001,
     token: TokenOption = None,
+    allowed_host: AllowedHostOption = None,
+    max_concurrency: MaxConcurrencyOption = 32,
 ) -> None:
     """Label crops one at a time in a local page: keys 1-9 assign a class, u = not sure, z =
     undo, arrows move. Every decision is appended to OUT/labels.csv at once and the file is
     copied into OUT/<class>/; a restart resumes where it stopped."""
-    import uvicorn
-
     from crystalscope.label.app import create_label_app
     from crystalscope.label.session import open_session, parse_label_classes
-    from crystalscope.serve.server import LOOPBACK
+    from crystalscope.serve.server import LOOPBACK, allowed_hosts, serve_forever, warn_hosts
 
     names = parse_label_classes(classes)
     predictor = None
@@ -57,6 +63,8 @@ def label(
         err.print(session.scores.note)
         suffix = f"?token={token}" if token else ""
         err.print(f"label at http://{host}:{port}/{suffix}   (Ctrl-C to stop; nothing is lost)")
-        uvicorn.run(create_label_app(session, token), host=host, port=port, log_level="warning")
+        hosts = allowed_hosts(host, allowed_host or [])
+        warn_hosts(host, hosts)
+        serve_forever(create_label_app(session, token, hosts), host, port, max_concurrency)
     finally:
         session.close()

@@ -10,6 +10,7 @@ import typer
 from crystalscope.cli.app import app
 from crystalscope.cli.options import (
     AlarmRuleName,
+    AllowedHostOption,
     AlphaOption,
     Arl0Option,
     CalibrateOption,
@@ -17,6 +18,7 @@ from crystalscope.cli.options import (
     DispersionOption,
     FalsePositiveRateOption,
     HostOption,
+    MaxConcurrencyOption,
     MinShiftOption,
     OpcUaCertOption,
     OpcUaKeyOption,
@@ -234,22 +236,28 @@ def serve(
     host: HostOption = "127.0.0.1",
     port: PortOption = 8000,
     token: TokenOption = None,
+    allowed_host: AllowedHostOption = None,
+    max_concurrency: MaxConcurrencyOption = 32,
+    max_pixels: Annotated[int, typer.Option(
+        min=1, help="Largest upload in pixels (width x height); larger ones get 413.")]
+    = 4_000_000,
 ) -> None:
     """The model behind HTTP: /predict, /similar, /model, /monitor, /health, /docs, and a
     dashboard page at / (drop images, see classes and similar crystals, follow a batch)."""
-    import uvicorn
-
     from crystalscope.infer.predictor import load_predictor
     from crystalscope.serve.app import ServeSettings, create_app
-    from crystalscope.serve.server import LOOPBACK
+    from crystalscope.serve.server import LOOPBACK, allowed_hosts, serve_forever, warn_hosts
     from crystalscope.vectors.backends import open_store
 
     if host not in LOOPBACK and not token:
         err.print(f"[yellow]serving on {host} without a token: anyone who reaches it can use "
                   "it (give --token)[/yellow]")
     predictor = load_predictor(model)
+    hosts = allowed_hosts(host, allowed_host or [])
+    warn_hosts(host, hosts)
     settings = ServeSettings(predictor=predictor, token=token,
-                             store=open_store(store) if store else None)
+                             store=open_store(store) if store else None,
+                             max_pixels=max_pixels, allowed_hosts=hosts)
     if monitor_stream is not None:
         from crystalscope.monitor.rule_setup import build_alarm_rule
         from crystalscope.monitor.watching import watch_in_background
@@ -268,4 +276,4 @@ def serve(
     elif opcua:
         raise UserError("--opcua needs --monitor STREAM (it publishes the monitor's state)")
     err.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    serve_forever(create_app(settings), host, port, max_concurrency)

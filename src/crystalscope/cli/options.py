@@ -52,6 +52,12 @@ StoreOption = Annotated[str, typer.Option(help=STORE_HELP)]
 HostOption = Annotated[str, typer.Option(
     help="Address to bind (127.0.0.1: this machine only).")]
 PortOption = Annotated[int, typer.Option(help="Port.")]
+AllowedHostOption = Annotated[list[str] | None, typer.Option(
+    "--allowed-host", help="A Host name clients use to reach the server (repeatable; '*' any). "
+                           "Loopback names and the --host address are always answered; any "
+                           "other Host header gets 400 (against DNS rebinding).")]
+MaxConcurrencyOption = Annotated[int, typer.Option(
+    min=1, help="Requests and connections at once; beyond it the server answers 503.")]
 TokenOption = Annotated[str | None, typer.Option(
     envvar="CRYSTALSCOPE_TOKEN",
     help="Require this token: Authorization: Bearer TOKEN on the API, ?token=TOKEN on pages.")]

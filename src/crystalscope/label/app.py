@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 from crystalscope.errors import UserError
 from crystalscope.label.page import PAGE
 from crystalscope.label.session import LabelSession
+from crystalscope.serve.server import LOOPBACK_HOST_NAMES, guard_hosts
 
 Input = Literal["keyboard", "button"]
 
@@ -36,9 +38,12 @@ class MoveRequest(BaseModel):
     step: Literal[-1, 1]
 
 
-def create_label_app(session: LabelSession, token: str | None = None) -> FastAPI:
-    """The app serving ``session``; decisions are applied one at a time."""
+def create_label_app(session: LabelSession, token: str | None = None,
+                     allowed_hosts: Sequence[str] = LOOPBACK_HOST_NAMES) -> FastAPI:
+    """The app serving ``session``; decisions are applied one at a time; only
+    ``allowed_hosts`` are answered (against DNS rebinding)."""
     app = FastAPI(title="crystalscope label", docs_url=None, redoc_url=None)
+    guard_hosts(app, allowed_hosts)
     lock = threading.Lock()
 
     @app.exception_handler(HTTPException)

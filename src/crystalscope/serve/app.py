@@ -9,7 +9,10 @@ Content-Length header before it is read (and cut off while streaming when it has
 upload is size- and pixel-limited, read by content through the project's safe loader, never
 looked up by a client-given path; every error is JSON ``{"error": …}`` with the right status
 code; with a token, API calls need ``Authorization: Bearer <token>`` (compared in constant
-time). The images of one request go through the model in one batch.
+time). Each upload's pixel count is read from its header and refused above ``max_pixels``
+before it is decoded (one 64-megapixel PNG decodes to ~192 MB); only the loopback names and
+the configured hosts are answered (``allowed_hosts``: against DNS rebinding). The images of
+one request go through the model in one batch.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import bisect
 import secrets
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +29,20 @@ import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
 
 from crystalscope.data.images import ImageLoadError
 from crystalscope.infer.predictor import Outputs, Predictor
 from crystalscope.model.spec import decode_for_spec
 from crystalscope.serve.page import DASHBOARD
+from crystalscope.serve.server import LOOPBACK_HOST_NAMES, guard_hosts
 from crystalscope.vectors.indexing import thumbnail_uri
 from crystalscope.vectors.store import VectorStore
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_REQUEST_BYTES = 64 * 2**20
 MAX_FILES = 64
+MAX_PIXELS = 4_000_000  # a probe frame is 1-4 MP; a crop a few hundred pixels a side
 
 
 @dataclass
@@ -49,6 +55,8 @@ class ServeSettings:
     token: str | None = None
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES
+    max_pixels: int = MAX_PIXELS
+    allowed_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK_HOST_NAMES))
     model_info: dict[str, Any] | None = None
 
 
@@ -99,6 +107,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="crystalscope", description="Classify crystal images; find similar "
                   "ones; follow a batch.", version="1")
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    guard_hosts(app, settings.allowed_hosts)  # added last: runs first
     predictor, store_lock = settings.predictor, threading.Lock()
 
     @app.exception_handler(HTTPException)
@@ -125,11 +134,23 @@ def create_app(settings: ServeSettings) -> FastAPI:
         with tempfile.TemporaryDirectory() as folder:  # the safe loader reads files
             path = Path(folder) / "upload"
             path.write_bytes(data)
+            refuse_large(path, name)
             try:
                 pixels, _, _ = decode_for_spec(path, predictor.input_size)
             except ImageLoadError as exc:
                 raise HTTPException(400, f"{name}: {exc.reason}") from exc
         return pixels
+
+    def refuse_large(path: Path, name: str) -> None:
+        """413 when the image's header says it has more than ``max_pixels`` pixels."""
+        try:
+            with Image.open(path) as header:  # reads the header, not the pixels
+                width, height = header.size
+        except Exception:  # not an image (or a broken one): the loader says why, below
+            return
+        if width * height > settings.max_pixels:
+            raise HTTPException(413, f"{name}: {width}x{height} pixels is over the limit of "
+                                     f"{settings.max_pixels:,} (serve --max-pixels)")
 
     def describe(outputs: Outputs, name: str, row: int = 0) -> dict[str, Any]:
         probabilities = outputs.probabilities[row]
