@@ -131,6 +131,16 @@ def test_undo_takes_back_the_latest_standing_decision(tmp_path: Path) -> None:
     assert labels == {"a": "pg"} and [d.file for d in standing] == ["a"]
 
 
+def test_an_undo_takes_back_its_own_files_decision_only(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "labels.csv")
+    journal.append("a", "x", "cex", "label", "keyboard")
+    journal.append("gone.png", "y", "pg", "label", "keyboard")  # a file no longer there
+    journal.append("a", "x", "", "undo", "keyboard")  # takes back a's label, not gone.png's
+    journal.close()
+    labels, standing = replay(read_decisions(tmp_path / "labels.csv"))
+    assert labels == {"gone.png": "pg"} and [d.file for d in standing] == ["gone.png"]
+
+
 def test_a_row_cut_by_a_crash_is_ignored_and_the_next_starts_on_its_own_line(
         tmp_path: Path) -> None:
     path = tmp_path / "labels.csv"
@@ -299,9 +309,11 @@ def test_labelling_five_crops_by_keyboard_in_chromium(tmp_path: Path) -> None:
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(url + "/")
             page.wait_for_selector("text=left: 8")
-            for key in ["1", "1", "2", "1", "2"]:
+            for key in ["1", "1", "2", "1", "2"]:  # each once its crop is on screen
+                _wait_ready(page)
                 page.keyboard.press(key)
             page.wait_for_selector("text=left: 3")
+            _wait_ready(page)
             page.keyboard.press("z")
             page.wait_for_selector("text=left: 4")
             page.wait_for_function("document.getElementById('crop').complete")
@@ -320,6 +332,128 @@ def test_labelling_five_crops_by_keyboard_in_chromium(tmp_path: Path) -> None:
     assert [(r["class"], r["action"], r["input"]) for r in rows] == [
         ("cex", "label", "keyboard"), ("cex", "label", "keyboard"), ("pg", "label", "keyboard"),
         ("cex", "label", "keyboard"), ("pg", "label", "keyboard"), ("", "undo", "keyboard")]
+
+
+def _wait_ready(page: object) -> None:
+    """Until the page shows its crop's loaded image and waits for a key."""
+    page.wait_for_function("document.body.dataset.ready === '1'")  # type: ignore[attr-defined]
+
+
+def _browser(playwright: object) -> object:
+    return playwright.chromium.launch(  # type: ignore[attr-defined]
+        executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                        "--disable-background-networking", "--no-first-run"])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install "
+                                              "chromium); .ci/run installs it")
+def test_a_held_key_labels_one_crop_in_chromium(tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    session = _open(_crops(tmp_path), tmp_path / "out")
+    try:
+        with running(create_label_app(session)) as url, sync_playwright() as playwright:
+            browser = _browser(playwright)
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("text=left: 8")
+            _wait_ready(page)
+            for _ in range(12):  # held down: the key repeats (event.repeat after the first)
+                page.keyboard.down("1")
+            page.keyboard.up("1")
+            page.keyboard.press("2")  # pressed again before the next crop has loaded...
+            _wait_ready(page)
+            counts = page.locator("#counts").inner_text()
+            browser.close()
+    finally:
+        session.close()
+    rows = list(csv.DictReader((tmp_path / "out" / "labels.csv").open()))
+    assert [r["class"] for r in rows] in (["cex"], ["cex", "pg"])  # ...or after: never more
+    assert f"left: {8 - len(rows)}" in counts
+
+
+def test_a_decision_for_a_crop_no_longer_shown_is_refused_with_409(tmp_path: Path) -> None:
+    session = _open(_crops(tmp_path), tmp_path / "out")
+    try:
+        with running(create_label_app(session)) as url:
+            shown = _get(url + "/api/state")["crop"]["id"]
+
+            def post(body: dict) -> int:
+                request = urllib.request.Request(url + "/api/label", json.dumps(body).encode(),
+                                                 {"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:
+                        return response.status
+                except urllib.error.HTTPError as exc:
+                    return exc.code
+
+            assert post({"label": "cex", "crop": shown}) == 200
+            assert post({"label": "pg", "crop": shown}) == 409  # a second tab's stale view
+            assert post({"label": "pg"}) == 422  # a decision must name its crop
+    finally:
+        session.close()
+    rows = list(csv.DictReader((tmp_path / "out" / "labels.csv").open()))
+    assert [(r["class"], r["action"]) for r in rows] == [("cex", "label")]
+
+
+def test_a_symlink_to_a_file_outside_the_folder_is_labelled_by_its_own_name(
+        tmp_path: Path) -> None:
+    images = _crops(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    moved = sorted(images.iterdir())[0]
+    target = outside / "real.png"
+    moved.rename(target)
+    (images / "linked.png").symlink_to(target)
+    session = _open(images, tmp_path / "out")
+    try:
+        assert "linked.png" in {crop.name for crop in session.crops}
+    finally:
+        session.close()
+
+
+def test_a_new_crop_with_a_taken_name_leaves_the_labelled_copy_in_place(
+        tmp_path: Path) -> None:
+    images = _crops(tmp_path)
+    (images / "run1").mkdir()
+    first = sorted(p for p in images.iterdir() if p.is_file())[0]
+    first.rename(images / "run1" / "frame.png")
+    session = _open(images, tmp_path / "out")
+    try:
+        while session.crops[session.current()].name != "run1/frame.png":
+            session.skip("button")
+        session.label("cex", "button")
+    finally:
+        session.close()
+    assert (tmp_path / "out" / "cex" / "frame.png").is_file()
+    (images / "run2").mkdir()  # a later run brings another frame.png
+    shutil.copy(sorted(p for p in images.iterdir() if p.is_file())[0],
+                images / "run2" / "frame.png")
+    session = _open(images, tmp_path / "out")
+    try:
+        assert session.counts()["cex"] == 1
+    finally:
+        session.close()
+    assert [p.name for p in (tmp_path / "out" / "cex").iterdir()] == ["frame.png"]
+
+
+def test_the_models_guess_is_looked_up_by_class_name(exported_run: Path,
+                                                     tmp_path: Path) -> None:
+    from crystalscope.infer.predictor import load_predictor
+
+    predictor = load_predictor(exported_run)  # trained as cex, pg
+    images = _crops(tmp_path)
+    guesses = {}
+    for order in (["cex", "pg"], ["pg", "cex"]):
+        out = tmp_path / f"out-{order[0]}"
+        session = open_session(images, out, order, predictor=predictor)
+        try:
+            guesses[order[0]] = [session.describe(i)["guess"] for i in range(len(session.crops))]
+        finally:
+            session.close()
+    assert guesses["cex"] == guesses["pg"]  # the same guess whatever the key order
+    with pytest.raises(UserError, match="do not include needle"):
+        open_session(images, tmp_path / "out-x", ["cex", "needle"], predictor=predictor)
 
 
 def test_with_a_model_the_page_shows_its_guess_and_orders_by_it(exported_run: Path,

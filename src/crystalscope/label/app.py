@@ -1,8 +1,10 @@
 """The labelling page and its small JSON API (FastAPI, as `serve`).
 
 ``GET /`` the page; ``GET /api/state`` counts, what is left and the crop to show;
-``GET /api/image/{id}`` a crop's file; ``POST /api/label`` ``{"class", "input"}``,
-``POST /api/skip`` and ``POST /api/undo`` ``{"input"}``, ``POST /api/move`` ``{"step"}``.
+``GET /api/image/{id}`` a crop's file; ``POST /api/label`` ``{"label", "crop", "input"}``,
+``POST /api/skip`` ``{"crop", "input"}``, ``POST /api/undo`` ``{"input"}``, ``POST /api/move``
+``{"step"}``. ``crop`` is the id of the crop the person saw: a decision for any other crop than
+the one under the cursor (a second tab, a key held down) is answered 409 and changes nothing.
 With a token, every call needs ``Authorization: Bearer <token>`` (images: ``?token=``).
 """
 
@@ -27,6 +29,12 @@ Input = Literal["keyboard", "button"]
 
 class LabelRequest(BaseModel):
     label: str
+    crop: int
+    input: Input = "button"
+
+
+class SkipRequest(BaseModel):
+    crop: int
     input: Input = "button"
 
 
@@ -83,11 +91,11 @@ def create_label_app(session: LabelSession, token: str | None = None,
 
     @app.post("/api/label", dependencies=[Depends(authorised)])
     def label(request: LabelRequest) -> dict[str, Any]:
-        return apply(lambda: session.label(request.label, request.input))
+        return apply(lambda: session.label(request.label, request.input, request.crop))
 
     @app.post("/api/skip", dependencies=[Depends(authorised)])
-    def skip(request: ActionRequest) -> dict[str, Any]:
-        return apply(lambda: session.skip(request.input))
+    def skip(request: SkipRequest) -> dict[str, Any]:
+        return apply(lambda: session.skip(request.input, request.crop))
 
     @app.post("/api/undo", dependencies=[Depends(authorised)])
     def undo(request: ActionRequest) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """``labels.csv``: every labelling decision, appended and flushed to disk at once.
 
 One row per decision: ``time, file, sha256, class, action, input``. ``action`` is ``label``,
-``skip`` or ``undo`` (which takes back the latest not yet undone label or skip); ``input`` is
+``skip`` or ``undo`` (which takes back its file's latest not yet undone label or skip — an
+undo row without a file, as early journals wrote, the latest of any file); ``input`` is
 ``keyboard`` or ``button``. Nothing is ever rewritten, so a crash or ``kill -9`` loses at most
 the row being written; :func:`replay` ignores a cut last line.
 """
@@ -92,18 +93,31 @@ def read_decisions(path: Path) -> list[Decision]:
 
 def replay(decisions: list[Decision]) -> tuple[dict[str, str], list[Decision]]:
     """(file -> class for every file whose latest standing decision is a label; the standing
-    decisions in order, undone ones removed). A skip stands too, but gives no class."""
-    standing: list[Decision] = []
+    decisions in order, undone ones removed). A skip stands too, but gives no class.
+
+    An undo takes back the latest standing decision of the file it names, never another
+    file's. O(decisions) with a per-file stack; undone rows are dropped in one final pass.
+    """
+    standing: list[Decision | None] = []
+    per_file: dict[str, list[int]] = {}  # file -> positions of its standing decisions
     for decision in decisions:
-        if decision.action == "undo":
-            if standing:
-                standing.pop()
-        else:
+        if decision.action != "undo":
+            per_file.setdefault(decision.file, []).append(len(standing))
             standing.append(decision)
+            continue
+        if decision.file:
+            positions = per_file.get(decision.file)
+        else:  # an early journal's undo: the latest standing decision of any file
+            positions = per_file[standing[-1].file] if standing else None  # type: ignore[union-attr]
+        if positions:
+            standing[positions.pop()] = None
+            while standing and standing[-1] is None:  # the last entry is always standing
+                standing.pop()
+    kept = [decision for decision in standing if decision is not None]
     labels: dict[str, str] = {}
-    for decision in standing:
+    for decision in kept:
         if decision.action == "label":
             labels[decision.file] = decision.label
         else:
             labels.pop(decision.file, None)
-    return labels, standing
+    return labels, kept

@@ -38,6 +38,7 @@ if (token) headers["Authorization"] = "Bearer " + token;
 const imageUrl = id => "/api/image/" + id + (token ? "?token=" + encodeURIComponent(token) : "");
 let state = null;
 let pending = Promise.resolve();  // calls run one after another, in the order of the keys
+let ready = false;  // the shown crop's image has loaded and no call is under way
 
 function el(tag, text, attrs) {
   const node = document.createElement(tag);
@@ -47,16 +48,33 @@ function el(tag, text, attrs) {
 }
 
 function call(path, body) {
+  ready = false;  // until the answer's crop has loaded: no key labels a crop not yet seen
   pending = pending.then(() => send(path, body)).catch(error => {
-    document.getElementById("error").textContent = String(error); });
+    document.getElementById("error").textContent = String(error); markReady(); });
   return pending;
 }
 
+function decide(path, body) {  // a decision names the crop the person saw
+  if (!ready || !state || !state.crop) return;
+  call(path, Object.assign({crop: state.crop.id}, body));
+}
+
+function markReady() {
+  ready = true;
+  document.body.dataset.ready = "1";
+}
+
 async function send(path, body) {
+  document.body.dataset.ready = "0";
   const response = await fetch(path, body === undefined ? {headers} :
                                {method: "POST", headers, body: JSON.stringify(body)});
   const data = await response.json();
-  if (!response.ok) { document.getElementById("error").textContent = data.error; return; }
+  if (!response.ok) {
+    document.getElementById("error").textContent = data.error;
+    if (response.status === 409) return send("/api/state");  // show what is current now
+    markReady();
+    return;
+  }
   document.getElementById("error").textContent = "";
   state = data;
   render();
@@ -80,20 +98,23 @@ function render() {
   buttons.replaceChildren(
     ...state.classes.map((c, i) => {
       const b = el("button", (i + 1) + " " + c, {"data-class": c});
-      b.onclick = () => call("/api/label", {label: c, input: "button"});
+      b.onclick = () => decide("/api/label", {label: c, input: "button"});
       return b; }),
-    button("u not sure", () => call("/api/skip", {input: "button"})),
-    button("z undo", () => call("/api/undo", {input: "button"})),
-    button("\\u2190", () => call("/api/move", {step: -1})),
-    button("\\u2192", () => call("/api/move", {step: 1})));
+    button("u not sure", () => decide("/api/skip", {input: "button"})),
+    button("z undo", () => ready && call("/api/undo", {input: "button"})),
+    button("\\u2190", () => ready && call("/api/move", {step: -1})),
+    button("\\u2192", () => ready && call("/api/move", {step: 1})));
   const crop = state.crop, img = document.getElementById("crop");
   if (!crop) {
     img.removeAttribute("src");
+    markReady();
     document.getElementById("name").textContent = "All crops are labelled.";
     for (const id of ["guess", "current"]) document.getElementById(id).textContent = "";
     document.getElementById("neighbours").replaceChildren();
   } else {
-    img.src = imageUrl(crop.id);
+    const url = new URL(imageUrl(crop.id), location.href).href;
+    if (img.src === url && img.complete) markReady();  // the same crop: no new load comes
+    else { img.onload = img.onerror = markReady; img.src = url; }
     img.className = crop.label ? "labelled" : "";
     document.getElementById("name").textContent = crop.name;
     document.getElementById("guess").textContent = crop.guess ?
@@ -113,10 +134,14 @@ function render() {
 
 document.addEventListener("keydown", event => {
   if (!state || event.ctrlKey || event.metaKey || event.altKey) return;
+  if (event.repeat || !ready) {  // a held key, or the next crop not yet on screen
+    if (/^[1-9uz]$|^Arrow(Left|Right)$/.test(event.key)) event.preventDefault();
+    return;
+  }
   const n = parseInt(event.key, 10);
   if (n >= 1 && n <= state.classes.length) {
-    call("/api/label", {label: state.classes[n - 1], input: "keyboard"});
-  } else if (event.key === "u") { call("/api/skip", {input: "keyboard"});
+    decide("/api/label", {label: state.classes[n - 1], input: "keyboard"});
+  } else if (event.key === "u") { decide("/api/skip", {input: "keyboard"});
   } else if (event.key === "z") { call("/api/undo", {input: "keyboard"});
   } else if (event.key === "ArrowLeft") { call("/api/move", {step: -1});
   } else if (event.key === "ArrowRight") { call("/api/move", {step: 1});

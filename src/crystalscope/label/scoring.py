@@ -3,7 +3,7 @@ without a model, the crops' own pixels (works offline, no weights needed)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +20,9 @@ class Scores:
     """What ordering and the page know about each crop (rows follow the session's crops)."""
 
     embeddings: np.ndarray
-    probabilities: np.ndarray | None = None
+    probabilities: np.ndarray | None = None  # columns: ``classes``, the model's own order
     note: str = ""
+    classes: list[str] = field(default_factory=list)
 
 
 ORDER_DIMENSIONS = 32  # principal components the distances are measured in
@@ -108,4 +109,5 @@ def score_crops(paths: list[Path], predictor: Predictor | None,
         x = np.asarray(embeddings, np.float64)
         note = ("ordered by what the model is unsure of (margin) and by diversity of its "
                 "embeddings")
-    return Scores(principal_components(x), np.asarray(probabilities, np.float64), note)
+    return Scores(principal_components(x), np.asarray(probabilities, np.float64), note,
+                  list(predictor.classes))

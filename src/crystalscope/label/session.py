@@ -51,6 +51,11 @@ def parse_label_classes(text: str) -> list[str]:
     return names
 
 
+class StaleCrop(UserError):
+    """A decision for a crop that is not the one under the cursor (a second tab, a key held
+    down, a double press): refused, so no crop is labelled unseen."""
+
+
 class FolderLock:
     """An OS lock on ``folder/.label.lock`` for this process's lifetime."""
 
@@ -141,11 +146,11 @@ class LabelSession:
         info: dict[str, Any] = {"id": index, "name": crop.name,
                                 "label": self.labels.get(crop.name),
                                 "neighbours": self.neighbours(index)}
-        if self.scores.probabilities is not None:
+        if self.scores.probabilities is not None:  # columns in the model's own class order
             p = self.scores.probabilities[index]
             best = int(np.argmax(p))
-            info["guess"] = {"class": self.classes[best] if best < len(self.classes)
-                             else str(best), "probability": round(float(p[best]), 4)}
+            info["guess"] = {"class": self.scores.classes[best],
+                             "probability": round(float(p[best]), 4)}
         return info
 
     def neighbours(self, index: int) -> list[dict[str, Any]]:
@@ -161,18 +166,23 @@ class LabelSession:
                  "distance": round(float(distances[i]), 3)} for i in nearest]
 
     # ---- decisions
-    def label(self, label: str, input: str) -> None:
+    def label(self, label: str, input: str, crop: int | None = None) -> None:
+        """Label the crop under the cursor; ``crop`` (the page sends it): the crop the person
+        saw, refused unless it is still the one under the cursor."""
         if label not in self.classes:
             raise UserError(f"class {label!r}: use one of {', '.join(self.classes)}")
-        self._decide(label, "label", input)
+        self._decide(label, "label", input, crop)
 
-    def skip(self, input: str) -> None:
-        self._decide("", "skip", input)
+    def skip(self, input: str, crop: int | None = None) -> None:
+        self._decide("", "skip", input, crop)
 
-    def _decide(self, label: str, action: str, input: str) -> None:
+    def _decide(self, label: str, action: str, input: str, seen: int | None) -> None:
         index = self.current()
         if index is None:
             raise UserError("nothing left to label")
+        if seen is not None and seen != index:
+            raise StaleCrop(f"crop {seen} is no longer the one shown (now crop {index}, "
+                            f"{self.crops[index].name}); nothing was labelled")
         crop = self.crops[index]
         assert self.journal is not None
         self.journal.append(crop.name, crop.sha256, label, action, input)
@@ -288,6 +298,29 @@ def _copy_names(names: list[str], hashes: list[str]) -> list[str]:
             for b, h in zip(base, hashes, strict=True)]
 
 
+def _keep_copy_names(session: LabelSession) -> None:
+    """A labelled crop keeps the copy name it was given, even when a new crop with the same
+    file name (in another subfolder) would now give both a hashed name: otherwise its copy
+    would be made again under the new name and the old one left behind. O(labelled crops)."""
+    for crop in session.crops:
+        label = session.labels.get(crop.name)
+        plain = Path(crop.name).name
+        if label is None or crop.copy_name == plain:
+            continue
+        earlier = session.out / label / plain
+        if earlier.is_file() and file_sha256(earlier) == crop.sha256:
+            crop.copy_name = plain
+
+
+def check_model_classes(model_classes: list[str], classes: list[str]) -> None:
+    """The model's classes must name every labelling class (matched by name, in any order)."""
+    missing = [c for c in classes if c not in model_classes]
+    if missing:
+        raise UserError(f"the model's classes ({', '.join(model_classes)}) do not include "
+                        f"{', '.join(missing)} from --classes; give a model trained on these "
+                        "classes, or no --model")
+
+
 def open_session(images: Path, out: Path, classes: list[str], *,
                  predictor: Predictor | None = None, link: bool = False,
                  embed: Callable[[list[Path]], Scores] | None = None) -> LabelSession:
@@ -298,6 +331,8 @@ def open_session(images: Path, out: Path, classes: list[str], *,
         raise UserError(f"{images}: not a folder of images")
     if out.resolve() == images.resolve():
         raise SettingsError("out", "must differ from the images folder", out)
+    if predictor is not None:
+        check_model_classes(list(predictor.classes), classes)
     out.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out)
     try:
@@ -314,8 +349,9 @@ def open_session(images: Path, out: Path, classes: list[str], *,
                 pixels.append(scan.pixels)
         if not readable:
             raise UserError(f"{images}: holds no readable images")
-        root = images.resolve()
-        names = [p.resolve().relative_to(root).as_posix() for p in readable]
+        # Named where they lie in the folder, not where a symbolic link points (outside it)
+        names = [Path(os.path.relpath(p.absolute(), images.absolute())).as_posix()
+                 for p in readable]
         crops = [Crop(p, n, h, c) for p, n, h, c in
                  zip(readable, names, hashes, _copy_names(names, hashes), strict=True)]
         scores = (embed(readable) if embed else
@@ -325,6 +361,7 @@ def open_session(images: Path, out: Path, classes: list[str], *,
         session.journal = Journal(out / JOURNAL)
         session.queue = list(range(len(crops)))
         session._reload()
+        _keep_copy_names(session)
         for crop in crops:  # a crash between a journal row and its copy: put it right
             session._sync(crop)
         session.cursor = len(session.history)
