@@ -108,15 +108,60 @@ def test_a_broken_export_fails_and_leaves_no_model_onnx(trained_run: Path, tmp_p
         real(net, path, image_size)
         _break_weights(path)
 
+    export_run(trained_run, tmp_path / "kept")  # a good export, then a broken one over it
+    before = {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()}
     monkeypatch.setattr(onnx_export, "_to_onnx", broken)
     with pytest.raises(ExportParityError, match="disagree"):
         export_run(trained_run, tmp_path / "a")
     assert not (tmp_path / "a" / "model.onnx").exists()
     assert not list((tmp_path / "a").glob(".*partial"))
+    with pytest.raises(ExportParityError, match="disagree"):
+        export_run(trained_run, tmp_path / "kept")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()} == before
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(trained_run), "--out", str(tmp_path / "b")])
     assert exit_info.value.code == 1
     assert "disagree" in capsys.readouterr().err
+
+
+def test_every_file_of_an_export_carries_one_export_id(trained_run: Path,
+                                                       exported: Path) -> None:
+    from safetensors import safe_open
+
+    from crystalscope.data.dedupe import file_sha256
+    from crystalscope.infer.predictor import load_predictor
+
+    description = json.loads((exported / "model.json").read_text())
+    export_id = description["export_id"]
+    assert len(export_id) == 32
+    assert description["checkpoint_sha256"] == file_sha256(
+        trained_run / "checkpoints" / "best.ckpt")
+    onnx_metadata = read_metadata(exported / "model.onnx")
+    assert onnx_metadata["export_id"] == export_id
+    assert onnx_metadata["checkpoint_sha256"] == description["checkpoint_sha256"]
+    assert description["unknown_detector"]["export_id"] == export_id
+    with safe_open(str(exported / "unknown.safetensors"), framework="numpy") as handle:
+        assert handle.metadata()["export_id"] == export_id
+    assert load_predictor(exported).export_id == export_id
+
+
+def test_files_of_two_exports_side_by_side_are_refused(trained_run: Path, exported: Path,
+                                                       tmp_path: Path) -> None:
+    from crystalscope.infer.predictor import load_predictor
+
+    other = tmp_path / "other"
+    export_run(trained_run, other)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(other / "model.onnx", mixed / "model.onnx")  # a new ONNX, the old rest
+    for name in ("model.json", "model.safetensors", "unknown.safetensors"):
+        shutil.copy(exported / name, mixed / name)
+    with pytest.raises(UserError, match="come from different exports"):
+        load_predictor(mixed)
+    shutil.copy(exported / "model.onnx", mixed / "model.onnx")
+    shutil.copy(other / "unknown.safetensors", mixed / "unknown.safetensors")  # the detector
+    with pytest.raises(UserError, match="from another export"):
+        load_predictor(mixed)
 
 
 def test_load_model_refuses_incomplete_or_foreign_files(exported: Path, tmp_path: Path) -> None:

@@ -190,3 +190,95 @@ def test_a_record_survives_its_stored_encoding() -> None:
     assert np.array_equal(back.vector, record.vector)
     assert {k: v for k, v in vars(back).items() if k != "vector"} == \
         {k: v for k, v in vars(record).items() if k != "vector"}
+
+
+def test_serve_sees_rows_an_index_beside_it_adds(exported_run: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from crystalscope.infer.predictor import load_predictor
+    from crystalscope.serve.app import ServeSettings, create_app
+    from crystalscope.serve.server import running
+    from test_serve import _post
+
+    splits = exported_run.parent.parent / "splits"
+    folder = tmp_path / "crystals.lance"
+    served = open_store(folder)  # empty when the server starts: no table yet
+    predictor = load_predictor(exported_run)
+    query = sorted((splits / "test").rglob("*.png"))[0]
+    with running(create_app(ServeSettings(predictor=predictor, store=served))) as url:
+        code, body = _post(f"{url}/similar", [("file", query.name, query.read_bytes())])
+        assert code == 200 and body["neighbours"] == []
+        index = subprocess.run([sys.executable, "-m", "crystalscope.cli", "index",
+                                str(exported_run), str(splits / "test"), "--store",
+                                str(folder)], capture_output=True, text=True, timeout=300)
+        assert index.returncode == 0, index.stderr
+        code, body = _post(f"{url}/similar", [("file", query.name, query.read_bytes())])
+    assert code == 200 and body["neighbours"][0]["path"] == str(query.resolve())
+
+
+def test_a_store_of_another_models_embeddings_is_refused(exported_run: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    from crystalscope.infer.predictor import load_predictor
+
+    splits = exported_run.parent.parent / "splits"
+    folder = tmp_path / "crystals.lance"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["index", str(exported_run), str(splits / "test"), "--store", str(folder)])
+    assert exit_info.value.code == 0
+    store = LanceStore(folder)
+    assert store.model_id() == load_predictor(exported_run).export_id != ""
+    store.record_model("0" * 32)  # as if another export (or run) had indexed it
+    image = next((splits / "test").rglob("*.png"))
+    for command in (["similar", str(exported_run), str(image)],
+                    ["index", str(exported_run), str(splits / "valid")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--store", str(folder)])
+        assert exit_info.value.code == 2
+        assert "holds embeddings of model 0000" in capsys.readouterr().err
+
+
+RACE_WRITER = """
+import sys
+import numpy as np
+from pathlib import Path
+from crystalscope.vectors.lance import LanceStore
+from crystalscope.vectors.store import Record
+who, folder = int(sys.argv[1]), Path(sys.argv[2])
+store = LanceStore(folder, index_threshold=1500)
+rng = np.random.default_rng(who)
+for batch in range(4):
+    store.upsert([Record(id=f"{who}-{batch}-{i}", vector=rng.normal(size=16).astype(np.float32),
+                         path=f"/{who}/{batch}/{i}.png", sha256="0" * 64, predicted="cex",
+                         probabilities={"cex": 1.0}) for i in range(250)])
+store.flush()
+"""
+
+
+def test_two_index_runs_racing_on_one_store_both_land(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "writer.py"
+    script.write_text(RACE_WRITER)
+    folder = tmp_path / "race.lance"
+    writers = [subprocess.Popen([sys.executable, str(script), str(who), str(folder)],
+                                stderr=subprocess.PIPE, text=True) for who in (1, 2, 3)]
+    errors = [writer.communicate(timeout=300)[1] for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0, 0], errors
+    store = LanceStore(folder)
+    assert store.count() == 3 * 4 * 250
+    assert store.info().indexed  # one of them built the index; none crashed on the others
+
+
+def test_flush_compacts_small_fragments(tmp_path: Path) -> None:
+    from crystalscope.vectors import lance
+
+    store = LanceStore(tmp_path / "s.lance")
+    for seed in range(lance.SMALL_FRAGMENTS_TO_COMPACT + 2):  # one fragment per write
+        store.upsert(_records(5, seed=seed))
+    assert store.table.stats()["fragment_stats"]["num_fragments"] >= 16
+    store.flush()
+    assert store.table.stats()["fragment_stats"]["num_fragments"] == 1
+    assert store.count() == 5 * (lance.SMALL_FRAGMENTS_TO_COMPACT + 2)

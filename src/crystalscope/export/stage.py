@@ -3,11 +3,20 @@ and its unknown-detector (unknown.safetensors, described in model.json).
 
 After writing, the model is rebuilt from safetensors + json and run against the checkpoint,
 and ONNX Runtime is run against torch; either disagreement fails the export.
+
+An export is written whole into a hidden staging folder beside its destination and only then
+moved into place, file by file (``os.replace``, atomic per file); a failed parity check leaves
+the previous export untouched. Every file carries one export id (a fresh UUID) and the
+checkpoint's SHA-256 — ONNX metadata, model.json, the detector's safetensors metadata — and
+the readers refuse files of two different exports side by side.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crystalscope.data.dedupe import file_sha256
 from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluate.plots import read_metrics_csv
@@ -27,6 +37,9 @@ from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_
 from crystalscope.unknown.fitting import NoTrainingData, fit_run_detector, split_items
 
 PARITY_IMAGES = 16
+# Every file an export may write: those a new export does not write again are removed, so
+# nothing of an earlier export is left beside it.
+EXPORT_FILES = ("model.safetensors", "model.json", "model.onnx", FILE_NAME, "model.int8.onnx")
 
 
 @dataclass
@@ -39,6 +52,7 @@ class Export:
     int8: dict[str, Any] | None = None
     unknown_detector: dict[str, Any] | None = None  # its entry in model.json
     notes: list[str] = field(default_factory=list)
+    export_id: str = ""
 
 
 def data_summary(data: Path, classes: list[str]) -> dict[str, Any]:
@@ -126,11 +140,32 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
     the validation split to ``false_reject``.
 
     With ``int8``, also model.int8.onnx, calibrated on validation images and compared with
-    the fp32 model on the test split.
+    the fp32 model on the test split. Written into a staging folder and moved into ``out_dir``
+    only once every check has passed.
     """
     run = load_run(run_dir)
     out_dir = Path(out_dir or run.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    identity = {"export_id": uuid.uuid4().hex, "checkpoint_sha256": file_sha256(run.checkpoint)}
+    staging = Path(tempfile.mkdtemp(prefix=".export-", suffix=".partial", dir=out_dir))
+    try:
+        result = _write_export(run, staging, identity, int8=int8, false_reject=false_reject)
+        for name in EXPORT_FILES:  # what this export does not write must not stay beside it
+            if not (staging / name).exists():
+                (out_dir / name).unlink(missing_ok=True)
+        for name in sorted(p.name for p in staging.iterdir()):
+            (staging / name).replace(out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.files = {name: out_dir / path.name for name, path in result.files.items()}
+    result.export_id = identity["export_id"]
+    return result
+
+
+def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str], *, int8: bool,
+                  false_reject: float) -> Export:
+    """Every export file of ``run`` into ``out_dir`` (the staging folder), stamped with
+    ``identity``; raises if a copy disagrees with the checkpoint."""
     config = run.config.model_dump(mode="json")
     description = model_description(
         backbone=run.config.model, head=run.config.head, spec=run.spec,
@@ -138,15 +173,15 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
         metrics=run_metrics(run), data=data_summary(run.config.data, run.classes),
         tta=run.config.tta)
+    description.update(identity)
     notes = []
     try:
         detector = fit_run_detector(run, false_reject)
     except NoTrainingData as exc:
         notes.append(str(exc))
-        (out_dir / FILE_NAME).unlink(missing_ok=True)  # never pair a stale detector with it
     else:
-        description["unknown_detector"] = detector.describe()
-        save_detector(detector, out_dir)
+        description["unknown_detector"] = {**detector.describe(), **identity}
+        save_detector(detector, out_dir, identity["export_id"])
     weights_path, json_path = save_model(run.net, description, out_dir)
 
     images = parity_images(run).float()
@@ -154,13 +189,13 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
     with torch.inference_mode():
         rebuilt_difference = float((rebuilt(images)[0] - run.net(images)[0]).abs().max())
     if not rebuilt_difference <= PARITY_TOLERANCE:
-        raise CrystalscopeError(f"{weights_path}: the rebuilt model differs from the checkpoint "
-                                f"(max |Δ probability| {rebuilt_difference:.2e})")
+        raise CrystalscopeError(f"{weights_path.name}: the rebuilt model differs from the "
+                                f"checkpoint (max |Δ probability| {rebuilt_difference:.2e})")
     onnx_path = RunLayout(out_dir).onnx
     metadata = {"classes": run.classes, "preprocessing": description["preprocessing"],
                 "outputs": "probabilities",
                 "architecture": description["architecture"], "format": description["format"],
-                "format_version": description["format_version"]}
+                "format_version": description["format_version"], **identity}
     onnx_difference = export_onnx(run.net, onnx_path, run.image_size, metadata, images)
     result = Export(files={"model.safetensors": weights_path, "model.json": json_path,
                            "model.onnx": onnx_path},
@@ -168,7 +203,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
                     rebuilt_max_difference=rebuilt_difference,
                     unknown_detector=description.get("unknown_detector"), notes=notes)
     if "unknown_detector" in description:
-        result.files["unknown.safetensors"] = out_dir / "unknown.safetensors"
+        result.files[FILE_NAME] = out_dir / FILE_NAME
     if int8:
         calibration, _ = _split_images(run, "valid", limit=64)
         if not len(calibration):

@@ -128,6 +128,18 @@ class Predictor:
     has_embedding: bool = True
     unknown_detector: UnknownDetector | None = field(default=None, repr=False)
     outputs: OutputKind = "probabilities"
+    export_id: str = ""  # crystalscope's exports: the id stamped in every file of one export
+
+    @property
+    def model_id(self) -> str:
+        """What identifies the network that makes this predictor's embeddings: the export id,
+        or for a foreign model (or an early export) the SHA-256 of its file."""
+        if self.export_id:
+            return self.export_id
+        from crystalscope.data.dedupe import file_sha256
+
+        return "sha256:" + file_sha256(self.source) if self.source.is_file() else str(
+            self.source)
 
     @property
     def input_size(self) -> int:
@@ -204,13 +216,14 @@ def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onn
     # The detector was calibrated on this model's own fp32 statistics: an int8 or foreign
     # model beside a model.json is not given it, and then its statistics are not computed.
     layout = RunLayout(path.parent)
-    detector = (load_detector(layout.model_json)
-                if "statistics" in names and path.name == layout.onnx.name else None)
+    detector = None
+    if "statistics" in names and path.name == layout.onnx.name:
+        check_same_export(path, metadata.get("export_id", ""), layout.model_json)
+        detector = load_detector(layout.model_json)
     optional = [name for name in ("embedding", "statistics") if name in names
                 and (name != "statistics" or detector is not None)]
     fetch = [*wanted, *optional]
-    fixed = engine.input_shape[0]  # a foreign model may take a fixed number of images per run
-    runner = engine.runner(fetch, fixed if isinstance(fixed, int) and fixed > 0 else RUN_BATCH)
+    runner = engine.runner(fetch, RUN_BATCH)  # a fixed-batch model: the engine uses its own
 
     def run(x: np.ndarray) -> RawOutputs:
         results = dict(zip(fetch, runner(x), strict=True))
@@ -220,7 +233,24 @@ def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onn
                      source=path, run=run, has_embedding="embedding" in optional,
                      unknown_detector=detector, outputs=_output_kind(path, wanted[0],
                                                         backend_overrides.get("outputs"),
-                                                        metadata))
+                                                        metadata),
+                     export_id=str(metadata.get("export_id", "")))
+
+
+def check_same_export(onnx_path: Path, onnx_export_id: str, model_json: Path) -> None:
+    """Refuse an ONNX file beside a model.json of another export (a half-replaced folder, or
+    files copied together by hand): its detector was calibrated on another network."""
+    if not model_json.is_file():
+        return
+    try:
+        json_export_id = str(json.loads(model_json.read_text(encoding="utf-8"))
+                             .get("export_id", ""))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # not ours to judge: load_detector reports a broken model.json
+    if json_export_id != onnx_export_id:
+        raise UserError(f"{onnx_path} (export {onnx_export_id or 'without id'}) and "
+                        f"{model_json} (export {json_export_id or 'without id'}) come from "
+                        "different exports; run `crystalscope export` again")
 
 
 def _guess(shape: list, path: Path) -> Preprocessing:
@@ -244,9 +274,13 @@ def _torch_predictor(net: torch.nn.Module, classes: list[str], size: int, source
         probabilities, embedding, statistics = net(torch.from_numpy(x))
         return probabilities.numpy(), embedding.numpy(), statistics.numpy()
 
+    try:
+        export_id = str(json.loads(model_json.read_text(encoding="utf-8")).get("export_id", ""))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        export_id = ""  # a run without an export yet
     return Predictor(classes=list(classes), preprocessing=Preprocessing(input_size=size),
                      backend="torch", source=source, run=run,
-                     unknown_detector=load_detector(model_json))
+                     unknown_detector=load_detector(model_json), export_id=export_id)
 
 
 def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str] | None = None,

@@ -32,12 +32,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from crystalscope.data.images import ImageLoadError
+from crystalscope.errors import UserError
 from crystalscope.infer.predictor import Outputs, Predictor
 from crystalscope.model.spec import decode_for_spec
 from crystalscope.serve.page import DASHBOARD
 from crystalscope.serve.server import LOOPBACK_HOST_NAMES, guard_hosts
 from crystalscope.vectors.indexing import thumbnail_uri
-from crystalscope.vectors.store import VectorStore
+from crystalscope.vectors.store import VectorStore, check_same_model
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_REQUEST_BYTES = 64 * 2**20
@@ -188,6 +189,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 "monitoring": settings.monitor is not None, **(settings.model_info or {})}
 
     store = settings.store
+    model_id = predictor.model_id if store is not None else ""
 
     @app.post("/predict", dependencies=[Depends(authorised)])
     def predict(files: list[UploadFile] = File(...)) -> dict[str, Any]:
@@ -211,6 +213,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if outputs.embeddings is None:
             raise HTTPException(400, "this model gives no embeddings")
         with store_lock:
+            try:  # the store may have been filled by another model since serve started
+                check_same_model(store, model_id, "the store")
+            except UserError as exc:
+                raise HTTPException(409, str(exc)) from exc
             neighbours = store.nearest(outputs.embeddings[0], k)
         found = [{"path": n.record.path, "distance": n.distance,
                   "predicted": n.record.predicted, "true_class": n.record.true_class,

@@ -132,14 +132,23 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
     return detector
 
 
-def save_detector(detector: UnknownDetector, folder: Path) -> Path:
-    """Write ``folder/unknown.safetensors`` (the fitted arrays); model.json holds the rest."""
+def save_detector(detector: UnknownDetector, folder: Path, export_id: str = "") -> Path:
+    """Write ``folder/unknown.safetensors`` (the fitted arrays, and the export id in its
+    metadata); model.json holds the rest."""
     arrays: dict[str, np.ndarray] = {}
     for index, distance in enumerate(detector.distances):
         arrays.update(distance.arrays(f"stage{index}"))
     path = Path(folder) / FILE_NAME
-    save_file(arrays, path, metadata={"method": METHOD})
+    save_file(arrays, path, metadata={"method": METHOD, "export_id": export_id})
     return path
+
+
+def detector_file_export_id(path: Path) -> str:
+    """The export id in an unknown.safetensors' metadata ("" for early exports)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return (handle.metadata() or {}).get("export_id", "")
 
 
 def load_detector(model_json: Path) -> UnknownDetector | None:
@@ -155,6 +164,14 @@ def load_detector(model_json: Path) -> UnknownDetector | None:
     if not info:
         return None
     path = model_json.parent / info.get("file", FILE_NAME)
+    expected = description.get("export_id", "")
+    try:
+        found = detector_file_export_id(path) if path.is_file() else expected
+    except Exception:  # safetensors' own errors: load_file below says what is wrong
+        found = expected
+    if found != expected:
+        raise UserError(f"{path}: from another export ({found or 'none'}) than {model_json} "
+                        f"({expected or 'none'}); export the model again")
     try:
         arrays = load_file(path)
         distances = [GaussianDistance.from_arrays(arrays, f"stage{i}")

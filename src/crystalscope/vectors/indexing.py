@@ -23,7 +23,13 @@ from crystalscope.errors import UserError
 from crystalscope.infer.predictor import Predictor
 from crystalscope.infer.stream import Failure, ImageResult, predict_stream
 from crystalscope.settings import SettingsError
-from crystalscope.vectors.store import Neighbour, Record, VectorStore, record_id
+from crystalscope.vectors.store import (
+    Neighbour,
+    Record,
+    VectorStore,
+    check_same_model,
+    record_id,
+)
 
 UPSERT_BATCH = 2048  # records per write: one LanceDB commit (a merge on the id) per batch
 
@@ -68,6 +74,8 @@ def index_images(predictor: Predictor, files: list[Path], store: VectorStore, *,
     written in batches of ``UPSERT_BATCH`` (memory: one batch).
     """
     _require_embeddings(predictor)
+    model_id = predictor.model_id
+    check_same_model(store, model_id, store.info().uri)
     if results is None:
         results = predict_stream(predictor, files, batch_size=batch_size, progress=progress)
     result, pending = IndexResult(), []
@@ -82,6 +90,7 @@ def index_images(predictor: Predictor, files: list[Path], store: VectorStore, *,
             result.indexed += len(pending)
             pending = []
     store.upsert(pending)
+    store.record_model(model_id)
     store.flush()  # one ANN index build for the whole run, not one per batch
     result.indexed += len(pending)
     result.new = store.count() - before
@@ -97,6 +106,7 @@ def find_similar(predictor: Predictor, image: Path, store: VectorStore, k: int, 
                             f"({', '.join(predictor.classes)})", predicted)
     if store.count() == 0:
         raise UserError("the store is empty; fill it first: crystalscope index MODEL IMAGES")
+    check_same_model(store, predictor.model_id, store.info().uri)
     (query,) = list(predict_stream(predictor, [image]))
     if isinstance(query, Failure):
         raise UserError(query.reason)

@@ -13,6 +13,13 @@ recall@10 against exact search on ``RECALL_QUERIES`` stored vectors spread over 
 Cost: writes are batched merges on the id; an index build is O(N log N) and happens once per
 `index` run that grows the table by a tenth or more; a query probes ``NPROBES`` partitions of
 about sqrt(N) x 4 vectors each, plus the unindexed tenth at most.
+
+Several processes may share a store: every read sees the latest committed version (a
+``read_consistency_interval`` of 0: one manifest check per query), so a server sees rows an
+`index` beside it adds, and a table created after the server started. Writers that collide
+(two `index` runs) retry on LanceDB's commit conflicts with backoff; once small fragments pile
+up, ``flush`` compacts them (``optimize``). The model that made the vectors is recorded in the
+vector column's metadata (``crystalscope.model_id``) and a different one is refused.
 """
 
 from __future__ import annotations
@@ -20,8 +27,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +63,34 @@ PARTITION_DIVISOR = 4
 REBUILD_GROWTH = 1.1
 RECALL_QUERIES = 20
 FIELDS = ("id", *TEXT_PROPERTIES, *INT_PROPERTIES)
+MODEL_KEY = b"crystalscope.model_id"  # in the vector column's field metadata
+COMMIT_ATTEMPTS = 8
+SMALL_FRAGMENTS_TO_COMPACT = 16  # fragments under LanceDB's target size, before optimize()
+T = TypeVar("T")
+
+
+def is_commit_conflict(exc: BaseException) -> bool:
+    """LanceDB's "retryable commit conflict": another writer committed first."""
+    text = str(exc).lower()
+    return "commit conflict" in text or "retryable" in text or "already exists" in text
+
+
+def with_retries(operation: Callable[[], T], what: str, path: Path,
+                 attempts: int = COMMIT_ATTEMPTS) -> T:
+    """Run ``operation``; on a commit conflict with another writer, again after a growing,
+    jittered pause (50 ms .. ~6 s), ``attempts`` times at most; then a one-line error."""
+    for attempt in range(attempts):
+        try:
+            return operation()
+        except (RuntimeError, OSError, ValueError) as exc:
+            if not is_commit_conflict(exc):
+                raise
+            if attempt == attempts - 1:
+                raise CrystalscopeError(f"LanceDB store {path}: {what} kept colliding with "
+                                        f"another writer ({attempts} tries); run it again "
+                                        "when the other `index` has finished") from exc
+            time.sleep(0.05 * 2 ** attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
 
 
 def partitions_for(rows: int) -> int:
@@ -86,10 +125,9 @@ class LanceStore:
             raise SettingsError("store", "is a file; give a folder for the LanceDB store",
                                 str(path))
         try:
-            self.db = lancedb.connect(str(self.path))
-            names = self.db.list_tables()
-            names = getattr(names, "tables", names)
-            self.table = self.db.open_table(TABLE) if TABLE in names else None
+            # 0: every read checks for a newer version (another process's writes)
+            self.db = lancedb.connect(str(self.path), read_consistency_interval=timedelta(0))
+            self.table = self._open_table()
         except (OSError, RuntimeError, ValueError) as exc:
             raise SettingsError("store", f"cannot open or create it ({exc})",
                                 str(path)) from exc
@@ -99,6 +137,45 @@ class LanceStore:
             if dimension is not None and stored != dimension:
                 check_vector(np.zeros(dimension), stored)  # raises the explained error
             self.dimension = stored
+
+    def _open_table(self) -> object | None:
+        """The table, or None while there is none — or while another process is still
+        creating it (its folder is listed before its first version is committed)."""
+        names = self.db.list_tables()
+        names = getattr(names, "tables", names)
+        if TABLE not in names:
+            return None
+        try:
+            return self.db.open_table(TABLE)
+        except ValueError as exc:
+            if "not found" in str(exc).lower():
+                return None
+            raise
+
+    def _current(self) -> bool:
+        """Whether there is a table: one another process created since is opened now."""
+        if self.table is None:
+            self.table = self._open_table()
+            if self.table is not None and self.dimension is None:
+                self.dimension = self.table.schema.field("vector").type.list_size
+        return self.table is not None
+
+    # -- the model that made the vectors ---------------------------------------------------
+
+    def model_id(self) -> str | None:
+        """The id of the model whose embeddings the store holds (None: not recorded)."""
+        if not self._current():
+            return None
+        metadata = self.table.schema.field("vector").metadata or {}
+        value = metadata.get(MODEL_KEY)
+        return value.decode() if value else None
+
+    def record_model(self, model_id: str) -> None:
+        """Record the model of the vectors (in the vector column's metadata)."""
+        if self._current() and self.model_id() != model_id:
+            with_retries(lambda: self.table.update_field_metadata(
+                {"path": "vector", "metadata": {MODEL_KEY.decode(): model_id}}),
+                "recording the model", self.path)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -119,12 +196,16 @@ class LanceStore:
         if self.dimension is None:
             self.dimension = int(np.asarray(records[0].vector).size)
         data = self._arrow(records)
-        try:
-            if self.table is None:
+
+        def write() -> None:
+            if not self._current():  # a second writer may create it first: then merge
                 self.table = self.db.create_table(TABLE, data=data, schema=data.schema)
-            else:
-                (self.table.merge_insert("id").when_matched_update_all()
-                 .when_not_matched_insert_all().execute(data))
+                return
+            (self.table.merge_insert("id").when_matched_update_all()
+             .when_not_matched_insert_all().execute(data))
+
+        try:
+            with_retries(write, "a write", self.path)
         except OSError as exc:
             raise SettingsError("store", f"cannot write to it ({exc})",
                                 str(self.path)) from exc
@@ -139,8 +220,20 @@ class LanceStore:
         1024: p50 31 ms, recall 0.96) than rebuilding (11 ms, 0.997). Building once per run of
         writes, not per batch, keeps a bulk `index` at one build.
         """
-        if self.table is not None:
-            self._maintain_index()
+        if self._current():
+            self._compact()
+            with_retries(self._maintain_index, "building the index", self.path)
+
+    def _compact(self) -> None:
+        """Merge small fragments (each write batch leaves one) once
+        ``SMALL_FRAGMENTS_TO_COMPACT`` have piled up; versions older than a week are pruned.
+        LanceDB rewrites only the small fragments, so over many runs each row is rewritten
+        O(log) times, not once per run."""
+        assert self.table is not None
+        small = self.table.stats()["fragment_stats"]["num_small_fragments"]
+        if small >= SMALL_FRAGMENTS_TO_COMPACT:
+            with_retries(lambda: self.table.optimize(cleanup_older_than=timedelta(days=7)),
+                         "compacting", self.path)
 
     def _maintain_index(self) -> None:
         assert self.table is not None
@@ -213,20 +306,20 @@ class LanceStore:
     # -- reading ---------------------------------------------------------------------------
 
     def count(self) -> int:
-        return 0 if self.table is None else self.table.count_rows()
+        return self.table.count_rows() if self._current() else 0
 
     @staticmethod
     def _record(row: dict) -> Record:
         return Record.from_properties(row["id"], row["vector"], row)
 
     def records(self) -> Iterator[Record]:
-        if self.table is None:
+        if not self._current():
             return
         for batch in self.table.to_arrow().to_batches(max_chunksize=1024):
             yield from map(self._record, batch.to_pylist())
 
     def get(self, record_id: str) -> Record | None:
-        if self.table is None:
+        if not self._current():
             return None
         rows = self.table.search().where(f"id = {_quote(record_id)}").limit(1).to_list()
         return self._record(rows[0]) if rows else None
@@ -235,7 +328,7 @@ class LanceStore:
                 predicted: str | None = None) -> list[Neighbour]:
         if k < 1:
             raise SettingsError("k", "give at least 1", k)
-        if self.table is None:
+        if not self._current():
             return []
         query = (self.table.search(check_vector(vector, self.dimension),
                                    vector_column_name="vector")

@@ -116,8 +116,24 @@ class VectorStore(Protocol):
     def info(self) -> StoreInfo:
         """Size, dimension and index state."""
 
+    def model_id(self) -> str | None:
+        """The id of the model that made the stored vectors (None: not recorded)."""
+
+    def record_model(self, model_id: str) -> None:
+        """Record the id of the model that makes the vectors written from now on."""
+
     def close(self) -> None:
         """Release connections."""
+
+
+def check_same_model(store: VectorStore, model_id: str, where: str) -> None:
+    """Refuse to compare or mix embeddings of two models: the vectors would live in unrelated
+    spaces, and distances between them mean nothing."""
+    stored = store.model_id()
+    if stored is not None and stored != model_id:
+        raise UserError(f"{where}: holds embeddings of model {stored}, not of this model "
+                        f"({model_id}); index into another store, or query with that model "
+                        "(a new export of the same run is a new model: index again)")
 
 
 def check_vector(vector: np.ndarray, dimension: int | None) -> np.ndarray:

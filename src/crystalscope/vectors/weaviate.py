@@ -24,6 +24,7 @@ from crystalscope.vectors.store import (
 )
 
 COLLECTION = "Crystal"
+MODEL_PREFIX = "crystalscope model "
 
 
 def _one_line(exc: BaseException) -> str:
@@ -85,6 +86,18 @@ class WeaviateStore:
 
         self._call("creating the collection", create)
         self.collection = self.client.collections.get(self.name)
+
+    def model_id(self) -> str | None:
+        """The model recorded in the collection's description ("crystalscope model <id>")."""
+        description = self._call("reading the collection", self.collection.config.get
+                                 ).description or ""
+        return description.removeprefix(MODEL_PREFIX) if description.startswith(
+            MODEL_PREFIX) else None
+
+    def record_model(self, model_id: str) -> None:
+        if self.model_id() != model_id:
+            self._call("recording the model", self.collection.config.update,
+                       description=MODEL_PREFIX + model_id)
 
     @staticmethod
     def _vector(obj: object) -> np.ndarray:
