@@ -246,3 +246,63 @@ def test_manifest_is_csv_with_the_documented_columns(synthetic_set: Path, tmp_pa
         reader = csv.DictReader(handle)
         assert reader.fieldnames == ["source", "dest", "sha256", "group", "split", "class"]
         assert len(list(reader)) == 120
+
+
+def _sessions(folder: Path, sessions: int = 12) -> Path:
+    """Synthetic crops without rotated copies (a copy in another session would join the two
+    sessions), in session folders: <class>/s<k>/<file>."""
+    from crystalscope.synth.crops import SynthSettings, synthesize
+
+    synthesize(folder, SynthSettings(per_class=60, size=48, dihedral_copies=0, seed=4),
+               workers=1)
+    for class_dir in [d for d in folder.iterdir() if d.is_dir()]:
+        for index, path in enumerate(sorted(class_dir.glob("*.png"))):
+            session = class_dir / f"s{index % sessions}"
+            session.mkdir(exist_ok=True)
+            path.rename(session / path.name)
+    return folder
+
+
+def _splits_per_key(dest: Path, key_of) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = defaultdict(set)
+    with (dest / "manifest.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            found[key_of(row["dest"])].add(row["split"])
+    return found
+
+
+def test_group_by_keeps_each_session_in_one_split(tmp_path: Path) -> None:
+    import json
+
+    source = _sessions(tmp_path / "images")
+    split_dataset(source, tmp_path / "by-regex", seed=3, group_by=r"/(s\d+)/")
+    per_session = _splits_per_key(tmp_path / "by-regex", lambda dest: dest.split("/")[2])
+    assert len(per_session) == 12 and all(len(s) == 1 for s in per_session.values())
+    assert {s for splits in per_session.values() for s in splits} == {"train", "valid", "test"}
+    report = json.loads((tmp_path / "by-regex" / "split.json").read_text())
+    assert report["group_by"] == {"source": r"regex /(s\d+)/", "groups": 12,
+                                  "files_without_group": 0}
+    # The same from a CSV column: file (as the paths are given) and its session
+    table = tmp_path / "sessions.csv"
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*.png"))
+    table.write_text("file,session\n" + "".join(f"{f},{f.split('/')[1]}\n" for f in files))
+    split_dataset(source, tmp_path / "by-csv", seed=3, group_file=table,
+                  group_column="session")
+    per_session = _splits_per_key(tmp_path / "by-csv", lambda dest: dest.split("/")[2])
+    assert all(len(s) == 1 for s in per_session.values())
+    # without grouping, sessions straddle splits (so the test above can fail)
+    split_dataset(source, tmp_path / "plain", seed=3)
+    per_session = _splits_per_key(tmp_path / "plain", lambda dest: dest.split("/")[2])
+    assert any(len(s) > 1 for s in per_session.values())
+
+
+def test_group_by_mistakes_get_one_line(synthetic_copy: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a regular expression"):
+        split_dataset(synthetic_copy, tmp_path / "a", group_by="(unclosed")
+    with pytest.raises(UserError, match="gives no file a group"):
+        split_dataset(synthetic_copy, tmp_path / "b", group_by=r"session(\d+)")
+    table = tmp_path / "t.csv"
+    table.write_text("path,session\n")
+    with pytest.raises(UserError, match="needs the columns file and session"):
+        split_dataset(synthetic_copy, tmp_path / "c", group_file=table, group_column="session")
+    assert not any((tmp_path / n).exists() for n in "abc")

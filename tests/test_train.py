@@ -376,3 +376,33 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_continues(
         assert torch.equal(seen["weights"][key], value), key
     epochs = [int(r["epoch"]) for r in _rows(result.run_dir)]
     assert epochs == list(range(1, len(epochs) + 1)) and epochs[-1] == 12
+
+
+def test_splits_sharing_crops_are_refused_unless_allowed(split_folder: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    from PIL import Image
+
+    from crystalscope.cli import main
+    from crystalscope.data.leakage import find_split_overlap
+    from crystalscope.train.run import check_overlap
+
+    assert find_split_overlap(split_folder) == []  # `split` keeps every group in one split
+    leaky = tmp_path / "leaky"
+    shutil.copytree(split_folder, leaky)
+    train_crops = sorted((leaky / "train" / "pg").glob("*.png"))
+    shutil.copy(train_crops[0], leaky / "test" / "pg" / "copied.png")  # the same bytes
+    with Image.open(train_crops[1]) as image:  # labelled again, turned, into valid/
+        image.transpose(Image.Transpose.ROTATE_90).save(leaky / "valid" / "pg" / "turned.png")
+    groups = find_split_overlap(leaky)
+    assert sorted(g.splits for g in groups) == [("train", "test"), ("train", "valid")]
+    assert {g.exact for g in groups} == {True, False}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(leaky), "--runs-dir", str(tmp_path / "runs"), "--weights", "none",
+              "--model", "resnet18", "--epochs", "1"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "2 crop(s) appear in more than one split" in message and "--allow-overlap" in message
+    assert not (tmp_path / "runs").exists()  # refused before a run folder is made
+    note = check_overlap(_config(leaky, tmp_path, allow_overlap=True))
+    assert note is not None and "2 crop(s)" in note

@@ -57,6 +57,7 @@ class TrainConfig(BaseModel):
     evaluate: bool = True  # after training: evaluate on the test split (when there is one)
     export: bool = True  # after training: model.safetensors + model.json + model.onnx
     false_reject: float = Field(0.01, gt=0, lt=1)  # the unknown-detector's calibrated rate
+    allow_overlap: bool = False  # train even when crops are shared between splits (counted)
 
 
 def resolve_train_config(options: dict[str, Any], config_file: Path | None = None) -> TrainConfig:

@@ -116,6 +116,15 @@ def split(
     move: Annotated[bool, typer.Option("--move", help="Move instead of copying.")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Finish an interrupted split recorded in DEST/manifest.csv.")] = False,
+    group_by: Annotated[str | None, typer.Option(
+        help="Keep files whose paths give the same key in one split: a regular expression "
+             "over each path relative to SRC's class folders' parent; its first group is the "
+             r"key, e.g. '(session\d+)' or '^[^/]+/([^_]+)_'.")] = None,
+    group_file: Annotated[Path | None, typer.Option(
+        help="Keep files with the same key in one split: a CSV with a 'file' column (paths "
+             "as for --group-by) and the key's column (--group-column).")] = None,
+    group_column: Annotated[str, typer.Option(help="--group-file: the key's column.")]
+    = "group",
     as_json: AsJson = False,
     workers: Workers = None,
 ) -> None:
@@ -139,7 +148,9 @@ def split(
             progress.update(tasks[stage], completed=done)
 
         result = split_dataset(src, dest, ratios=ratios, seed=seed, order=order.value, mode=mode,
-                               resume=resume, workers=workers, progress=report)
+                               resume=resume, workers=workers, progress=report,
+                               group_by=group_by, group_file=group_file,
+                               group_column=group_column)
     if as_json:
         out.print_json(json.dumps(result.report))
         return

@@ -88,6 +88,9 @@ def train(
              "(default 0.01).")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue this run directory from its last checkpoint.")] = None,
+    allow_overlap: Annotated[bool | None, typer.Option(
+        "--allow-overlap", help="Train even when the same crop (or a rotated or near copy) "
+                                "lies in two splits; it is counted and reported.")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Fine-tune a timm backbone on a split folder; write runs/<name>/.
@@ -110,7 +113,7 @@ def train(
         num_workers=num_workers, cache=cache, trunk_cache=trunk_cache, accelerator=accelerator,
         devices=devices, strategy=strategy, num_nodes=num_nodes, precision=precision,
         compile=compile, runs_dir=runs_dir, name=name, evaluate=evaluate, export=export,
-        false_reject=false_reject)
+        false_reject=false_reject, allow_overlap=allow_overlap)
     if resume is None:
         if data is None:
             raise UserError("give the split folder DATA, or --resume RUN")

@@ -96,10 +96,11 @@ def _inspect_pair(args: tuple[Path, str]) -> FileRecord:
     return inspect_file(*args)
 
 
-def scan_dataset(root: Path, *, workers: int | None = None,
-                 progress: Progress | None = None) -> DatasetScan:
-    """Inspect every file under ``root``'s class folders and group duplicates across classes."""
-    classes = read_class_folders(Path(root))
+def inspect_tree(root: Path, *, workers: int | None = None, progress: Progress | None = None,
+                 min_classes: int = 2) -> tuple[list[str], list[FileRecord]]:
+    """The class names under ``root`` and every file's record (each file read once, in
+    parallel); duplicate groups are not assigned yet. O(N) reads."""
+    classes = read_class_folders(Path(root), min_classes=min_classes)
     jobs = [(path, c.name) for c in classes for path in c.files]
     records: list[FileRecord] = []
     for record in ordered_map(_inspect_pair, jobs, workers=workers, min_parallel=64,
@@ -107,10 +108,23 @@ def scan_dataset(root: Path, *, workers: int | None = None,
         records.append(record)
         if progress:
             progress(1)
+    return [c.name for c in classes], records
+
+
+def assign_groups(records: list[FileRecord]) -> None:
+    """Give files that share any fingerprint (bytes, pixels up to rotation, near pHash) one
+    group id (:func:`~crystalscope.data.dedupe.group_duplicates`: O(N) memory)."""
     fingerprints = [Fingerprint(r.sha256, r.pixel_digest, r.phashes) for r in records]
     for record, group in zip(records, group_duplicates(fingerprints), strict=True):
         record.group = group
-    return DatasetScan(root=Path(root), class_names=[c.name for c in classes], records=records)
+
+
+def scan_dataset(root: Path, *, workers: int | None = None,
+                 progress: Progress | None = None) -> DatasetScan:
+    """Inspect every file under ``root``'s class folders and group duplicates across classes."""
+    class_names, records = inspect_tree(root, workers=workers, progress=progress)
+    assign_groups(records)
+    return DatasetScan(root=Path(root), class_names=class_names, records=records)
 
 
 def summarize(scan: DatasetScan) -> dict[str, Any]:

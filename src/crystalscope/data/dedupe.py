@@ -274,7 +274,7 @@ def near_pairs(hashes: np.ndarray, max_distance: int,
     return [(int(a), int(b)) for a, b in pairs]
 
 
-class _Components:
+class Components:
     """Connected components of a growing edge set in O(N) memory: edges are folded into a
     star per component (each node to its component's smallest node) whenever they pile up."""
 
@@ -308,7 +308,7 @@ class _Components:
         return smallest[labels]
 
 
-def _same_value_edges(values: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+def same_value_edges(values: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
     """Edges from each file to the first file with the same (non-None) value: O(N)."""
     first_seen: dict[str, int] = {}
     a, b = [], []
@@ -332,9 +332,9 @@ def group_duplicates(fingerprints: Sequence[Fingerprint], *,
     distinct hash rows (identical rows are joined directly); memory O(N).
     """
     n = len(fingerprints)
-    components = _Components(n)
+    components = Components(n)
     for key in ("sha256", "pixel_digest"):
-        components.add(*_same_value_edges([getattr(f, key) for f in fingerprints]))
+        components.add(*same_value_edges([getattr(f, key) for f in fingerprints]))
     hashed = np.array([i for i, f in enumerate(fingerprints) if f.phashes is not None],
                       dtype=np.int64)
     if len(hashed) > 1:

@@ -123,15 +123,36 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
     if quiet or not primary or not err.is_terminal:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(config.seed, workers=True, verbose=False)
+    overlap_note = check_overlap(config) if primary and resume is None else None
     cache_name = run_dir.name if primary else f"{run_dir.name}-process{os.getpid()}"
     cache_dir = Path(config.runs_dir) / ".cache" / cache_name
     try:
-        return _train(config, run_dir, checkpoint, cache_dir, quiet=quiet or not primary,
-                      resuming=resume is not None, primary=primary)
+        result = _train(config, run_dir, checkpoint, cache_dir, quiet=quiet or not primary,
+                        resuming=resume is not None, primary=primary)
+        if overlap_note:
+            result.notes.insert(0, overlap_note)
+        return result
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)  # a disk cache, if one was made
         with contextlib.suppress(OSError):
             cache_dir.parent.rmdir()  # only if no other run is using it
+
+
+def check_overlap(config: TrainConfig) -> str | None:
+    """Refuse splits that share crops or near-duplicates (hand-made splits, crops labelled
+    again into train/); with ``allow_overlap``, say how many and go on (the note)."""
+    from crystalscope.data.leakage import describe_overlap, find_split_overlap
+
+    groups = find_split_overlap(Path(config.data))
+    if not groups:
+        return None
+    what = describe_overlap(groups, Path(config.data))
+    if not config.allow_overlap:
+        raise UserError(f"{config.data}: {what}: the validation and test scores would be "
+                        "optimistic. Make the splits with `crystalscope split`, or train anyway "
+                        "with --allow-overlap")
+    err.print(f"[yellow]{what}; training anyway (--allow-overlap)[/yellow]")
+    return f"split overlap allowed: {what}"
 
 
 def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_dir: Path, *,
