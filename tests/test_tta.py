@@ -102,3 +102,65 @@ def test_tta_refuses_an_unknown_kind(synthetic_set: Path, tmp_path: Path,
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
     with pytest.raises(UserError, match="tta 'd4'"):
         InferenceNet(Classifier(create_backbone("resnet18", "none"), 2, "linear"), tta="d4")
+
+
+def test_tta_is_a_choice_at_export_and_predict_time(trained_run: Path, dihedral_run: Path,
+                                                    tmp_path: Path) -> None:
+    images = _images(4, 32, seed=2).astype(np.uint8)
+    averaged_inside = load_predictor(dihedral_run)  # exported with the run's dihedral choice
+    assert averaged_inside.tta == "dihedral" and averaged_inside.built_in_tta == "dihedral"
+    # A single-view export of the same run: 8 times less compute, one view
+    single = tmp_path / "single"
+    result = export_run(dihedral_run, single, tta="none")
+    assert json.loads((single / "model.json").read_text())["architecture"]["tta"] == "none"
+    assert result.unknown_detector is not None
+    single_view = load_predictor(single)
+    assert single_view.tta == "none" and single_view.unknown_detector is not None
+    turned = _turned(images)[1]
+    assert np.abs(single_view.predict(turned).probabilities
+                  - single_view.predict(images).probabilities).max() > 1e-4
+    # ...averaged around the single-view model at predict time: the in-graph numbers
+    around = load_predictor(single, tta="dihedral")
+    assert around.tta == "dihedral" and around.unknown_detector is None and around.notes
+    inside, outside = averaged_inside.predict(images), around.predict(images)
+    assert np.abs(inside.probabilities - outside.probabilities).max() <= 1e-4
+    assert np.allclose(inside.embeddings, outside.embeddings, rtol=1e-3, atol=1e-4)
+    assert around.model_id.endswith(":dihedral")  # a store keeps the two spaces apart
+    with pytest.raises(UserError, match="inside its graph"):
+        load_predictor(dihedral_run, tta="none")
+
+
+def test_evaluate_takes_the_tta_choice(trained_run: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    reports = {}
+    for choice in ("none", "dihedral"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate", str(trained_run), "--tta", choice, "--out",
+                  str(tmp_path / choice), "--json"])
+        assert exit_info.value.code in (0, None)
+        capsys.readouterr()
+        reports[choice] = json.loads((tmp_path / choice / "report.json").read_text())
+    assert [reports[c]["tta"] for c in ("none", "dihedral")] == ["none", "dihedral"]
+    p_none = [r["probabilities"] for r in reports["none"]["predictions"]]
+    p_dihedral = [r["probabilities"] for r in reports["dihedral"]["predictions"]]
+    assert p_none != p_dihedral
+
+
+def test_the_cam_of_an_averaging_model_turns_with_the_crop(pg_detector: Path,
+                                                            tmp_path: Path) -> None:
+    from PIL import Image
+
+    from crystalscope.explore.cam import explain_image
+
+    run = load_run(pg_detector, tta="dihedral")  # 96 px: a 3x3 last stage, maps with shape
+    assert run.net.views == 8
+    pixels = _images(1, 96, seed=3)[0].astype(np.uint8).transpose(1, 2, 0)
+    Image.fromarray(pixels).save(tmp_path / "crop.png")
+    Image.fromarray(np.ascontiguousarray(np.rot90(pixels))).save(tmp_path / "turned.png")
+    crop = explain_image(run.net, run.classes, 96, tmp_path / "crop.png", target="pg")
+    turned = explain_image(run.net, run.classes, 96, tmp_path / "turned.png", target="pg")
+    assert crop.probability == pytest.approx(turned.probability, abs=1e-5)
+    for method, cam in crop.maps.items():
+        assert cam.std() > 1e-3  # not a flat map
+        np.testing.assert_allclose(np.rot90(cam), turned.maps[method], atol=2e-3,
+                                   err_msg=method)

@@ -27,6 +27,7 @@ from crystalscope.cli.options import (
     PortOption,
     RuleOption,
     TokenOption,
+    TtaOption,
 )
 from crystalscope.console import err, out, progress_bar
 from crystalscope.errors import UserError
@@ -98,6 +99,7 @@ def monitor(
     opcua_cert: OpcUaCertOption = None,
     opcua_key: OpcUaKeyOption = None,
     opcua_trust: OpcUaTrustOption = None,
+    tta: TtaOption = None,
 ) -> int:
     """Impurity share per time window, with a 95% interval and an alarm that accounts for the
     model's own false calls, their spread and drift (a promised false-alarm rate); writes
@@ -112,7 +114,7 @@ def monitor(
 
     if not positive:
         raise UserError("give --positive CLASS: the impurity to watch (e.g. --positive pg)")
-    predictor = load_predictor(model)
+    predictor = load_predictor(model, tta=tta.value if tta else None)
     from crystalscope.monitor.run import FrameCutting
 
     if cut not in ("tiles", "particles") or crop_size < 8:
@@ -241,6 +243,7 @@ def serve(
     max_pixels: Annotated[int, typer.Option(
         min=1, help="Largest upload in pixels (width x height); larger ones get 413.")]
     = 4_000_000,
+    tta: TtaOption = None,
 ) -> None:
     """The model behind HTTP: /predict, /similar, /model, /monitor, /health, /docs, and a
     dashboard page at / (drop images, see classes and similar crystals, follow a batch)."""
@@ -252,7 +255,9 @@ def serve(
     if host not in LOOPBACK and not token:
         err.print(f"[yellow]serving on {host} without a token: anyone who reaches it can use "
                   "it (give --token)[/yellow]")
-    predictor = load_predictor(model)
+    predictor = load_predictor(model, tta=tta.value if tta else None)
+    for note in predictor.notes:
+        err.print(f"[yellow]{note}[/yellow]")
     hosts = allowed_hosts(host, allowed_host or [])
     warn_hosts(host, hosts)
     settings = ServeSettings(predictor=predictor, token=token,

@@ -52,6 +52,14 @@ StoreOption = Annotated[str, typer.Option(help=STORE_HELP)]
 HostOption = Annotated[str, typer.Option(
     help="Address to bind (127.0.0.1: this machine only).")]
 PortOption = Annotated[int, typer.Option(help="Port.")]
+class TtaChoice(StrEnum):
+    none = "none"
+    dihedral = "dihedral"
+
+
+TtaOption = Annotated[TtaChoice | None, typer.Option(
+    help="Test-time averaging: dihedral = the mean over each crop's 8 rotations and flips (8x "
+         "the compute); none = one view. Default: the model's own (its export's --tta).")]
 AllowedHostOption = Annotated[list[str] | None, typer.Option(
     "--allowed-host", help="A Host name clients use to reach the server (repeatable; '*' any). "
                            "Loopback names and the --host address are always answered; any "

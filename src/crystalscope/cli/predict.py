@@ -21,6 +21,7 @@ from crystalscope.cli.options import (
     OutputFormat,
     RayAddressOption,
     StoreOption,
+    TtaOption,
 )
 from crystalscope.console import err, out, progress_bar
 from crystalscope.errors import UserError
@@ -61,6 +62,7 @@ def predict(
              "applied) or logits.")] = None,
     engine: EngineOption = Engine.local,
     ray_address: RayAddressOption = None,
+    tta: TtaOption = None,
 ) -> int:
     """Classify images: the predicted class, its probability, and every class's probability.
 
@@ -99,8 +101,11 @@ def predict(
                         "file, not for the screen)")
     load_options = {"classes": parse_classes(classes), "outputs": outputs,
                     "preprocessing": Preprocessing.for_foreign_model(input_size, layout,
-                                                                     preprocess, mean, std)}
+                                                                     preprocess, mean, std),
+                    "tta": tta.value if tta else None}
     predictor = load_predictor(model, backend=backend.value, **load_options)  # type: ignore[arg-type]
+    for note in predictor.notes:
+        err.print(f"[yellow]{note}[/yellow]")
     if reject_unknown and predictor.unknown_detector is None:
         raise UserError(f"--reject-unknown: {model} has no unknown-detector; export the run "
                         "again (crystalscope export RUN) to fit one")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from crystalscope.cli.app import app
-from crystalscope.cli.options import AsJson
+from crystalscope.cli.options import AsJson, TtaOption
 from crystalscope.console import err, out, progress_bar
 from crystalscope.errors import UserError
 
@@ -170,6 +170,7 @@ def evaluate(
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Folder for the report and plots (default: the run directory, or "
                       "RUN/evaluations/<folder> for another folder).")] = None,
+    tta: TtaOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Test the run's best checkpoint: report.txt/json with 95% intervals, and plots.
@@ -181,7 +182,7 @@ def evaluate(
 
     with progress_bar() as progress:
         task = progress.add_task("evaluate", total=None)
-        evaluation = evaluate_run(run, data, out_dir=out_dir,
+        evaluation = evaluate_run(run, data, out_dir=out_dir, tta=tta.value if tta else None,
                                   progress=lambda done, total: progress.update(
                                       task, completed=done, total=total))
     if as_json:
@@ -204,6 +205,7 @@ def export(
     false_reject: Annotated[float, typer.Option(
         help="Share of validation crystals the unknown-detector may call unknown: its "
              "threshold.")] = 0.01,
+    tta: TtaOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Write model.safetensors + model.json and model.onnx, checked against the checkpoint,
@@ -219,7 +221,8 @@ def export(
     if not 0 < false_reject < 1:
         raise UserError(f"--false-reject {false_reject}: give a rate between 0 and 1, e.g. 0.01")
     with err.status("exporting (ONNX export and parity check)"):
-        result = export_run(run, out_dir, int8=int8, false_reject=false_reject)
+        result = export_run(run, out_dir, int8=int8, false_reject=false_reject,
+                            tta=tta.value if tta else None)
     summary = {"files": {k: str(v) for k, v in result.files.items()},
                "onnx_max_abs_difference": result.onnx_max_difference,
                "rebuilt_max_abs_difference": result.rebuilt_max_difference,

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from crystalscope.data.check import DatasetScan
 from crystalscope.data.dedupe import Components, same_value_edges
+from crystalscope.data.layout import find_class_root
 from crystalscope.errors import UserError
 
 
@@ -79,3 +81,25 @@ def join_groups(groups: Sequence[int], keys: Sequence[str | None]) -> list[int]:
     components.add(np.asarray(groups, dtype=np.int64), np.arange(n, dtype=np.int64))
     components.add(*same_value_edges(list(keys)))
     return components.roots().tolist()
+
+
+def apply_group_keys(scan: DatasetScan, group_by: str | None, group_file: Path | None,
+                     group_column: str) -> dict | None:
+    """Join the scan's duplicate groups by ``--group-by`` REGEX (over each file's path
+    relative to the class folders' parent, e.g. ``cex/session3/f12_c4.png``) or by
+    ``--group-file`` CSV's ``group_column``; what was done, for split.json (None: neither)."""
+    if group_by is None and group_file is None:
+        return None
+    if group_by is not None and group_file is not None:
+        raise UserError("--group-by and --group-file: choose one")
+    parent = find_class_root(scan.root)
+    names = [r.path.relative_to(parent).as_posix() for r in scan.records]
+    keys = (keys_from_regex(names, group_by) if group_by is not None
+            else keys_from_csv(names, group_file, group_column))  # type: ignore[arg-type]
+    if keys.distinct == 0:
+        raise UserError(f"{keys.source}: gives no file a group (e.g. {names[0]!r}); check it "
+                        "against the paths, which are relative to the class folders' parent")
+    for record, group in zip(scan.records, join_groups([r.group for r in scan.records],
+                                                       keys.keys), strict=True):
+        record.group = group
+    return {"source": keys.source, "groups": keys.distinct, "files_without_group": keys.missing}

@@ -29,11 +29,13 @@ from typing import Literal
 
 from crystalscope.data.check import DatasetScan, FileRecord, scan_dataset
 from crystalscope.data.dedupe import file_sha256
+from crystalscope.data.grouping import apply_group_keys
 from crystalscope.data.layout import SPLIT_NAMES, count_files, find_class_root
 from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.parallel import threaded_map
 from crystalscope.settings import SettingsError
 
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
 Mode = Literal["copy", "link", "move"]
 Order = Literal["shuffle", "sorted"]
 MANIFEST_NAME = "manifest.csv"
@@ -231,11 +233,6 @@ def plan_split(scan: DatasetScan, ratios: tuple[Fraction, Fraction, Fraction], *
 # ----------------------------------------------------------------------------- execution
 
 
-def _is_within(inner: Path, outer: Path) -> bool:
-    inner, outer = inner.resolve(), outer.resolve()
-    return inner == outer or outer in inner.parents
-
-
 def write_manifest(rows: list[ManifestRow], path: Path) -> None:
     """Write the manifest atomically (temporary file, fsync, rename)."""
     temporary = path.with_name(path.name + PART_SUFFIX)
@@ -365,45 +362,18 @@ def _check_new_destination(src: Path, dest: Path) -> None:
         hint = ("it holds an unfinished split: add --resume to finish it"
                 if (dest / MANIFEST_NAME).is_file() else "choose an empty or new folder")
         raise UserError(f"{dest}: is not empty; {hint}")
-    if _is_within(dest, src):
+    if src.resolve() in (dest.resolve(), *dest.resolve().parents):  # inside the source
         raise UserError(f"{dest}: is inside the source folder {src}; choose a folder outside it")
-
-
-def apply_group_keys(scan: DatasetScan, group_by: str | None, group_file: Path | None,
-                     group_column: str) -> dict | None:
-    """Join the scan's duplicate groups by ``--group-by`` REGEX (over each file's path
-    relative to the class folders' parent, e.g. ``cex/session3/f12_c4.png``) or by
-    ``--group-file`` CSV's ``group_column``; what was done, for split.json (None: neither)."""
-    from crystalscope.data.grouping import join_groups, keys_from_csv, keys_from_regex
-
-    if group_by is None and group_file is None:
-        return None
-    if group_by is not None and group_file is not None:
-        raise UserError("--group-by and --group-file: choose one")
-    parent = find_class_root(scan.root)
-    names = [r.path.relative_to(parent).as_posix() for r in scan.records]
-    keys = (keys_from_regex(names, group_by) if group_by is not None
-            else keys_from_csv(names, group_file, group_column))  # type: ignore[arg-type]
-    if keys.distinct == 0:
-        raise UserError(f"{keys.source}: gives no file a group (e.g. {names[0]!r}); check it "
-                        "against the paths, which are relative to the class folders' parent")
-    for record, group in zip(scan.records, join_groups([r.group for r in scan.records],
-                                                       keys.keys), strict=True):
-        record.group = group
-    return {"source": keys.source, "groups": keys.distinct, "files_without_group": keys.missing}
 
 
 def split_dataset(src: Path, dest: Path, *, ratios: str = DEFAULT_RATIOS, seed: int = 0,
                   order: Order = "shuffle", mode: Mode = "copy", resume: bool = False,
-                  workers: int | None = None,
-                  progress: Callable[[str, int, int], None] | None = None,
+                  workers: int | None = None, progress: Progress | None = None,
                   group_by: str | None = None, group_file: Path | None = None,
                   group_column: str = "group") -> SplitResult:
     """Split ``src`` (class folders) into ``dest/{train,valid,test}/<class>/``.
 
-    ``group_by`` (a regular expression over each file's path; its first capture group is the
-    key) or ``group_file`` (a CSV: ``file`` and ``group_column``): files with one key — crops
-    of one frame or session — go to one split, as duplicates do.
+    ``group_by``/``group_file``: files with one key go to one split (:mod:`.grouping`).
 
     With ``resume``, finish the split recorded in ``dest/manifest.csv`` instead (its own mode
     and plan; the other arguments are ignored). ``progress(stage, done, total)`` is called as
@@ -432,9 +402,9 @@ def split_dataset(src: Path, dest: Path, *, ratios: str = DEFAULT_RATIOS, seed: 
         grouping = apply_group_keys(scan, group_by, group_file, group_column)
         plan = plan_split(scan, parsed, seed=seed, order=order)
         rows = plan.rows
-        report = _plan_report(plan, {"source": str(src.resolve()), "mode": mode,
-                                     "ratios": ratios, "seed": seed, "order": order,
-                                     **({"group_by": grouping} if grouping else {})})
+        settings = {"source": str(src.resolve()), "mode": mode, "ratios": ratios, "seed": seed,
+                    "order": order, **({"group_by": grouping} if grouping else {})}
+        report = _plan_report(plan, settings)
         dest.mkdir(parents=True, exist_ok=True)
         _write_report(dest, report)
         write_manifest(rows, manifest_path)  # before any file moves
@@ -463,7 +433,7 @@ def split_dataset(src: Path, dest: Path, *, ratios: str = DEFAULT_RATIOS, seed: 
     return SplitResult(dest=dest, report=report)
 
 
-def _counting(progress: Callable[[str, int, int], None] | None, stage: str,
+def _counting(progress: Progress | None, stage: str,
               total: int) -> Callable[[int], None] | None:
     if progress is None:
         return None

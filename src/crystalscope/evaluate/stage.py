@@ -39,12 +39,14 @@ def _out_dir_for(run_dir: Path, data: Path) -> Path:
 
 
 def evaluate_run(run_dir: Path, data: Path | None = None, *, out_dir: Path | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Evaluation:
+                 progress: Callable[[int, int], None] | None = None,
+                 tta: str | None = None) -> Evaluation:
     """Evaluate ``run_dir``'s best checkpoint on ``data`` (default: the run's test split).
 
-    ``progress(done, total)`` is called as images are decoded.
+    ``progress(done, total)`` is called as images are decoded; ``tta`` (none, dihedral)
+    overrides the run's test-time averaging.
     """
-    run = load_run(run_dir)
+    run = load_run(run_dir, tta=tta)
     if data is None:
         data = Path(run.config.data) / "test"
         if not data.is_dir():
@@ -68,10 +70,12 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, out_dir: Path | Non
     predictions = predict_items(run.net, run.classes, items, run.image_size, advance)
     report = compute_report(predictions, seed=run.config.seed)
     title = (f"crystalscope evaluation of {run.run_dir} ({run.checkpoint.name}, "
-             f"{run.config.model} at {run.image_size} px) on {folder}")
+             f"{run.config.model} at {run.image_size} px, test-time averaging "
+             f"{run.net.tta}) on {folder}")
     text_path, json_path = write_report(
         report, predictions, out_dir, title=title,
-        extra={"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "data": str(folder)})
+        extra={"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "data": str(folder),
+               "tta": run.net.tta})
     files = {"report.txt": text_path, "report.json": json_path}
     files["confusion_matrix.png"] = out_dir / "confusion_matrix.png"
     plots.plot_confusion_matrix(report["confusion_matrix"], run.classes,

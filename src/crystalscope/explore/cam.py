@@ -4,7 +4,9 @@ one.
 
 The image goes through the model's own preprocessing (bilinear squash to the input size, the
 same normalisation inside the network), so the map explains the prediction the model makes;
-the map is then resized to the original crop for the overlay.
+the map is then resized to the original crop for the overlay. A model that averages its 8
+rotations and flips (``tta: dihedral``) is explained the same way: one map per view, each
+turned back onto the crop, then their mean — the map of the averaged prediction it prints.
 """
 
 from __future__ import annotations
@@ -71,6 +73,20 @@ def load_torch_model(model: Path) -> tuple[InferenceNet, list[str], int]:
                     "or model.safetensors (not an ONNX file)")
 
 
+def view(x: torch.Tensor, index: int) -> torch.Tensor:
+    """The ``index``-th of the 8 dihedral views, in the in-graph order (rotations by 0-3
+    quarter turns, then the same mirrored): ``model.inference.dihedral_views``."""
+    turned = torch.rot90(x, index % 4, dims=(2, 3))
+    return turned.flip(3) if index >= 4 else turned
+
+
+def unview(cam: np.ndarray, index: int) -> np.ndarray:
+    """A map computed on view ``index``, turned back onto the original crop."""
+    if index >= 4:
+        cam = cam[:, ::-1]
+    return np.ascontiguousarray(np.rot90(cam, -(index % 4), axes=(0, 1)))
+
+
 @dataclass
 class Explanation:
     """One image's maps (each at the original crop size, values 0-1)."""
@@ -103,7 +119,10 @@ def explain_image(net: InferenceNet, classes: list[str], size: int, path: Path, 
     for method in methods:
         cam_class = {"gradcam": GradCAM, "layercam": LayerCAM}[method]
         with cam_class(model=logits, target_layers=layers) as cam:
-            grayscale = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(chosen)])[0]
+            views = [cam(input_tensor=view(x.clone(), index),
+                         targets=[ClassifierOutputTarget(chosen)])[0]
+                     for index in range(net.views)]
+        grayscale = np.mean([unview(m, index) for index, m in enumerate(views)], axis=0)
         resized = Image.fromarray(grayscale.astype(np.float32), mode="F").resize(
             (width, height), Image.Resampling.BILINEAR)
         maps[method] = np.clip(np.asarray(resized), 0, 1)

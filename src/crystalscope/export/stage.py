@@ -134,16 +134,18 @@ def int8_comparison(fp32_path: Path, int8_path: Path, images: torch.Tensor,
 
 
 def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False,
-               false_reject: float = DEFAULT_FALSE_REJECT) -> Export:
+               false_reject: float = DEFAULT_FALSE_REJECT, tta: str | None = None) -> Export:
     """Write model.safetensors, model.json and model.onnx for ``run_dir``'s best checkpoint,
     and unknown.safetensors: the unknown-detector, fitted on the training split and calibrated on
     the validation split to ``false_reject``.
 
     With ``int8``, also model.int8.onnx, calibrated on validation images and compared with
     the fp32 model on the test split. Written into a staging folder and moved into ``out_dir``
-    only once every check has passed.
+    only once every check has passed. ``tta`` (none, dihedral; None: the run's own choice):
+    whether the network — ONNX graph, rebuilt model and the detector's statistics — averages
+    each crop's 8 rotations and flips.
     """
-    run = load_run(run_dir)
+    run = load_run(run_dir, tta=tta)
     out_dir = Path(out_dir or run.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = {"export_id": uuid.uuid4().hex, "checkpoint_sha256": file_sha256(run.checkpoint)}
@@ -172,7 +174,7 @@ def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str], *, in
         embedding_size=run.net.classifier.backbone.num_features,
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
         metrics=run_metrics(run), data=data_summary(run.config.data, run.classes),
-        tta=run.config.tta)
+        tta=run.net.tta)
     description.update(identity)
     notes = []
     try:

@@ -31,9 +31,11 @@ from crystalscope.settings import SettingsError
 from crystalscope.unknown.detector import UnknownDetector, load_detector
 
 if TYPE_CHECKING:
-    import torch
+    from crystalscope.model.inference import InferenceNet
 
 Backend = Literal["onnx", "openvino", "torch"]
+Tta = Literal["none", "dihedral"]
+TTA_CHOICES = ("none", "dihedral")
 ONNX_RUNTIMES: dict[str, Runtime] = {"onnx": "onnxruntime", "openvino": "openvino"}
 OutputKind = Literal["probabilities", "logits"]
 OUTPUT_KINDS = ("probabilities", "logits")
@@ -129,17 +131,26 @@ class Predictor:
     unknown_detector: UnknownDetector | None = field(default=None, repr=False)
     outputs: OutputKind = "probabilities"
     export_id: str = ""  # crystalscope's exports: the id stamped in every file of one export
+    built_in_tta: Tta = "none"  # averaging inside the model's graph (its export's choice)
+    added_tta: Tta = "none"  # averaging added here, around a single-view model
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tta(self) -> Tta:
+        """The test-time averaging the predictions get, wherever it happens."""
+        return "dihedral" if "dihedral" in (self.built_in_tta, self.added_tta) else "none"
 
     @property
     def model_id(self) -> str:
         """What identifies the network that makes this predictor's embeddings: the export id,
         or for a foreign model (or an early export) the SHA-256 of its file."""
+        suffix = ":dihedral" if self.added_tta == "dihedral" else ""  # other embeddings
         if self.export_id:
-            return self.export_id
+            return self.export_id + suffix
         from crystalscope.data.dedupe import file_sha256
 
-        return "sha256:" + file_sha256(self.source) if self.source.is_file() else str(
-            self.source)
+        return ("sha256:" + file_sha256(self.source) if self.source.is_file() else str(
+            self.source)) + suffix
 
     @property
     def input_size(self) -> int:
@@ -147,12 +158,33 @@ class Predictor:
 
     def predict(self, images: np.ndarray) -> Outputs:
         """uint8 RGB (N, 3, S, S) -> probabilities, embeddings and unknown scores."""
+        if self.added_tta == "dihedral":
+            return self._predict_dihedral(images)
         raw, embeddings, statistics = self.run(self.preprocessing.apply(images))
         probabilities = to_probabilities(raw, len(self.classes), self.outputs)
         scores = None
         if self.unknown_detector is not None and statistics is not None:
             scores = self.unknown_detector.score(statistics, probabilities)
         return Outputs(probabilities, embeddings, scores)
+
+    def _predict_dihedral(self, images: np.ndarray) -> Outputs:
+        """The mean over the 8 rotations and flips of a single-view model's probabilities and
+        embeddings, as the in-graph averaging computes them (8x the compute). No unknown
+        scores: the detector was calibrated on single views."""
+        n = len(images)
+        raw, embeddings, _ = self.run(self.preprocessing.apply(dihedral_views(images)))
+        probabilities = to_probabilities(raw, len(self.classes), self.outputs)
+        mean = probabilities.reshape(8, n, -1).mean(axis=0)
+        if embeddings is not None:
+            embeddings = embeddings.reshape(8, n, *embeddings.shape[1:]).mean(axis=0)
+        return Outputs(mean, embeddings, None)
+
+
+def dihedral_views(images: np.ndarray) -> np.ndarray:
+    """(N, 3, S, S) -> (8N, 3, S, S): the 4 rotations, then the same mirrored, view-major —
+    the order and the views of the in-graph averaging (``model.inference.dihedral_views``)."""
+    rotations = [np.rot90(images, k, axes=(2, 3)) for k in range(4)]
+    return np.ascontiguousarray(np.concatenate([*rotations, *(r[..., ::-1] for r in rotations)]))
 
 
 def to_probabilities(output: np.ndarray, num_classes: int,
@@ -234,7 +266,8 @@ def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onn
                      unknown_detector=detector, outputs=_output_kind(path, wanted[0],
                                                         backend_overrides.get("outputs"),
                                                         metadata),
-                     export_id=str(metadata.get("export_id", "")))
+                     export_id=str(metadata.get("export_id", "")),
+                     built_in_tta=(metadata.get("architecture") or {}).get("tta", "none"))
 
 
 def check_same_export(onnx_path: Path, onnx_export_id: str, model_json: Path) -> None:
@@ -263,7 +296,7 @@ def _guess(shape: list, path: Path) -> Preprocessing:
     return Preprocessing(input_size=sizes[0], layout=layout, mode="imagenet")
 
 
-def _torch_predictor(net: torch.nn.Module, classes: list[str], size: int, source: Path,
+def _torch_predictor(net: InferenceNet, classes: list[str], size: int, source: Path,
                      model_json: Path) -> Predictor:
     import torch  # here, not at the top: the ONNX path starts without torch (about 2 s)
 
@@ -280,18 +313,45 @@ def _torch_predictor(net: torch.nn.Module, classes: list[str], size: int, source
         export_id = ""  # a run without an export yet
     return Predictor(classes=list(classes), preprocessing=Preprocessing(input_size=size),
                      backend="torch", source=source, run=run,
-                     unknown_detector=load_detector(model_json), export_id=export_id)
+                     unknown_detector=load_detector(model_json), export_id=export_id,
+                     built_in_tta=net.tta)
 
 
 def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str] | None = None,
                    preprocessing: Preprocessing | None = None,
-                   outputs: OutputKind | None = None, threads: int | None = None) -> Predictor:
+                   outputs: OutputKind | None = None, threads: int | None = None,
+                   tta: Tta | None = None) -> Predictor:
     """Open MODEL (run directory, model.onnx, model.safetensors/model.json) for inference.
 
     ``classes``, ``preprocessing`` and ``outputs`` describe a foreign ONNX model (what its
     output holds: ``probabilities`` or ``logits``); crystalscope's own models carry them.
-    ``threads``: CPU threads of an ONNX runtime (None: every core).
+    ``threads``: CPU threads of an ONNX runtime (None: every core). ``tta``: None, the
+    model's own choice; ``dihedral`` on a single-view model averages the 8 views here;
+    ``none`` on a model that averages inside its graph is refused (export it with
+    ``--tta none``).
     """
+    predictor = _load_predictor(model, backend=backend, classes=classes,
+                                preprocessing=preprocessing, outputs=outputs, threads=threads)
+    if tta is None or tta == predictor.built_in_tta:
+        return predictor
+    if tta not in TTA_CHOICES:
+        raise SettingsError("tta", "use none or dihedral", tta)
+    if tta == "none":
+        raise UserError(f"{model}: averages each crop's 8 rotations and flips inside its graph; "
+                        "for single-view predictions (8 times less compute) export it so: "
+                        "crystalscope export RUN --tta none --out DIR")
+    predictor.added_tta = "dihedral"
+    if predictor.unknown_detector is not None:
+        predictor.unknown_detector = None
+        predictor.notes.append("--tta dihedral around a single-view model: no unknown scores "
+                               "(its detector was calibrated on single views); export the run "
+                               "with --tta dihedral to have both")
+    return predictor
+
+
+def _load_predictor(model: Path, *, backend: Backend, classes: list[str] | None,
+                    preprocessing: Preprocessing | None, outputs: OutputKind | None,
+                    threads: int | None) -> Predictor:
     resolved = resolve_model(model)
     layout = resolved.layout
     overrides = {"classes": classes, "preprocessing": preprocessing, "outputs": outputs}

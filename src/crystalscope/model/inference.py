@@ -119,8 +119,9 @@ class LoadedRun:
                          std=tuple(self.net.std.view(-1).div(255).tolist()))
 
 
-def load_run(run_dir: Path, checkpoint: str = "best") -> LoadedRun:
-    """Load ``run_dir/checkpoints/<checkpoint>.ckpt`` (CPU, eval mode) with its config."""
+def load_run(run_dir: Path, checkpoint: str = "best", tta: str | None = None) -> LoadedRun:
+    """Load ``run_dir/checkpoints/<checkpoint>.ckpt`` (CPU, eval mode) with its config;
+    ``tta`` overrides the run's test-time averaging (None: the run's ``tta``)."""
     from crystalscope.model.classifier import CrystalClassifier
 
     run_dir = Path(run_dir)
@@ -141,7 +142,7 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> LoadedRun:
                         f"({type(exc).__name__}: {str(exc)[:200]})") from exc
     net = module.net.to(memory_format=torch.contiguous_format).float()
     inference = InferenceNet(net, mean=tuple(module.hparams.mean),
-                             std=tuple(module.hparams.std), tta=config.tta).eval()
+                             std=tuple(module.hparams.std), tta=tta or config.tta).eval()
     return LoadedRun(run_dir=run_dir, config=config, classes=list(module.classes),
                      net=inference, checkpoint=path)
 
