@@ -11,7 +11,7 @@ import pytest
 COMMANDS = [["synth"], ["data", "check"], ["data", "download"], ["split"], ["train"],
             ["evaluate"], ["export"], ["predict"], ["index"], ["similar"], ["explore"],
             ["explain"], ["monitor"], ["synth", "batch"], ["synth", "unknown"], ["serve"],
-            ["label"], ["demo"]]
+            ["label"], ["label", "start"], ["label", "export"], ["label", "import"], ["demo"]]
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -472,3 +472,72 @@ def test_with_a_model_the_page_shows_its_guess_and_orders_by_it(exported_run: Pa
         assert session.state()["crop"]["neighbours"][0]["label"] == "cex"
     finally:
         session.close()
+
+
+# ---- Label Studio
+def test_label_studio_export_then_import_round_trip(exported_run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from crystalscope.cli import main
+
+    images = _crops(tmp_path)
+    out = tmp_path / "out"
+    session = _open(images, out)
+    try:
+        first = session.crops[session.current()].name
+        session.label("pg", "keyboard")  # one label made here
+    finally:
+        session.close()
+    tasks_path = tmp_path / "tasks.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["label", "export", str(images), "--out", str(out), "--classes", "cex,pg",
+              "--model", str(exported_run), "--output", str(tasks_path)])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    tasks = json.loads(tasks_path.read_text())
+    assert len(tasks) == 8 and all(len(t["predictions"]) == 1 for t in tasks)
+    by_file = {t["data"]["crystalscope_file"]: t for t in tasks}
+    assert by_file[first]["annotations"][0]["result"][0]["value"]["choices"] == ["pg"]
+    assert by_file[first]["data"]["image"] == "/data/local-files/?d=" + first
+    prediction = tasks[0]["predictions"][0]
+    assert prediction["result"][0]["value"]["choices"][0] in ("cex", "pg")
+    assert 0.5 <= prediction["score"] <= 1
+    config = tasks_path.with_suffix(".xml").read_text()
+    assert '<Choice value="cex"/>' in config and 'value="$image"' in config
+    # A Label Studio export, as the tool writes it after people labelled in it
+    names = sorted(n for n in by_file if n != first)
+    exported = [
+        {"id": 1, "data": {"image": "/data/local-files/?d=" + names[1]},  # no file of ours
+         "annotations": [{"id": 7, "was_cancelled": False, "result": [
+             {"id": "a", "from_name": "class", "to_name": "image", "type": "choices",
+              "origin": "manual", "value": {"choices": ["cex"]}}]}]},
+        {"id": 2, "data": {"image": "/data/upload/1/" + Path(names[2]).name,
+                           "crystalscope_file": names[2]},
+         "annotations": [{"was_cancelled": False, "result": [
+             {"type": "choices", "value": {"choices": ["cex"]}}]},
+                         {"was_cancelled": False, "result": [  # the latest wins
+             {"type": "choices", "value": {"choices": ["pg"]}}]}]},
+        {"id": 3, "data": {"image": "/data/local-files/?d=" + names[3]},
+         "annotations": [{"was_cancelled": True, "result": [
+             {"type": "choices", "value": {"choices": ["pg"]}}]}]},
+        {"id": 4, "data": {"image": "/data/local-files/?d=elsewhere/none.png"},
+         "annotations": [{"result": [{"type": "choices", "value": {"choices": ["pg"]}}]}]},
+        {"id": 5, "data": {"image": "/data/local-files/?d=" + names[4]},
+         "annotations": [{"result": [{"type": "choices", "value": {"choices": ["other"]}}]}]},
+    ]
+    export_path = tmp_path / "project-1.json"
+    export_path.write_text(json.dumps(exported))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["label", "import", str(export_path), str(images), "--out", str(out),
+              "--classes", "cex,pg"])
+    assert exit_info.value.code in (0, None)
+    message = capsys.readouterr().err
+    assert "imported 2 labels" in message and "1 task(s) name no crop" in message
+    assert "not in --classes" in message
+    rows = list(csv.DictReader((out / "labels.csv").open()))
+    imported = {r["file"]: r["class"] for r in rows if r["input"] == "import"}
+    assert imported == {names[1]: "cex", names[2]: "pg"}
+    copies = {p.parent.name + "/" + p.name for p in out.rglob("*.png")}
+    assert copies == {f"pg/{first}", f"cex/{names[1]}", f"pg/{names[2]}"}
+    with pytest.raises(SystemExit) as exit_info:  # never overwrites a tasks file
+        main(["label", "export", str(images), "--out", str(out), "--classes", "cex,pg",
+              "--output", str(tasks_path)])
+    assert exit_info.value.code == 2 and "exists" in capsys.readouterr().err

@@ -19,16 +19,30 @@ from crystalscope.errors import CrystalscopeError
 from crystalscope.settings import SettingsError
 
 
-class SynthGroup(TyperGroup):
-    """``synth OUT …`` is short for ``synth crops OUT …``; ``synth batch`` and ``synth unknown``
-    are the group's other commands."""
+class DefaultCommandGroup(TyperGroup):
+    """A group whose first command is also its short form: arguments that name none of its
+    commands go to ``default_command``."""
 
-    default_command = "crops"
+    default_command = ""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
+
+
+class SynthGroup(DefaultCommandGroup):
+    """``synth OUT …`` is short for ``synth crops OUT …``; ``synth batch`` and ``synth unknown``
+    are the group's other commands."""
+
+    default_command = "crops"
+
+
+class LabelGroup(DefaultCommandGroup):
+    """``label IMAGES …`` is short for ``label start IMAGES …``; ``label export`` and
+    ``label import`` trade labels with Label Studio."""
+
+    default_command = "start"
 
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
@@ -52,6 +66,14 @@ synth_app = typer.Typer(
     epilog="Example: crystalscope synth data/synthetic --per-class 500 --seed 7   "
            "(or: crystalscope synth unknown unknown-images/; crystalscope synth batch batches/)")
 app.add_typer(synth_app, name="synth")
+label_app = typer.Typer(
+    cls=LabelGroup, no_args_is_help=True, context_settings=HELP_OPTIONS,
+    help="Label crops in a local page (label IMAGES, short for label start IMAGES); trade "
+         "labels with Label Studio (label export, label import).",
+    epilog="Example: crystalscope label new-crops/ --out labelled/ --classes cex,pg   (or: "
+           "crystalscope label export new-crops/ --out labelled/ --classes cex,pg "
+           "--output tasks.json)")
+app.add_typer(label_app, name="label")
 
 _state = {"debug": os.environ.get("CRYSTALSCOPE_DEBUG") == "1"}
 

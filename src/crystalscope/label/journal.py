@@ -3,8 +3,9 @@
 One row per decision: ``time, file, sha256, class, action, input``. ``action`` is ``label``,
 ``skip`` or ``undo`` (which takes back its file's latest not yet undone label or skip — an
 undo row without a file, as early journals wrote, the latest of any file); ``input`` is
-``keyboard`` or ``button``. Nothing is ever rewritten, so a crash or ``kill -9`` loses at most
-the row being written; :func:`replay` ignores a cut last line.
+``keyboard``, ``button`` or ``import`` (from another tool's export). Nothing is ever
+rewritten, so a crash or ``kill -9`` loses at most the row being written; :func:`replay`
+ignores a cut last line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 COLUMNS = ("time", "file", "sha256", "class", "action", "input")
 ACTIONS = ("label", "skip", "undo")
-INPUTS = ("keyboard", "button")
+INPUTS = ("keyboard", "button", "import")
 
 
 @dataclass(frozen=True)

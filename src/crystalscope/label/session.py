@@ -183,6 +183,13 @@ class LabelSession:
         if seen is not None and seen != index:
             raise StaleCrop(f"crop {seen} is no longer the one shown (now crop {index}, "
                             f"{self.crops[index].name}); nothing was labelled")
+        self.record(index, label, action, input)
+
+    def record(self, index: int, label: str, action: str, input: str) -> None:
+        """Journal one decision about crop ``index`` (shown or not: an import) and put its
+        copy where the journal says."""
+        if action == "label" and label not in self.classes:
+            raise UserError(f"class {label!r}: use one of {', '.join(self.classes)}")
         crop = self.crops[index]
         assert self.journal is not None
         self.journal.append(crop.name, crop.sha256, label, action, input)
@@ -198,6 +205,22 @@ class LabelSession:
         else:
             self.labels.pop(crop.name, None)
         self._sync(crop)
+        self.cursor = len(self.history)
+        self._top_up()
+
+    def record_many(self, decisions: list[tuple[int, str]], input: str) -> None:
+        """Journal a label for each (crop index, class) — an import — then replay the journal
+        once: O(N + decisions), where one :meth:`record` per decision would cost O(N) each."""
+        assert self.journal is not None
+        for _, label in decisions:
+            if label not in self.classes:
+                raise UserError(f"class {label!r}: use one of {', '.join(self.classes)}")
+        for index, label in decisions:
+            crop = self.crops[index]
+            self.journal.append(crop.name, crop.sha256, label, "label", input)
+        self._reload()
+        for index, _ in decisions:
+            self._sync(self.crops[index])
         self.cursor = len(self.history)
         self._top_up()
 
