@@ -80,19 +80,23 @@ def index_images(predictor: Predictor, files: list[Path], store: VectorStore, *,
         results = predict_stream(predictor, files, batch_size=batch_size, progress=progress)
     result, pending = IndexResult(), []
     before = store.count()
+
+    def write(records: list[Record]) -> None:
+        store.upsert(records)
+        if records and not result.indexed:  # the first write: the model, before any more
+            store.record_model(model_id)
+        result.indexed += len(records)
+
     for item in results:
         if isinstance(item, Failure):
             result.failures.append(item)
             continue
         pending.append(make_record(item, predictor.classes))
         if len(pending) >= UPSERT_BATCH:
-            store.upsert(pending)
-            result.indexed += len(pending)
+            write(pending)
             pending = []
-    store.upsert(pending)
-    store.record_model(model_id)
+    write(pending)
     store.flush()  # one ANN index build for the whole run, not one per batch
-    result.indexed += len(pending)
     result.new = store.count() - before
     return result
 
