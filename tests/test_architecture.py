@@ -58,6 +58,47 @@ def test_no_file_has_grown_past_about_400_lines() -> None:
     assert not long
 
 
+RUN_FILES = ("config.yaml", "metrics.csv", "classes.json", "checkpoints", ".ckpt",
+             "report.json", "report.txt", "model.json", "model.safetensors", "model.onnx",
+             "model.int8.onnx", "unknown.safetensors")
+
+
+def _string_constants(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                       ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings]
+
+
+def test_run_files_are_named_only_by_run_layout() -> None:
+    # A run's files are named once, in model/spec.py's RunLayout; a path literal elsewhere is
+    # a second name that drifts (strings in messages and docstrings are prose, not paths).
+    literal = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).as_posix() == "model/spec.py":
+            continue
+        found = [text for text in _string_constants(path)
+                 if any(text == name or text.endswith(name) and " " not in text
+                        for name in RUN_FILES)]
+        if found:
+            literal[path.relative_to(PACKAGE).as_posix()] = found
+    assert not literal
+
+
+def test_the_unknown_decision_is_made_in_one_place() -> None:
+    import re
+
+    threshold = re.compile(r"score[s]?(\[[^\]]*\])?\)?\s*>\s*1(\.0)?\b")
+    places = [path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+              if threshold.search(path.read_text(encoding="utf-8"))
+              and path.relative_to(PACKAGE).as_posix() != "unknown/detector.py"]
+    assert not places
+
+
 def test_onnx_inference_imports_no_lightning_torchvision_or_torch() -> None:
     # torch alone costs about 2 s of every `crystalscope predict model.onnx` start.
     code = ("import sys, crystalscope.cli, crystalscope.infer.predictor, "

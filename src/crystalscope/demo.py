@@ -64,14 +64,15 @@ def run_demo(folder: Path, *, per_class: int = DEMO_PER_CLASS, seed: int = 0,
     say(f"    {result.epochs} epochs in {result.seconds:.0f} s, best validation macro F1 "
         f"{result.best_val_f1_macro:.4f}")
     written = {"images": images, "splits": splits, "manifest": splits / "manifest.csv",
-               "run": result.run_dir, "metrics": result.run_dir / "metrics.csv"}
+               "run": result.run_dir, "metrics": RunLayout(result.run_dir).metrics}
     if result.evaluation is not None:
         report = result.evaluation.report
         say(f"    test: {report['images']} images, {report['misclassified']} misclassified, "
             f"macro F1 {format_value(report['macro']['f1']['value'])} (95% interval "
             + ", ".join(format_value(v) for v in report["macro"]["f1"]["ci95"]) + ")")
+        report_text = RunLayout(result.evaluation.out_dir).report_text.name
         written.update({name: result.evaluation.files[name]
-                        for name in ("report.txt", "confusion_matrix.png", "errors.png")})
+                        for name in (report_text, "confusion_matrix.png", "errors.png")})
     if result.export is not None:
         written.update(result.export.files)
         written.update(_predict_index_similar(result.run_dir, splits, folder, say))

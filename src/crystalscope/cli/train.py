@@ -155,8 +155,10 @@ def train(
 
 
 def _print_evaluation(evaluation: Evaluation) -> None:
-    out.print(evaluation.files["report.txt"].read_text(encoding="utf-8"), highlight=False,
-              markup=False)
+    from crystalscope.model.spec import RunLayout
+
+    out.print(RunLayout(evaluation.out_dir).report_text.read_text(encoding="utf-8"),
+              highlight=False, markup=False)
     out.print(f"wrote {', '.join(evaluation.files)} to {evaluation.out_dir}")
 
 

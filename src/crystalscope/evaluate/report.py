@@ -23,6 +23,7 @@ from sklearn.metrics import (
 )
 
 from crystalscope.evaluate.predictions import Predictions
+from crystalscope.model.spec import RunLayout
 
 BOOTSTRAP_RESAMPLES = 2000
 AUC_BOOTSTRAP_RESAMPLES = 500
@@ -248,7 +249,7 @@ def write_report(report: dict[str, Any], predictions: Predictions, out_dir: Path
                  title: str, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write report.txt and report.json (the latter with the per-image predictions)."""
     out_dir = Path(out_dir)
-    text_path, json_path = out_dir / "report.txt", out_dir / "report.json"
+    text_path, json_path = RunLayout(out_dir).report_text, RunLayout(out_dir).report
     text_path.write_text(render_text(report, title=title), encoding="utf-8")
     document = {**(extra or {}), **report, "predictions": per_image(predictions)}
     json_path.write_text(json.dumps(document, indent=2), encoding="utf-8")

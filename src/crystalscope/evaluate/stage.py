@@ -18,6 +18,7 @@ from crystalscope.evaluate import plots
 from crystalscope.evaluate.predictions import Predictions, labelled_images, predict_items
 from crystalscope.evaluate.report import compute_report, write_report
 from crystalscope.model.inference import load_run
+from crystalscope.model.spec import RunLayout
 
 
 @dataclass
@@ -76,11 +77,11 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, out_dir: Path | Non
         report, predictions, out_dir, title=title,
         extra={"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "data": str(folder),
                "tta": run.net.tta})
-    files = {"report.txt": text_path, "report.json": json_path}
+    files = {text_path.name: text_path, json_path.name: json_path}
     files["confusion_matrix.png"] = out_dir / "confusion_matrix.png"
     plots.plot_confusion_matrix(report["confusion_matrix"], run.classes,
                                 files["confusion_matrix.png"])
-    metrics_csv = run.run_dir / "metrics.csv"
+    metrics_csv = RunLayout(run.run_dir).metrics
     if metrics_csv.is_file():
         files["curves.png"] = out_dir / "curves.png"
         plots.plot_curves(metrics_csv, files["curves.png"])

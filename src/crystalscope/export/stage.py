@@ -37,9 +37,6 @@ from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_
 from crystalscope.unknown.fitting import NoTrainingData, fit_run_detector, split_items
 
 PARITY_IMAGES = 16
-# Every file an export may write: those a new export does not write again are removed, so
-# nothing of an earlier export is left beside it.
-EXPORT_FILES = ("model.safetensors", "model.json", "model.onnx", FILE_NAME, "model.int8.onnx")
 
 
 @dataclass
@@ -69,7 +66,7 @@ def data_summary(data: Path, classes: list[str]) -> dict[str, Any]:
 def run_metrics(run: LoadedRun) -> dict[str, Any]:
     """The best validation epoch (the checkpoint's) and, when evaluated, the test report."""
     metrics: dict[str, Any] = {}
-    metrics_csv = run.run_dir / "metrics.csv"
+    metrics_csv = RunLayout(run.run_dir).metrics
     if metrics_csv.is_file():
         columns = read_metrics_csv(metrics_csv)
         if columns.get("val_f1_macro"):
@@ -152,9 +149,9 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
     staging = Path(tempfile.mkdtemp(prefix=".export-", suffix=".partial", dir=out_dir))
     try:
         result = _write_export(run, staging, identity, int8=int8, false_reject=false_reject)
-        for name in EXPORT_FILES:  # what this export does not write must not stay beside it
-            if not (staging / name).exists():
-                (out_dir / name).unlink(missing_ok=True)
+        for path in RunLayout(out_dir).exported:  # not written again: must not stay beside it
+            if not (staging / path.name).exists():
+                path.unlink(missing_ok=True)
         for name in sorted(p.name for p in staging.iterdir()):
             (staging / name).replace(out_dir / name)
     finally:
@@ -199,20 +196,19 @@ def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str], *, in
                 "architecture": description["architecture"], "format": description["format"],
                 "format_version": description["format_version"], **identity}
     onnx_difference = export_onnx(run.net, onnx_path, run.image_size, metadata, images)
-    result = Export(files={"model.safetensors": weights_path, "model.json": json_path,
-                           "model.onnx": onnx_path},
+    result = Export(files={p.name: p for p in (weights_path, json_path, onnx_path)},
                     onnx_max_difference=onnx_difference,
                     rebuilt_max_difference=rebuilt_difference,
                     unknown_detector=description.get("unknown_detector"), notes=notes)
     if "unknown_detector" in description:
-        result.files[FILE_NAME] = out_dir / FILE_NAME
+        result.files[FILE_NAME] = RunLayout(out_dir).detector
     if int8:
         calibration, _ = _split_images(run, "valid", limit=64)
         if not len(calibration):
             calibration = images  # no validation split left: the parity images
-        int8_path = out_dir / "model.int8.onnx"
+        int8_path = RunLayout(out_dir).int8_onnx
         quantize_int8(onnx_path, int8_path, calibration)
-        result.files["model.int8.onnx"] = int8_path
+        result.files[int8_path.name] = int8_path
         test_images, test_labels = _split_images(run, "test")
         if len(test_images):
             result.int8 = int8_comparison(onnx_path, int8_path, test_images, test_labels)

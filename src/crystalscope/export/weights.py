@@ -104,10 +104,11 @@ def load_model(path: Path) -> tuple[InferenceNet, dict[str, Any]]:
                          tta=architecture.get("tta", "none")).eval(), description)
 
 
-def model_spec(description: dict[str, Any], source: Path | str = "model.json") -> ModelSpec:
+def model_spec(description: dict[str, Any], source: Path | str | None = None) -> ModelSpec:
     """The :class:`ModelSpec` in a model.json (or ONNX metadata) description."""
     try:
         return ModelSpec.from_dict(description["preprocessing"], description.get("classes"))
     except (KeyError, TypeError, UserError) as exc:
-        raise UserError(f"{source}: carries no usable preprocessing ({exc})") from exc
+        where = source or RunLayout(Path()).model_json.name
+        raise UserError(f"{where}: carries no usable preprocessing ({exc})") from exc
 

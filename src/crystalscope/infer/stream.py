@@ -17,6 +17,7 @@ import numpy as np
 from crystalscope.data.images import ImageLoadError
 from crystalscope.infer.predictor import Predictor
 from crystalscope.model.spec import decode_for_spec
+from crystalscope.unknown.detector import is_unknown
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ImageResult:
     @property
     def unknown(self) -> bool | None:
         """True when the image is unlike the training images (None: no detector)."""
-        return None if self.unknown_score is None else bool(self.unknown_score > 1.0)
+        return None if self.unknown_score is None else bool(is_unknown(self.unknown_score))
 
 
 @dataclass

@@ -128,7 +128,7 @@ def load_run(run_dir: Path, checkpoint: str = "best", tta: str | None = None) ->
     if not RunLayout(run_dir).config.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml); give the folder "
                         "`crystalscope train` wrote, e.g. runs/resnet50-20261128-101500")
-    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    path = RunLayout(run_dir).checkpoint(checkpoint)
     if not path.is_file():
         raise UserError(f"{run_dir}: has no checkpoints/{checkpoint}.ckpt (training did not "
                         "finish an epoch); continue it with `crystalscope train --resume`")

@@ -117,6 +117,10 @@ class RunLayout:
         return self.root / "metrics.csv"
 
     @property
+    def classes(self) -> Path:
+        return self.root / "classes.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -126,6 +130,10 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report.json"
+
+    @property
+    def report_text(self) -> Path:
+        return self.root / "report.txt"
 
     @property
     def model_json(self) -> Path:
@@ -146,6 +154,11 @@ class RunLayout:
     @property
     def detector(self) -> Path:
         return self.root / "unknown.safetensors"
+
+    @property
+    def exported(self) -> tuple[Path, ...]:
+        """Every file an export may write (an export removes those it does not write again)."""
+        return (self.weights, self.model_json, self.onnx, self.detector, self.int8_onnx)
 
 
 ModelKind = Literal["run", "folder", "onnx", "safetensors"]

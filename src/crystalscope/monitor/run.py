@@ -36,6 +36,7 @@ from crystalscope.monitor.trend import (
     Trend,
     WindowResult,
 )
+from crystalscope.unknown.detector import is_unknown
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
                  "p_value", "significant", "statistic", "threshold",
@@ -88,7 +89,7 @@ def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None 
             outputs = predictor.predict(pieces)
             scores = outputs.unknown_scores
             for row, probabilities in enumerate(outputs.probabilities):
-                unknown = scores is not None and scores[row] > 1.0
+                unknown = scores is not None and is_unknown(scores[row])
                 yield path, UNKNOWN if unknown else classes[int(probabilities.argmax())]
 
 

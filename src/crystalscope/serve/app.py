@@ -37,6 +37,7 @@ from crystalscope.infer.predictor import Outputs, Predictor
 from crystalscope.model.spec import decode_for_spec
 from crystalscope.serve.page import DASHBOARD
 from crystalscope.serve.server import LOOPBACK_HOST_NAMES, guard_hosts
+from crystalscope.unknown.detector import is_unknown
 from crystalscope.vectors.indexing import thumbnail_uri
 from crystalscope.vectors.store import VectorStore, check_same_model
 
@@ -162,7 +163,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                     zip(predictor.classes, probabilities, strict=True)}}
         if outputs.unknown_scores is not None:
             score = float(outputs.unknown_scores[row])
-            result.update(unknown=score > 1.0, unknown_score=score)
+            result.update(unknown=is_unknown(score), unknown_score=score)
         return result
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

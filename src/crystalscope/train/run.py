@@ -112,7 +112,7 @@ def train(config: TrainConfig | None, *, resume: Path | None = None,
         if not RunLayout(run_dir).config.is_file():
             raise SettingsError("resume", "not a run directory (no config.yaml)", run_dir)
         config = load_train_config(RunLayout(run_dir).config)
-        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        checkpoint = RunLayout(run_dir).checkpoint("last")
         if not checkpoint.is_file():
             raise UserError(f"--resume {run_dir}: no checkpoints/last.ckpt yet (it is written "
                             "after the first epoch); start a new run instead")
@@ -179,9 +179,9 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
     # After the trainer (settings it refuses fail first), inside the run's time and epoch 1.
     trunk_note = use_trunk_cache(config, data, module, checkpoint, cache_dir)
     if not resuming and primary:  # everything that can refuse the settings has been built
-        (run_dir / "checkpoints").mkdir(parents=True)
+        RunLayout(run_dir).checkpoints.mkdir(parents=True)
         save_config(config, RunLayout(run_dir).config)
-        (run_dir / "classes.json").write_text(json.dumps(data.classes), encoding="utf-8")
+        RunLayout(run_dir).classes.write_text(json.dumps(data.classes), encoding="utf-8")
     trainable, total = count_parameters(module.net)
     if not quiet:
         err.print(f"run {run_dir}: {config.model} ({trainable:,} of {total:,} parameters "
@@ -210,7 +210,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
                 os.environ.pop(RUN_DIR_VARIABLE, None)
     score = best.best_model_score
     epochs, stopped = trainer.current_epoch, f1_stop.stopped_epoch is not None
-    metrics_csv = run_dir / "metrics.csv"
+    metrics_csv = RunLayout(run_dir).metrics
     if score is None and primary and metrics_csv.is_file():
         # Under --strategy ddp_spawn the epochs ran in other processes, whose callbacks kept
         # these; their metrics.csv holds the same.
@@ -247,16 +247,18 @@ def make_trainer(config: TrainConfig, run_dir: Path, *, started: float, quiet: b
                  ) -> tuple[L.Trainer, StopWhenEveryClassF1, ModelCheckpoint]:
     """The Lightning trainer with our callbacks; settings it refuses are a UserError."""
     f1_stop = StopWhenEveryClassF1(config.f1_threshold)
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+    layout = RunLayout(run_dir)
+    best = ModelCheckpoint(dirpath=layout.checkpoints, filename=layout.checkpoint("best").stem,
                            monitor="val_f1_macro", mode="max", enable_version_counter=False)
     # Not save_last=True: since Lightning 2.6 that writes last.ckpt only in epochs that
     # improved the best one, and --resume would repeat the epochs since.
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
+    last = ModelCheckpoint(dirpath=layout.checkpoints, filename=layout.checkpoint("last").stem,
+                           monitor=None,
                            save_top_k=1, enable_version_counter=False)
     callbacks: list[L.Callback] = [
-        f1_stop, MetricsCsv(run_dir / "metrics.csv", started), best, last,
+        f1_stop, MetricsCsv(layout.metrics, started), best, last,
         EarlyStopping(monitor="val_loss", mode="min", patience=config.patience),
-        CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt"),
+        CheckpointOnInterrupt(layout.checkpoint("last")),
     ]
     if not quiet:
         callbacks.append(EpochTable())

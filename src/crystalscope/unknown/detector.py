@@ -30,11 +30,20 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from crystalscope.errors import CrystalscopeError, UserError
+from crystalscope.model.spec import RunLayout
 from crystalscope.settings import SettingsError
 from crystalscope.unknown.scores import GaussianDistance, max_softmax_score
 
 METHOD = "stage-mahalanobis+max-softmax"
-FILE_NAME = "unknown.safetensors"
+FILE_NAME = RunLayout(Path()).detector.name  # beside model.json
+UNKNOWN_ABOVE = 1.0  # unknown_score is scaled so that the calibrated threshold is 1
+
+
+def is_unknown(score: float | np.ndarray) -> bool | np.ndarray:
+    """The unknown decision, the one place it is made: a score above the calibrated threshold
+    (:meth:`UnknownDetector.score` divides by it, so the threshold is 1)."""
+    decision = np.asarray(score) > UNKNOWN_ABOVE
+    return bool(decision) if decision.ndim == 0 else decision
 DEFAULT_FALSE_REJECT = 0.01
 
 
@@ -81,7 +90,8 @@ class UnknownDetector:
         return np.nan_to_num(parts.max(axis=1), nan=np.inf)  # broken features: unknown
 
     def score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        """``unknown_score`` per image: 1 is the threshold, above it the image is unknown."""
+        """``unknown_score`` per image: 1 is the threshold, above it the image is unknown
+        (:func:`is_unknown`)."""
         return self.raw_score(statistics, probabilities) / self.threshold
 
     def describe(self) -> dict[str, Any]:
