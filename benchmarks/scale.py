@@ -178,8 +178,8 @@ def child_dedupe(n: int) -> None:
 
 
 def child_cache(n: int, work: Path) -> None:
+    from crystalscope.data.decoded import build_cache
     from crystalscope.data.layout import list_files
-    from crystalscope.train.data import build_cache
 
     crops = work / f"crops-{n}"
     items = [(p, label) for label, name in enumerate(("cex", "pg"))

@@ -22,8 +22,8 @@ import torch
 
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
+from crystalscope.recipes import RECIPES
 from crystalscope.synth.crops import SynthSettings, parse_difficulty, synthesize
-from crystalscope.train.recipes import RECIPES
 from crystalscope.train.run import train
 
 

@@ -20,9 +20,9 @@ import torch
 
 from crystalscope.data.split import split_dataset
 from crystalscope.model.classifier import CrystalClassifier
+from crystalscope.recipes import RECIPES
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.train.data import SplitDataModule
-from crystalscope.train.recipes import RECIPES
 
 
 def _step(module: CrystalClassifier, optimizer: torch.optim.Optimizer, images: torch.Tensor,

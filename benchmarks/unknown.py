@@ -26,13 +26,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from crystalscope.config import resolve_train_config
+from crystalscope.data.decoded import build_cache
 from crystalscope.data.split import split_dataset
 from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.inference import LoadedRun, load_run, run_batches
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.synth.unknown import FAR_KINDS, NEAR_KINDS, synthesize_unknown
-from crystalscope.train.data import build_cache
 from crystalscope.train.run import train
 from crystalscope.unknown.detector import conformal_threshold
 from crystalscope.unknown.fitting import split_items

@@ -34,8 +34,8 @@ import torch
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
 from crystalscope.export.stage import export_run
+from crystalscope.recipes import RECIPES
 from crystalscope.synth.crops import SynthSettings, synthesize
-from crystalscope.train.recipes import RECIPES
 from crystalscope.train.run import train
 
 sys.path.insert(0, str(Path(__file__).parent))

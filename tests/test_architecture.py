@@ -82,7 +82,7 @@ def test_run_files_are_named_only_by_run_layout() -> None:
         if path.relative_to(PACKAGE).as_posix() == "model/spec.py":
             continue
         found = [text for text in _string_constants(path)
-                 if any(text == name or text.endswith(name) and " " not in text
+                 if any(text == name or (text.endswith(name) and " " not in text)
                         for name in RUN_FILES)]
         if found:
             literal[path.relative_to(PACKAGE).as_posix()] = found
@@ -97,6 +97,26 @@ def test_the_unknown_decision_is_made_in_one_place() -> None:
               if threshold.search(path.read_text(encoding="utf-8"))
               and path.relative_to(PACKAGE).as_posix() != "unknown/detector.py"]
     assert not places
+
+
+def test_no_import_runs_back_up_into_training() -> None:
+    # Stages after training (evaluate, export, the unknown-detector) decode images through
+    # data/decoded.py; only the commands that start a training run import train/.
+    allowed = ("crystalscope.train", "crystalscope.cli", "crystalscope.demo")
+    back_up = sorted(f"{module} -> {target}" for module, targets in _imports().items()
+                     for target in targets if target.startswith("crystalscope.train")
+                     and not module.startswith(allowed))
+    assert not back_up
+
+
+def test_evaluate_and_export_decode_without_lightning() -> None:
+    code = ("import sys, crystalscope.evaluate.predictions, crystalscope.unknown.fitting, "
+            "crystalscope.export.stage, crystalscope.config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_onnx_inference_imports_no_lightning_torchvision_or_torch() -> None:

@@ -179,9 +179,9 @@ def test_load_model_refuses_incomplete_or_foreign_files(exported: Path, tmp_path
 
 
 def test_int8_export_is_quantised_close_and_usable(trained_run: Path, tmp_path: Path) -> None:
+    from crystalscope.data.decoded import build_cache
     from crystalscope.export.stage import int8_comparison
     from crystalscope.infer.predictor import load_predictor
-    from crystalscope.train.data import build_cache
 
     result = export_run(trained_run, tmp_path, int8=True)
     int8_path = result.files["model.int8.onnx"]

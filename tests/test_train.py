@@ -16,13 +16,14 @@ import torch
 import yaml
 
 from crystalscope.config import TrainConfig, resolve_train_config
+from crystalscope.data.decoded import available_memory, choose_cache
 from crystalscope.data.split import split_dataset
 from crystalscope.errors import UserError
 from crystalscope.model.backbones import create_backbone, freeze_fraction, parameter_layers
 from crystalscope.model.classifier import CrystalClassifier
 from crystalscope.settings import SettingsError
 from crystalscope.synth.crops import SynthSettings, synthesize
-from crystalscope.train.data import SplitDataModule, available_memory, choose_cache
+from crystalscope.train.data import SplitDataModule
 from crystalscope.train.run import class_weights, train, weights_notes
 
 TINY = {"model": "resnet18", "weights": "none", "image_size": 64, "trainable": 1.0,

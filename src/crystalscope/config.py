@@ -9,8 +9,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from crystalscope.errors import UserError
+from crystalscope.recipes import DEFAULT_RECIPE, RECIPES
 from crystalscope.settings import SettingsError, settings_error
-from crystalscope.train.recipes import DEFAULT_RECIPE, RECIPES
 
 
 class TrainConfig(BaseModel):
@@ -20,8 +20,8 @@ class TrainConfig(BaseModel):
 
     data: Path
     recipe: str = DEFAULT_RECIPE
-    # What a recipe decides has no default here: the recipe (train/recipes.py) is the one
-    # place for it, so editing a default means editing the recipe.
+    # What a recipe decides has no default here: the recipe (recipes.py, beside this file) is
+    # the one place for it, so editing a default means editing the recipe.
     model: str
     weights: str = "imagenet"  # a fine-tuning tool starts from pretrained layers
     image_size: int = Field(ge=16, le=1024)

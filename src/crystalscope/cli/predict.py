@@ -56,7 +56,8 @@ def predict(
     std: Annotated[str | None, typer.Option(help="Per-channel std for imagenet mode.")] = None,
     reject_unknown: Annotated[bool, typer.Option(
         "--reject-unknown", help="Give the class 'unknown' to images the unknown-detector "
-                                 "flags (unknown_score above 1) instead of forcing a class.")] = False,
+                                 "flags (unknown_score above 1) instead of forcing a class.")]
+    = False,
     outputs: Annotated[str | None, typer.Option(
         help="Foreign ONNX model: what its output holds, probabilities (softmax or sigmoid "
              "applied) or logits.")] = None,

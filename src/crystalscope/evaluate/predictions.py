@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from crystalscope.data.decoded import build_cache
 from crystalscope.data.layout import is_image_name, read_class_folders
 from crystalscope.errors import UserError
 from crystalscope.model.inference import InferenceNet, run_batches
-from crystalscope.train.data import build_cache
 
 
 @dataclass

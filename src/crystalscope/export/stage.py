@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crystalscope.data.decoded import build_cache
 from crystalscope.data.dedupe import file_sha256
 from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
 from crystalscope.errors import CrystalscopeError
@@ -32,7 +33,6 @@ from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
-from crystalscope.train.data import build_cache
 from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
 from crystalscope.unknown.fitting import NoTrainingData, fit_run_detector, split_items
 

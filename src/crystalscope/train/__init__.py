@@ -1,1 +1,2 @@
-"""Training: named recipes, callbacks, and the run that ties data, model and Lightning together."""
+"""Training: callbacks, the data module, and the run that ties data, model and Lightning
+together."""

@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import Dataset
 
 from crystalscope.config import TrainConfig
+from crystalscope.data.decoded import choose_cache
 from crystalscope.errors import UserError
 from crystalscope.model.classifier import CrystalClassifier
 from crystalscope.model.trunk import inference_copy
-from crystalscope.train.data import CachedImages, SplitDataModule, choose_cache
+from crystalscope.train.data import CachedImages, SplitDataModule
 
 TRANSFORMS = {"dihedral": 8, "none": 1}
 BATCH = 32  # images per trunk pass while the cache is built

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crystalscope.data.decoded import build_cache
 from crystalscope.data.layout import is_image_name, list_files
 from crystalscope.errors import CrystalscopeError
 from crystalscope.model.inference import InferenceNet, LoadedRun
-from crystalscope.train.data import build_cache
 from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, UnknownDetector, fit_detector
 
 
