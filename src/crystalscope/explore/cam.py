@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from crystalscope.errors import UserError
-from crystalscope.model.inference import InferenceNet
+from crystalscope.model.inference import InferenceNet, dihedral_views
 from crystalscope.model.spec import decode_for_spec, resolve_model
 from crystalscope.settings import SettingsError
 
@@ -73,15 +73,9 @@ def load_torch_model(model: Path) -> tuple[InferenceNet, list[str], int]:
                     "or model.safetensors (not an ONNX file)")
 
 
-def view(x: torch.Tensor, index: int) -> torch.Tensor:
-    """The ``index``-th of the 8 dihedral views, in the in-graph order (rotations by 0-3
-    quarter turns, then the same mirrored): ``model.inference.dihedral_views``."""
-    turned = torch.rot90(x, index % 4, dims=(2, 3))
-    return turned.flip(3) if index >= 4 else turned
-
-
 def unview(cam: np.ndarray, index: int) -> np.ndarray:
-    """A map computed on view ``index``, turned back onto the original crop."""
+    """A map computed on view ``index`` of :func:`~crystalscope.model.inference.dihedral_views`
+    (0-3 quarter turns, then the same mirrored), turned back onto the original crop."""
     if index >= 4:
         cam = cam[:, ::-1]
     return np.ascontiguousarray(np.rot90(cam, -(index % 4), axes=(0, 1)))
@@ -115,11 +109,12 @@ def explain_image(net: InferenceNet, classes: list[str], size: int, path: Path, 
     best = int(probabilities.argmax())
     chosen = classes.index(target) if target is not None else best
     logits, layers = Logits(net).eval(), [last_stage(net, layer)]
+    seen = dihedral_views(x) if net.views > 1 else x  # what the network averages over
     maps = {}
     for method in methods:
         cam_class = {"gradcam": GradCAM, "layercam": LayerCAM}[method]
         with cam_class(model=logits, target_layers=layers) as cam:
-            views = [cam(input_tensor=view(x.clone(), index),
+            views = [cam(input_tensor=seen[index:index + 1].clone(),
                          targets=[ClassifierOutputTarget(chosen)])[0]
                      for index in range(net.views)]
         grayscale = np.mean([unview(m, index) for index, m in enumerate(views)], axis=0)
