@@ -21,8 +21,11 @@ TORCH_FEATURES = {
 
 
 def _requirements() -> dict[str, Requirement]:
+    """The core's and every extra's requirements (the extras that name other extras aside)."""
     project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
-    return {r.name: r for r in map(Requirement, project["dependencies"])}
+    listed = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values()
+                                          for r in extra)]
+    return {r.name: r for r in map(Requirement, listed) if r.name != "crystalscope"}
 
 
 def _floor(requirement: Requirement) -> Version:

@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Annotated
 
-import click
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
@@ -16,6 +15,7 @@ from typer.core import TyperGroup
 from crystalscope import __version__
 from crystalscope.console import err, out
 from crystalscope.errors import CrystalscopeError
+from crystalscope.extras import missing_extra_message
 from crystalscope.settings import SettingsError
 
 
@@ -25,7 +25,7 @@ class DefaultCommandGroup(TyperGroup):
 
     default_command = ""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
@@ -116,10 +116,21 @@ def main(argv: list[str] | None = None) -> None:
         message = exc.for_flags() if isinstance(exc, SettingsError) else str(exc)
         err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if _state["debug"] or message is None:
+            _unexpected(exc)
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        sys.exit(2)
     except Exception as exc:
-        if _state["debug"]:
-            raise
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} "
-                  "(run with --debug for the traceback)", highlight=False)
-        sys.exit(1)
+        _unexpected(exc)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _unexpected(exc: Exception) -> None:
+    """A bug or an unforeseen failure: one line with its type, or the traceback with --debug."""
+    if _state["debug"]:
+        raise exc
+    err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} "
+              "(run with --debug for the traceback)", highlight=False)
+    sys.exit(1)

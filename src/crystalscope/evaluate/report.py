@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.stats import binomtest
@@ -22,8 +22,10 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from crystalscope.evaluate.predictions import Predictions
 from crystalscope.model.spec import RunLayout
+
+if TYPE_CHECKING:  # predictions decode with torch; the monitor's intervals do not
+    from crystalscope.evaluate.predictions import Predictions
 
 BOOTSTRAP_RESAMPLES = 2000
 AUC_BOOTSTRAP_RESAMPLES = 500
