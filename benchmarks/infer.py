@@ -24,6 +24,7 @@ from crystalscope.infer.predictor import load_predictor
 from crystalscope.infer.stream import predict_stream
 from crystalscope.model.backbones import Classifier, create_backbone
 from crystalscope.model.inference import InferenceNet
+from crystalscope.model.spec import ModelSpec
 from crystalscope.synth.crops import SynthSettings, synthesize
 
 
@@ -53,7 +54,8 @@ def main() -> None:
                         help="images for the streaming memory check (0: skip)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    net = InferenceNet(Classifier(create_backbone(args.model), 2)).eval()
+    net = InferenceNet(Classifier(create_backbone(args.model), 2),
+                       ModelSpec(args.size, ("cex", "pg"))).eval()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 3, args.size, args.size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +96,8 @@ def main() -> None:
             # Streaming memory: a small model, real PNG files (repeated), predict's code path.
             files = synthesize(Path(tmp) / "frames", SynthSettings(per_class=50, size=151))
             paths = sorted((Path(tmp) / "frames").rglob("*.png"))
-            small = InferenceNet(Classifier(create_backbone("resnet18"), 2)).eval()
+            small = InferenceNet(Classifier(create_backbone("resnet18"), 2),
+                                 ModelSpec(64, ("cex", "pg"))).eval()
             small_path = Path(tmp) / "small.onnx"
             export_onnx(small, small_path, 64, {"classes": ["cex", "pg"],
                                                 "preprocessing": {"input_size": 64}},

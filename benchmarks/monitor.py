@@ -168,7 +168,7 @@ def calibrated(kind: str, stream: CountStream, rng: np.random.Generator, z: floa
     rates, z = drift_path(stream, windows, rng, z)
     counts = window_counts(stream, rates, rng)
     rule = make_rule(kind, [(int(k), stream.crops) for k in counts], stream)
-    return rule.detector(), z
+    return rule.impurity_rule(), z
 
 
 def alarms(detector: object, counts: np.ndarray, crops: int, *, first_only: bool = False
@@ -176,7 +176,7 @@ def alarms(detector: object, counts: np.ndarray, crops: int, *, first_only: bool
     """Windows (0-based) where the detector alarmed; it starts afresh after each alarm."""
     found = []
     for index, k in enumerate(counts.tolist()):
-        if detector.step(k, crops).alarm:  # type: ignore[attr-defined]
+        if detector.update(k, crops).alarm:  # type: ignore[attr-defined]
             found.append(index)
             if first_only:
                 break

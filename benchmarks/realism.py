@@ -36,7 +36,7 @@ from crystalscope.evaluate.report import wilson_interval
 from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.inference import InferenceNet, load_run, run_batches
-from crystalscope.model.spec import decode_for_spec
+from crystalscope.model.spec import decode
 from crystalscope.synth.crops import SynthSettings, render_group, synthesize
 from crystalscope.synth.statistics import compare, image_statistics
 from crystalscope.train.run import train
@@ -72,7 +72,7 @@ def train_on_synthetic(folder: Path, *, per_class: int, epochs: int, size: int, 
 
 def score_real(run_dir: Path, crops: list[tuple[Path, str]]) -> dict:
     predictor = load_predictor(run_dir / "model.onnx")
-    images = np.stack([decode_for_spec(path, predictor.input_size)[0] for path, _ in crops])
+    images = np.stack([decode(path, predictor.spec)[0] for path, _ in crops])
     outputs = predictor.predict(images)
     predicted = [predictor.classes[i] for i in outputs.probabilities.argmax(axis=1)]
     truth = [name for _, name in crops]
@@ -88,8 +88,8 @@ def single_view_text(run_dir: Path, crops: list[tuple[Path, str]]) -> str:
     import torch
 
     run = load_run(run_dir)
-    net = InferenceNet(run.net.classifier, mean=run.spec.mean, std=run.spec.std).eval()
-    images = torch.from_numpy(np.stack([decode_for_spec(path, run.image_size)[0]
+    net = InferenceNet(run.net.classifier, run.spec).eval()
+    images = torch.from_numpy(np.stack([decode(path, run.spec)[0]
                                         for path, _ in crops]))
     probabilities, _, _ = run_batches(net, images)
     predicted = [run.classes[i] for i in probabilities.argmax(dim=1).tolist()]

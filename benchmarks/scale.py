@@ -180,12 +180,13 @@ def child_dedupe(n: int) -> None:
 def child_cache(n: int, work: Path) -> None:
     from crystalscope.data.decoded import build_cache
     from crystalscope.data.layout import list_files
+    from crystalscope.model.spec import ModelSpec
 
     crops = work / f"crops-{n}"
     items = [(p, label) for label, name in enumerate(("cex", "pg"))
              for p in list_files(crops / name)]
     start = time.perf_counter()
-    cache = build_cache(items, 32)
+    cache = build_cache(items, ModelSpec(32, ("cex", "pg")))
     report({"seconds": time.perf_counter() - start, "cached": len(cache.paths)})
 
 

@@ -25,6 +25,7 @@ from crystalscope.export.onnx import export_onnx
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.backbones import Classifier, create_backbone
 from crystalscope.model.inference import InferenceNet
+from crystalscope.model.spec import ModelSpec
 from crystalscope.serve.app import ServeSettings, create_app
 from crystalscope.serve.server import running
 
@@ -47,7 +48,8 @@ def main() -> None:
             predictor = load_predictor(args.run)
         else:
             torch.manual_seed(0)
-            net = InferenceNet(Classifier(create_backbone("resnet18"), 2)).eval()
+            net = InferenceNet(Classifier(create_backbone("resnet18"), 2),
+                               ModelSpec(64, ("cex", "pg"))).eval()
             export_onnx(net, Path(tmp) / "model.onnx", 64,
                         {"classes": ["cex", "pg"], "preprocessing": {"input_size": 64}},
                         torch.zeros(2, 3, 64, 64))

@@ -61,14 +61,15 @@ def train_model(folder: Path, per_class: int, difficulty: float, seed: int) -> P
 def outputs(run: LoadedRun, folder: Path) -> dict[str, np.ndarray]:
     """Probabilities, embeddings, stage statistics and labels of every image under folder."""
     items = [(p, 0) for p in sorted(folder.rglob("*.png"))]
-    probabilities, embeddings, statistics = run_batches(run.net, build_cache(items, SIZE).images)
+    images = build_cache(items, run.spec).images
+    probabilities, embeddings, statistics = run_batches(run.net, images)
     return {"statistics": statistics.double().numpy(),
             "probabilities": probabilities.double().numpy(), "embeddings": embeddings.numpy()}
 
 
 def alternatives(run: LoadedRun) -> dict[str, Callable[[dict], np.ndarray]]:
     """Scores the detector was chosen over, fitted on the same train split."""
-    decoded = build_cache(split_items(run, "train"), SIZE)
+    decoded = build_cache(split_items(run, "train"), run.spec)
     labels = decoded.labels.numpy()
     embeddings = run_batches(run.net, decoded.images)[1].numpy()
     gaussian = GaussianDistance.fit(embeddings, labels)

@@ -40,7 +40,7 @@ def test_increments_and_p_values_are_scipys_beta_binomial() -> None:
     np.testing.assert_allclose(log_likelihood_ratio(n, p0, p1, rho), expected, rtol=1e-10)
     cusum = BetaBinomialCusum(p0, p1, rho, arl0=100, design_crops=n)
     for count in (0, 3, 9):
-        step = cusum.step(count, n)
+        step = cusum.update(count, n)
         assert step.p_value == pytest.approx(betabinom.sf(count - 1, n, *_beta(p0, rho)),
                                              rel=1e-9)
 
@@ -127,7 +127,7 @@ def _false_alarms(rule_for: object, stream: CountStream, runs: int, windows: int
                              for k in window_counts(stream, rates, rng)])
         rates, _ = drift_path(stream, windows, rng, z)
         for k in window_counts(stream, rates, rng).tolist():
-            if detector.step(k, stream.crops).alarm:
+            if detector.update(k, stream.crops).alarm:
                 alarms += 1
                 detector.reset()
     return alarms
@@ -141,7 +141,7 @@ def test_the_cusum_keeps_its_promise_where_the_binomial_rule_breaks_it() -> None
         c = calibrate_counts(counts, "s")
         return AlarmRule("pg", c.rate_bound, arl0=1_000, min_shift=0.5 * stream.rate,
                          dispersion=c.dispersion_bound, design_crops=c.window_crops
-                         ).detector()  # type: ignore[return-value]
+                         ).impurity_rule()  # type: ignore[return-value]
 
     def binomial(counts: list[tuple[int, int]]) -> BinomialRun:
         c = calibrate_counts(counts, "s")
@@ -159,10 +159,10 @@ def test_a_step_to_three_times_the_rate_is_detected_quickly_at_400_crops() -> No
     for seed in range(20):
         c = calibrate_counts(_stream(stream, 100, seed=seed), "s")
         detector = AlarmRule("pg", c.rate_bound, dispersion=c.dispersion_bound,
-                             design_crops=c.window_crops).detector()
+                             design_crops=c.window_crops).impurity_rule()
         rng = np.random.default_rng(1_000 + seed)
         counts = window_counts(stream, np.full(50, 3 * stream.rate), rng).tolist()
-        delays.append(next(i for i, k in enumerate(counts, 1) if detector.step(k, 400).alarm))
+        delays.append(next(i for i, k in enumerate(counts, 1) if detector.update(k, 400).alarm))
     assert np.median(delays) <= 3
 
 
@@ -191,9 +191,9 @@ def test_trend_runs_the_cusum_a_recursion_written_here_gives() -> None:
 
 
 def test_table_caches_stay_bounded_with_many_window_sizes() -> None:
-    detector = AlarmRule("pg", 0.05, arl0=100, design_crops=50).detector()
+    detector = AlarmRule("pg", 0.05, arl0=100, design_crops=50).impurity_rule()
     for n in range(10, 1_500):
-        detector.step(n // 20, n)
+        detector.update(n // 20, n)
     assert rules._log_pmf.cache_info().currsize <= 512
     assert rules.log_likelihood_ratio.cache_info().currsize <= 512
 
@@ -210,3 +210,54 @@ def test_bad_rule_settings_are_refused_with_the_option_named(options: dict,
     settings = {"positive": "pg", "false_positive_rate": 0.05, **options}
     with pytest.raises(UserError, match=message):
         Trend(["cex", "pg"], AlarmRule(**settings))
+
+
+# ----------------------------------------------------------------------------- the seam
+
+
+def _every_rule() -> dict[str, rules.Rule]:
+    """Each rule of RULES as the monitor builds it, and the unknown crops' rule."""
+    built: dict[str, rules.Rule] = {
+        name: AlarmRule("pg", 0.05, rule=name, arl0=200, design_crops=40).impurity_rule()
+        for name in rules.RULES}
+    unknown = AlarmRule("pg", 0.05, unknown_rate=0.02).unknown_rule()
+    assert unknown is not None
+    built["unknown"] = unknown
+    return built
+
+
+@pytest.mark.parametrize("name", [*rules.RULES, "unknown"])
+def test_every_rule_keeps_the_contract_of_the_seam(name: str) -> None:
+    rule = _every_rule()[name]
+    assert rule.name in rule.describe().lower()  # the promise names the rule
+    empty = rule.update(0, 0)  # a window without crops: no p-value, never an alarm
+    assert empty.p_value is None and not empty.alarm
+    for _ in range(20):  # clean windows: no evidence builds up
+        evidence = rule.update(0, 40)
+        assert 0 < evidence.p_value <= 1 and not evidence.alarm and evidence.statistic == 0
+    alarms = [rule.update(40, 40).alarm for _ in range(10)]  # every crop called: the alarm
+    assert any(alarms[:3]) and alarms[-1]
+    first = alarms.index(True)
+    assert not any(alarms[:first]) and all(alarms[first:])  # it holds while the evidence does
+    rule.reset()
+    after = rule.update(0, 40)
+    assert after.statistic == 0 and not after.alarm
+    # the state is the instance's own: a second instance fed the same windows agrees
+    twin, counts = _every_rule()[name], [(3, 40), (9, 40), (0, 0), (20, 40), (1, 40)]
+    again = _every_rule()[name]
+    assert [twin.update(k, n) for k, n in counts] == [again.update(k, n) for k, n in counts]
+
+
+def test_the_binomial_rules_p_value_is_scipys_binomial_tail() -> None:
+    from scipy.stats import binom
+
+    rule = AlarmRule("pg", 0.05, unknown_rate=0.02).unknown_rule()
+    assert rule is not None
+    for k, n in ((0, 10), (1, 10), (3, 40), (12, 40), (40, 40)):
+        assert rule.update(k, n).p_value == pytest.approx(binom.sf(k - 1, n, 0.02), rel=1e-9)
+
+
+def test_the_cli_offers_exactly_the_rules_there_are() -> None:
+    from crystalscope.cli.options import AlarmRuleName
+
+    assert [r.value for r in AlarmRuleName] == list(rules.RULES)

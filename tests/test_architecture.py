@@ -99,6 +99,19 @@ def test_the_unknown_decision_is_made_in_one_place() -> None:
     assert not places
 
 
+def test_the_networks_normalisation_is_written_once() -> None:
+    # (x - mean) / std on tensors: only model/normalize.py; the foreign-model preprocessing in
+    # infer/predictor.py is numpy and feeds models that are not ours.
+    import re
+
+    formula = re.compile(r"-\s*[\w.]*mean\)?\s*/\s*[\w.]*std")
+    places = [path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+              if re.search(r"^import torch", text := path.read_text(encoding="utf-8"), re.M)
+              and formula.search(text)
+              and path.relative_to(PACKAGE).as_posix() != "model/normalize.py"]
+    assert not places
+
+
 def test_no_import_runs_back_up_into_training() -> None:
     # Stages after training (evaluate, export, the unknown-detector) decode images through
     # data/decoded.py; only the commands that start a training run import train/.

@@ -177,9 +177,9 @@ def test_evaluate_run_writes_the_report_and_plots(trained_run: Path) -> None:
     # The per-image probabilities are the checkpoint's on those files.
     run = load_run(trained_run)
     first = document["predictions"][0]
-    from crystalscope.model.spec import decode_for_spec
+    from crystalscope.model.spec import decode
 
-    image = torch.from_numpy(decode_for_spec(Path(first["path"]), run.image_size)[0])[None]
+    image = torch.from_numpy(decode(Path(first["path"]), run.spec)[0])[None]
     with torch.inference_mode():
         probabilities = run.net(image)[0][0].tolist()
     assert [first["probabilities"][c] for c in run.classes] == pytest.approx(probabilities,

@@ -193,7 +193,7 @@ def test_explore_from_a_store(exported_run: Path, tmp_path: Path,
 
 
 def test_cams_concentrate_on_the_pg_agglomerate(pg_detector: Path, tmp_path: Path) -> None:
-    net, classes, size = load_torch_model(pg_detector)
+    net = load_torch_model(pg_detector)
     rng = np.random.default_rng(11)
     ratios: dict[str, list[float]] = {"gradcam": [], "layercam": []}
     for i in range(6):  # bright agglomerates: the model's clearest PG evidence
@@ -201,7 +201,7 @@ def test_cams_concentrate_on_the_pg_agglomerate(pg_detector: Path, tmp_path: Pat
                                           kind=("granular", "plate")[i % 2])
         path = tmp_path / f"pg{i}.png"
         Image.fromarray(image).save(path)
-        explanation = explain_image(net, classes, size, path, target="pg")
+        explanation = explain_image(net, path, target="pg")
         for method, cam in explanation.maps.items():
             assert cam.shape == mask.shape
             inside, outside = cam[mask > 0.5].mean(), cam[mask < 0.1].mean()

@@ -192,7 +192,7 @@ def test_int8_export_is_quantised_close_and_usable(trained_run: Path, tmp_path: 
     # Every image of the run's splits (120): int8 must agree with fp32 almost everywhere.
     splits = Path(load_run(trained_run).config.data)
     items = [(p, 0) for p in sorted(splits.rglob("*.png"))]
-    decoded = build_cache(items, 32)
+    decoded = build_cache(items, load_run(trained_run).spec)
     change = int8_comparison(tmp_path / "model.onnx", int8_path, decoded.images,
                              decoded.labels)
     assert change["images"] == len(items) >= 100

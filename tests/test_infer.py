@@ -18,7 +18,7 @@ from crystalscope.errors import UserError
 from crystalscope.infer import stream
 from crystalscope.infer.predictor import Preprocessing, load_predictor, to_probabilities
 from crystalscope.infer.stream import predict_stream
-from crystalscope.model.spec import decode_for_spec
+from crystalscope.model.spec import ModelSpec, decode
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -170,7 +170,7 @@ def test_a_foreign_onnx_model_with_its_own_preprocessing(tmp_path: Path, samples
                                  "--backend", backend], capsys)
         assert code == 0
         for image, line in zip(images, out.splitlines(), strict=True):
-            pixels, _, _ = decode_for_spec(image, 48)  # (3, 48, 48) RGB
+            pixels, _, _ = decode(image, ModelSpec(48, ("a", "b")))  # (3, 48, 48) RGB
             bgr = pixels[::-1].astype(np.float32) - np.array([103.939, 116.779, 123.68],
                                                              np.float32)[:, None, None]
             with torch.no_grad():
@@ -215,13 +215,13 @@ def test_prediction_streams_a_batch_at_a_time(exported_run: Path, tmp_path: Path
     image = tmp_path / "a.png"
     Image.new("RGB", (20, 20), "gray").save(image)
     decoded = []
-    real = stream.decode_for_spec
+    real = stream.decode
 
-    def counting(path: Path, size: int) -> tuple[np.ndarray, int, int]:
+    def counting(path: Path, spec: ModelSpec) -> tuple[np.ndarray, int, int]:
         decoded.append(path)
-        return real(path, size)
+        return real(path, spec)
 
-    monkeypatch.setattr(stream, "decode_for_spec", counting)
+    monkeypatch.setattr(stream, "decode", counting)
     predictor = load_predictor(exported_run)
     results = predict_stream(predictor, [image] * 10_000, batch_size=16)
     next(results)

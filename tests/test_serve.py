@@ -16,7 +16,7 @@ from PIL import Image
 
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.infer.stream import predict_stream
-from crystalscope.model.spec import decode_for_spec
+from crystalscope.model.spec import ModelSpec, decode
 from crystalscope.serve.app import ServeSettings, create_app
 from crystalscope.serve.server import running
 from crystalscope.vectors.backends import open_store
@@ -26,7 +26,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def predict_input(path: Path, size: int) -> np.ndarray:
-    return decode_for_spec(path, size)[0]
+    return decode(path, ModelSpec(size, ("cex", "pg")))[0]
 
 
 def _post(url: str, files: list[tuple[str, str, bytes]], fields: dict | None = None,

@@ -17,7 +17,7 @@ from crystalscope.model.spec import (
     IMAGENET_STD,
     ModelSpec,
     RunLayout,
-    decode_for_spec,
+    decode,
     resolve_model,
 )
 
@@ -120,16 +120,16 @@ def test_predict_serve_monitor_and_cams_feed_the_model_as_its_spec_says(
         frame.paste(crop, (48 * i, 0))
         crop.save(tmp_path / f"crop-{i}.png")
     frame.save(tmp_path / "frame.png")
-    pieces = cut_frame(tmp_path / "frame.png", 48, "tiles", predictor.input_size)
+    pieces = cut_frame(tmp_path / "frame.png", 48, "tiles", predictor.spec)
     np.testing.assert_allclose(
         predictor.predict(pieces).probabilities,
         _reference(odd_run, [tmp_path / "crop-0.png", tmp_path / "crop-1.png"], ODD_MEAN,
                    ODD_STD), atol=1e-4)
 
     for model in (odd_run, layout.weights):  # CAMs: the run, or the exported weights
-        net, classes, size = load_torch_model(model)
-        explanation = explain_image(net, classes, size, images[0], methods=("gradcam",))
-        assert size == ODD_SIZE
+        net = load_torch_model(model)
+        explanation = explain_image(net, images[0], methods=("gradcam",))
+        assert net.spec.input_size == ODD_SIZE
         assert explanation.probability == pytest.approx(float(expected[0].max()), abs=1e-4)
 
 
@@ -151,12 +151,92 @@ def test_resolve_model_names_every_kind_of_model(odd_run: Path, tmp_path: Path) 
         resolve_model(layout.config)
 
 
-def test_decode_for_spec_squashes_without_a_crop(tmp_path: Path) -> None:
+def test_decode_squashes_without_a_crop(tmp_path: Path) -> None:
     image = Image.new("L", (30, 10), 0)
     image.paste(255, (20, 0, 30, 10))  # the right third white
     image.save(tmp_path / "a.png")
-    pixels, width, height = decode_for_spec(tmp_path / "a.png", 12)
+    pixels, width, height = decode(tmp_path / "a.png", ModelSpec(12, ("a", "b")))
     assert pixels.shape == (3, 12, 12) and pixels.dtype == np.uint8
     assert (width, height) == (30, 10)
     assert (pixels[0] == pixels[2]).all()  # grayscale repeated
     assert pixels[0, :, -1].min() == 255 and pixels[0, :, 0].max() == 0  # nothing cut away
+
+
+def test_decode_honours_the_specs_resize_filter(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    source = Image.open(tmp_path / "a.png").convert("RGB")
+    decoded = {}
+    for name, pil_filter in (("bilinear", Image.Resampling.BILINEAR),
+                             ("bicubic", Image.Resampling.BICUBIC),
+                             ("nearest", Image.Resampling.NEAREST),
+                             ("lanczos", Image.Resampling.LANCZOS)):
+        spec = ModelSpec(20, ("a", "b"), resize=name)
+        decoded[name] = decode(tmp_path / "a.png", spec)[0]
+        expected = np.asarray(source.resize((20, 20), pil_filter)).transpose(2, 0, 1)
+        np.testing.assert_array_equal(decoded[name], expected, err_msg=name)
+        assert ModelSpec.from_dict(spec.to_dict()) == spec  # written and read back whole
+    assert not np.array_equal(decoded["nearest"], decoded["bilinear"])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"resize": "area"}, "resize 'area': not one of bilinear"),
+    ({"channels": "BGR"}, "channels 'BGR': not one of RGB"),
+    ({"layout": "NHWC"}, "layout 'NHWC': not one of NCHW"),
+    ({"value_range": [0, 1]}, r"value_range \(0, 1\): not one of \(0, 255\)"),
+    ({"normalization": "before"}, "normalization 'before': not one of inside, outside"),
+    ({"crop": "center"}, "preprocessing field.s. crop: not known"),
+    ({"outputs": {"logits": "raw scores"}}, r"outputs \['logits'\]: only probabilities"),
+    ({"input_size": 4}, "input_size 4: give a whole number of at least 8"),
+    ({"input_size": "64"}, "input_size '64'"),
+    ({"mean": [0.5, 0.5]}, "give three values each"),
+])
+def test_a_spec_this_version_cannot_honour_is_refused(change: dict, message: str) -> None:
+    data = {**ModelSpec(32, ("cex", "pg")).to_dict(), **change}
+    with pytest.raises(UserError, match=message):
+        ModelSpec.from_dict(data)
+
+
+def test_an_early_model_json_without_the_later_fields_still_reads() -> None:
+    spec = ModelSpec.from_dict({"input_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3},
+                               ["cex", "pg"])
+    assert spec == ModelSpec(64, ("cex", "pg"), mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def test_one_normalisation_in_training_inference_and_cams(odd_run: Path) -> None:
+    from crystalscope.explore.cam import Logits
+    from crystalscope.model.classifier import CrystalClassifier
+    from crystalscope.model.inference import load_run
+    from crystalscope.model.normalize import Normalize
+
+    run = load_run(odd_run)
+    module = CrystalClassifier.load_from_checkpoint(run.checkpoint, map_location="cpu",
+                                                    weights="none")
+    images = torch.randint(0, 256, (2, 3, ODD_SIZE, ODD_SIZE), dtype=torch.uint8)
+    expected = (images.float() / 255 - torch.tensor(ODD_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(ODD_STD).view(1, 3, 1, 1)
+    for normalize in (run.net.normalize, module.normalizer, Logits(run.net).inner.normalize):
+        assert isinstance(normalize, Normalize)
+        torch.testing.assert_close(normalize(images), expected, rtol=1e-5, atol=1e-5)
+    # mean and std live in the spec, not in the saved weights
+    assert not any(key.endswith(("mean", "std")) and "normal" in key
+                   for key in module.state_dict())
+
+
+def test_a_checkpoint_from_before_normalize_still_loads(odd_run: Path, tmp_path: Path) -> None:
+    """Checkpoints written before model/normalize.py held the buffers ``mean`` and ``std``."""
+    import shutil
+
+    from crystalscope.model.inference import load_run
+
+    run_copy = Path(shutil.copytree(odd_run, tmp_path / "run"))
+    checkpoint = RunLayout(run_copy).checkpoint()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved["state_dict"]["mean"] = torch.tensor(ODD_MEAN).view(1, 3, 1, 1) * 255
+    saved["state_dict"]["std"] = torch.tensor(ODD_STD).view(1, 3, 1, 1) * 255
+    torch.save(saved, checkpoint)
+    old, new = load_run(run_copy), load_run(odd_run)
+    images = torch.randint(0, 256, (2, 3, ODD_SIZE, ODD_SIZE), dtype=torch.uint8)
+    with torch.inference_mode():
+        torch.testing.assert_close(old.net(images)[0], new.net(images)[0])
+    assert old.spec == new.spec

@@ -22,6 +22,7 @@ from crystalscope.export.weights import load_model
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.backbones import Classifier, create_backbone
 from crystalscope.model.inference import InferenceNet, load_run
+from crystalscope.model.spec import ModelSpec
 
 
 def _turned(images: np.ndarray) -> list[np.ndarray]:
@@ -54,8 +55,7 @@ def dihedral_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_dihedral_outputs_are_the_mean_over_the_eight_views(trained_run: Path) -> None:
     single = load_run(trained_run).net
-    averaged = InferenceNet(single.classifier, mean=tuple(single.mean.view(-1).div(255)),
-                            std=tuple(single.std.view(-1).div(255)), tta="dihedral").eval()
+    averaged = InferenceNet(single.classifier, single.spec, tta="dihedral").eval()
     images = _images(3, 32)
     with torch.inference_mode():
         views = [single(torch.from_numpy(v)) for v in _turned(images)]
@@ -101,7 +101,8 @@ def test_tta_refuses_an_unknown_kind(synthetic_set: Path, tmp_path: Path,
     assert exit_info.value.code == 2 and "tta" in err and "dihedral" in err
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
     with pytest.raises(UserError, match="tta 'd4'"):
-        InferenceNet(Classifier(create_backbone("resnet18", "none"), 2, "linear"), tta="d4")
+        InferenceNet(Classifier(create_backbone("resnet18", "none"), 2, "linear"),
+                     ModelSpec(32, ("a", "b")), tta="d4")
 
 
 def test_tta_is_a_choice_at_export_and_predict_time(trained_run: Path, dihedral_run: Path,
@@ -157,8 +158,8 @@ def test_the_cam_of_an_averaging_model_turns_with_the_crop(pg_detector: Path,
     pixels = _images(1, 96, seed=3)[0].astype(np.uint8).transpose(1, 2, 0)
     Image.fromarray(pixels).save(tmp_path / "crop.png")
     Image.fromarray(np.ascontiguousarray(np.rot90(pixels))).save(tmp_path / "turned.png")
-    crop = explain_image(run.net, run.classes, 96, tmp_path / "crop.png", target="pg")
-    turned = explain_image(run.net, run.classes, 96, tmp_path / "turned.png", target="pg")
+    crop = explain_image(run.net, tmp_path / "crop.png", target="pg")
+    turned = explain_image(run.net, tmp_path / "turned.png", target="pg")
     assert crop.probability == pytest.approx(turned.probability, abs=1e-5)
     for method, cam in crop.maps.items():
         assert cam.std() > 1e-3  # not a flat map

@@ -306,6 +306,7 @@ def test_a_backbone_without_stages_gives_its_embedding_as_statistics() -> None:
 
     from crystalscope.model.backbones import Classifier
     from crystalscope.model.inference import InferenceNet
+    from crystalscope.model.spec import ModelSpec
 
     class Plain(torch.nn.Module):  # no timm forward_intermediates
         num_features = 4
@@ -317,7 +318,7 @@ def test_a_backbone_without_stages_gives_its_embedding_as_statistics() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.conv(x).mean(dim=(2, 3))
 
-    net = InferenceNet(Classifier(Plain(), 2, "linear")).eval()
+    net = InferenceNet(Classifier(Plain(), 2, "linear"), ModelSpec(16, ("a", "b"))).eval()
     images = torch.randint(0, 256, (3, 3, 16, 16)).float()
     with torch.inference_mode():
         probabilities, embedding, statistics = net(images)
@@ -330,6 +331,7 @@ def test_a_backbone_that_declines_intermediates_falls_back_and_other_errors_surf
 
     from crystalscope.model.backbones import Classifier
     from crystalscope.model.inference import InferenceNet
+    from crystalscope.model.spec import ModelSpec
 
     class Declines(torch.nn.Module):  # timm's way of saying "no stages for this model"
         num_features = 4
@@ -346,7 +348,7 @@ def test_a_backbone_that_declines_intermediates_falls_back_and_other_errors_surf
             raise self.error("no intermediates")
 
     backbone = Declines()
-    net = InferenceNet(Classifier(backbone, 2, "linear")).eval()
+    net = InferenceNet(Classifier(backbone, 2, "linear"), ModelSpec(16, ("a", "b"))).eval()
     images = torch.randint(0, 256, (3, 3, 16, 16)).float()
     with torch.inference_mode():
         _, embedding, statistics = net(images)
@@ -365,8 +367,8 @@ def test_stage_statistics_are_channel_means_and_deviations(pg_detector: Path) ->
     images = torch.randint(0, 256, (2, 3, 96, 96)).float()
     with torch.inference_mode():
         _, embedding, stages = net.stages(images)
-        maps = net.classifier.backbone.forward_intermediates((images - net.mean) / net.std,
-                                                      intermediates_only=True)
+        maps = net.classifier.backbone.forward_intermediates(net.normalize(images),
+                                                             intermediates_only=True)
     assert len(stages) == len(maps)
     for stage, feature_map in zip(stages, maps, strict=True):
         flat = feature_map.flatten(2).numpy()

@@ -135,7 +135,7 @@ def predict(
                 stream = ray_predict_stream(model, files, batch_size=batch_size,
                                             backend=backend.value, load_options=load_options,
                                             address=ray_address,
-                                            input_size=predictor.input_size, progress=advance)
+                                            spec=predictor.spec, progress=advance)
             else:
                 stream = predict_stream(predictor, files, batch_size=batch_size,
                                         progress=advance)
@@ -205,7 +205,7 @@ def index_command(
 
                 results = ray_predict_stream(model, files, batch_size=batch_size,
                                              backend=backend.value, address=ray_address,
-                                             input_size=predictor.input_size,
+                                             spec=predictor.spec,
                                              progress=advance)
             result = index_images(predictor, files, vector_store, batch_size=batch_size,
                                   progress=advance, results=results)

@@ -20,7 +20,7 @@ import torch
 from crystalscope.data.images import ImageLoadError
 from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
 from crystalscope.errors import UserError
-from crystalscope.model.spec import decode_for_spec
+from crystalscope.model.spec import ModelSpec, decode
 
 
 @dataclass(frozen=True)
@@ -94,14 +94,15 @@ def choose_cache(kind: CacheKind, nbytes: int) -> Literal["ram", "disk"]:
     return "disk" if free is not None and nbytes > free // 2 else "ram"
 
 
-def build_cache(items: list[tuple[Path, int]], size: int,
+def build_cache(items: list[tuple[Path, int]], spec: ModelSpec,
                 progress: Callable[[int], None] | None = None,
                 cache_file: Path | None = None) -> DecodedImages:
-    """Decode every readable image once; unreadable ones are skipped with the reason.
+    """Decode every readable image once, as ``spec`` says; unreadable ones are skipped with
+    the reason.
 
     With ``cache_file`` the images are written to that file and memory-mapped, not held in RAM.
     """
-    shape = (len(items), 3, size, size)
+    shape = (len(items), 3, spec.input_size, spec.input_size)
     if cache_file is None or not items:
         images = torch.empty(shape, dtype=torch.uint8)
     else:  # a .npy file, so the cache can be inspected with numpy.load(mmap_mode="r")
@@ -110,7 +111,7 @@ def build_cache(items: list[tuple[Path, int]], size: int,
     labels, paths, skipped = [], [], []
     for path, label in items:
         try:
-            images[len(paths)] = torch.from_numpy(decode_for_spec(path, size)[0])
+            images[len(paths)] = torch.from_numpy(decode(path, spec)[0])
         except ImageLoadError as exc:
             skipped.append(str(exc))
         else:

@@ -52,10 +52,9 @@ def labelled_images(data: Path, classes: list[str]) -> tuple[Path, list[tuple[Pa
 
 
 def predict_items(net: InferenceNet, classes: list[str], items: list[tuple[Path, int]],
-                  image_size: int, progress: Callable[[int], None] | None = None
-                  ) -> Predictions:
-    """Decode ``items`` at the model's input size and run the network over them."""
-    decoded = build_cache(items, image_size, progress)
+                  progress: Callable[[int], None] | None = None) -> Predictions:
+    """Decode ``items`` as the network's spec says and run the network over them."""
+    decoded = build_cache(items, net.spec, progress)
     if not decoded.paths:
         raise UserError("none of the images could be read: " + "; ".join(decoded.skipped[:3]))
     probabilities, _, _ = run_batches(net, decoded.images)

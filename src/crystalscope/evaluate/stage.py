@@ -68,7 +68,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, out_dir: Path | Non
         if progress:
             progress(done, len(items))
 
-    predictions = predict_items(run.net, run.classes, items, run.image_size, advance)
+    predictions = predict_items(run.net, run.classes, items, advance)
     report = compute_report(predictions, seed=run.config.seed)
     title = (f"crystalscope evaluation of {run.run_dir} ({run.checkpoint.name}, "
              f"{run.config.model} at {run.image_size} px, test-time averaging "

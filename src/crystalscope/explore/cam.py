@@ -21,7 +21,7 @@ from torch import nn
 
 from crystalscope.errors import UserError
 from crystalscope.model.inference import InferenceNet, dihedral_views
-from crystalscope.model.spec import decode_for_spec, resolve_model
+from crystalscope.model.spec import decode, resolve_model
 from crystalscope.settings import SettingsError
 
 METHODS = ("gradcam", "layercam")
@@ -35,7 +35,7 @@ class Logits(nn.Module):
         self.inner = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.inner.mean) / self.inner.std
+        x = self.inner.normalize(images)
         return self.inner.classifier.head(self.inner.classifier.backbone(x))
 
 
@@ -53,22 +53,19 @@ def last_stage(net: InferenceNet, name: str | None = None) -> nn.Module:
         raise SettingsError("layer", "no such module in the backbone", name) from None
 
 
-def load_torch_model(model: Path) -> tuple[InferenceNet, list[str], int]:
-    """(network, classes, input size) from a run directory or model.safetensors/model.json."""
+def load_torch_model(model: Path) -> InferenceNet:
+    """The network (with its spec) of a run directory or model.safetensors/model.json."""
     resolved = resolve_model(model)
     if resolved.kind == "run":
         from crystalscope.model.inference import load_run
 
-        run = load_run(resolved.path)
-        return run.net, run.classes, run.spec.input_size
+        return load_run(resolved.path).net
     if resolved.kind == "safetensors" or (resolved.kind == "folder"
                                           and resolved.layout.weights.is_file()):
-        from crystalscope.export.weights import load_model, model_spec
+        from crystalscope.export.weights import load_model
 
-        net, description = load_model(resolved.layout.weights if resolved.kind == "folder"
-                                      else resolved.path)
-        spec = model_spec(description)
-        return net, list(spec.classes), spec.input_size
+        return load_model(resolved.layout.weights if resolved.kind == "folder"
+                          else resolved.path)[0]
     raise UserError(f"{model}: class activation maps need gradients: give the run directory "
                     "or model.safetensors (not an ONNX file)")
 
@@ -93,16 +90,17 @@ class Explanation:
     maps: dict[str, np.ndarray]
 
 
-def explain_image(net: InferenceNet, classes: list[str], size: int, path: Path, *,
+def explain_image(net: InferenceNet, path: Path, *,
                   target: str | None = None, layer: str | None = None,
                   methods: tuple[str, ...] = METHODS) -> Explanation:
     """Grad-CAM and LayerCAM of one image, for ``target`` (default: the predicted class)."""
     from pytorch_grad_cam import GradCAM, LayerCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    classes = list(net.spec.classes)
     if target is not None and target not in classes:
         raise SettingsError("class", f"not a class of the model ({', '.join(classes)})", target)
-    pixels, width, height = decode_for_spec(path, size)
+    pixels, width, height = decode(path, net.spec)
     x = torch.from_numpy(pixels).float()[None]
     with torch.inference_mode():
         probabilities = net(x)[0][0]

@@ -59,7 +59,7 @@ def explain(model: Path, images: list[Path], out_dir: Path, *, target: str | Non
             layer: str | None = None, progress: Callable[[int], None] | None = None
             ) -> tuple[list[Explanation], dict[str, Path], list[str]]:
     """Overlays for every image, the sheet and explanations.json; returns what was skipped."""
-    net, classes, size = load_torch_model(model)
+    net = load_torch_model(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SettingsError("out", "is a file; give a folder", out_dir)
@@ -67,7 +67,7 @@ def explain(model: Path, images: list[Path], out_dir: Path, *, target: str | Non
     explanations, written, skipped, records = [], {}, [], []
     for index, path in enumerate(images):
         try:
-            explanation = explain_image(net, classes, size, path, target=target, layer=layer)
+            explanation = explain_image(net, path, target=target, layer=layer)
         except ImageLoadError as exc:
             skipped.append(str(exc))
             continue

@@ -90,7 +90,7 @@ def parity_images(run: LoadedRun) -> torch.Tensor:
         folder = Path(run.config.data) / split
         if folder.is_dir():
             items = [(p, 0) for p in list_files(folder) if is_image_name(p)][:PARITY_IMAGES]
-            decoded = build_cache(items, run.image_size)
+            decoded = build_cache(items, run.spec)
             if len(decoded.paths):
                 return decoded.images
     generator = torch.Generator().manual_seed(0)
@@ -101,7 +101,7 @@ def parity_images(run: LoadedRun) -> torch.Tensor:
 def _split_images(run: LoadedRun, split: str, limit: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded images and labels of one split of the run's data (empty when it is absent)."""
-    decoded = build_cache(split_items(run, split)[:limit], run.image_size)
+    decoded = build_cache(split_items(run, split)[:limit], run.spec)
     return decoded.images, decoded.labels
 
 

@@ -100,8 +100,7 @@ def load_model(path: Path) -> tuple[InferenceNet, dict[str, Any]]:
                         f"({str(exc)[:200]})") from exc
     spec = model_spec(description, json_path)
     # Files written before test-time averaging existed have no "tta": they had none.
-    return (InferenceNet(net, mean=spec.mean, std=spec.std,
-                         tta=architecture.get("tta", "none")).eval(), description)
+    return (InferenceNet(net, spec, tta=architecture.get("tta", "none")).eval(), description)
 
 
 def model_spec(description: dict[str, Any], source: Path | str | None = None) -> ModelSpec:

@@ -119,10 +119,12 @@ class Outputs:
 
 @dataclass
 class Predictor:
-    """A loaded model: classes, preprocessing, a function from images to outputs, and its
-    unknown-detector when it has one."""
+    """A loaded model: classes, how it is fed (``spec``: the decode; ``preprocessing``: what
+    is done to the decoded pixels before the model — nothing for crystalscope's own, which
+    normalise inside), a function from images to outputs, and its unknown-detector."""
 
     classes: list[str]
+    spec: ModelSpec
     preprocessing: Preprocessing
     backend: Backend
     source: Path
@@ -154,7 +156,7 @@ class Predictor:
 
     @property
     def input_size(self) -> int:
-        return self.preprocessing.input_size
+        return self.spec.input_size
 
     def predict(self, images: np.ndarray) -> Outputs:
         """uint8 RGB (N, 3, S, S) -> probabilities, embeddings and unknown scores."""
@@ -243,6 +245,8 @@ def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onn
     else:
         preprocessing = backend_overrides.get("preprocessing") or _guess(engine.input_shape,
                                                                           path)
+        spec = ModelSpec(input_size=preprocessing.input_size, classes=tuple(classes),
+                         normalization="outside")
     names = engine.output_names
     wanted = [names[0] if "probabilities" not in names else "probabilities"]
     # The detector was calibrated on this model's own fp32 statistics: an int8 or foreign
@@ -261,8 +265,8 @@ def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onn
         results = dict(zip(fetch, runner(x), strict=True))
         return results[wanted[0]], results.get("embedding"), results.get("statistics")
 
-    return Predictor(classes=list(classes), preprocessing=preprocessing, backend=backend,
-                     source=path, run=run, has_embedding="embedding" in optional,
+    return Predictor(classes=list(classes), spec=spec, preprocessing=preprocessing,
+                     backend=backend, source=path, run=run, has_embedding="embedding" in optional,
                      unknown_detector=detector, outputs=_output_kind(path, wanted[0],
                                                         backend_overrides.get("outputs"),
                                                         metadata),
@@ -296,8 +300,7 @@ def _guess(shape: list, path: Path) -> Preprocessing:
     return Preprocessing(input_size=sizes[0], layout=layout, mode="imagenet")
 
 
-def _torch_predictor(net: InferenceNet, classes: list[str], size: int, source: Path,
-                     model_json: Path) -> Predictor:
+def _torch_predictor(net: InferenceNet, source: Path, model_json: Path) -> Predictor:
     import torch  # here, not at the top: the ONNX path starts without torch (about 2 s)
 
     net = net.eval()
@@ -311,7 +314,8 @@ def _torch_predictor(net: InferenceNet, classes: list[str], size: int, source: P
         export_id = str(json.loads(model_json.read_text(encoding="utf-8")).get("export_id", ""))
     except (OSError, json.JSONDecodeError, AttributeError):
         export_id = ""  # a run without an export yet
-    return Predictor(classes=list(classes), preprocessing=Preprocessing(input_size=size),
+    return Predictor(classes=list(net.spec.classes), spec=net.spec,
+                     preprocessing=Preprocessing(input_size=net.spec.input_size),
                      backend="torch", source=source, run=run,
                      unknown_detector=load_detector(model_json), export_id=export_id,
                      built_in_tta=net.tta)
@@ -368,16 +372,12 @@ def _load_predictor(model: Path, *, backend: Backend, classes: list[str] | None,
     if resolved.kind == "run":
         from crystalscope.model.inference import load_run
 
-        run = load_run(resolved.path)
-        return _torch_predictor(run.net, run.classes, run.spec.input_size, resolved.path,
-                                layout.model_json)
-    from crystalscope.export.weights import load_model, model_spec
+        return _torch_predictor(load_run(resolved.path).net, resolved.path, layout.model_json)
+    from crystalscope.export.weights import load_model
 
     weights = layout.weights if resolved.kind == "folder" else resolved.path
-    net, description = load_model(weights)
-    spec = model_spec(description)
-    return _torch_predictor(net, list(spec.classes), spec.input_size, resolved.path,
-                            weights.with_suffix(".json"))
+    net, _ = load_model(weights)
+    return _torch_predictor(net, resolved.path, weights.with_suffix(".json"))
 
 
 def parse_classes(text: str | None) -> list[str] | None:

@@ -4,7 +4,7 @@ predict_stream`, computed on Ray Data.
 The pipeline is read -> decode -> model -> driver:
 
 - the file paths become a Ray dataset (``from_items``, blocks of ``BLOCK_ROWS`` paths);
-- Ray tasks read and decode each file (``decode_for_spec``, the one decode of every stage);
+- Ray tasks read and decode each file (``model.spec.decode``, the one decode of every stage);
 - an actor pool runs the exported ONNX model, one model load per actor, in batches of
   ``batch_size`` images, each actor's runtime held to the CPUs Ray gave it;
 - the driver receives the rows in the order of the paths (``preserve_order``) as the same
@@ -30,7 +30,7 @@ import numpy as np
 
 from crystalscope.data.images import ImageLoadError
 from crystalscope.infer.stream import Failure, ImageResult
-from crystalscope.model.spec import decode_for_spec
+from crystalscope.model.spec import ModelSpec, decode
 from crystalscope.settings import SettingsError
 
 RAY_INSTALL = "pip install 'crystalscope[ray]'"
@@ -73,16 +73,16 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[An
             ray.shutdown()
 
 
-def _decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+def _decode_batch(batch: dict[str, np.ndarray], spec: ModelSpec) -> dict[str, np.ndarray]:
     """Ray task: decode a block of paths; an unreadable file keeps its row with its error."""
     paths = batch["path"]
-    images = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
+    images = np.zeros((len(paths), 3, spec.input_size, spec.input_size), dtype=np.uint8)
     width = np.zeros(len(paths), dtype=np.int64)
     height = np.zeros(len(paths), dtype=np.int64)
     errors = []
     for row, path in enumerate(paths):
         try:
-            images[row], width[row], height[row] = decode_for_spec(Path(str(path)), size)
+            images[row], width[row], height[row] = decode(Path(str(path)), spec)
         except ImageLoadError as exc:
             errors.append(str(exc))
         else:
@@ -130,7 +130,7 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
                        backend: str = "onnx", load_options: dict[str, Any] | None = None,
                        address: str | None = None, num_cpus: int | None = None,
                        cpus_per_actor: int = 1, actors: int | None = None,
-                       input_size: int | None = None,
+                       spec: ModelSpec | None = None,
                        progress: Callable[[int], None] | None = None,
                        ) -> Iterator[ImageResult | Failure]:
     """Results in the order of ``paths``, computed on Ray (see the module docstring).
@@ -138,8 +138,8 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
     ``model``: a run directory or model.onnx that every Ray node can read; ``load_options``:
     what :func:`~crystalscope.infer.predictor.load_predictor` takes besides (classes,
     preprocessing, outputs of a foreign model); ``actors``: model actors (default: half the
-    cluster's CPUs over ``cpus_per_actor``); ``input_size``: the model's input side, when the
-    caller has the model open already (otherwise it is opened here to read it).
+    cluster's CPUs over ``cpus_per_actor``); ``spec``: how the model is fed, when the caller
+    has the model open already (otherwise it is opened here to read it).
     """
     if backend not in ("onnx", "openvino"):
         raise SettingsError("backend", "the ray engine runs the exported ONNX model; use onnx "
@@ -148,12 +148,11 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
         raise SettingsError("batch_size", "give at least 1", batch_size)
     if not paths:
         return
-    size = input_size
-    if size is None:
+    if spec is None:
         from crystalscope.infer.predictor import load_predictor
 
-        size = load_predictor(Path(model), backend=backend, threads=1,
-                              **(load_options or {})).input_size
+        spec = load_predictor(Path(model), backend=backend, threads=1,
+                              **(load_options or {})).spec
     options = {"backend": backend, **(load_options or {})}
     with ray_session(address, num_cpus) as ray:
         context = ray.data.DataContext.get_current()
@@ -164,7 +163,7 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
         items = [{"index": i, "path": str(Path(p).resolve())} for i, p in enumerate(paths)]
         dataset = (ray.data.from_items(items, override_num_blocks=max(1, math.ceil(
                        len(items) / BLOCK_ROWS)))
-                   .map_batches(_decode_batch, fn_kwargs={"size": size},
+                   .map_batches(_decode_batch, fn_kwargs={"spec": spec},
                                 batch_size=batch_size, batch_format="numpy",
                                 num_cpus=DECODE_CPUS)
                    .map_batches(_ModelActor, fn_constructor_kwargs={

@@ -16,8 +16,8 @@ import numpy as np
 
 from crystalscope.data.images import ImageLoadError
 from crystalscope.infer.predictor import Predictor
-from crystalscope.model.spec import decode_for_spec
-from crystalscope.unknown.detector import is_unknown
+from crystalscope.model.spec import ModelSpec, decode
+from crystalscope.unknown.detector import UnknownDetector
 
 
 @dataclass
@@ -34,7 +34,9 @@ class ImageResult:
     @property
     def unknown(self) -> bool | None:
         """True when the image is unlike the training images (None: no detector)."""
-        return None if self.unknown_score is None else bool(is_unknown(self.unknown_score))
+        if self.unknown_score is None:
+            return None
+        return bool(UnknownDetector.is_unknown(self.unknown_score))
 
 
 @dataclass
@@ -45,10 +47,10 @@ class Failure:
     reason: str
 
 
-def _decode(job: tuple[Path, int]) -> tuple[np.ndarray, int, int] | str:
-    path, size = job
+def _decode(job: tuple[Path, ModelSpec]) -> tuple[np.ndarray, int, int] | str:
+    path, spec = job
     try:
-        return decode_for_spec(path, size)
+        return decode(path, spec)
     except ImageLoadError as exc:
         return str(exc)
 
@@ -57,15 +59,15 @@ def predict_stream(predictor: Predictor, paths: Sequence[Path], *, batch_size: i
                    progress: Callable[[int], None] | None = None
                    ) -> Iterator[ImageResult | Failure]:
     """Results in the order of ``paths``; at most two batches in memory at a time."""
-    size = predictor.input_size
+    spec = predictor.spec
     chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         # The next batch decodes while this one runs through the model (one batch ahead, so
         # memory stays bounded).
-        ahead = [pool.submit(_decode, (p, size)) for p in chunks[0]] if chunks else []
+        ahead = [pool.submit(_decode, (p, spec)) for p in chunks[0]] if chunks else []
         for number, chunk in enumerate(chunks):
             decoded = [future.result() for future in ahead]
-            ahead = ([pool.submit(_decode, (p, size)) for p in chunks[number + 1]]
+            ahead = ([pool.submit(_decode, (p, spec)) for p in chunks[number + 1]]
                      if number + 1 < len(chunks) else [])
             good = [d for d in decoded if not isinstance(d, str)]
             if good:

@@ -25,6 +25,7 @@ from crystalscope.model.backbones import (
     freeze_fraction,
     set_frozen_norms_eval,
 )
+from crystalscope.model.normalize import Normalize, drop_saved_normalization
 from crystalscope.model.spec import backbone_normalization
 from crystalscope.model.trunk import inference_copy, split_backbone
 
@@ -74,8 +75,7 @@ class CrystalClassifier(L.LightningModule):
         self._trunk_copy: tuple[torch.device, nn.Module] | None = None  # not a registered module
         self.inputs = "images"  # or "trunk_features": see train/trunk_cache.py
         self.top_layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+        self.normalizer = Normalize(mean, std)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.loss = nn.CrossEntropyLoss(weight=weight)
         self.train_metrics = _metrics(len(classes))
@@ -86,7 +86,7 @@ class CrystalClassifier(L.LightningModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> normalised float, channels_last if configured."""
-        x = (images.float() - self.mean) / self.std
+        x = self.normalizer(images)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -185,6 +185,10 @@ class CrystalClassifier(L.LightningModule):
         # torchmetrics has already synchronised these across DDP processes, so they agree;
         # sync_dist only averages equal numbers (and keeps Lightning from warning).
         self.log_dict(values, sync_dist=True)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before it loads the state dict, for --resume and for loading.
+        drop_saved_normalization(checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -25,7 +25,8 @@ from torch import nn
 from crystalscope.config import TrainConfig, load_train_config
 from crystalscope.errors import UserError
 from crystalscope.model.backbones import Classifier
-from crystalscope.model.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, RunLayout
+from crystalscope.model.normalize import Normalize
+from crystalscope.model.spec import ModelSpec, RunLayout
 
 TTA_VIEWS = {"none": 1, "dihedral": 8}
 
@@ -54,21 +55,20 @@ class InferenceNet(nn.Module):
     ``tta="dihedral"``: every output is the mean over the image's 8 rotations and flips.
     """
 
-    def __init__(self, net: Classifier, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD, tta: str = "none") -> None:
+    def __init__(self, net: Classifier, spec: ModelSpec, tta: str = "none") -> None:
         super().__init__()
         if tta not in TTA_VIEWS:
             raise UserError(f"tta {tta!r}: use {' or '.join(TTA_VIEWS)}")
         self.classifier = net
+        self.spec = spec
         self.tta = tta
         self.views = TTA_VIEWS[tta]
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+        self.normalize = Normalize.from_spec(spec)
 
     def stages(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                     list[torch.Tensor]]:
         """(probabilities, embedding, statistics of each stage)."""
-        x = (images.float() - self.mean) / self.std
+        x = self.normalize(images)
         if self.views > 1:
             x = dihedral_views(x)
         backbone = self.classifier.backbone
@@ -114,9 +114,7 @@ class LoadedRun:
     @property
     def spec(self) -> ModelSpec:
         """How this run's network is fed (see :mod:`crystalscope.model.spec`)."""
-        return ModelSpec(input_size=self.image_size, classes=tuple(self.classes),
-                         mean=tuple(self.net.mean.view(-1).div(255).tolist()),
-                         std=tuple(self.net.std.view(-1).div(255).tolist()))
+        return self.net.spec
 
 
 def load_run(run_dir: Path, checkpoint: str = "best", tta: str | None = None) -> LoadedRun:
@@ -141,8 +139,9 @@ def load_run(run_dir: Path, checkpoint: str = "best", tta: str | None = None) ->
         raise UserError(f"{path}: not a loadable crystalscope checkpoint "
                         f"({type(exc).__name__}: {str(exc)[:200]})") from exc
     net = module.net.to(memory_format=torch.contiguous_format).float()
-    inference = InferenceNet(net, mean=tuple(module.hparams.mean),
-                             std=tuple(module.hparams.std), tta=tta or config.tta).eval()
+    spec = ModelSpec(input_size=config.image_size, classes=tuple(module.classes),
+                     mean=tuple(module.hparams.mean), std=tuple(module.hparams.std))
+    inference = InferenceNet(net, spec, tta=tta or config.tta).eval()
     return LoadedRun(run_dir=run_dir, config=config, classes=list(module.classes),
                      net=inference, checkpoint=path)
 

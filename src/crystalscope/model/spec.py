@@ -2,8 +2,9 @@
 
 A :class:`ModelSpec` is written once, as data, into ``model.json`` (``"preprocessing"``) and the
 ONNX metadata (``crystalscope.preprocessing``), and read back by every consumer: training
-data, predict, serve, monitor and CAMs decode images with :func:`decode_for_spec` at the
-spec's input size, and the network normalises with the spec's mean and std inside itself.
+data, predict, serve, monitor and CAMs decode images with :func:`decode`, which honours every
+field (or the spec is refused when read), and the network normalises with the spec's mean and
+std inside itself (``model/normalize.py``).
 :func:`resolve_model` is the one rule for "which file is MODEL"; :class:`RunLayout` names a
 run folder's files.
 
@@ -12,7 +13,7 @@ This module imports neither torch nor Lightning, so the ONNX-only path stays lig
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,37 +41,57 @@ def backbone_normalization(model: str) -> tuple[tuple[float, ...], tuple[float, 
     return mean, std
 
 
+RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                  "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+# The values each field may take; a model description with any other is refused.
+ALLOWED = {"resize": tuple(RESIZE_FILTERS), "channels": ("RGB",), "layout": ("NCHW",),
+           "value_range": ((0, 255),), "normalization": ("inside", "outside")}
+DEFAULT_OUTPUTS = {
+    "probabilities": "softmax over classes, in the order of 'classes'",
+    "embedding": "pooled backbone features",
+    "statistics": "each backbone stage's channel means and standard deviations"}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How images become the network's input, and what it returns.
 
-    Images are decoded to RGB (grayscale repeated), resized with ``resize`` to
-    ``input_size`` x ``input_size`` (squashed, no crop), laid out NCHW as float32 values
-    0-255; the network itself applies ``(x / 255 - mean) / std``.
+    Images are decoded to ``channels`` (RGB: grayscale repeated), resized with ``resize`` to
+    ``input_size`` x ``input_size`` (squashed, no crop), laid out as ``layout`` with values in
+    ``value_range``; ``normalization="inside"``: the network itself applies
+    ``(x / 255 - mean) / std`` (``model/normalize.py``), as crystalscope's own models do;
+    ``"outside"``: a foreign model, fed by the predictor's ``Preprocessing``.
     """
 
     input_size: int
     classes: tuple[str, ...]
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    resize: Literal["bilinear"] = "bilinear"
+    resize: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bilinear"
     channels: Literal["RGB"] = "RGB"
     layout: Literal["NCHW"] = "NCHW"
     value_range: tuple[int, int] = (0, 255)
-    normalization: Literal["inside"] = "inside"
-    outputs: dict[str, str] = field(default_factory=lambda: {
-        "probabilities": "softmax over classes, in the order of 'classes'",
-        "embedding": "pooled backbone features",
-        "statistics": "each backbone stage's channel means and standard deviations"})
+    normalization: Literal["inside", "outside"] = "inside"
+    outputs: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OUTPUTS))
 
     def __post_init__(self) -> None:
-        if self.input_size < 8:
-            raise UserError(f"input size {self.input_size}: give at least 8 pixels")
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) \
+                or self.input_size < 8:
+            raise UserError(f"input_size {self.input_size!r}: give a whole number of at "
+                            "least 8 pixels")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise UserError(f"mean {self.mean} / std {self.std}: give three values each, "
                             "std above 0")
         if len(self.classes) < 2:
             raise UserError(f"classes {self.classes}: a classifier needs at least two")
+        for name, allowed in ALLOWED.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserError(f"{name} {value!r}: not one of "
+                                f"{', '.join(map(str, allowed))}")
+        if not set(DEFAULT_OUTPUTS) >= set(self.outputs):
+            raise UserError(f"outputs {sorted(self.outputs)}: only "
+                            f"{', '.join(DEFAULT_OUTPUTS)} are known")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -80,25 +101,43 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], classes: list[str] | None = None) -> ModelSpec:
-        """Read a spec back; ``classes`` where the record keeps them apart (model.json files
-        written before the spec held them)."""
+        """Read a spec back, strictly: a field this version does not know, or a value it
+        cannot honour, is refused (a newer exporter's model is not silently fed wrong).
+        ``classes`` where the record keeps them apart (model.json files written before the
+        spec held them); fields missing from early records take their defaults."""
+        if not isinstance(data, dict):
+            raise UserError(f"not a crystalscope model description (a {type(data).__name__})")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"preprocessing field(s) {', '.join(unknown)}: not known to this "
+                            "crystalscope; upgrade it to read this model")
+        values = dict(data)
         try:
-            return cls(input_size=int(data["input_size"]),
-                       classes=tuple(data.get("classes") or classes or ()),
-                       mean=tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),
-                       std=tuple(float(v) for v in data.get("std", IMAGENET_STD)))
-        except (KeyError, TypeError, ValueError) as exc:
+            values["classes"] = tuple(str(c) for c in (data.get("classes") or classes or ()))
+            for name in ("mean", "std"):
+                if name in values:
+                    values[name] = tuple(float(v) for v in values[name])
+            if "value_range" in values:
+                values["value_range"] = tuple(int(v) for v in values["value_range"])
+            if "outputs" in values:
+                values["outputs"] = {str(k): str(v) for k, v in dict(values["outputs"]).items()}
+        except (TypeError, ValueError) as exc:
             raise UserError(f"not a crystalscope model description ({exc})") from exc
+        if "input_size" not in values:
+            raise UserError("not a crystalscope model description (no input_size)")
+        return cls(**values)
 
 
-def decode_for_spec(source: Path | Image.Image, input_size: int
-                    ) -> tuple[np.ndarray, int, int]:
-    """An image file (read safely) or a PIL image as the network's input: (3, S, S) uint8
-    RGB, resized bilinearly without a crop; plus the original width and height."""
+def decode(source: Path | Image.Image, spec: ModelSpec) -> tuple[np.ndarray, int, int]:
+    """An image file (read safely) or a PIL image as ``spec``'s input: (3, S, S) uint8 in
+    ``spec.channels``, resized with ``spec.resize`` to ``spec.input_size`` without a crop;
+    plus the original width and height. The one decode of every stage (training cache,
+    evaluate, export, predict, serve, monitor cutting, CAMs)."""
     image = source if isinstance(source, Image.Image) else load_image(source,
                                                                        warn_on_mismatch=False)
     width, height = image.size
-    resized = image.convert("RGB").resize((input_size, input_size), Image.Resampling.BILINEAR)
+    size = (spec.input_size, spec.input_size)
+    resized = image.convert(spec.channels).resize(size, RESIZE_FILTERS[spec.resize])
     return np.asarray(resized).transpose(2, 0, 1).copy(), width, height
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from crystalscope.data.images import load_image
-from crystalscope.model.spec import decode_for_spec
+from crystalscope.model.spec import ModelSpec, decode
 
 Cutter = Literal["tiles", "particles"]
 
@@ -66,10 +66,10 @@ def cut_particles(frame: Image.Image, crop: int) -> list[Image.Image]:
     return [frame.crop(box) for box in particle_boxes(frame, crop)]
 
 
-def cut_frame(path: Path, crop: int, cutter: Cutter, size: int) -> np.ndarray:
-    """(N, 3, size, size) uint8 crops of one frame, squashed to the model's input size."""
+def cut_frame(path: Path, crop: int, cutter: Cutter, spec: ModelSpec) -> np.ndarray:
+    """(N, 3, S, S) uint8 crops of one frame, decoded as ``spec`` says (squashed to S)."""
     frame = load_image(path, warn_on_mismatch=False).convert("RGB")
     pieces = cut_tiles(frame, crop) if cutter == "tiles" else cut_particles(frame, crop)
     if not pieces:
-        return np.zeros((0, 3, size, size), np.uint8)
-    return np.stack([decode_for_spec(piece, size)[0] for piece in pieces])
+        return np.zeros((0, 3, spec.input_size, spec.input_size), np.uint8)
+    return np.stack([decode(piece, spec)[0] for piece in pieces])

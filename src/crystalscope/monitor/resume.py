@@ -1,6 +1,6 @@
 """A monitor restarted on the same ``--out`` goes on where it stopped: the windows already in
-trend.csv are not processed again, the window count, the rule's running statistic, the
-smoothed share and a standing alarm come back from trend.csv and events.jsonl.
+trend.csv are not processed again; the window count, the rules' state (their windows
+replayed), the smoothed share and a standing alarm come back from trend.csv and events.jsonl.
 
 events.jsonl starts with a ``start`` record naming the stream, the model and the rule; a
 folder that holds another run is refused (one line), never mixed with this one nor overwritten.

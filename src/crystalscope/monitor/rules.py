@@ -8,7 +8,11 @@ crops of a window then varies more than binomial(n, f): its variance is
 p' chart measures the same excess as sigma_z^2 = 1 + (n - 1) rho). :func:`calibrate_counts`
 measures f *and* rho on a clean stream, each with an upper 95% bound.
 
-Two rules share one small interface (:class:`Detector`: ``step(k, n)`` per window):
+Every rule is one class behind one small interface, :class:`Rule`: ``update(k, n) ->
+Evidence`` per window (the rule holds its own state), ``reset()``, ``describe()`` (its promise,
+for messages and plots), and ``from_settings(settings)``, which reads the options it needs;
+:data:`RULES` names them. The impurity alarm and the "unknown particles" event are two
+instances (``AlarmRule.impurity_rule()`` / ``unknown_rule()`` in ``monitor/trend.py``).
 
 - :class:`BetaBinomialCusum` (the default): Page's CUSUM of the beta-binomial log-likelihood
   ratio of "share p1" against "share p0", p0 = the clean rate's upper bound plus the smallest
@@ -35,7 +39,6 @@ from scipy.stats import t as student_t
 from crystalscope.errors import UserError
 
 RuleName = Literal["cusum", "binomial"]
-RULES: tuple[str, ...] = ("cusum", "binomial")
 MIN_CALIBRATION_WINDOWS = 30
 Z95 = 1.959964  # the 95% interval's upper end, as the rest of the monitor (binomial rule)
 Z95_ONE_SIDED = 1.644854  # an upper 95% bound: the cusum's rate
@@ -193,36 +196,45 @@ def assumed_calibration(rate_bound: float, source: str, dispersion: float = 0.0
 
 
 @dataclass(frozen=True)
-class Step:
-    """One window's evidence: the window's own p-value under the clean model, the rule's
-    running statistic (CUSUM) or run length (binomial), and whether the alarm condition
-    holds now."""
+class Evidence:
+    """One window's evidence: the window's own one-sided p-value under the clean model (None
+    for a window without crops), the rule's running statistic (CUSUM) or run length
+    (binomial), the threshold it is compared with, and whether the alarm condition holds."""
 
-    p_value: float
+    p_value: float | None
     statistic: float
     threshold: float
     alarm: bool
 
 
-class Detector(Protocol):
-    """The seam of the alarm rule: fed one window at a time."""
+class RuleSettings(Protocol):
+    """What a rule may read from the alarm's settings (``monitor/trend.py:AlarmRule``)."""
+
+    false_positive_rate: float
+    alpha: float
+    consecutive: int
+    arl0: float
+    min_shift: float
+    dispersion: float
+    design_crops: int
+
+
+class Rule(Protocol):
+    """The seam of the alarm: fed one window at a time, it holds its own state."""
 
     name: str
 
-    def step(self, k: int, n: int) -> Step:
-        """The evidence after a window with ``k`` impurity calls among ``n`` crops (n >= 1)."""
-        ...
-
-    def empty(self) -> None:
-        """A window without crops."""
+    def update(self, k: int, n: int) -> Evidence:
+        """The evidence after a window with ``k`` calls among ``n`` crops (``n`` = 0: a
+        window without crops, which never raises the alarm)."""
         ...
 
     def reset(self) -> None:
         """Back to no evidence (after an alarm has been handled)."""
         ...
 
-    def promise(self) -> str:
-        """The false-alarm promise, in words."""
+    def describe(self) -> str:
+        """The rule and its false-alarm promise, in words."""
         ...
 
 
@@ -348,16 +360,23 @@ class BetaBinomialCusum:
         self.design_crops = n
         self.threshold = cusum_threshold(n, self.p0, self.p1, self.rho, self.arl0)
 
-    def step(self, k: int, n: int) -> Step:
+    @classmethod
+    def from_settings(cls, settings: RuleSettings) -> BetaBinomialCusum:
+        """p0: the clean rate's bound plus ``min_shift``; p1: p0 + max(min_shift, rate)."""
+        p0 = settings.false_positive_rate + settings.min_shift
+        return cls(p0, p0 + max(settings.min_shift, settings.false_positive_rate),
+                   settings.dispersion, settings.arl0, settings.design_crops)
+
+    def update(self, k: int, n: int) -> Evidence:
+        if n == 0:  # no crops, no evidence either way: the statistic stays
+            return Evidence(None, self.statistic, self.threshold, alarm=False)
         if not self.threshold:
             self.design(n)
         increment = float(log_likelihood_ratio(n, self.p0, self.p1, self.rho)[k])
         self.statistic = max(0.0, self.statistic + increment)
-        return Step(p_value=float(_tail(n, self.p0, self.rho)[k]), statistic=self.statistic,
-                    threshold=self.threshold, alarm=self.statistic >= self.threshold)
-
-    def empty(self) -> None:
-        """No crops, no evidence either way: the statistic stays."""
+        return Evidence(p_value=float(_tail(n, self.p0, self.rho)[k]),
+                        statistic=self.statistic, threshold=self.threshold,
+                        alarm=self.statistic >= self.threshold)
 
     def reset(self) -> None:
         self.statistic = 0.0
@@ -369,7 +388,7 @@ class BetaBinomialCusum:
         return average_run_length(increments, np.exp(_log_pmf(n, share, self.rho)),
                                   self.threshold)
 
-    def promise(self) -> str:
+    def describe(self) -> str:
         size = (f"windows of {self.design_crops} crops" if self.design_crops
                 else "windows the size of the first one")
         return (f"CUSUM of the beta-binomial likelihood ratio (intra-window correlation "
@@ -389,20 +408,28 @@ class BinomialRun:
     name: str = "binomial"
     statistic: float = 0.0  # the current run of significant windows
 
-    def step(self, k: int, n: int) -> Step:
+    @classmethod
+    def from_settings(cls, settings: RuleSettings) -> BinomialRun:
+        return cls(settings.false_positive_rate, settings.alpha, settings.consecutive)
+
+    def update(self, k: int, n: int) -> Evidence:
+        if n == 0:  # no crops: the run of significant windows is broken
+            self.statistic = 0.0
+            return Evidence(None, self.statistic, self.consecutive, alarm=False)
         p_value = float(_tail(n, self.rate, 0.0)[k])
         self.statistic = self.statistic + 1 if p_value < self.alpha else 0
-        return Step(p_value=p_value, statistic=self.statistic, threshold=self.consecutive,
-                    alarm=self.statistic >= self.consecutive)
-
-    def empty(self) -> None:
-        """No crops: the run of significant windows is broken."""
-        self.statistic = 0.0
+        return Evidence(p_value=p_value, statistic=self.statistic, threshold=self.consecutive,
+                        alarm=self.statistic >= self.consecutive)
 
     def reset(self) -> None:
         self.statistic = 0.0
 
-    def promise(self) -> str:
+    def describe(self) -> str:
         return (f"binomial test: {self.consecutive} window(s) in a row with P(this many | "
                 f"rate {self.rate:.4f}) < {self.alpha:g}; assumes independent crops at a fixed "
                 "rate (no promise under over-dispersion or drift)")
+
+
+# The rules by name (`--rule`); cli/options.py:AlarmRuleName lists the same names.
+RULES: dict[str, type[BetaBinomialCusum] | type[BinomialRun]] = {
+    "cusum": BetaBinomialCusum, "binomial": BinomialRun}

@@ -36,7 +36,7 @@ from crystalscope.monitor.trend import (
     Trend,
     WindowResult,
 )
-from crystalscope.unknown.detector import is_unknown
+from crystalscope.unknown.detector import UnknownDetector
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
                  "p_value", "significant", "statistic", "threshold",
@@ -81,7 +81,7 @@ def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None 
         return
     for path in paths:
         try:
-            pieces = cut_frame(path, cutting.crop, cutting.cutter, predictor.input_size)
+            pieces = cut_frame(path, cutting.crop, cutting.cutter, predictor.spec)
         except ImageLoadError as exc:
             yield Failure(path, str(exc))
             continue
@@ -89,7 +89,7 @@ def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None 
             outputs = predictor.predict(pieces)
             scores = outputs.unknown_scores
             for row, probabilities in enumerate(outputs.probabilities):
-                unknown = scores is not None and is_unknown(scores[row])
+                unknown = scores is not None and UnknownDetector.is_unknown(scores[row])
                 yield path, UNKNOWN if unknown else classes[int(probabilities.argmax())]
 
 
@@ -141,23 +141,17 @@ class Monitor:
         self.done_times = {w.time for w in windows}
         trend.smoothed = next((w.smoothed for w in reversed(windows) if w.smoothed is not None),
                               None)
-        detector = trend.detector
-        first = next((w for w in windows if w.crops), None)
-        if first is not None and getattr(detector, "design_crops", None) == 0:
-            detector.design(first.crops)  # type: ignore[attr-defined] # as the first run did
-        last = next((w for w in reversed(windows) if w.statistic is not None), None)
-        if last is not None:
-            detector.statistic = last.statistic  # type: ignore[attr-defined]
+        for window in windows:  # the rules' state, as the first run left it: replayed
+            trend.impurity.update(window.counts[self.rule.positive], window.crops)
+            if trend.unknown is not None:
+                evidence = trend.unknown.update(window.unknown, window.unknown + window.crops)
+                trend.in_unknown_event = evidence.alarm
         for window in reversed(windows):  # where the running evidence began
             if not window.statistic:
                 break
             trend.evidence_since = window.index
             trend.evidence_counts[0] += window.counts[self.rule.positive]
             trend.evidence_counts[1] += window.crops
-        for window in reversed(windows):
-            if window.unknown_p_value is None or window.unknown_p_value >= self.rule.alpha:
-                break
-            trend.run_of_unknown += 1
         by_index = {w.index: w for w in windows}
         self.result.unknown_alarms = [by_index[i] for i in previous.unknown_alarm_windows
                                       if i in by_index]

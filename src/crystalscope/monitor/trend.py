@@ -10,10 +10,10 @@ is the upper end of its 95% interval: measured on a clean stream (with its sprea
 run's test split, or given.
 
 Crops the model's unknown-detector flags are counted apart (``unknown``) and left out of the
-impurity share: they are neither PG nor CEX. Their own test asks whether more are unknown than
-the detector's calibrated false-reject rate explains; ``consecutive`` significant windows in a
-row make an "unknown particles" event (bubbles, fouling, a new crystal form …), never the
-impurity alarm.
+impurity share: they are neither PG nor CEX. Their own rule — the same ``BinomialRun`` class,
+at the detector's calibrated false-reject rate — asks whether more are unknown than that rate
+explains; ``consecutive`` significant windows in a row make an "unknown particles" event
+(bubbles, fouling, a new crystal form …), never the impurity alarm.
 """
 
 from __future__ import annotations
@@ -21,42 +21,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-from scipy.stats import binom
 
 from crystalscope.errors import UserError
 from crystalscope.evaluate.report import wilson_interval
-from crystalscope.monitor.rules import (
-    RULES,
-    BetaBinomialCusum,
-    BinomialRun,
-    Calibration,
-    Detector,
-)
+from crystalscope.monitor.rules import RULES, BinomialRun, Calibration, Rule
 
 SMOOTHING = 0.3  # weight of the newest window in the exponentially smoothed fraction
 UNKNOWN = "unknown"  # the label of crops the unknown-detector flags
 DEFAULT_ARL0 = 10_000
-
-
-class EvidenceTest(Protocol):
-    """How surprising ``k`` calls among ``n`` crops are when nothing new is present (the
-    unknown crops' test)."""
-
-    def p_value(self, k: int, n: int) -> float:
-        """P(at least ``k`` of ``n`` | nothing new), for ``n`` >= 1."""
-        ...
-
-
-@dataclass(frozen=True)
-class BinomialTest:
-    """One-sided binomial test: each crop is called by mistake with probability ``rate``."""
-
-    rate: float
-
-    def p_value(self, k: int, n: int) -> float:
-        return float(binom.sf(k - 1, n, self.rate))
 
 
 @dataclass(frozen=True)
@@ -88,17 +60,16 @@ class AlarmRule:
         """The share up to which the stream counts as clean (the cusum's p0)."""
         return self.false_positive_rate + (self.min_shift if self.rule == "cusum" else 0.0)
 
-    def detector(self) -> Detector:
-        """A fresh detector of the impurity (its state starts at zero)."""
-        if self.rule == "binomial":
-            return BinomialRun(self.false_positive_rate, self.alpha, self.consecutive)
-        p0 = self.in_control_share
-        return BetaBinomialCusum(p0, p0 + max(self.min_shift, self.false_positive_rate),
-                                 self.dispersion, self.arl0, self.design_crops)
+    def impurity_rule(self) -> Rule:
+        """A fresh instance of the impurity alarm's rule (its state starts at zero)."""
+        return RULES[self.rule].from_settings(self)
 
-    def unknown_test(self) -> EvidenceTest | None:
-        """The test of a window's unknown crops, when the model has a detector."""
-        return None if self.unknown_rate is None else BinomialTest(self.unknown_rate)
+    def unknown_rule(self) -> Rule | None:
+        """A fresh rule for a window's unknown crops, when the model has a detector: the
+        binomial run at the detector's false-reject rate."""
+        if self.unknown_rate is None:
+            return None
+        return BinomialRun(self.unknown_rate, self.alpha, self.consecutive)
 
     def check(self) -> None:
         """Every setting in range, with a one-line message naming the option."""
@@ -195,9 +166,9 @@ class Trend:
                             f"({', '.join(classes)})")
         rule.check()
         self.classes, self.rule = classes, rule
-        self.detector, self.unknown_test = rule.detector(), rule.unknown_test()
+        self.impurity, self.unknown = rule.impurity_rule(), rule.unknown_rule()
         self.smoothed: float | None = None
-        self.run_of_unknown = 0
+        self.in_unknown_event = False
         self.alarm_window: WindowResult | None = None
         self.evidence_since: int | None = None  # the window where the statistic left zero
         self.evidence_counts = [0, 0]  # impurity calls and crops since then
@@ -209,9 +180,9 @@ class Trend:
         counts = {c: predicted.count(c) for c in self.classes}
         n, k = len(predicted) - unknown, counts[self.rule.positive]
         fraction = k / n if n else None
-        step = self.detector.step(k, n) if n else None
-        if step is None:
-            self.detector.empty()
+        step = self.impurity.update(k, n)
+        if step.p_value is None:
+            pass  # a window without crops: the evidence since stays as it was
         elif step.statistic > 0:
             if self.evidence_since is None:
                 self.evidence_since, self.evidence_counts = index, [0, 0]
@@ -222,35 +193,34 @@ class Trend:
         if fraction is not None:
             self.smoothed = (fraction if self.smoothed is None
                              else SMOOTHING * fraction + (1 - SMOOTHING) * self.smoothed)
-        alarm = self.alarm_window is None and step is not None and step.alarm
+        alarm = self.alarm_window is None and step.alarm
+        empty = step.p_value is None
         result = WindowResult(
             index=index, time=time, crops=n, counts=counts, fraction=fraction,
-            interval=wilson_interval(k, n), smoothed=self.smoothed,
-            p_value=None if step is None else step.p_value,
-            significant=step is not None and step.p_value < self.rule.alpha, alarm=alarm,
-            statistic=None if step is None else step.statistic,
-            threshold=None if step is None else step.threshold, unreadable=unreadable or [])
+            interval=wilson_interval(k, n), smoothed=self.smoothed, p_value=step.p_value,
+            significant=not empty and step.p_value < self.rule.alpha,  # type: ignore[operator]
+            alarm=alarm, statistic=None if empty else step.statistic,
+            threshold=None if empty else step.threshold, unreadable=unreadable or [])
         if alarm:
             self.alarm_window = result
-        if self.unknown_test is not None:
+        if self.unknown is not None:
             self._add_unknown(result, unknown, len(predicted))
         return result
 
     def promise(self) -> str:
-        """The rule and its false-alarm promise, in words."""
-        return self.detector.promise()
+        """The impurity rule and its false-alarm promise, in words."""
+        return self.impurity.describe()
 
     def _add_unknown(self, result: WindowResult, unknown: int, total: int) -> None:
-        """Could the detector's own false rejects explain this many unknown crops?"""
+        """Could the detector's own false rejects explain this many unknown crops? An event
+        starts where the unknown rule's alarm condition begins to hold."""
         result.unknown = unknown
-        if not total:
-            self.run_of_unknown = 0
-            return
-        result.unknown_fraction = unknown / total
-        result.unknown_p_value = self.unknown_test.p_value(unknown, total)  # type: ignore[union-attr]
-        significant = result.unknown_p_value < self.rule.alpha
-        self.run_of_unknown = self.run_of_unknown + 1 if significant else 0
-        result.unknown_alarm = self.run_of_unknown == self.rule.consecutive
+        evidence = self.unknown.update(unknown, total)  # type: ignore[union-attr]
+        if total:
+            result.unknown_fraction = unknown / total
+            result.unknown_p_value = evidence.p_value
+        result.unknown_alarm = evidence.alarm and not self.in_unknown_event
+        self.in_unknown_event = evidence.alarm
 
     def explain_unknown_alarm(self, window: WindowResult) -> str:
         """The "unknown particles" message."""

@@ -34,10 +34,10 @@ from PIL import Image
 from crystalscope.data.images import ImageLoadError
 from crystalscope.errors import UserError
 from crystalscope.infer.predictor import Outputs, Predictor
-from crystalscope.model.spec import decode_for_spec
+from crystalscope.model.spec import decode
 from crystalscope.serve.page import DASHBOARD
 from crystalscope.serve.server import LOOPBACK_HOST_NAMES, guard_hosts
-from crystalscope.unknown.detector import is_unknown
+from crystalscope.unknown.detector import UnknownDetector
 from crystalscope.vectors.indexing import thumbnail_uri
 from crystalscope.vectors.store import VectorStore, check_same_model
 
@@ -138,7 +138,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             path.write_bytes(data)
             refuse_large(path, name)
             try:
-                pixels, _, _ = decode_for_spec(path, predictor.input_size)
+                pixels, _, _ = decode(path, predictor.spec)
             except ImageLoadError as exc:
                 raise HTTPException(400, f"{name}: {exc.reason}") from exc
         return pixels
@@ -163,7 +163,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                     zip(predictor.classes, probabilities, strict=True)}}
         if outputs.unknown_scores is not None:
             score = float(outputs.unknown_scores[row])
-            result.update(unknown=is_unknown(score), unknown_score=score)
+            result.update(unknown=UnknownDetector.is_unknown(score), unknown_score=score)
         return result
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

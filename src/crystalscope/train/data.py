@@ -30,6 +30,7 @@ from crystalscope.data.decoded import (
     read_split_folder,
 )
 from crystalscope.errors import UserError
+from crystalscope.model.spec import ModelSpec
 
 
 class CachedImages(Dataset):
@@ -94,6 +95,8 @@ class SplitDataModule(L.LightningDataModule):
         self.folder = read_split_folder(root)
         self.classes = self.folder.classes
         self.image_size, self.batch_size = image_size, batch_size
+        # How the images are decoded: the run's spec (its mean/std are the network's concern).
+        self.spec = ModelSpec(input_size=image_size, classes=tuple(self.classes))
         self.augmentation, self.fraction = augmentation, fraction
         self.num_workers, self.seed, self.progress = num_workers, seed, progress
         self.train_set: CachedImages | None = None
@@ -127,7 +130,7 @@ class SplitDataModule(L.LightningDataModule):
                 assert self.cache_dir is not None
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 cache_file = self.cache_dir / f"{split}-{self.image_size}px.npy"
-            decoded = build_cache(items, self.image_size, report, cache_file)
+            decoded = build_cache(items, self.spec, report, cache_file)
             self.skipped += decoded.skipped
             sets[split] = (decoded.images, decoded.labels)
         train_images, train_labels = sets["train"]

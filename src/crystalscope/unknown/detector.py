@@ -38,12 +38,6 @@ METHOD = "stage-mahalanobis+max-softmax"
 FILE_NAME = RunLayout(Path()).detector.name  # beside model.json
 UNKNOWN_ABOVE = 1.0  # unknown_score is scaled so that the calibrated threshold is 1
 
-
-def is_unknown(score: float | np.ndarray) -> bool | np.ndarray:
-    """The unknown decision, the one place it is made: a score above the calibrated threshold
-    (:meth:`UnknownDetector.score` divides by it, so the threshold is 1)."""
-    decision = np.asarray(score) > UNKNOWN_ABOVE
-    return bool(decision) if decision.ndim == 0 else decision
 DEFAULT_FALSE_REJECT = 0.01
 
 
@@ -91,8 +85,16 @@ class UnknownDetector:
 
     def score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """``unknown_score`` per image: 1 is the threshold, above it the image is unknown
-        (:func:`is_unknown`)."""
+        (:meth:`is_unknown`)."""
         return self.raw_score(statistics, probabilities) / self.threshold
+
+    @staticmethod
+    def is_unknown(score: float | np.ndarray) -> bool | np.ndarray:
+        """The unknown decision, the one place it is made: a score above the calibrated
+        threshold (:meth:`score` divides by it, so the threshold is 1). A static method: a
+        stored ``unknown_score`` is decided without the detector at hand."""
+        decision = np.asarray(score) > UNKNOWN_ABOVE
+        return bool(decision) if decision.ndim == 0 else decision
 
     def describe(self) -> dict[str, Any]:
         """The detector's entry in model.json."""

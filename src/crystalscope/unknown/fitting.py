@@ -50,8 +50,8 @@ def fit_run_detector(run: LoadedRun, false_reject: float = DEFAULT_FALSE_REJECT
     if not train_items or not valid_items:
         raise NoTrainingData(f"no unknown-detector: {run.config.data} no longer has the "
                              "train/ and valid/ images it needs")
-    train = build_cache(train_items, run.image_size)
-    valid = build_cache(valid_items, run.image_size)
+    train = build_cache(train_items, run.spec)
+    valid = build_cache(valid_items, run.spec)
     train_statistics, _, sizes = stage_outputs(run.net, train.images)
     valid_statistics, valid_probabilities, _ = stage_outputs(run.net, valid.images)
     return fit_detector(train_statistics, train.labels.numpy(), valid_statistics,
