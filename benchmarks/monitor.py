@@ -35,7 +35,8 @@ from crystalscope.data.split import split_dataset
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.monitor.rule_setup import build_alarm_rule, rule_from_calibration
 from crystalscope.monitor.rules import calibrate_counts
-from crystalscope.monitor.run import FrameCutting, Monitor, replay
+from crystalscope.monitor.run import Monitor, replay
+from crystalscope.monitor.settings import AlarmSettings, FrameCutting
 from crystalscope.monitor.trend import AlarmRule
 from crystalscope.synth.batch import BatchSettings, synthesize_batch
 from crystalscope.synth.counts import CountStream, drift_path, window_counts
@@ -103,11 +104,11 @@ def run_all(args: argparse.Namespace, cutter: str | None, run: Path) -> None:
                                      onset=args.onset, rate=args.rate,
                                      difficulty=args.difficulty, seed=seed,
                                      frames=args.frames, size=CROP, frame_size=4 * CROP)
-            cutting = FrameCutting(settings.size, cutter) if cutter else None
+            cutting = FrameCutting(crop_size=settings.size, cut=cutter) if cutter else None
             out = Path(tmp) / f"batch{seed}"
             summary = synthesize_batch(out, settings)
-            rule = build_alarm_rule(predictor, run, "pg", clean_stream=out / "calibration",
-                                    cutting=cutting)
+            rule = build_alarm_rule(predictor, run, AlarmSettings(
+                positive="pg", calibrate=out / "calibration"), cutting)
             rate = rule.false_positive_rate
             first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
             delay = None  # this seed's PG batch: windows from the first PG crop to the alarm

@@ -35,7 +35,6 @@ from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.synth.unknown import FAR_KINDS, NEAR_KINDS, synthesize_unknown
 from crystalscope.train.run import train
 from crystalscope.unknown.detector import conformal_threshold
-from crystalscope.unknown.fitting import split_items
 from crystalscope.unknown.scores import GaussianDistance, knn_distance, max_softmax_score
 
 SIZE = 96
@@ -69,7 +68,7 @@ def outputs(run: LoadedRun, folder: Path) -> dict[str, np.ndarray]:
 
 def alternatives(run: LoadedRun) -> dict[str, Callable[[dict], np.ndarray]]:
     """Scores the detector was chosen over, fitted on the same train split."""
-    decoded = build_cache(split_items(run, "train"), run.spec)
+    decoded = build_cache(run.data.split("train"), run.spec)
     labels = decoded.labels.numpy()
     embeddings = run_batches(run.net, decoded.images)[1].numpy()
     gaussian = GaussianDistance.fit(embeddings, labels)

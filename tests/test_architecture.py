@@ -99,6 +99,17 @@ def test_the_unknown_decision_is_made_in_one_place() -> None:
     assert not places
 
 
+def test_split_folders_are_named_only_by_split_path() -> None:
+    # root / "test" and friends: data/layout.py:split_path names them; data/split.py writes
+    # them (through the same names).
+    import re
+
+    joined = re.compile(r'/\s*"(train|valid|test)"')
+    places = [path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+              if joined.search(path.read_text(encoding="utf-8"))]
+    assert not places
+
+
 def test_the_networks_normalisation_is_written_once() -> None:
     # (x - mean) / std on tensors: only model/normalize.py; the foreign-model preprocessing in
     # infer/predictor.py is numpy and feeds models that are not ours.

@@ -301,7 +301,9 @@ def test_a_class_named_unknown_is_refused(exported_run: Path) -> None:
     such (or the reverse), so the monitor refuses to start."""
     from crystalscope.infer.predictor import load_predictor
     from crystalscope.monitor.rule_setup import build_alarm_rule
+    from crystalscope.monitor.settings import AlarmSettings
 
     predictor = load_predictor(exported_run / "model.onnx", classes=["unknown", "pg"])
     with pytest.raises(UserError, match="class named 'unknown'"):
-        build_alarm_rule(predictor, exported_run, "pg", false_positive_rate=0.05)
+        build_alarm_rule(predictor, exported_run,
+                         AlarmSettings(positive="pg", false_positive_rate=0.05))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from crystalscope.data.check import scan_dataset, summarize
+from crystalscope.data.layout import split_path
 from crystalscope.data.split import split_dataset
 from crystalscope.errors import UserError
 from crystalscope.model.spec import RunLayout
@@ -89,6 +90,7 @@ def _monitor_batch(run_dir: Path, folder: Path, seed: int,
     from crystalscope.infer.predictor import load_predictor
     from crystalscope.monitor.rule_setup import build_alarm_rule
     from crystalscope.monitor.run import Monitor, replay
+    from crystalscope.monitor.settings import AlarmSettings
     from crystalscope.synth.batch import BatchSettings, synthesize_batch
 
     settings = BatchSettings(windows=24, per_window=24, onset=12, rate=0.06,
@@ -96,7 +98,8 @@ def _monitor_batch(run_dir: Path, folder: Path, seed: int,
     batches = folder / "batches"
     summary = synthesize_batch(batches, settings)
     predictor = load_predictor(RunLayout(run_dir).onnx)
-    rule = build_alarm_rule(predictor, run_dir, "pg", clean_stream=batches / "calibration")
+    rule = build_alarm_rule(predictor, run_dir,
+                            AlarmSettings(positive="pg", calibrate=batches / "calibration"))
     result = replay(Monitor(predictor, rule, folder / "monitor", say=lambda _: None),
                     batches / "pg-batch")
     first_pg = summary["batches"]["pg-batch"]["first_pg_window"]
@@ -115,11 +118,12 @@ def _explore_explain(run_dir: Path, splits: Path, folder: Path,
     from crystalscope.explore.stage import explore
     from crystalscope.infer.predictor import load_predictor
 
+    shown = expand_paths([split_path(splits, "valid"), split_path(splits, "test")])
     maps = explore(folder / "maps", predictor=load_predictor(RunLayout(run_dir).onnx),
-                   files=expand_paths([splits / "valid", splits / "test"]), k=4)
+                   files=shown, k=4)
     say(f"7/8 explore: {len(maps.points.paths)} images, {maps.projection.k} clusters (purity "
         + ", ".join(f"{c['purity']:.2f}" for c in maps.clusters) + f") -> {folder / 'maps'}")
-    test_images = expand_paths([splits / "test"])
+    test_images = expand_paths([split_path(splits, "test")])
     crops = test_images[:2] + test_images[-2:]  # two of each class (folders sort by class)
     _, cams, _ = explain(run_dir, crops, folder / "cams")
     say(f"    explain: Grad-CAM and LayerCAM for {len(crops)} test crops -> "
@@ -139,7 +143,7 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
     from crystalscope.vectors.indexing import find_similar, index_images, similar_html
 
     predictor = load_predictor(RunLayout(run_dir).onnx)
-    test_images = expand_paths([splits / "test"])
+    test_images = expand_paths([split_path(splits, "test")])
     predictions = folder / "predictions.csv"
     with predictions.open("w", encoding="utf-8", newline="") as handle:
         writer = PredictionWriter(handle, "csv", predictor.classes,
@@ -153,7 +157,8 @@ def _predict_index_similar(run_dir: Path, splits: Path, folder: Path,
 
     store = open_store(folder / "crystalscope.lance")
     try:
-        indexed = index_images(predictor, expand_paths([splits / "train", splits / "valid"]),
+        indexed = index_images(predictor, expand_paths([split_path(splits, "train"),
+                                              split_path(splits, "valid")]),
                                store)
         query, neighbours = find_similar(predictor, test_images[-1], store, 5)
     finally:

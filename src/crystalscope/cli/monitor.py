@@ -30,11 +30,11 @@ from crystalscope.cli.options import (
     TtaOption,
 )
 from crystalscope.console import err, out, progress_bar
-from crystalscope.errors import UserError
 from crystalscope.monitor.frames import DEFAULT_TIME_PATTERN
 
 if TYPE_CHECKING:
     from crystalscope.monitor.opcua import OpcUaPublisher
+    from crystalscope.monitor.settings import OpcUaSettings
     from crystalscope.monitor.trend import AlarmRule
 
 @app.command(epilog="Example: crystalscope monitor runs/demo batches/pg-batch --positive pg "
@@ -110,35 +110,37 @@ def monitor(
     from crystalscope.infer.predictor import load_predictor
     from crystalscope.monitor.rule_setup import build_alarm_rule
     from crystalscope.monitor.run import Monitor, replay
-    from crystalscope.monitor.watching import watch
+    from crystalscope.monitor.settings import (
+        AlarmSettings,
+        AlertSettings,
+        FrameCutting,
+        OpcUaSettings,
+    )
+    from crystalscope.monitor.watching import check_watched, watch
 
-    if not positive:
-        raise UserError("give --positive CLASS: the impurity to watch (e.g. --positive pg)")
+    alarm = AlarmSettings(positive=positive, false_positive_rate=false_positive_rate,
+                          calibrate=calibrate, rule=rule.value, arl0=arl0, min_shift=min_shift,
+                          dispersion=dispersion, alpha=alpha, consecutive=consecutive)
+    cutting = FrameCutting(crop_size=crop_size, cut=cut)
+    alert = AlertSettings(on_alarm=on_alarm, post=post, repeat_alarm=repeat_alarm,
+                          post_retries=post_retries)
+    opcua_settings = OpcUaSettings(opcua=opcua, opcua_cert=opcua_cert, opcua_key=opcua_key,
+                                   opcua_trust=opcua_trust, stream=stream)
+    if watch_mode:
+        check_watched(stream)
     predictor = load_predictor(model, tta=tta.value if tta else None)
-    from crystalscope.monitor.run import FrameCutting
-
-    if cut not in ("tiles", "particles") or crop_size < 8:
-        raise UserError(f"--cut {cut} / --crop-size {crop_size}: use tiles or particles, and "
-                        "a crop side of at least 8 pixels")
-    cutting = FrameCutting(crop_size, cut) if frames else None  # type: ignore[arg-type]
-    alarm_rule = build_alarm_rule(
-        predictor, Path(model), positive, false_positive_rate=false_positive_rate,
-        clean_stream=calibrate, cutting=cutting, rule=rule.value, arl0=arl0,
-        min_shift=min_shift, dispersion=dispersion, alpha=alpha, consecutive=consecutive)
-    if watch_mode and not stream.is_dir():
-        raise UserError(f"--watch {stream}: give the folder the probe writes time folders to")
-    publisher = open_opcua(opcua, opcua_cert, opcua_key, opcua_trust, stream, Path(model))
+    alarm_rule = build_alarm_rule(predictor, Path(model), alarm, cutting if frames else None)
+    publisher = open_opcua(opcua_settings, Path(model))
     try:
-        if repeat_alarm < 0 or post_retries < 0:
-            raise UserError("--repeat-alarm and --post-retries: give 0 or more")
         identity = {"stream": str(stream.resolve()), "model": str(Path(model).resolve()),
                     "positive": positive, "rule": alarm_rule.rule,
                     "false_positive_rate": alarm_rule.false_positive_rate,
                     "min_shift": alarm_rule.min_shift, "arl0": alarm_rule.arl0,
                     "alpha": alarm_rule.alpha, "consecutive": alarm_rule.consecutive}
-        runner = Monitor(predictor, alarm_rule, out_dir, on_alarm=on_alarm, post_url=post,
-                         cutting=cutting, publishers=[publisher] if publisher else [],
-                         repeat_every=repeat_alarm, post_retries=post_retries,
+        runner = Monitor(predictor, alarm_rule, out_dir, on_alarm=alert.on_alarm,
+                         post_url=alert.post, cutting=cutting if frames else None,
+                         publishers=[publisher] if publisher else [],
+                         repeat_every=alert.repeat_alarm, post_retries=alert.post_retries,
                          identity=identity, resume=not fresh)
         say_rule(alarm_rule, runner.trend.promise())
         if watch_mode:
@@ -167,23 +169,17 @@ def monitor(
     return 3 if result.alarm else 0
 
 
-def open_opcua(endpoint: str | None, certificate: Path | None, key: Path | None,
-               trusted: Path | None, stream: Path, model: Path) -> OpcUaPublisher | None:
+def open_opcua(settings: OpcUaSettings, model: Path) -> OpcUaPublisher | None:
     """The started OPC UA server for ``--opcua`` (None without it)."""
-    if endpoint is None:
-        if certificate or key or trusted:
-            raise UserError("--opcua-cert/--opcua-key/--opcua-trust need --opcua ENDPOINT")
+    endpoint, stream = settings.opcua, settings.stream
+    if endpoint is None or stream is None:
         return None
     from crystalscope.monitor.opcua import OpcUaPublisher, OpcUaSecurity
     from crystalscope.serve.server import LOOPBACK
 
-    if (certificate is None) != (key is None):
-        raise UserError("--opcua-cert and --opcua-key go together (the server's certificate "
-                        "and its private key)")
-    if trusted is not None and certificate is None:
-        raise UserError("--opcua-trust needs --opcua-cert and --opcua-key")
-    security = (OpcUaSecurity(certificate, key, trusted)  # type: ignore[arg-type]
-                if certificate is not None else None)
+    security = (OpcUaSecurity(settings.opcua_cert, settings.opcua_key, settings.opcua_trust)
+                if settings.opcua_cert is not None and settings.opcua_key is not None
+                else None)
     model_path = model.resolve()
     run = model_path.name if model_path.is_dir() else model_path.parent.name
     publisher = OpcUaPublisher(endpoint, stream.stem or stream.name, run, security=security)
@@ -252,6 +248,14 @@ def serve(
     from crystalscope.serve.server import LOOPBACK, allowed_hosts, serve_forever, warn_hosts
     from crystalscope.vectors.backends import open_store
 
+    from crystalscope.monitor.settings import AlarmSettings, OpcUaSettings
+
+    opcua_settings = OpcUaSettings(opcua=opcua, opcua_cert=opcua_cert, opcua_key=opcua_key,
+                                   opcua_trust=opcua_trust, stream=monitor_stream)
+    alarm = None if monitor_stream is None else AlarmSettings(
+        positive=positive, false_positive_rate=false_positive_rate, calibrate=calibrate,
+        rule=rule.value, arl0=arl0, min_shift=min_shift, dispersion=dispersion, alpha=alpha,
+        consecutive=consecutive)
     if host not in LOOPBACK and not token:
         err.print(f"[yellow]serving on {host} without a token: anyone who reaches it can use "
                   "it (give --token)[/yellow]")
@@ -263,22 +267,14 @@ def serve(
     settings = ServeSettings(predictor=predictor, token=token,
                              store=open_store(store) if store else None,
                              max_pixels=max_pixels, allowed_hosts=hosts)
-    if monitor_stream is not None:
+    if monitor_stream is not None and alarm is not None:
         from crystalscope.monitor.rule_setup import build_alarm_rule
         from crystalscope.monitor.watching import watch_in_background
 
-        if not positive:
-            raise UserError("--monitor needs --positive CLASS (the impurity)")
-        alarm_rule = build_alarm_rule(
-            predictor, Path(model), positive, false_positive_rate=false_positive_rate,
-            clean_stream=calibrate, rule=rule.value, arl0=arl0, min_shift=min_shift,
-            dispersion=dispersion, alpha=alpha, consecutive=consecutive)
-        publisher = open_opcua(opcua, opcua_cert, opcua_key, opcua_trust, monitor_stream,
-                               Path(model))
+        alarm_rule = build_alarm_rule(predictor, Path(model), alarm)
+        publisher = open_opcua(opcua_settings, Path(model))
         settings.monitor = watch_in_background(predictor, alarm_rule, monitor_stream,
                                                publishers=[publisher] if publisher else [])
         say_rule(alarm_rule, settings.monitor.trend.promise())
-    elif opcua:
-        raise UserError("--opcua needs --monitor STREAM (it publishes the monitor's state)")
     err.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs")
     serve_forever(create_app(settings), host, port, max_concurrency)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from crystalscope.data.images import ImageLoadError
-from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
+from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files, split_path
 from crystalscope.errors import UserError
 from crystalscope.model.spec import ModelSpec, decode
 
@@ -31,6 +31,30 @@ class SplitFolder:
     classes: list[str]
     items: dict[str, list[tuple[Path, int]]]
 
+    def split(self, name: str) -> list[tuple[Path, int]]:
+        """The (path, label) pairs of one split; empty when it is not there."""
+        return self.items.get(name, [])
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class (the splits present)."""
+        return {split: {name: sum(1 for _, label in pairs if label == index)
+                        for index, name in enumerate(self.classes)}
+                for split, pairs in self.items.items()}
+
+
+def read_trained_on(root: Path, classes: list[str]) -> SplitFolder:
+    """The split folder a model was trained on, as far as it is still there: each present
+    split's images in folders named after the model's classes, labelled in the model's class
+    order (nothing is refused: the folder may have been thinned or moved since). O(files)."""
+    items = {}
+    for split in SPLIT_NAMES:
+        folder = split_path(root, split)
+        if folder.is_dir():
+            items[split] = [(path, classes.index(path.parent.name))
+                            for path in list_files(folder)
+                            if is_image_name(path) and path.parent.name in classes]
+    return SplitFolder(root=Path(root), classes=list(classes), items=items)
+
 
 def read_split_folder(root: Path, *, need: tuple[str, ...] = ("train", "valid")) -> SplitFolder:
     """Read ``root/{train,valid,test}/<class>/``; the same class names in every split."""
@@ -38,11 +62,11 @@ def read_split_folder(root: Path, *, need: tuple[str, ...] = ("train", "valid"))
     if not root.is_dir():
         raise UserError(f"{root}: no such folder; give the DEST folder of `crystalscope split`")
     for split in need:
-        if not (root / split).is_dir():
+        if not split_path(root, split).is_dir():
             raise UserError(f"{root}: has no {split}/ folder; make one with "
                             f"`crystalscope split IMAGES {root}`")
-    present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
-    classes_per_split = {s: sorted(d.name for d in (root / s).iterdir()
+    present = [s for s in SPLIT_NAMES if split_path(root, s).is_dir()]
+    classes_per_split = {s: sorted(d.name for d in split_path(root, s).iterdir()
                                    if d.is_dir() and not d.name.startswith("."))
                          for s in present}
     classes = classes_per_split[present[0]]
@@ -55,7 +79,8 @@ def read_split_folder(root: Path, *, need: tuple[str, ...] = ("train", "valid"))
     items = {}
     for split in present:
         items[split] = [(path, label) for label, name in enumerate(classes)
-                        for path in list_files(root / split / name) if is_image_name(path)]
+                        for path in list_files(split_path(root, split) / name)
+                        if is_image_name(path)]
         if split in need:
             empty = [n for n in classes
                      if not any(lbl == classes.index(n) for _, lbl in items[split])]

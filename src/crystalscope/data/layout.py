@@ -18,6 +18,14 @@ from crystalscope.errors import UserError
 SPLIT_NAMES = ("train", "valid", "test")
 
 
+def split_path(root: Path, split: str) -> Path:
+    """``root/<split>``: the one place a split folder's sub-folders are named (writing them is
+    data/split.py's, reading them data/decoded.py's :class:`SplitFolder`)."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split {split!r}: one of {', '.join(SPLIT_NAMES)}")
+    return Path(root) / split
+
+
 @dataclass(frozen=True)
 class ClassFolder:
     """One class: its name (the folder name) and its files, sorted by path."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from crystalscope.data.check import FileRecord, assign_groups, inspect_tree
 from crystalscope.data.dedupe import groups_of
-from crystalscope.data.layout import SPLIT_NAMES
+from crystalscope.data.layout import SPLIT_NAMES, split_path
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def find_split_overlap(data: Path, *, workers: int | None = None) -> list[Overla
     records: list[FileRecord] = []
     split_of: list[str] = []
     for split in SPLIT_NAMES:
-        folder = Path(data) / split
+        folder = split_path(data, split)
         if not folder.is_dir():
             continue
         _, found = inspect_tree(folder, workers=workers, min_classes=1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from crystalscope.data.decoded import build_cache
-from crystalscope.data.layout import is_image_name, read_class_folders
+from crystalscope.data.layout import is_image_name, read_class_folders, split_path
 from crystalscope.errors import UserError
 from crystalscope.model.inference import InferenceNet, run_batches
 
@@ -37,8 +37,8 @@ class Predictions:
 def labelled_images(data: Path, classes: list[str]) -> tuple[Path, list[tuple[Path, int]]]:
     """The (path, class index) pairs of ``data`` (``data/test`` when it is a split folder)."""
     data = Path(data)
-    if (data / "test").is_dir():
-        data = data / "test"
+    if split_path(data, "test").is_dir():
+        data = split_path(data, "test")
     folders = read_class_folders(data, min_classes=1)
     unknown = [f.name for f in folders if f.name not in classes]
     if unknown:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crystalscope.data.layout import split_path
 from crystalscope.errors import UserError
 from crystalscope.evaluate import plots
 from crystalscope.evaluate.predictions import Predictions, labelled_images, predict_items
@@ -49,7 +50,7 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, out_dir: Path | Non
     """
     run = load_run(run_dir, tta=tta)
     if data is None:
-        data = Path(run.config.data) / "test"
+        data = split_path(run.config.data, "test")
         if not data.is_dir():
             raise UserError(f"{run.config.data}: has no test/ split to evaluate on; give a "
                             "labelled folder: crystalscope evaluate RUN DATA")

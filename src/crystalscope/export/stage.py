@@ -26,7 +26,6 @@ import torch
 
 from crystalscope.data.decoded import build_cache
 from crystalscope.data.dedupe import file_sha256
-from crystalscope.data.layout import SPLIT_NAMES, is_image_name, list_files
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int8
@@ -34,7 +33,7 @@ from crystalscope.export.weights import load_model, model_description, save_mode
 from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
 from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
-from crystalscope.unknown.fitting import NoTrainingData, fit_run_detector, split_items
+from crystalscope.unknown.fitting import NoTrainingData, fit_run_detector
 
 PARITY_IMAGES = 16
 
@@ -52,15 +51,9 @@ class Export:
     export_id: str = ""
 
 
-def data_summary(data: Path, classes: list[str]) -> dict[str, Any]:
+def data_summary(run: LoadedRun) -> dict[str, Any]:
     """Images per split and class of the training data (as far as it is still there)."""
-    counts: dict[str, dict[str, int]] = {}
-    for split in SPLIT_NAMES:
-        if (Path(data) / split).is_dir():
-            counts[split] = {name: sum(1 for p in list_files(Path(data) / split / name)
-                                       if is_image_name(p))
-                             for name in classes if (Path(data) / split / name).is_dir()}
-    return {"path": str(data), "images": counts}
+    return {"path": str(run.config.data), "images": run.data.counts()}
 
 
 def run_metrics(run: LoadedRun) -> dict[str, Any]:
@@ -87,12 +80,9 @@ def run_metrics(run: LoadedRun) -> dict[str, Any]:
 def parity_images(run: LoadedRun) -> torch.Tensor:
     """Real images for the parity checks (test, then valid), else seeded random ones."""
     for split in ("test", "valid"):
-        folder = Path(run.config.data) / split
-        if folder.is_dir():
-            items = [(p, 0) for p in list_files(folder) if is_image_name(p)][:PARITY_IMAGES]
-            decoded = build_cache(items, run.spec)
-            if len(decoded.paths):
-                return decoded.images
+        decoded = build_cache(run.data.split(split)[:PARITY_IMAGES], run.spec)
+        if len(decoded.paths):
+            return decoded.images
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (PARITY_IMAGES, 3, run.image_size, run.image_size),
                          dtype=torch.uint8, generator=generator)
@@ -101,7 +91,7 @@ def parity_images(run: LoadedRun) -> torch.Tensor:
 def _split_images(run: LoadedRun, split: str, limit: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded images and labels of one split of the run's data (empty when it is absent)."""
-    decoded = build_cache(split_items(run, split)[:limit], run.spec)
+    decoded = build_cache(run.data.split(split)[:limit], run.spec)
     return decoded.images, decoded.labels
 
 
@@ -170,7 +160,7 @@ def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str], *, in
         backbone=run.config.model, head=run.config.head, spec=run.spec,
         embedding_size=run.net.classifier.backbone.num_features,
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
-        metrics=run_metrics(run), data=data_summary(run.config.data, run.classes),
+        metrics=run_metrics(run), data=data_summary(run),
         tta=run.net.tta)
     description.update(identity)
     notes = []

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +29,9 @@ from crystalscope.errors import UserError
 from crystalscope.model.backbones import Classifier
 from crystalscope.model.normalize import Normalize
 from crystalscope.model.spec import ModelSpec, RunLayout
+
+if TYPE_CHECKING:
+    from crystalscope.data.decoded import SplitFolder
 
 TTA_VIEWS = {"none": 1, "dihedral": 8}
 
@@ -115,6 +120,13 @@ class LoadedRun:
     def spec(self) -> ModelSpec:
         """How this run's network is fed (see :mod:`crystalscope.model.spec`)."""
         return self.net.spec
+
+    @cached_property
+    def data(self) -> SplitFolder:
+        """The split folder the run was trained on, as far as it is still there (read once)."""
+        from crystalscope.data.decoded import read_trained_on
+
+        return read_trained_on(Path(self.config.data), self.classes)
 
 
 def load_run(run_dir: Path, checkpoint: str = "best", tta: str | None = None) -> LoadedRun:

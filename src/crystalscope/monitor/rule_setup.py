@@ -12,13 +12,14 @@ from crystalscope.infer.stream import Failure
 from crystalscope.model.spec import resolve_model
 from crystalscope.monitor.frames import read_stream
 from crystalscope.monitor.rules import Calibration, assumed_calibration, calibrate_counts
-from crystalscope.monitor.run import FrameCutting, calls
+from crystalscope.monitor.run import calls
+from crystalscope.monitor.settings import AlarmSettings, FrameCutting
 from crystalscope.monitor.trend import (
-    DEFAULT_ARL0,
     UNKNOWN,
     AlarmRule,
     false_positive_rate_from_report,
 )
+from crystalscope.settings import SettingsError
 
 
 def calibrate(predictor: Predictor, clean_stream: Path, positive: str,
@@ -66,31 +67,33 @@ def choose_false_positive_rate(predictor: Predictor, model: Path, positive: str,
     report = resolve_model(model).layout.report
     if not report.is_file():
         raise UserError(f"no test report beside {model} to take the false-positive rate from; "
-                        "run `crystalscope evaluate RUN`, or give --false-positive-rate or a "
+                        "run `crystalscope evaluate RUN`, or give false_positive_rate or a "
                         "clean stream to calibrate on")
     return false_positive_rate_from_report(report, positive)
 
 
-def build_alarm_rule(predictor: Predictor, model: Path, positive: str, *,
-                     false_positive_rate: float | None = None,
-                     clean_stream: Path | None = None, cutting: FrameCutting | None = None,
-                     rule: str = "cusum", arl0: float = DEFAULT_ARL0, min_shift: float = 0.0,
-                     dispersion: float | None = None, alpha: float = 1e-3,
-                     consecutive: int = 2) -> AlarmRule:
-    """The alarm rule for ``monitor`` and ``serve --monitor`` alike, built once: the rate and
-    spread :func:`choose_calibration` picks, checked (:meth:`AlarmRule.check`)."""
+def build_alarm_rule(predictor: Predictor, model: Path, settings: AlarmSettings,
+                     cutting: FrameCutting | None = None) -> AlarmRule:
+    """The alarm rule for ``monitor`` and ``serve --monitor`` alike, built once from the
+    checked ``settings``: the rate and spread :func:`choose_calibration` picks, checked again
+    with them (:meth:`AlarmRule.check`)."""
     if UNKNOWN in predictor.classes:
         raise UserError(f"{model}: has a class named '{UNKNOWN}', the monitor's mark for crops "
                         "unlike the training images; its crops could not be told apart — "
                         "rename the class folder and train again")
-    draft = AlarmRule(positive=positive, false_positive_rate=0.5, alpha=alpha,
-                      consecutive=consecutive, rule=rule, arl0=arl0,
-                      dispersion=dispersion or 0.0)
-    draft.check()  # the options, before a calibration stream is read
-    calibration = choose_calibration(predictor, model, positive, given=false_positive_rate,
-                                     clean_stream=clean_stream, cutting=cutting,
-                                     dispersion=dispersion, need_spread=rule == "cusum")
-    built = rule_from_calibration(draft, calibration, min_shift=min_shift)
+    draft = AlarmRule(positive=settings.positive, false_positive_rate=0.5,
+                      alpha=settings.alpha, consecutive=settings.consecutive,
+                      rule=settings.rule, arl0=settings.arl0,
+                      dispersion=settings.dispersion or 0.0)
+    if settings.positive not in predictor.classes:  # before a calibration stream is read
+        raise SettingsError("positive", "not a class of the model "
+                            f"({', '.join(predictor.classes)})", settings.positive)
+    calibration = choose_calibration(predictor, model, settings.positive,
+                                     given=settings.false_positive_rate,
+                                     clean_stream=settings.calibrate, cutting=cutting,
+                                     dispersion=settings.dispersion,
+                                     need_spread=settings.rule == "cusum")
+    built = rule_from_calibration(draft, calibration, min_shift=settings.min_shift)
     built.check()
     return built
 

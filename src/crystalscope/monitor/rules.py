@@ -350,7 +350,7 @@ class BetaBinomialCusum:
     def __post_init__(self) -> None:
         if not 0 < self.p0 < self.p1 < 1:
             raise UserError(f"the alarm's shares: need 0 < {self.p0:.4g} < {self.p1:.4g} < 1 "
-                            "(lower --min-shift, or check the false-positive rate)")
+                            "(lower min_shift, or check the false-positive rate)")
         if self.design_crops:
             self.threshold = cusum_threshold(self.design_crops, self.p0, self.p1, self.rho,
                                              self.arl0)

@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -25,10 +25,11 @@ from crystalscope.console import err
 from crystalscope.data.images import ImageLoadError
 from crystalscope.infer.predictor import Predictor
 from crystalscope.infer.stream import Failure, predict_stream
-from crystalscope.monitor.cutting import Cutter, cut_frame
+from crystalscope.monitor.cutting import cut_frame
 from crystalscope.monitor.frames import Window, read_stream
 from crystalscope.monitor.report import plot_timeline
 from crystalscope.monitor.resume import Previous, read_previous
+from crystalscope.monitor.settings import FrameCutting
 from crystalscope.monitor.trend import (
     UNKNOWN,
     AlarmRule,
@@ -52,14 +53,6 @@ class Publisher(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class FrameCutting:
-    """STREAM holds full frames: cut each into ``crop``-px pieces with ``cutter``."""
-
-    crop: int
-    cutter: Cutter = "particles"
-
-
 def unknown_rate(predictor: Predictor) -> float | None:
     """The share of in-distribution crops the model's detector calls unknown: its calibrated
     bound (None without a detector)."""
@@ -81,7 +74,7 @@ def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None 
         return
     for path in paths:
         try:
-            pieces = cut_frame(path, cutting.crop, cutting.cutter, predictor.spec)
+            pieces = cut_frame(path, cutting.crop_size, cutting.cut, predictor.spec)
         except ImageLoadError as exc:
             yield Failure(path, str(exc))
             continue

@@ -25,6 +25,7 @@ from pathlib import Path
 from crystalscope.errors import UserError
 from crystalscope.evaluate.report import wilson_interval
 from crystalscope.monitor.rules import RULES, BinomialRun, Calibration, Rule
+from crystalscope.settings import SettingsError
 
 SMOOTHING = 0.3  # weight of the newest window in the exponentially smoothed fraction
 UNKNOWN = "unknown"  # the label of crops the unknown-detector flags
@@ -72,26 +73,30 @@ class AlarmRule:
         return BinomialRun(self.unknown_rate, self.alpha, self.consecutive)
 
     def check(self) -> None:
-        """Every setting in range, with a one-line message naming the option."""
+        """Every setting in range — the calibrated rate included, which the options'
+        :class:`~crystalscope.monitor.settings.AlarmSettings` cannot know — with a one-line
+        message naming the field."""
         if self.rule not in RULES:
-            raise UserError(f"--rule {self.rule}: use {' or '.join(RULES)}")
-        if not 0 < self.alpha < 1 or self.consecutive < 1:
-            raise UserError("--alpha: give a probability in (0, 1); --consecutive: at least 1")
+            raise SettingsError("rule", f"use {' or '.join(RULES)}", self.rule)
+        if not 0 < self.alpha < 1:
+            raise SettingsError("alpha", "give a probability in (0, 1)", self.alpha)
+        if self.consecutive < 1:
+            raise SettingsError("consecutive", "give at least 1", self.consecutive)
         if not 0 <= self.false_positive_rate < 1:
-            raise UserError(f"--false-positive-rate {self.false_positive_rate}: give a rate "
-                            "from 0 to below 1")
+            raise SettingsError("false_positive_rate", "give a rate from 0 to below 1",
+                                self.false_positive_rate)
         if self.rule == "cusum":
             if self.false_positive_rate <= 0:
-                raise UserError("--false-positive-rate 0: the cusum rule needs a rate above 0 "
-                                "(or use --rule binomial)")
+                raise SettingsError("false_positive_rate", "the cusum rule needs a rate above "
+                                    "0 (or use rule binomial)", self.false_positive_rate)
             if not 0 <= self.min_shift < 1 - self.false_positive_rate:
-                raise UserError(f"--min-shift {self.min_shift}: give a share from 0 to below "
-                                f"{1 - self.false_positive_rate:.4f}")
+                raise SettingsError("min_shift", "give a share from 0 to below "
+                                    f"{1 - self.false_positive_rate:.4f}", self.min_shift)
             if self.arl0 < 10:
-                raise UserError(f"--arl0 {self.arl0:g}: give at least 10 windows")
+                raise SettingsError("arl0", "give at least 10 windows", f"{self.arl0:g}")
             if not 0 <= self.dispersion < 1:
-                raise UserError(f"--dispersion {self.dispersion}: give a correlation from 0 "
-                                "to below 1")
+                raise SettingsError("dispersion", "give a correlation from 0 to below 1",
+                                    self.dispersion)
 
 
 @dataclass
@@ -141,16 +146,16 @@ def false_positive_rate_from_report(report_json: Path, positive: str) -> tuple[f
         classes, matrix = report["classes"], report["confusion_matrix"]
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise UserError(f"{report_json}: no usable evaluation report ({exc}); run `crystalscope "
-                        "evaluate RUN` or give --false-positive-rate") from exc
+                        "evaluate RUN` or give false_positive_rate") from exc
     if positive not in classes:
-        raise UserError(f"--positive {positive}: not a class of the model "
-                        f"({', '.join(classes)})")
+        raise SettingsError("positive", f"not a class of the model ({', '.join(classes)})",
+                            positive)
     p = classes.index(positive)
     negatives = sum(sum(row) for c, row in enumerate(matrix) if c != p)
     false_calls = sum(row[p] for c, row in enumerate(matrix) if c != p)
     if negatives == 0:
         raise UserError(f"{report_json}: the test split has no images of other classes than "
-                        f"{positive}; give --false-positive-rate")
+                        f"{positive}; give false_positive_rate")
     interval = wilson_interval(false_calls, negatives)
     assert interval is not None
     return interval[1], (f"upper 95% bound of {false_calls}/{negatives} false {positive} calls "
@@ -162,8 +167,8 @@ class Trend:
 
     def __init__(self, classes: list[str], rule: AlarmRule) -> None:
         if rule.positive not in classes:
-            raise UserError(f"--positive {rule.positive}: not a class of the model "
-                            f"({', '.join(classes)})")
+            raise SettingsError("positive", f"not a class of the model ({', '.join(classes)})",
+                                rule.positive)
         rule.check()
         self.classes, self.rule = classes, rule
         self.impurity, self.unknown = rule.impurity_rule(), rule.unknown_rule()

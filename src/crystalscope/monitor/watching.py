@@ -12,6 +12,7 @@ from crystalscope.infer.predictor import Predictor
 from crystalscope.monitor.frames import Window
 from crystalscope.monitor.run import Monitor, Publisher
 from crystalscope.monitor.trend import AlarmRule, MonitorResult
+from crystalscope.settings import SettingsError
 
 
 def watch_in_background(predictor: Predictor, rule: AlarmRule, stream: Path, *,
@@ -69,6 +70,12 @@ class _OpenWindow:
 
     def files(self) -> list[Path]:
         return sorted(self.mtimes, key=lambda p: p.relative_to(self.folder).as_posix())
+
+
+def check_watched(stream: Path) -> None:
+    """A watched stream is a folder the probe writes time folders to (it may still be empty)."""
+    if not Path(stream).is_dir():
+        raise SettingsError("watch", "give the folder the probe writes time folders to", stream)
 
 
 def watch(monitor: Monitor, stream: Path, *, poll_s: float = 1.0, settle_s: float = 5.0,

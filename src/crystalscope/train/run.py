@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from crystalscope.config import TrainConfig, load_train_config, save_config
 from crystalscope.console import err
+from crystalscope.data.layout import split_path
 from crystalscope.errors import UserError
 from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.evaluate.stage import Evaluation, evaluate_run
@@ -307,7 +308,7 @@ def weights_notes(config: TrainConfig) -> list[str]:
 def finish_run(result: TrainResult, config: TrainConfig) -> None:
     """The stages after training: evaluate on the test split once, then export."""
     if config.evaluate:
-        if any(p.is_file() for p in (Path(config.data) / "test").rglob("*")):
+        if any(p.is_file() for p in split_path(config.data, "test").rglob("*")):
             result.evaluation = evaluate_run(result.run_dir)
         else:
             result.notes.append(f"not evaluated: {config.data} has no test images")

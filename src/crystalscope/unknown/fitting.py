@@ -3,13 +3,10 @@ validation split. Export calls this and stores the result with the model."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from crystalscope.data.decoded import build_cache
-from crystalscope.data.layout import is_image_name, list_files
 from crystalscope.errors import CrystalscopeError
 from crystalscope.model.inference import InferenceNet, LoadedRun
 from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, UnknownDetector, fit_detector
@@ -29,15 +26,6 @@ def stage_outputs(net: InferenceNet, images: torch.Tensor, batch_size: int = 64
     return np.concatenate(statistics), np.concatenate(probabilities), sizes
 
 
-def split_items(run: LoadedRun, split: str) -> list[tuple[Path, int]]:
-    """(image, class index) of one split of the run's data; empty when it is gone."""
-    folder = Path(run.config.data) / split
-    if not folder.is_dir():
-        return []
-    return [(p, run.classes.index(p.parent.name)) for p in list_files(folder)
-            if is_image_name(p) and p.parent.name in run.classes]
-
-
 class NoTrainingData(CrystalscopeError):
     """The run's train/ and valid/ images are gone, so no detector can be fitted."""
 
@@ -46,7 +34,7 @@ def fit_run_detector(run: LoadedRun, false_reject: float = DEFAULT_FALSE_REJECT
                      ) -> UnknownDetector:
     """The detector fitted on the run's training split and calibrated on its validation
     split; :class:`NoTrainingData` when those images are no longer there."""
-    train_items, valid_items = split_items(run, "train"), split_items(run, "valid")
+    train_items, valid_items = run.data.split("train"), run.data.split("valid")
     if not train_items or not valid_items:
         raise NoTrainingData(f"no unknown-detector: {run.config.data} no longer has the "
                              "train/ and valid/ images it needs")
