@@ -244,11 +244,10 @@ def serve(
     """The model behind HTTP: /predict, /similar, /model, /monitor, /health, /docs, and a
     dashboard page at / (drop images, see classes and similar crystals, follow a batch)."""
     from crystalscope.infer.predictor import load_predictor
+    from crystalscope.monitor.settings import AlarmSettings, OpcUaSettings
     from crystalscope.serve.app import ServeSettings, create_app
     from crystalscope.serve.server import LOOPBACK, allowed_hosts, serve_forever, warn_hosts
     from crystalscope.vectors.backends import open_store
-
-    from crystalscope.monitor.settings import AlarmSettings, OpcUaSettings
 
     opcua_settings = OpcUaSettings(opcua=opcua, opcua_cert=opcua_cert, opcua_key=opcua_key,
                                    opcua_trust=opcua_trust, stream=monitor_stream)
