@@ -32,7 +32,12 @@ from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.inference import LoadedRun, load_run, run_batches
 from crystalscope.synth.crops import SynthSettings, synthesize
-from crystalscope.synth.unknown import FAR_KINDS, NEAR_KINDS, synthesize_unknown
+from crystalscope.synth.unknown import (
+    FAR_KINDS,
+    NEAR_KINDS,
+    UnknownSettings,
+    synthesize_unknown,
+)
 from crystalscope.train.run import train
 from crystalscope.unknown.detector import conformal_threshold
 from crystalscope.unknown.scores import GaussianDistance, knn_distance, max_softmax_score
@@ -111,8 +116,8 @@ def one_seed(folder: Path, seed: int, args: argparse.Namespace) -> list[dict]:
     synthesize(folder / "fresh", SynthSettings(per_class=args.fresh, size=SIZE,
                                                uniform_size=SIZE, difficulty=args.difficulty,
                                                seed=1000 + seed))
-    synthesize_unknown(folder / "unknown-images", per_kind=args.per_kind, size=SIZE,
-                          difficulty=args.difficulty, seed=2000 + seed)
+    synthesize_unknown(folder / "unknown-images", UnknownSettings(
+        per_kind=args.per_kind, size=SIZE, difficulty=args.difficulty, seed=2000 + seed))
     run = load_run(run_dir)
     sets = {"test": outputs(run, folder / "splits" / "test"),
             "fresh": outputs(run, folder / "fresh")}

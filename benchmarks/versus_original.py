@@ -33,6 +33,7 @@ import torch
 
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
+from crystalscope.data.split_settings import SplitSettings
 from crystalscope.export.stage import export_run
 from crystalscope.recipes import RECIPES
 from crystalscope.synth.crops import SynthSettings, synthesize
@@ -128,7 +129,7 @@ def main() -> None:
         batch = RECIPES["georgia"]["batch_size"]
         per_class = (args.steps + 1) * batch // 2 * 10 // 7 + 8  # enough train batches
         synthesize(folder / "images", SynthSettings(per_class=per_class, seed=11))
-        split_dataset(folder / "images", folder / "splits", seed=11)
+        split_dataset(folder / "images", folder / "splits", SplitSettings(seed=11))
         ours = {"georgia": [], "fast": []}
         original: dict[str, list[float]] = {"train": [], "predict_per_image": []}
         for round_index in range(1, args.rounds + 1):

@@ -110,6 +110,25 @@ def test_split_folders_are_named_only_by_split_path() -> None:
     assert not places
 
 
+def test_the_cli_raises_only_while_parsing_arguments() -> None:
+    # Settings and stages check values and name fields (SettingsError); cli/ parses: click's
+    # own parameter errors, and the _parse_* helpers that turn one option's text into a value.
+    import ast
+
+    offenders = []
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef) or function.name.startswith("_parse"):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                    called = ast.unparse(node.exc.func)
+                    if called not in ("typer.BadParameter", "typer.Exit"):
+                        offenders.append(f"{path.name}:{node.lineno} {called}")
+    assert not offenders
+
+
 def test_the_networks_normalisation_is_written_once() -> None:
     # (x - mean) / std on tensors: only model/normalize.py; the foreign-model preprocessing in
     # infer/predictor.py is numpy and feeds models that are not ours.

@@ -15,11 +15,11 @@ from crystalscope.data.dedupe import file_sha256
 from crystalscope.data.split import (
     MANIFEST_NAME,
     minimum_class_size,
-    parse_ratios,
     read_manifest,
     split_counts,
     split_dataset,
 )
+from crystalscope.data.split_settings import SplitSettings, parse_ratios
 from crystalscope.errors import CrystalscopeError, UserError
 
 DEFAULT = parse_ratios("0.70,0.25,0.05")
@@ -61,7 +61,7 @@ def _by_split(dest: Path) -> dict[str, set[str]]:
 def test_groups_never_straddle_splits_and_counts_move_by_fewest_files(
         synthetic_set: Path, tmp_path: Path) -> None:
     dest = tmp_path / "splits"
-    result = split_dataset(synthetic_set, dest, seed=5, workers=1)
+    result = split_dataset(synthetic_set, dest, SplitSettings(seed=5), workers=1)
     rows = read_manifest(dest / MANIFEST_NAME)
     splits_of_group = defaultdict(set)
     for row in rows:
@@ -83,7 +83,7 @@ def test_uneven_groups_move_only_the_unavoidable_files(sample_classes: Path,
                                                        tmp_path: Path) -> None:
     # PG: 9 files = groups of 5 and 3 and one single; targets 6/2/1
     dest = tmp_path / "s"
-    result = split_dataset(sample_classes, dest, seed=0, workers=1)
+    result = split_dataset(sample_classes, dest, SplitSettings(seed=0), workers=1)
     counts = result.report["counts"]["pg"]
     assert sum(counts.values()) == 9
     # 5 + 1 fill train (6); the group of 3 fits nowhere whole: it goes to valid (room 2).
@@ -110,9 +110,12 @@ def test_every_split_holds_a_class_of_at_least_three_groups(sizes: tuple[int, ..
 
 
 def test_same_seed_same_split_other_seed_other_split(synthetic_set: Path, tmp_path: Path) -> None:
-    first = _by_split(split_dataset(synthetic_set, tmp_path / "a", seed=1, workers=1).dest)
-    again = _by_split(split_dataset(synthetic_set, tmp_path / "b", seed=1, workers=1).dest)
-    other = _by_split(split_dataset(synthetic_set, tmp_path / "c", seed=2, workers=1).dest)
+    first = _by_split(split_dataset(synthetic_set, tmp_path / "a", SplitSettings(seed=1),
+                                    workers=1).dest)
+    again = _by_split(split_dataset(synthetic_set, tmp_path / "b", SplitSettings(seed=1),
+                                    workers=1).dest)
+    other = _by_split(split_dataset(synthetic_set, tmp_path / "c", SplitSettings(seed=2),
+                                    workers=1).dest)
     assert first == again
     assert first != other
 
@@ -122,7 +125,7 @@ def test_sorted_order_reproduces_the_original_lexicographic_split(tmp_path: Path
     from crystalscope.synth.crops import SynthSettings, synthesize
 
     synthesize(src, SynthSettings(per_class=23, size=40, seed=9), workers=1)
-    result = split_dataset(src, tmp_path / "dest", order="sorted", workers=1)
+    result = split_dataset(src, tmp_path / "dest", SplitSettings(order="sorted"), workers=1)
     assert result.report["files_moved_by_groups"] == 0
     splits = _by_split(result.dest)
     for name in ("cex", "pg"):
@@ -137,14 +140,14 @@ def test_sorted_order_reproduces_the_original_lexicographic_split(tmp_path: Path
 
 def test_link_mode_makes_hard_links(synthetic_copy: Path, tmp_path: Path) -> None:
     dest = tmp_path / "linked"
-    split_dataset(synthetic_copy, dest, mode="link", workers=1)
+    split_dataset(synthetic_copy, dest, SplitSettings(mode="link"), workers=1)
     row = read_manifest(dest / MANIFEST_NAME)[0]
     assert (dest / row.dest).stat().st_ino == Path(row.source).stat().st_ino
 
 
 def test_move_mode_moves_everything(synthetic_copy: Path, tmp_path: Path) -> None:
     dest = tmp_path / "moved"
-    split_dataset(synthetic_copy, dest, mode="move", workers=1)
+    split_dataset(synthetic_copy, dest, SplitSettings(mode="move"), workers=1)
     rows = read_manifest(dest / MANIFEST_NAME)
     assert len(rows) == 120
     assert not any(Path(r.source).exists() for r in rows)
@@ -175,7 +178,7 @@ def test_kill_during_move_loses_nothing_and_resume_finishes(synthetic_copy: Path
         assert all(file_sha256(p) == row.sha256 for p in places)
 
     with pytest.raises(UserError, match="--resume"):
-        split_dataset(synthetic_copy, dest, mode="move")
+        split_dataset(synthetic_copy, dest, SplitSettings(mode="move"))
     result = split_dataset(synthetic_copy, dest, resume=True)
     assert result.report["status"] == "complete"
     assert not any(Path(r.source).exists() for r in rows)
@@ -185,7 +188,7 @@ def test_kill_during_move_loses_nothing_and_resume_finishes(synthetic_copy: Path
 
 def test_resume_after_kill_between_copy_and_unlink(synthetic_copy: Path, tmp_path: Path) -> None:
     dest = tmp_path / "d"
-    split_dataset(synthetic_copy, dest, mode="copy", workers=1)
+    split_dataset(synthetic_copy, dest, SplitSettings(mode="copy"), workers=1)
     # pretend a --move was killed after copying and verifying, before removing the sources
     report_path = dest / "split.json"
     report_path.write_text(report_path.read_text().replace('"mode": "copy"', '"mode": "move"'))
@@ -275,7 +278,7 @@ def test_group_by_keeps_each_session_in_one_split(tmp_path: Path) -> None:
     import json
 
     source = _sessions(tmp_path / "images")
-    split_dataset(source, tmp_path / "by-regex", seed=3, group_by=r"/(s\d+)/")
+    split_dataset(source, tmp_path / "by-regex", SplitSettings(seed=3, group_by=r"/(s\d+)/"))
     per_session = _splits_per_key(tmp_path / "by-regex", lambda dest: dest.split("/")[2])
     assert len(per_session) == 12 and all(len(s) == 1 for s in per_session.values())
     assert {s for splits in per_session.values() for s in splits} == {"train", "valid", "test"}
@@ -286,23 +289,24 @@ def test_group_by_keeps_each_session_in_one_split(tmp_path: Path) -> None:
     table = tmp_path / "sessions.csv"
     files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*.png"))
     table.write_text("file,session\n" + "".join(f"{f},{f.split('/')[1]}\n" for f in files))
-    split_dataset(source, tmp_path / "by-csv", seed=3, group_file=table,
-                  group_column="session")
+    split_dataset(source, tmp_path / "by-csv",
+                  SplitSettings(seed=3, group_file=table, group_column="session"))
     per_session = _splits_per_key(tmp_path / "by-csv", lambda dest: dest.split("/")[2])
     assert all(len(s) == 1 for s in per_session.values())
     # without grouping, sessions straddle splits (so the test above can fail)
-    split_dataset(source, tmp_path / "plain", seed=3)
+    split_dataset(source, tmp_path / "plain", SplitSettings(seed=3))
     per_session = _splits_per_key(tmp_path / "plain", lambda dest: dest.split("/")[2])
     assert any(len(s) > 1 for s in per_session.values())
 
 
 def test_group_by_mistakes_get_one_line(synthetic_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a regular expression"):
-        split_dataset(synthetic_copy, tmp_path / "a", group_by="(unclosed")
+        split_dataset(synthetic_copy, tmp_path / "a", SplitSettings(group_by="(unclosed"))
     with pytest.raises(UserError, match="gives no file a group"):
-        split_dataset(synthetic_copy, tmp_path / "b", group_by=r"session(\d+)")
+        split_dataset(synthetic_copy, tmp_path / "b", SplitSettings(group_by=r"session(\d+)"))
     table = tmp_path / "t.csv"
     table.write_text("path,session\n")
     with pytest.raises(UserError, match="needs the columns file and session"):
-        split_dataset(synthetic_copy, tmp_path / "c", group_file=table, group_column="session")
+        split_dataset(synthetic_copy, tmp_path / "c",
+                      SplitSettings(group_file=table, group_column="session"))
     assert not any((tmp_path / n).exists() for n in "abc")

@@ -23,7 +23,7 @@ from crystalscope.infer.stream import ImageResult, predict_stream
 from crystalscope.monitor.run import Monitor, replay
 from crystalscope.monitor.trend import UNKNOWN, AlarmRule, Trend
 from crystalscope.synth.crops import SynthSettings, synthesize
-from crystalscope.synth.unknown import KINDS, parse_kinds, synthesize_unknown
+from crystalscope.synth.unknown import KINDS, UnknownSettings, parse_kinds, synthesize_unknown
 from crystalscope.unknown.detector import conformal_threshold, load_detector
 from crystalscope.unknown.scores import GaussianDistance, knn_distance
 
@@ -114,7 +114,8 @@ def test_conformal_threshold_holds_its_rate_on_average() -> None:
 
 def test_synth_unknown_writes_each_kind_the_same_way_every_time(tmp_path: Path) -> None:
     for name in ("a", "b"):
-        synthesize_unknown(tmp_path / name, per_kind=2, size=48, seed=4, workers=1)
+        synthesize_unknown(tmp_path / name, UnknownSettings(per_kind=2, size=48, seed=4),
+                           workers=1)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
     assert len(files) == 2 * len(KINDS)
     for file in files:
@@ -126,7 +127,7 @@ def test_synth_unknown_writes_each_kind_the_same_way_every_time(tmp_path: Path) 
     with pytest.raises(UserError, match="not one of"):
         parse_kinds("bubble,cat")
     with pytest.raises(UserError, match="not an empty folder"):
-        synthesize_unknown(tmp_path / "a", per_kind=1)
+        synthesize_unknown(tmp_path / "a", UnknownSettings(per_kind=1))
 
 
 # ----------------------------------------------------- a trained model (pg_detector fixture)
@@ -268,8 +269,9 @@ def test_monitor_counts_unknowns_apart_and_raises_unknown_particles(
     predictor = load_predictor(pg_detector)
     synthesize(tmp_path / "cex", SynthSettings(per_class=24, size=96, difficulty=0.0, seed=99),
                workers=1)
-    synthesize_unknown(tmp_path / "odd", per_kind=24, kinds=("natural",), size=96,
-                          seed=5, workers=1)
+    synthesize_unknown(tmp_path / "odd",
+                       UnknownSettings(per_kind=24, kinds=("natural",), size=96, seed=5),
+                       workers=1)
     crystals = sorted((tmp_path / "cex" / "cex").glob("*.png"))
     odd = [r.path for r in predict_stream(predictor, sorted((tmp_path / "odd").rglob("*.png")))
            if isinstance(r, ImageResult) and r.unknown]

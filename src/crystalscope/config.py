@@ -1,4 +1,4 @@
-"""Settings of each command as pydantic models, with YAML in and out."""
+"""The train settings (a :class:`~crystalscope.settings.Settings` model), with YAML in and out."""
 
 from __future__ import annotations
 
@@ -6,58 +6,85 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from crystalscope.errors import UserError
 from crystalscope.recipes import DEFAULT_RECIPE, RECIPES
-from crystalscope.settings import SettingsError, settings_error
+from crystalscope.settings import Settings, SettingsError
 
 
-class TrainConfig(BaseModel):
-    """Everything that decides a training run. Saved as ``config.yaml`` in the run."""
+class TrainConfig(Settings):
+    """Everything that decides a training run. Saved as ``config.yaml`` in the run.
 
-    model_config = ConfigDict(extra="forbid")
+    Each field's description is its help on the command line: ``train``'s options are made
+    from these fields (``cli/train.py``), so a new setting is one line here.
+    """
 
-    data: Path
-    recipe: str = DEFAULT_RECIPE
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: Path = Field(description="Split folder with train/ and valid/ (from `crystalscope "
+                                   "split`).")
+    recipe: str = Field(DEFAULT_RECIPE, description="fast (default: ours) or georgia (the "
+                                                    "original project's settings).")
     # What a recipe decides has no default here: the recipe (recipes.py, beside this file) is
     # the one place for it, so editing a default means editing the recipe.
-    model: str
-    weights: str = "imagenet"  # a fine-tuning tool starts from pretrained layers
-    image_size: int = Field(ge=16, le=1024)
-    trainable: float = Field(ge=0.0, le=1.0)
-    head: Literal["mlp", "linear"]
-    optimizer: Literal["sgd", "adamw"]
-    lr: float = Field(gt=0)
-    momentum: float = Field(ge=0, lt=1)
-    weight_decay: float = Field(ge=0)
-    scheduler: Literal["none", "cosine"]
-    batch_size: int = Field(ge=1)
-    augmentation: Literal["none", "dihedral", "georgia"]
-    # After training (evaluate, export, predict): average over the 8 rotations and flips.
-    tta: Literal["none", "dihedral"] = "none"
-    epochs: int = Field(ge=1)
-    f1_threshold: float = Field(gt=0, le=1.0)
-    patience: int = Field(ge=1)
-    fraction: float = Field(1.0, gt=0, le=1.0)
-    class_weights: Literal["none", "auto"] = "none"
-    seed: int = 0
-    num_workers: int = Field(0, ge=0)
-    cache: Literal["auto", "ram", "disk"] = "auto"  # disk: a memory-mapped file in runs_dir
-    trunk_cache: Literal["auto", "off"] = "auto"  # frozen trunk's outputs computed once
-    accelerator: str = "auto"
-    devices: str = "auto"
-    strategy: str = "auto"
-    num_nodes: int = Field(1, ge=1)
-    precision: str = "32-true"
-    compile: bool = False
-    channels_last: bool = True
-    runs_dir: Path = Path("runs")
-    name: str | None = None
-    evaluate: bool = True  # after training: evaluate on the test split (when there is one)
-    export: bool = True  # after training: model.safetensors + model.json + model.onnx
-    false_reject: float = Field(0.01, gt=0, lt=1)  # the unknown-detector's calibrated rate
-    allow_overlap: bool = False  # train even when crops are shared between splits (counted)
+    model: str = Field(description="Any timm model name, e.g. resnet101.")
+    weights: str = Field("imagenet", description="imagenet (needs internet), none (random "
+                                                 "init) or a local weights file.")
+    image_size: int = Field(ge=16, le=1024, description="Square input side in pixels.")
+    trainable: float = Field(ge=0.0, le=1.0, description="Fraction of the backbone's layers, "
+                                                         "from the top, that train.")
+    head: Literal["mlp", "linear"] = Field(description="mlp (the original's) or linear.")
+    optimizer: Literal["sgd", "adamw"] = Field(description="sgd or adamw.")
+    lr: float = Field(gt=0, description="Learning rate.")
+    momentum: float = Field(ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(ge=0, description="Weight decay.")
+    scheduler: Literal["none", "cosine"] = Field(description="none or cosine.")
+    batch_size: int = Field(ge=1, description="Images per batch.")
+    augmentation: Literal["none", "dihedral", "georgia"] = Field(
+        description="none, dihedral or georgia.")
+    tta: Literal["none", "dihedral"] = Field(
+        "none", description="Test-time averaging in the trained model (evaluate, export, "
+                            "predict): none, or dihedral (the mean over the 8 rotations and "
+                            "flips; 8x the inference compute).")
+    epochs: int = Field(ge=1, description="Most epochs to train.")
+    f1_threshold: float = Field(gt=0, le=1.0, description="Stop once every class's validation "
+                                                          "F1 reaches this.")
+    patience: int = Field(ge=1, description="Epochs without a lower val loss before stopping.")
+    fraction: float = Field(1.0, gt=0, le=1.0, description="Train on this fraction of the "
+                                                           "images (a quick rehearsal).")
+    class_weights: Literal["none", "auto"] = Field("none", description="none or auto (inverse "
+                                                                       "frequency).")
+    seed: int = Field(0, description="Same seed, data and machine: same metrics.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    cache: Literal["auto", "ram", "disk"] = Field(
+        "auto", description="Decoded images in ram, on disk (memory-mapped, for sets larger "
+                            "than RAM) or auto (disk when they would fill half the free "
+                            "memory).")
+    trunk_cache: Literal["auto", "off"] = Field(
+        "auto", description="auto: with trainable below 1 and dihedral or no augmentation, "
+                            "compute the frozen layers' outputs once and train only the top "
+                            "(much faster epochs); off.")
+    accelerator: str = Field("auto", description="cpu, gpu, auto … (Lightning).")
+    devices: str = Field("auto", description="Number of devices (one process each under "
+                                             "strategy ddp) or auto.")
+    strategy: str = Field("auto", description="auto, ddp, fsdp … (Lightning).")
+    num_nodes: int = Field(1, ge=1, description="Machines (Lightning).")
+    precision: str = Field("32-true", description="32-true, bf16-mixed, 16-mixed.")
+    compile: bool = Field(False, description="torch.compile the network (slower first epoch; "
+                                             "on a CPU needs a C++ compiler).")
+    channels_last: bool = Field(True, description="Feed the network in channels_last memory "
+                                                  "layout (faster convolutions).")
+    runs_dir: Path = Field(Path("runs"), description="Parent folder of runs.")
+    name: str | None = Field(None, description="Run name (default <model>-<date>-<time>).")
+    evaluate: bool = Field(True, description="Afterwards, evaluate on the test split (when "
+                                             "there is one).")
+    export: bool = Field(True, description="Afterwards, export safetensors + ONNX.")
+    false_reject: float = Field(0.01, gt=0, lt=1, description="Export: share of validation "
+                                "crystals the unknown-detector may call unknown.")
+    allow_overlap: bool = Field(False, description="Train even when the same crop (or a "
+                                "rotated or near copy) lies in two splits; it is counted and "
+                                "reported.")
 
 
 def resolve_train_config(options: dict[str, Any], config_file: Path | None = None) -> TrainConfig:
@@ -81,10 +108,7 @@ def resolve_train_config(options: dict[str, Any], config_file: Path | None = Non
     if merged.get("weights", "imagenet") == "none" and "trainable" not in {**from_file, **given}:
         # A recipe's frozen share assumes pretrained layers: frozen random layers are noise.
         merged["trainable"] = 1.0
-    try:
-        return TrainConfig(**merged)
-    except ValidationError as exc:
-        raise settings_error(exc) from None
+    return TrainConfig(**merged)
 
 
 def save_config(config: BaseModel, path: Path) -> None:
@@ -97,5 +121,5 @@ def load_train_config(path: Path) -> TrainConfig:
     """Read a run's ``config.yaml``."""
     try:
         return TrainConfig(**yaml.safe_load(Path(path).read_text(encoding="utf-8")))
-    except (OSError, yaml.YAMLError, ValidationError, TypeError) as exc:
+    except (OSError, yaml.YAMLError, SettingsError, TypeError) as exc:
         raise UserError(f"{path}: not a readable crystalscope run config ({exc})") from exc

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from crystalscope.data.check import scan_dataset, summarize
 from crystalscope.data.layout import split_path
 from crystalscope.data.split import split_dataset
+from crystalscope.data.split_settings import SplitSettings
 from crystalscope.errors import UserError
 from crystalscope.model.spec import RunLayout
 from crystalscope.synth.crops import SynthSettings, synthesize
@@ -49,7 +50,7 @@ def run_demo(folder: Path, *, per_class: int = DEMO_PER_CLASS, seed: int = 0,
         f"{report['label_conflicts']} label conflicts")
 
     say(f"3/8 split 60/20/20, duplicate groups kept together -> {splits}")
-    result = split_dataset(images, splits, ratios=DEMO_RATIOS, seed=seed)
+    result = split_dataset(images, splits, SplitSettings(ratios=DEMO_RATIOS, seed=seed))
     for name, counts in result.report["counts"].items():
         say(f"    {name}: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
 
@@ -203,9 +204,9 @@ def _unknown_images(folder: Path) -> list[Path]:
     import skimage.data
     from PIL import Image
 
-    from crystalscope.synth.unknown import synthesize_unknown
+    from crystalscope.synth.unknown import UnknownSettings, synthesize_unknown
 
-    synthesize_unknown(folder, per_kind=1, kinds=("bubble", "cube"), seed=1)
+    synthesize_unknown(folder, UnknownSettings(per_kind=1, kinds=("bubble", "cube"), seed=1))
     Image.fromarray(skimage.data.chelsea()).save(folder / "cat.png")
     Image.fromarray(np.full((151, 151), 60, np.uint8)).save(folder / "blank-frame.png")
     return [folder / "cat.png", folder / "blank-frame.png", folder / "bubble" / "bubble-0001.png",

@@ -105,7 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         err.print("aborted")
         sys.exit(130)
     except typer.TyperException as exc:  # usage errors (click's, vendored by Typer): exit 2
-        exc.show()
+        context = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" or not hasattr(exc, "format_message"):
+            exc.show()  # a bare group: its help
+        else:  # one line, as every other mistake
+            hint = f" (see {context.command_path} -h)" if context is not None else ""
+            err.print(f"[red]error:[/red] {escape(exc.format_message())}{escape(hint)}",
+                      highlight=False)
         sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("interrupted")

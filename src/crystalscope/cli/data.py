@@ -13,7 +13,6 @@ from rich.table import Table
 from crystalscope.cli.app import app, data_app
 from crystalscope.cli.options import AsJson, Workers
 from crystalscope.console import err, out, progress_bar
-from crystalscope.errors import UserError
 
 if TYPE_CHECKING:
     pass
@@ -135,10 +134,14 @@ def split(
     Nothing is overwritten; a killed run is finished with --resume.
     """
     from crystalscope.data.split import split_dataset
+    from crystalscope.data.split_settings import SplitSettings
 
     if link and move:
-        raise UserError("--link and --move: choose one (the default is to copy)")
-    mode = "link" if link else "move" if move else "copy"
+        raise typer.BadParameter("choose one of --link and --move (the default is to "
+                                 "copy)", param_hint="--link/--move")
+    settings = SplitSettings(ratios=ratios, seed=seed, order=order.value,
+                             mode="link" if link else "move" if move else "copy",
+                             group_by=group_by, group_file=group_file, group_column=group_column)
     with progress_bar() as progress:
         tasks: dict[str, int] = {}
 
@@ -147,10 +150,8 @@ def split(
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done)
 
-        result = split_dataset(src, dest, ratios=ratios, seed=seed, order=order.value, mode=mode,
-                               resume=resume, workers=workers, progress=report,
-                               group_by=group_by, group_file=group_file,
-                               group_column=group_column)
+        result = split_dataset(src, dest, settings, resume=resume, workers=workers,
+                               progress=report)
     if as_json:
         out.print_json(json.dumps(result.report))
         return

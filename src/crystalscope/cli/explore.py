@@ -53,7 +53,7 @@ def explore(
     k: Annotated[str, typer.Option("--k", help="k-means clusters, or auto (silhouette).")]
     = "4",
     neighbours: Annotated[int, typer.Option(
-        help="Links per image in graph.html (its most similar images).")] = 5,
+        min=1, help="Links per image in graph.html (its most similar images).")] = 5,
     zoom: Annotated[str | None, typer.Option(
         help="map.png shows only x0,x1,y0,y1 (map units, see the axes).")] = None,
     seed: Annotated[int, typer.Option(help="Same seed, same map and clusters.")] = 0,
@@ -71,8 +71,6 @@ def explore(
     from crystalscope.infer.predictor import load_predictor
     from crystalscope.vectors.backends import open_store
 
-    if neighbours < 1:
-        raise UserError(f"--neighbours {neighbours}: give at least 1")
     chosen_k, chosen_zoom = _parse_k(k), _parse_zoom(zoom)
     if store is not None:
         vector_store = open_store(store)
@@ -83,7 +81,7 @@ def explore(
             vector_store.close()
     else:
         if not paths:
-            raise UserError("give images (PATHS) or --store")
+            raise typer.BadParameter("give images, or --store", param_hint="PATHS")
         predictor = load_predictor(model, backend=backend.value)
         files = expand_paths(paths)
         with progress_bar() as progress:

@@ -24,7 +24,6 @@ from crystalscope.cli.options import (
     TtaOption,
 )
 from crystalscope.console import err, out, progress_bar
-from crystalscope.errors import UserError
 from crystalscope.vectors.backends import DEFAULT_STORE
 
 
@@ -41,7 +40,7 @@ def predict(
     output: Annotated[Path | None, typer.Option(
         help="Write to this new file instead of the screen.")] = None,
     backend: BackendOption = Backend.onnx,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
     classes: Annotated[str | None, typer.Option(
         help="Class names of a foreign ONNX model, in output order, e.g. cex,pg.")] = None,
     input_size: Annotated[int | None, typer.Option(
@@ -79,27 +78,21 @@ def predict(
         ParquetPredictionWriter,
         PredictionWriter,
         check_new_file,
+        check_output,
         open_output,
     )
     from crystalscope.infer.predictor import (
-        OUTPUT_KINDS,
         Preprocessing,
         load_predictor,
         parse_classes,
     )
     from crystalscope.infer.stream import Failure, predict_stream
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: give at least 1")
-    if outputs not in (None, *OUTPUT_KINDS):
-        raise UserError(f"--outputs {outputs}: use probabilities or logits")
     if engine == Engine.ray:
         from crystalscope.infer.ray_engine import check_engine
 
         check_engine("ray")  # before any output is written
-    if output_format == OutputFormat.parquet and output is None:
-        raise UserError("--format parquet: give --output FILE.parquet (Parquet is a binary "
-                        "file, not for the screen)")
+    check_output(output_format.value, output)
     load_options = {"classes": parse_classes(classes), "outputs": outputs,
                     "preprocessing": Preprocessing.for_foreign_model(input_size, layout,
                                                                      preprocess, mean, std),
@@ -107,9 +100,8 @@ def predict(
     predictor = load_predictor(model, backend=backend.value, **load_options)  # type: ignore[arg-type]
     for note in predictor.notes:
         err.print(f"[yellow]{note}[/yellow]")
-    if reject_unknown and predictor.unknown_detector is None:
-        raise UserError(f"--reject-unknown: {model} has no unknown-detector; export the run "
-                        "again (crystalscope export RUN) to fit one")
+    if reject_unknown:
+        predictor.require_unknown_detector("reject_unknown")
     files = expand_paths(paths)
     has_detector = predictor.unknown_detector is not None
     handle = None
@@ -170,7 +162,7 @@ def index_command(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or quoted globs.")],
     store: StoreOption = DEFAULT_STORE,
     backend: BackendOption = Backend.onnx,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
     as_json: AsJson = False,
     engine: EngineOption = Engine.local,
     ray_address: RayAddressOption = None,
@@ -186,8 +178,6 @@ def index_command(
     from crystalscope.vectors.backends import open_store
     from crystalscope.vectors.indexing import index_images
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: give at least 1")
     predictor = load_predictor(model, backend=backend.value)
     files = expand_paths(paths)
     if engine == Engine.ray:
@@ -237,7 +227,8 @@ def index_command(
                     "--html similar.html")
 def similar(
     model: Annotated[Path, typer.Argument(help="The model the store was indexed with.")],
-    image: Annotated[Path, typer.Argument(help="The query image.")],
+    image: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                          help="The query image.")],
     k: Annotated[int, typer.Option("-k", help="How many neighbours.")] = 5,
     store: StoreOption = DEFAULT_STORE,
     only_class: Annotated[str | None, typer.Option(
@@ -253,8 +244,6 @@ def similar(
     from crystalscope.vectors.backends import open_store
     from crystalscope.vectors.indexing import find_similar, similar_html
 
-    if not image.is_file():
-        raise UserError(f"{image}: no such image")
     predictor = load_predictor(model, backend=backend.value)
     handle = open_output(html_path)  # refuse an existing file before any work
     vector_store = open_store(store)

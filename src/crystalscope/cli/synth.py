@@ -71,14 +71,13 @@ def synth_unknown(
     Writes OUT/<kind>/<kind>-0001.png … and OUT/unknown.json.
     """
     from crystalscope.synth.crops import parse_difficulty
-    from crystalscope.synth.unknown import parse_kinds, synthesize_unknown
+    from crystalscope.synth.unknown import UnknownSettings, parse_kinds, synthesize_unknown
 
-    chosen = parse_kinds(kinds)
+    settings = UnknownSettings(per_kind=per_kind, kinds=parse_kinds(kinds), size=size,
+                               difficulty=parse_difficulty(difficulty), seed=seed)
     with progress_bar() as progress:
-        task = progress.add_task("synth unknown", total=per_kind * len(chosen))
-        summary = synthesize_unknown(out_dir, per_kind=per_kind, kinds=chosen, size=size,
-                                     difficulty=parse_difficulty(difficulty), seed=seed,
-                                     workers=workers,
+        task = progress.add_task("synth unknown", total=settings.per_kind * len(settings.kinds))
+        summary = synthesize_unknown(out_dir, settings, workers=workers,
                                      progress=lambda n: progress.advance(task, n))
     err.print(f"wrote {len(summary['files'])} images to {out_dir} "
               f"({', '.join(f'{k}: {v}' for k, v in summary['kinds'].items())}) and "

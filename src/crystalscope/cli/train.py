@@ -2,97 +2,50 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
+from pydantic import BaseModel
 
 from crystalscope.cli.app import app
 from crystalscope.cli.options import AsJson, TtaOption
+from crystalscope.config import TrainConfig
 from crystalscope.console import err, out, progress_bar
-from crystalscope.errors import UserError
 
 if TYPE_CHECKING:
     from crystalscope.evaluate.stage import Evaluation
 
-@app.command(epilog="Example: crystalscope train splits/ --model resnet18 --image-size 64 "
-                    "--weights none --epochs 5 --name quick")
-def train(
-    data: Annotated[Path | None, typer.Argument(
-        metavar="DATA", help="Split folder with train/ and valid/ (from `crystalscope split`).")]
-    = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file with any of these options.")]
-    = None,
-    recipe: Annotated[str | None, typer.Option(
-        help="fast (default: ours) or georgia (the original project's settings).")] = None,
-    model: Annotated[str | None, typer.Option(help="Any timm model name, e.g. resnet101.")]
-    = None,
-    weights: Annotated[str | None, typer.Option(
-        help="imagenet (needs internet), none (random init) or a local weights file.")] = None,
-    trainable: Annotated[float | None, typer.Option(
-        help="Fraction of the backbone's layers, from the top, that train.")] = None,
-    head: Annotated[str | None, typer.Option(help="mlp (the original's) or linear.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Square input side in pixels.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw.")] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD momentum.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="none or cosine.")] = None,
-    augmentation: Annotated[str | None, typer.Option(help="none, dihedral or georgia.")] = None,
-    tta: Annotated[str | None, typer.Option(
-        help="Test-time averaging in the trained model (evaluate, export, predict): none, or "
-             "dihedral (the mean over the 8 rotations and flips; 8x the inference compute).")]
-    = None,
-    epochs: Annotated[int | None, typer.Option(help="Most epochs to train.")] = None,
-    f1_threshold: Annotated[float | None, typer.Option(
-        help="Stop once every class's validation F1 reaches this.")] = None,
-    patience: Annotated[int | None, typer.Option(help="Epochs without a lower val loss "
-                                                      "before stopping.")] = None,
-    fraction: Annotated[float | None, typer.Option(
-        help="Train on this fraction of the images (a quick rehearsal).")] = None,
-    class_weights: Annotated[str | None, typer.Option(help="none or auto (inverse frequency).")]
-    = None,
-    seed: Annotated[int | None, typer.Option(help="Same seed, data and machine: same "
-                                                  "metrics.")] = None,
-    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
-    cache: Annotated[str | None, typer.Option(
-        help="Decoded images in ram, on disk (memory-mapped, for sets larger than RAM) or "
-             "auto (disk when they would fill half the free memory).")] = None,
-    trunk_cache: Annotated[str | None, typer.Option(
-        help="auto: with --trainable below 1 and dihedral or no augmentation, compute the "
-             "frozen layers' outputs once and train only the top (much faster epochs); off.")]
-    = None,
-    accelerator: Annotated[str | None, typer.Option(help="cpu, gpu, auto … (Lightning).")]
-    = None,
-    devices: Annotated[str | None, typer.Option(
-        help="Number of devices (one process each under --strategy ddp) or auto.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="auto, ddp, fsdp … (Lightning).")] = None,
-    num_nodes: Annotated[int | None, typer.Option(help="Machines (Lightning).")] = None,
-    precision: Annotated[str | None, typer.Option(help="32-true, bf16-mixed, 16-mixed.")]
-    = None,
-    compile: Annotated[bool | None, typer.Option(
-        "--compile/--no-compile",
-        help="torch.compile the network (slower first epoch; on a CPU needs a C++ compiler).")]
-    = None,
-    runs_dir: Annotated[Path | None, typer.Option(help="Parent folder of runs.")] = None,
-    name: Annotated[str | None, typer.Option(help="Run name (default <model>-<date>-<time>).")]
-    = None,
-    evaluate: Annotated[bool | None, typer.Option(
-        "--evaluate/--no-evaluate", help="Afterwards, evaluate on the test split.")] = None,
-    export: Annotated[bool | None, typer.Option(
-        "--export/--no-export", help="Afterwards, export safetensors + ONNX.")] = None,
-    false_reject: Annotated[float | None, typer.Option(
-        help="Export: share of validation crystals the unknown-detector may call unknown "
-             "(default 0.01).")] = None,
-    resume: Annotated[Path | None, typer.Option(
-        help="Continue this run directory from its last checkpoint.")] = None,
-    allow_overlap: Annotated[bool | None, typer.Option(
-        "--allow-overlap", help="Train even when the same crop (or a rotated or near copy) "
-                                "lies in two splits; it is counted and reported.")] = None,
-    as_json: AsJson = False,
-) -> None:
+def _option_type(annotation: Any) -> Any:
+    """The command-line type of a settings field: choices (Literal) are read as text and
+    checked by the settings, with the same message as in a config file."""
+    kind = annotation
+    if get_origin(annotation) in (Union, UnionType):  # X | None: X
+        kind = next(a for a in get_args(annotation) if a is not type(None))
+    return str if get_origin(kind) is Literal else kind
+
+
+def setting_options(settings: type[BaseModel], skip: tuple[str, ...] = ()
+                    ) -> list[inspect.Parameter]:
+    """One ``--flag`` per field of ``settings`` (``--flag/--no-flag`` for a yes/no field),
+    its description as help, ``None`` when not given (then the recipe or file decides)."""
+    options = []
+    for name, field in settings.model_fields.items():
+        if name in skip:
+            continue
+        kind = _option_type(field.annotation)
+        flag = name.replace("_", "-")
+        declared = [f"--{flag}/--no-{flag}"] if kind is bool else [f"--{flag}"]
+        options.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[kind | None, typer.Option(*declared, help=field.description)]))
+    return options
+
+
+def train(**given: Any) -> None:
     """Fine-tune a timm backbone on a split folder; write runs/<name>/.
 
     Every epoch prints precision, recall and F1 per class (train and valid) and appends a row
@@ -104,22 +57,10 @@ def train(
     from crystalscope.config import resolve_train_config
     from crystalscope.train.run import train as train_run
 
-    options = dict(  # every TrainConfig field that has a flag (tests/test_cli.py checks it)
-        data=data, recipe=recipe, model=model, weights=weights, trainable=trainable, head=head,
-        image_size=image_size, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
-        augmentation=augmentation, tta=tta, epochs=epochs, f1_threshold=f1_threshold,
-        patience=patience, fraction=fraction, class_weights=class_weights, seed=seed,
-        num_workers=num_workers, cache=cache, trunk_cache=trunk_cache, accelerator=accelerator,
-        devices=devices, strategy=strategy, num_nodes=num_nodes, precision=precision,
-        compile=compile, runs_dir=runs_dir, name=name, evaluate=evaluate, export=export,
-        false_reject=false_reject, allow_overlap=allow_overlap)
-    if resume is None:
-        if data is None:
-            raise UserError("give the split folder DATA, or --resume RUN")
-        settings = resolve_train_config(options, config)
-    else:
-        settings = None
+    config, resume, as_json = given.pop("config"), given.pop("resume"), given.pop("as_json")
+    if resume is None and given["data"] is None:
+        raise typer.BadParameter("give the split folder, or --resume RUN", param_hint="DATA")
+    settings = None if resume is not None else resolve_train_config(given, config)
     result = train_run(settings, resume=resume)  # type: ignore[arg-type]
     if not result.primary:
         return  # a helper process of a DDP run: the first process reports
@@ -152,6 +93,24 @@ def train(
         out.print(note)
 
 
+
+
+train.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                      annotation=Annotated[Path | None, typer.Argument(
+                          metavar="DATA", help=TrainConfig.model_fields["data"].description)]),
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[Path | None, typer.Option(
+                          help="YAML file with any of these options.")]),
+    *setting_options(TrainConfig, skip=("data",)),
+    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[Path | None, typer.Option(
+                          help="Continue this run directory from its last checkpoint.")]),
+    inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False,
+                      annotation=AsJson),
+])
+app.command(epilog="Example: crystalscope train splits/ --model resnet18 --image-size 64 "
+                   "--weights none --epochs 5 --name quick")(train)
 
 
 def _print_evaluation(evaluation: Evaluation) -> None:
@@ -220,8 +179,6 @@ def export(
     from crystalscope.export.stage import export_run
     from crystalscope.unknown.detector import unknown_summary
 
-    if not 0 < false_reject < 1:
-        raise UserError(f"--false-reject {false_reject}: give a rate between 0 and 1, e.g. 0.01")
     with err.status("exporting (ONNX export and parity check)"):
         result = export_run(run, out_dir, int8=int8, false_reject=false_reject,
                             tta=tta.value if tta else None)

@@ -85,13 +85,12 @@ def join_groups(groups: Sequence[int], keys: Sequence[str | None]) -> list[int]:
 
 def apply_group_keys(scan: DatasetScan, group_by: str | None, group_file: Path | None,
                      group_column: str) -> dict | None:
-    """Join the scan's duplicate groups by ``--group-by`` REGEX (over each file's path
-    relative to the class folders' parent, e.g. ``cex/session3/f12_c4.png``) or by
-    ``--group-file`` CSV's ``group_column``; what was done, for split.json (None: neither)."""
+    """Join the scan's duplicate groups by ``group_by`` (a regular expression over each
+    file's path relative to the class folders' parent, e.g. ``cex/session3/f12_c4.png``) or by
+    ``group_file``'s ``group_column`` (one of them: ``SplitSettings`` checks it); what was
+    done, for split.json (None: neither)."""
     if group_by is None and group_file is None:
         return None
-    if group_by is not None and group_file is not None:
-        raise UserError("--group-by and --group-file: choose one")
     parent = find_class_root(scan.root)
     names = [r.path.relative_to(parent).as_posix() for r in scan.records]
     keys = (keys_from_regex(names, group_by) if group_by is not None

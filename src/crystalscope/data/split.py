@@ -25,24 +25,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
 
 from crystalscope.data.check import DatasetScan, FileRecord, scan_dataset
 from crystalscope.data.dedupe import file_sha256
 from crystalscope.data.grouping import apply_group_keys
 from crystalscope.data.layout import SPLIT_NAMES, count_files, find_class_root
+from crystalscope.data.split_settings import Mode, Order, SplitSettings
 from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.parallel import threaded_map
-from crystalscope.settings import SettingsError
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-Mode = Literal["copy", "link", "move"]
-Order = Literal["shuffle", "sorted"]
 MANIFEST_NAME = "manifest.csv"
 REPORT_NAME = "split.json"
 PART_SUFFIX = ".crystalscope-part"
 MANIFEST_FIELDS = ("source", "dest", "sha256", "group", "split", "class")
-DEFAULT_RATIOS = "0.70,0.25,0.05"
 # Testing aid: seconds to sleep after each file, so a test can kill the process mid-way.
 _DELAY_ENV = "CRYSTALSCOPE_SPLIT_FILE_DELAY"
 
@@ -85,24 +81,6 @@ class SplitPlan:
         return sum(
             max(0, self.counts[c][s] - self.targets[c][s]) for c in self.counts for s in SPLIT_NAMES
         )
-
-
-def parse_ratios(text: str) -> tuple[Fraction, Fraction, Fraction]:
-    """Parse ``"0.70,0.25,0.05"``: three non-negative numbers that sum to 1, train and valid > 0."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        ratios = tuple(Fraction(p) for p in parts)
-    except (ValueError, ZeroDivisionError):
-        raise SettingsError("ratios", f"give three numbers such as {DEFAULT_RATIOS}",
-                            repr(text)) from None
-    if len(ratios) != 3:
-        raise SettingsError("ratios", "give exactly three numbers (train,valid,test)", repr(text))
-    if any(r < 0 for r in ratios) or ratios[0] == 0 or ratios[1] == 0:
-        raise SettingsError("ratios", "train and valid must be > 0 and test >= 0", repr(text))
-    if abs(sum(ratios) - 1) > Fraction(1, 10**6):
-        total = float(sum(ratios))
-        raise SettingsError("ratios", f"the three numbers sum to {total:g}, not 1", repr(text))
-    return ratios  # type: ignore[return-value]
 
 
 def split_counts(n: int, ratios: tuple[Fraction, Fraction, Fraction]) -> dict[str, int]:
@@ -366,17 +344,15 @@ def _check_new_destination(src: Path, dest: Path) -> None:
         raise UserError(f"{dest}: is inside the source folder {src}; choose a folder outside it")
 
 
-def split_dataset(src: Path, dest: Path, *, ratios: str = DEFAULT_RATIOS, seed: int = 0,
-                  order: Order = "shuffle", mode: Mode = "copy", resume: bool = False,
-                  workers: int | None = None, progress: Progress | None = None,
-                  group_by: str | None = None, group_file: Path | None = None,
-                  group_column: str = "group") -> SplitResult:
-    """Split ``src`` (class folders) into ``dest/{train,valid,test}/<class>/``.
-
-    ``group_by``/``group_file``: files with one key go to one split (:mod:`.grouping`).
+def split_dataset(src: Path, dest: Path, settings: SplitSettings | None = None, *,
+                  resume: bool = False, workers: int | None = None,
+                  progress: Progress | None = None) -> SplitResult:
+    """Split ``src`` (class folders) into ``dest/{train,valid,test}/<class>/`` as ``settings``
+    say (default: :class:`SplitSettings`' defaults); ``group_by``/``group_file``: files with
+    one key go to one split (:mod:`.grouping`).
 
     With ``resume``, finish the split recorded in ``dest/manifest.csv`` instead (its own mode
-    and plan; the other arguments are ignored). ``progress(stage, done, total)`` is called as
+    and plan; ``settings`` are ignored). ``progress(stage, done, total)`` is called as
     files are scanned and transferred.
     """
     src, dest = Path(src), Path(dest)
@@ -391,20 +367,21 @@ def split_dataset(src: Path, dest: Path, *, ratios: str = DEFAULT_RATIOS, seed: 
             raise UserError(f"{dest / REPORT_NAME}: cannot read the split's settings ({exc})") \
                 from exc
     else:
-        if mode not in ("copy", "link", "move"):
-            raise UserError(f"mode {mode!r}: use copy, link or move")
+        settings = settings or SplitSettings()
         _check_new_destination(src, dest)
-        parsed = parse_ratios(ratios)
         scan = scan_dataset(src, workers=workers,
                             progress=_counting(progress, "scan", count_files(src)))
         for record in scan.records:  # grouped: the plan needs the groups, not the prints
             record.pixel_digest = record.phashes = None  # ~190 MB at 10^6 files
-        grouping = apply_group_keys(scan, group_by, group_file, group_column)
-        plan = plan_split(scan, parsed, seed=seed, order=order)
+        grouping = apply_group_keys(scan, settings.group_by, settings.group_file,
+                                    settings.group_column)
+        plan = plan_split(scan, settings.parsed_ratios, seed=settings.seed,
+                          order=settings.order)
         rows = plan.rows
-        settings = {"source": str(src.resolve()), "mode": mode, "ratios": ratios, "seed": seed,
-                    "order": order, **({"group_by": grouping} if grouping else {})}
-        report = _plan_report(plan, settings)
+        recorded = {"source": str(src.resolve()), "mode": settings.mode,
+                    "ratios": settings.ratios, "seed": settings.seed, "order": settings.order,
+                    **({"group_by": grouping} if grouping else {})}
+        report = _plan_report(plan, recorded)
         dest.mkdir(parents=True, exist_ok=True)
         _write_report(dest, report)
         write_manifest(rows, manifest_path)  # before any file moves

@@ -32,6 +32,7 @@ from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
+from crystalscope.settings import SettingsError
 from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
 from crystalscope.unknown.fitting import NoTrainingData, fit_run_detector
 
@@ -132,6 +133,9 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
     whether the network — ONNX graph, rebuilt model and the detector's statistics — averages
     each crop's 8 rotations and flips.
     """
+    if not 0 < false_reject < 1:
+        raise SettingsError("false_reject", "give a rate between 0 and 1, e.g. 0.01",
+                            false_reject)
     run = load_run(run_dir, tta=tta)
     out_dir = Path(out_dir or run.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -167,6 +167,13 @@ def check_new_file(path: Path) -> Path:
     return path
 
 
+def check_output(output_format: str, path: Path | None) -> None:
+    """A binary format goes to a file, never to the screen."""
+    if output_format == "parquet" and path is None:
+        raise SettingsError("output", "give a FILE.parquet for the parquet format (a binary "
+                            "file, not for the screen)")
+
+
 def open_output(path: Path | None) -> TextIO | None:
     """A new file for --output (an existing file is never replaced)."""
     if path is None:

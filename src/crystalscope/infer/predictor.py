@@ -158,6 +158,12 @@ class Predictor:
     def input_size(self) -> int:
         return self.spec.input_size
 
+    def require_unknown_detector(self, setting: str) -> None:
+        """Refuse ``setting`` (a field that needs the detector) for a model without one."""
+        if self.unknown_detector is None:
+            raise SettingsError(setting, f"{self.source} has no unknown-detector; export the "
+                                "run again (crystalscope export RUN) to fit one")
+
     def predict(self, images: np.ndarray) -> Outputs:
         """uint8 RGB (N, 3, S, S) -> probabilities, embeddings and unknown scores."""
         if self.added_tta == "dihedral":
@@ -226,9 +232,9 @@ def _output_kind(path: Path, output_name: str, given: OutputKind | None,
         return metadata["outputs"]
     if output_name == "probabilities":  # crystalscope's own exports
         return "probabilities"
-    raise UserError(f"{path}: say what its output {output_name!r} holds: --outputs "
-                    "probabilities (a softmax or sigmoid is applied in the model) or --outputs "
-                    "logits")
+    raise SettingsError("outputs", f"{path}: say what its output {output_name!r} holds: "
+                        "probabilities (a softmax or sigmoid is applied in the model) or "
+                        "logits")
 
 
 def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onnx",
@@ -334,6 +340,8 @@ def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str]
     ``none`` on a model that averages inside its graph is refused (export it with
     ``--tta none``).
     """
+    if outputs not in (None, *OUTPUT_KINDS):
+        raise SettingsError("outputs", "use probabilities or logits", outputs)
     predictor = _load_predictor(model, backend=backend, classes=classes,
                                 preprocessing=preprocessing, outputs=outputs, threads=threads)
     if tta is None or tta == predictor.built_in_tta:

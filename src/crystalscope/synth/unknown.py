@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field, field_validator
 from scipy import ndimage
 
 from crystalscope.errors import UserError
 from crystalscope.parallel import ordered_map
-from crystalscope.settings import SettingsError
+from crystalscope.settings import Settings, SettingsError
 from crystalscope.synth.draw import background, finish
 from crystalscope.synth.scenes import needle_scene, render_cex, render_pg
 
@@ -139,8 +140,8 @@ def parse_kinds(text: str | None) -> tuple[str, ...]:
         elif part in KINDS:
             kinds.append(part)
         else:
-            raise UserError(f"--kinds {text}: {part!r} is not one of {', '.join(KINDS)}, "
-                            "near, far or all")
+            raise SettingsError("kinds", f"{part!r} is not one of {', '.join(KINDS)}, near, "
+                                "far or all", text)
     return tuple(dict.fromkeys(kinds))
 
 
@@ -153,17 +154,30 @@ def _render_and_write(job: tuple[str, int, int, float, int, str]) -> str:
     return name
 
 
-def synthesize_unknown(out: Path, *, per_kind: int = 50, kinds: tuple[str, ...] = KINDS,
-                          size: int = 151, difficulty: float = 0.3, seed: int = 0,
-                          workers: int | None = None,
-                          progress: Callable[[int], None] | None = None) -> dict:
+class UnknownSettings(Settings):
+    """What ``synth unknown`` draws: ``per_kind`` images of each of ``kinds``."""
+
+    per_kind: int = Field(50, ge=1)
+    kinds: tuple[str, ...] = KINDS
+    size: int = Field(151, ge=32, le=2048)
+    difficulty: float = Field(0.3, ge=0.0, le=1.0)
+    seed: int = 0
+
+    @field_validator("kinds")
+    @classmethod
+    def _known(cls, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        if not kinds:
+            raise ValueError("give at least one kind")
+        return parse_kinds(",".join(kinds))
+
+
+def synthesize_unknown(out: Path, settings: UnknownSettings | None = None, *,
+                       workers: int | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict:
     """Write ``per_kind`` images of each kind under ``out/<kind>/`` and ``out/unknown.json``."""
-    if per_kind < 1:
-        raise SettingsError("per_kind", "give at least 1", per_kind)
-    if not 32 <= size <= 2048:
-        raise SettingsError("size", "give a side between 32 and 2048 pixels", size)
-    if not 0.0 <= difficulty <= 1.0:
-        raise SettingsError("difficulty", "give 0..1", difficulty)
+    settings = settings or UnknownSettings()
+    per_kind, kinds, size = settings.per_kind, settings.kinds, settings.size
+    difficulty, seed = settings.difficulty, settings.seed
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists and is not an empty folder; choose a new folder")
