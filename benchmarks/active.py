@@ -30,6 +30,7 @@ from sklearn.metrics import f1_score
 
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
+from crystalscope.data.split_settings import SplitSettings
 from crystalscope.infer.predictor import Predictor, load_predictor
 from crystalscope.infer.stream import predict_stream
 from crystalscope.label.ordering import active_order
@@ -51,7 +52,7 @@ def load_set(folder: Path, per_class: int, seed: int, predictor: Predictor | Non
 def earlier_model(folder: Path) -> Predictor:
     """A ResNet-18 trained for 8 epochs on 150 crops per class of another seed, exported."""
     synthesize(folder / "images", SynthSettings(per_class=150, seed=99))
-    split_dataset(folder / "images", folder / "splits", seed=99)
+    split_dataset(folder / "images", folder / "splits", SplitSettings(seed=99))
     config = resolve_train_config({
         "data": folder / "splits", "runs_dir": folder / "runs", "name": "earlier",
         "model": "resnet18", "weights": "none", "image_size": 64, "trainable": 1.0,

@@ -27,12 +27,14 @@ def measure_training(root: Path, args: argparse.Namespace) -> Path:
     """Train with crystalscope's `train`; print images/s per epoch; return the run folder."""
     from crystalscope.config import resolve_train_config
     from crystalscope.data.split import split_dataset
+    from crystalscope.data.split_settings import SplitSettings
     from crystalscope.synth.crops import SynthSettings, synthesize
     from crystalscope.train.run import train
 
     start = time.perf_counter()
     synthesize(root / "images", SynthSettings(per_class=args.per_class, seed=0))
-    split = split_dataset(root / "images", root / "splits", ratios="0.8,0.2,0", seed=0)
+    split = split_dataset(root / "images", root / "splits",
+                          SplitSettings(ratios="0.8,0.2,0", seed=0))
     counts = split.report["counts"]
     n_train = sum(c["train"] for c in counts.values())
     n_valid = sum(c["valid"] for c in counts.values())

@@ -32,6 +32,7 @@ from PIL import Image
 from crystalscope.config import resolve_train_config
 from crystalscope.data.layout import is_image_name
 from crystalscope.data.split import split_dataset
+from crystalscope.data.split_settings import SplitSettings
 from crystalscope.evaluate.report import wilson_interval
 from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
@@ -56,7 +57,7 @@ def real_crops(folder: Path) -> list[tuple[Path, str]]:
 def train_on_synthetic(folder: Path, *, per_class: int, epochs: int, size: int, seed: int,
                        tta: str = "dihedral") -> Path:
     synthesize(folder / "images", SynthSettings(per_class=per_class, seed=seed))
-    split_dataset(folder / "images", folder / "splits", seed=seed)
+    split_dataset(folder / "images", folder / "splits", SplitSettings(seed=seed))
     config = resolve_train_config({
         "data": folder / "splits", "runs_dir": folder / "runs", "name": "realism",
         "model": "resnet18", "weights": "none", "image_size": size, "trainable": 1.0,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
+from crystalscope.data.split_settings import SplitSettings
 from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.train.run import train
@@ -56,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         synthesize(folder / "images", SynthSettings(per_class=args.per_class, seed=args.seed))
-        split_dataset(folder / "images", folder / "splits", seed=args.seed)
+        split_dataset(folder / "images", folder / "splits", SplitSettings(seed=args.seed))
         print(f"fast recipe ({args.model}@{args.size}, dihedral), {2 * args.per_class} crops, "
               f"{args.epochs} epochs, seed {args.seed}")
         for trainable in args.trainable:

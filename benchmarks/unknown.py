@@ -28,7 +28,8 @@ from sklearn.metrics import roc_auc_score
 from crystalscope.config import resolve_train_config
 from crystalscope.data.decoded import build_cache
 from crystalscope.data.split import split_dataset
-from crystalscope.export.stage import export_run
+from crystalscope.data.split_settings import SplitSettings
+from crystalscope.export.stage import ExportSettings, export_run
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.inference import LoadedRun, load_run, run_batches
 from crystalscope.synth.crops import SynthSettings, synthesize
@@ -49,7 +50,7 @@ def train_model(folder: Path, per_class: int, difficulty: float, seed: int) -> P
     synthesize(folder / "images", SynthSettings(per_class=per_class, size=SIZE,
                                                 uniform_size=SIZE, difficulty=difficulty,
                                                 seed=seed))
-    split_dataset(folder / "images", folder / "splits", seed=seed)
+    split_dataset(folder / "images", folder / "splits", SplitSettings(seed=seed))
     config = resolve_train_config({
         "data": folder / "splits", "runs_dir": folder / "runs", "name": "unknown",
         "model": "resnet18", "weights": "none", "image_size": SIZE, "trainable": 1.0,
@@ -111,7 +112,7 @@ def measure(name: str, score: Callable[[dict], np.ndarray], sets: dict[str, dict
 
 def one_seed(folder: Path, seed: int, args: argparse.Namespace) -> list[dict]:
     run_dir = train_model(folder, args.per_class, args.difficulty, seed)
-    export = export_run(run_dir, false_reject=args.false_reject)
+    export = export_run(run_dir, settings=ExportSettings(false_reject=args.false_reject))
     print("  " + f"detector: {export.unknown_detector['calibration']}")
     synthesize(folder / "fresh", SynthSettings(per_class=args.fresh, size=SIZE,
                                                uniform_size=SIZE, difficulty=args.difficulty,

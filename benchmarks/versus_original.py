@@ -34,7 +34,7 @@ import torch
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
 from crystalscope.data.split_settings import SplitSettings
-from crystalscope.export.stage import export_run
+from crystalscope.export.stage import ExportSettings, export_run
 from crystalscope.recipes import RECIPES
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.train.run import train
@@ -75,7 +75,7 @@ def trained_model(splits: Path, runs: Path, recipe: str, model: str, size: int,
         "weights": "none", "trainable": RECIPES[recipe]["trainable"], "evaluate": False,
         "export": False, "seed": 0})
     run_dir = train(config, quiet=True).run_dir
-    export_run(run_dir, int8=True)
+    export_run(run_dir, settings=ExportSettings(int8=True))
     return run_dir
 
 

@@ -198,18 +198,21 @@ def test_table_caches_stay_bounded_with_many_window_sizes() -> None:
     assert rules.log_likelihood_ratio.cache_info().currsize <= 512
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"min_shift": -0.1}, "--min-shift"),
-    ({"arl0": 1}, "--arl0"),
-    ({"rule": "laney"}, "--rule"),
-    ({"dispersion": 1.5}, "--dispersion"),
-    ({"false_positive_rate": 0.0}, "needs a rate above 0"),
+@pytest.mark.parametrize(("options", "field"), [
+    ({"min_shift": -0.1}, "min_shift"),
+    ({"arl0": 1}, "arl0"),
+    ({"rule": "laney"}, "rule"),
+    ({"dispersion": 1.5}, "dispersion"),
+    ({"false_positive_rate": 0.0}, "false_positive_rate"),
 ])
-def test_bad_rule_settings_are_refused_with_the_option_named(options: dict,
-                                                             message: str) -> None:
+def test_bad_rule_settings_are_refused_with_the_field_named(options: dict, field: str) -> None:
+    from crystalscope.settings import SettingsError
+
     settings = {"positive": "pg", "false_positive_rate": 0.05, **options}
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(SettingsError) as caught:
         Trend(["cex", "pg"], AlarmRule(**settings))
+    assert caught.value.field == field and "--" not in str(caught.value)
+    assert caught.value.for_flags().startswith("--" + field.replace("_", "-"))
 
 
 # ----------------------------------------------------------------------------- the seam

@@ -19,7 +19,7 @@ from crystalscope.errors import UserError
 from crystalscope.export import onnx as onnx_export
 from crystalscope.export.metadata import read_metadata
 from crystalscope.export.onnx import ExportParityError
-from crystalscope.export.stage import export_run, parity_images
+from crystalscope.export.stage import ExportSettings, export_run, parity_images
 from crystalscope.export.weights import load_model
 from crystalscope.model.inference import load_run
 
@@ -183,7 +183,7 @@ def test_int8_export_is_quantised_close_and_usable(trained_run: Path, tmp_path: 
     from crystalscope.export.stage import int8_comparison
     from crystalscope.infer.predictor import load_predictor
 
-    result = export_run(trained_run, tmp_path, int8=True)
+    result = export_run(trained_run, tmp_path, ExportSettings(int8=True))
     int8_path = result.files["model.int8.onnx"]
     model = onnx.load(str(int8_path))
     assert any(node.op_type == "QuantizeLinear" for node in model.graph.node)

@@ -53,7 +53,7 @@ def test_exported_files_predict_like_the_run(exported_run: Path) -> None:
 
 def test_openvino_runs_the_same_model_as_onnx_runtime(exported_run: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from crystalscope.export.stage import export_run
+    from crystalscope.export.stage import ExportSettings, export_run
 
     images = sorted((exported_run.parent.parent / "splits").rglob("*.png"))[:19]  # 8 + 8 + 3
     fp32 = {backend: list(predict_stream(load_predictor(exported_run, backend=backend), images,
@@ -63,7 +63,7 @@ def test_openvino_runs_the_same_model_as_onnx_runtime(exported_run: Path, tmp_pa
         assert np.abs(a.embedding - b.embedding).max() <= 1e-3 * max(1, np.abs(a.embedding).max())
         assert a.unknown_score == pytest.approx(b.unknown_score, rel=1e-3, abs=1e-4)
     # int8: the two runtimes round differently, but run the same quantised model
-    int8 = export_run(exported_run, tmp_path, int8=True).files["model.int8.onnx"]
+    int8 = export_run(exported_run, tmp_path, ExportSettings(int8=True)).files["model.int8.onnx"]
     runs = [list(predict_stream(load_predictor(int8, backend=backend), images))
             for backend in ("onnx", "openvino")]
     for a, b in zip(*runs, strict=True):

@@ -70,3 +70,30 @@ def test_serve_refuses_opcua_without_a_monitored_stream(
         main(["serve", str(tmp_path / "no-model"), "--opcua", "opc.tcp://127.0.0.1:4840"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--opcua:" in err and "monitor STREAM" in err
+
+
+def test_every_commands_settings_share_one_style() -> None:
+    """Train, split, synth, export, serve, monitor and a foreign model's preprocessing: each a
+    Settings model (unknown fields refused, values checked on creation, errors naming fields)."""
+    from crystalscope.config import TrainConfig
+    from crystalscope.data.split_settings import SplitSettings
+    from crystalscope.export.stage import ExportSettings
+    from crystalscope.infer.predictor import Preprocessing
+    from crystalscope.serve.app import ServeSettings
+    from crystalscope.settings import Settings
+    from crystalscope.synth.batch import BatchSettings
+    from crystalscope.synth.crops import SynthSettings
+    from crystalscope.synth.unknown import UnknownSettings
+
+    models = (TrainConfig, SplitSettings, ExportSettings, Preprocessing, ServeSettings,
+              SynthSettings, BatchSettings, UnknownSettings, AlarmSettings, FrameCutting,
+              AlertSettings, OpcUaSettings)
+    assert all(issubclass(model, Settings) for model in models)
+    for make, field in ((lambda: ExportSettings(false_reject=1.5), "false_reject"),
+                        (lambda: SplitSettings(ratios="0.5,0.5,0.5"), "ratios"),
+                        (lambda: UnknownSettings(kinds=("cats",)), "kinds"),
+                        (lambda: Preprocessing(input_size=48, layout="hwc"), "layout"),
+                        (lambda: SplitSettings(seeds=3), "seeds")):
+        with pytest.raises(SettingsError) as caught:
+            make()
+        assert caught.value.field == field

@@ -17,7 +17,7 @@ import yaml
 
 from crystalscope.cli import main
 from crystalscope.errors import UserError
-from crystalscope.export.stage import export_run
+from crystalscope.export.stage import ExportSettings, export_run
 from crystalscope.export.weights import load_model
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.backbones import Classifier, create_backbone
@@ -112,7 +112,7 @@ def test_tta_is_a_choice_at_export_and_predict_time(trained_run: Path, dihedral_
     assert averaged_inside.tta == "dihedral" and averaged_inside.built_in_tta == "dihedral"
     # A single-view export of the same run: 8 times less compute, one view
     single = tmp_path / "single"
-    result = export_run(dihedral_run, single, tta="none")
+    result = export_run(dihedral_run, single, ExportSettings(tta="none"))
     assert json.loads((single / "model.json").read_text())["architecture"]["tta"] == "none"
     assert result.unknown_detector is not None
     single_view = load_predictor(single)

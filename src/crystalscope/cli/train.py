@@ -176,12 +176,13 @@ def export(
     ONNX Runtime and torch must agree on every probability within 1e-4, and the model rebuilt
     from safetensors + json must match the checkpoint; otherwise export fails (exit 1).
     """
-    from crystalscope.export.stage import export_run
+    from crystalscope.export.stage import ExportSettings, export_run
     from crystalscope.unknown.detector import unknown_summary
 
+    settings = ExportSettings(int8=int8, false_reject=false_reject,
+                              tta=tta.value if tta else None)
     with err.status("exporting (ONNX export and parity check)"):
-        result = export_run(run, out_dir, int8=int8, false_reject=false_reject,
-                            tta=tta.value if tta else None)
+        result = export_run(run, out_dir, settings)
     summary = {"files": {k: str(v) for k, v in result.files.items()},
                "onnx_max_abs_difference": result.onnx_max_difference,
                "rebuilt_max_abs_difference": result.rebuilt_max_difference,

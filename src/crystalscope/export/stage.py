@@ -19,10 +19,11 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from crystalscope.data.decoded import build_cache
 from crystalscope.data.dedupe import file_sha256
@@ -32,7 +33,7 @@ from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
-from crystalscope.settings import SettingsError
+from crystalscope.settings import Settings
 from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
 from crystalscope.unknown.fitting import NoTrainingData, fit_run_detector
 
@@ -121,11 +122,24 @@ def int8_comparison(fp32_path: Path, int8_path: Path, images: torch.Tensor,
             "accuracy_int8": float((int8.argmax(1) == truth).mean())}
 
 
-def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False,
-               false_reject: float = DEFAULT_FALSE_REJECT, tta: str | None = None) -> Export:
+class ExportSettings(Settings):
+    """What an export writes besides the fp32 model."""
+
+    int8: bool = Field(False, description="Also write model.int8.onnx (static int8, "
+                       "calibrated on validation images) and report how its predictions differ "
+                       "on the test split.")
+    false_reject: float = Field(DEFAULT_FALSE_REJECT, gt=0, lt=1, description="Share of "
+                                "validation crystals the unknown-detector may call unknown: its "
+                                "threshold.")
+    tta: Literal["none", "dihedral"] | None = Field(None, description="Test-time averaging in "
+                                                    "the exported network (None: the run's).")
+
+
+def export_run(run_dir: Path, out_dir: Path | None = None,
+               settings: ExportSettings | None = None) -> Export:
     """Write model.safetensors, model.json and model.onnx for ``run_dir``'s best checkpoint,
     and unknown.safetensors: the unknown-detector, fitted on the training split and calibrated on
-    the validation split to ``false_reject``.
+    the validation split to ``settings.false_reject``.
 
     With ``int8``, also model.int8.onnx, calibrated on validation images and compared with
     the fp32 model on the test split. Written into a staging folder and moved into ``out_dir``
@@ -133,10 +147,9 @@ def export_run(run_dir: Path, out_dir: Path | None = None, *, int8: bool = False
     whether the network — ONNX graph, rebuilt model and the detector's statistics — averages
     each crop's 8 rotations and flips.
     """
-    if not 0 < false_reject < 1:
-        raise SettingsError("false_reject", "give a rate between 0 and 1, e.g. 0.01",
-                            false_reject)
-    run = load_run(run_dir, tta=tta)
+    settings = settings or ExportSettings()
+    int8, false_reject = settings.int8, settings.false_reject
+    run = load_run(run_dir, tta=settings.tta)
     out_dir = Path(out_dir or run.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = {"export_id": uuid.uuid4().hex, "checkpoint_sha256": file_sha256(run.checkpoint)}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from pydantic import Field
 
 from crystalscope.errors import UserError
 from crystalscope.export.metadata import read_metadata
@@ -27,7 +28,7 @@ from crystalscope.model.spec import (
     RunLayout,
     resolve_model,
 )
-from crystalscope.settings import SettingsError
+from crystalscope.settings import Settings, SettingsError
 from crystalscope.unknown.detector import UnknownDetector, load_detector
 
 if TYPE_CHECKING:
@@ -42,8 +43,7 @@ OUTPUT_KINDS = ("probabilities", "logits")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # Keras' "caffe" mode: BGR, mean subtracted
 
 
-@dataclass
-class Preprocessing:
+class Preprocessing(Settings):
     """How RGB uint8 images (N, 3, S, S) become the model's input.
 
     ``mode``: ``raw`` (float 0-255, the model normalises: crystalscope's own exports),
@@ -51,11 +51,11 @@ class Preprocessing:
     ``tf`` (x / 127.5 - 1).
     """
 
-    input_size: int
+    input_size: int = Field(ge=1)
     layout: Literal["nchw", "nhwc"] = "nchw"
     mode: Literal["raw", "imagenet", "caffe", "tf"] = "raw"
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @classmethod
     def for_foreign_model(cls, input_size: int | None, layout: str | None = None,
@@ -83,11 +83,9 @@ class Preprocessing:
         mode = preprocess or ("imagenet" if mean or std else "raw")
         if mode not in ("raw", "imagenet", "caffe", "tf"):
             raise SettingsError("preprocess", "use raw, imagenet, caffe or tf", mode)
-        if layout not in (None, "nchw", "nhwc"):
-            raise SettingsError("layout", "use nchw or nhwc", layout)
         return cls(input_size=input_size, layout=layout or "nchw",  # type: ignore[arg-type]
                    mode=mode, mean=triple(mean, "mean", IMAGENET_MEAN),  # type: ignore[arg-type]
-                   std=triple(std, "std", IMAGENET_STD))
+                   std=triple(std, "std", IMAGENET_STD))  # type: ignore[arg-type]
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         x = images.astype(np.float32)

@@ -21,7 +21,6 @@ import bisect
 import secrets
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
+from pydantic import ConfigDict, Field, InstanceOf
 
 from crystalscope.data.images import ImageLoadError
 from crystalscope.errors import UserError
@@ -37,9 +37,10 @@ from crystalscope.infer.predictor import Outputs, Predictor
 from crystalscope.model.spec import decode
 from crystalscope.serve.page import DASHBOARD
 from crystalscope.serve.server import LOOPBACK_HOST_NAMES, guard_hosts
+from crystalscope.settings import Settings
 from crystalscope.unknown.detector import UnknownDetector
 from crystalscope.vectors.indexing import thumbnail_uri
-from crystalscope.vectors.store import VectorStore, check_same_model
+from crystalscope.vectors.store import check_same_model
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_REQUEST_BYTES = 64 * 2**20
@@ -47,18 +48,21 @@ MAX_FILES = 64
 MAX_PIXELS = 4_000_000  # a probe frame is 1-4 MP; a crop a few hundred pixels a side
 
 
-@dataclass
-class ServeSettings:
-    """What the app serves and its limits."""
+class ServeSettings(Settings):
+    """What the app serves and its limits. The model, the store and the monitor are live
+    objects (checked by type, never copied); the limits are checked like every setting."""
 
-    predictor: Predictor
-    store: VectorStore | None = None
+    model_config = ConfigDict(extra="forbid", frozen=False, arbitrary_types_allowed=True)
+
+    predictor: InstanceOf[Predictor]
+    store: Any = None  # a VectorStore (a protocol: not checked by isinstance)
     monitor: Any = None  # a crystalscope.monitor.run.Monitor fed by a watch thread
     token: str | None = None
-    max_upload_bytes: int = MAX_UPLOAD_BYTES
-    max_request_bytes: int = MAX_REQUEST_BYTES
-    max_pixels: int = MAX_PIXELS
-    allowed_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK_HOST_NAMES))
+    max_upload_bytes: int = Field(MAX_UPLOAD_BYTES, ge=1)
+    max_request_bytes: int = Field(MAX_REQUEST_BYTES, ge=1)
+    max_pixels: int = Field(MAX_PIXELS, ge=1)
+    allowed_hosts: list[str] = Field(default_factory=lambda: list(LOOPBACK_HOST_NAMES),
+                                     min_length=1)
     model_info: dict[str, Any] | None = None
 
 

@@ -32,7 +32,7 @@ from crystalscope.data.layout import split_path
 from crystalscope.errors import UserError
 from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.evaluate.stage import Evaluation, evaluate_run
-from crystalscope.export.stage import Export, export_run
+from crystalscope.export.stage import Export, ExportSettings, export_run
 from crystalscope.model.backbones import count_parameters
 from crystalscope.model.classifier import CrystalClassifier
 from crystalscope.model.spec import RunLayout
@@ -313,5 +313,6 @@ def finish_run(result: TrainResult, config: TrainConfig) -> None:
         else:
             result.notes.append(f"not evaluated: {config.data} has no test images")
     if config.export:
-        result.export = export_run(result.run_dir, false_reject=config.false_reject)
+        result.export = export_run(result.run_dir,
+                                   settings=ExportSettings(false_reject=config.false_reject))
         result.notes.extend(result.export.notes)
