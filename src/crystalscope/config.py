@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from crystalscope.errors import UserError
 from crystalscope.recipes import DEFAULT_RECIPE, RECIPES
 from crystalscope.settings import Settings, SettingsError
+from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FalseRejectRate
 
 
 class TrainConfig(Settings):
@@ -80,8 +81,9 @@ class TrainConfig(Settings):
     evaluate: bool = Field(True, description="Afterwards, evaluate on the test split (when "
                                              "there is one).")
     export: bool = Field(True, description="Afterwards, export safetensors + ONNX.")
-    false_reject: float = Field(0.01, gt=0, lt=1, description="Export: share of validation "
-                                "crystals the unknown-detector may call unknown.")
+    false_reject: FalseRejectRate = Field(DEFAULT_FALSE_REJECT, description="Export: share "
+                                          "of validation crystals the unknown-detector may "
+                                          "call unknown.")
     allow_overlap: bool = Field(False, description="Train even when the same crop (or a "
                                 "rotated or near copy) lies in two splits; it is counted and "
                                 "reported.")

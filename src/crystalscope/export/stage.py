@@ -34,7 +34,12 @@ from crystalscope.export.weights import load_model, model_description, save_mode
 from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
 from crystalscope.settings import Settings
-from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FILE_NAME, save_detector
+from crystalscope.unknown.detector import (
+    DEFAULT_FALSE_REJECT,
+    FILE_NAME,
+    FalseRejectRate,
+    save_detector,
+)
 from crystalscope.unknown.fitting import NoTrainingData, fit_run_detector
 
 PARITY_IMAGES = 16
@@ -128,7 +133,7 @@ class ExportSettings(Settings):
     int8: bool = Field(False, description="Also write model.int8.onnx (static int8, "
                        "calibrated on validation images) and report how its predictions differ "
                        "on the test split.")
-    false_reject: float = Field(DEFAULT_FALSE_REJECT, gt=0, lt=1, description="Share of "
+    false_reject: FalseRejectRate = Field(DEFAULT_FALSE_REJECT, description="Share of "
                                 "validation crystals the unknown-detector may call unknown: its "
                                 "threshold.")
     tta: Literal["none", "dihedral"] | None = Field(None, description="Test-time averaging in "

@@ -24,9 +24,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 from safetensors.numpy import load_file, save_file
 
 from crystalscope.errors import CrystalscopeError, UserError
@@ -39,6 +40,8 @@ FILE_NAME = RunLayout(Path()).detector.name  # beside model.json
 UNKNOWN_ABOVE = 1.0  # unknown_score is scaled so that the calibrated threshold is 1
 
 DEFAULT_FALSE_REJECT = 0.01
+# The detector's calibrated false-reject rate, as every settings model that sets it takes it.
+FalseRejectRate = Annotated[float, Field(gt=0, lt=1)]
 
 
 def conformal_threshold(scores: np.ndarray, rate: float) -> tuple[float, float]:
