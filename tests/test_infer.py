@@ -19,6 +19,7 @@ from crystalscope.infer import stream
 from crystalscope.infer.predictor import Preprocessing, load_predictor, to_probabilities
 from crystalscope.infer.stream import predict_stream
 from crystalscope.model.spec import ModelSpec, decode
+from crystalscope.unknown.quality import REASONS as GATE_REASONS
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -82,13 +83,17 @@ def test_output_formats_name_every_number(exported_run: Path, tmp_path: Path,
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and len(rows) == count
     assert list(rows[0]) == ["file", "predicted_class", "probability_of_predicted",
-                             "probability_cex", "probability_pg", "unknown", "unknown_score"]
+                             "probability_cex", "probability_pg", "unknown", "unknown_score",
+                             "unknown_reason"]
     for row in rows:
         p = {"cex": float(row["probability_cex"]), "pg": float(row["probability_pg"])}
         assert row["predicted_class"] == max(p, key=p.get)  # type: ignore[arg-type]
         assert float(row["probability_of_predicted"]) == p[row["predicted_class"]]
         assert abs(sum(p.values()) - 1) < 1e-5
-        assert row["unknown"] == ("yes" if float(row["unknown_score"]) > 1 else "no")
+        reason, score = row["unknown_reason"], float(row["unknown_score"])
+        assert row["unknown"] == ("yes" if reason else "no")
+        assert reason in ("", "novel", *GATE_REASONS)
+        assert (reason == "novel") == (score > 1 and reason not in GATE_REASONS)
     code, out, _ = _run_cli(["predict", str(exported_run), str(folder), "--format", "json"],
                             capsys)
     records = json.loads(out)

@@ -90,6 +90,7 @@ def test_predict_good_images_over_http(server: tuple[str, Path], exported_run: P
     assert [r["unknown_score"] for r in body["results"]] == pytest.approx(
         [r.unknown_score for r in local], rel=1e-5)
     assert [r["unknown"] for r in body["results"]] == [r.unknown for r in local]
+    assert [r["unknown_reason"] for r in body["results"]] == [r.unknown_reason for r in local]
     assert _get(f"{url}/health") == (200, {"status": "ok"})
     code, model = _get(f"{url}/model")
     assert code == 200 and model["classes"] == ["cex", "pg"] and model["store"] is True

@@ -157,7 +157,10 @@ def test_unknown_flags_follow_the_score_and_reject_unknown_follows_the_flags(
     assert code == 0 and len(rows) == len(paths)
     flagged = [row["file"] for row in rows if row["unknown"] == "yes"]
     for row in rows:
-        assert (row["unknown"] == "yes") == (float(row["unknown_score"]) > 1), row
+        gated = row["unknown_reason"] in ("empty", "blurred", "saturated")
+        assert (row["unknown"] == "yes") == (float(row["unknown_score"]) > 1 or gated), row
+        assert (row["unknown_reason"] == "novel") == (float(row["unknown_score"]) > 1
+                                                      and not gated), row
         assert row["predicted_class"] in ("cex", "pg")  # forced, without --reject-unknown
     assert f"{len(flagged)} of {len(paths)} images unknown" in err or not flagged
     code, out, _ = _run_cli(["predict", str(pg_detector), *paths, "--format", "jsonl",

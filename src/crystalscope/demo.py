@@ -190,8 +190,8 @@ def _flag_unknown(predictor: Predictor, folder: Path, say: Callable[[str], None]
             if isinstance(item, ImageResult):
                 forced = predictor.classes[int(item.probabilities.argmax())]
                 say(f"    {item.path.name}: " + (
-                    f"unknown (unknown_score {item.unknown_score:.1f}; forced, it would be "
-                    f"{forced})" if item.unknown
+                    f"unknown, {item.unknown_reason} (unknown_score {item.unknown_score:.1f}; "
+                    f"forced, it would be {forced})" if item.unknown
                     else f"{forced} (unknown_score {item.unknown_score:.2f}, not flagged)"))
         writer.close()
     say(f"    unknown images: {writer.unknown} of {writer.count} flagged unknown -> {flagged}")

@@ -67,7 +67,8 @@ def predict(
     """Classify images: the predicted class, its probability, and every class's probability.
 
     A model exported with its unknown-detector (crystalscope export) adds the columns
-    unknown (yes/no) and unknown_score (above 1: unlike the training images). Streams in
+    unknown (yes/no), unknown_score (above 1: unlike the training crystals) and
+    unknown_reason (empty, blurred, saturated: the quality gate; novel). Streams in
     batches, so memory stays bounded however many images. Unreadable files are listed on
     stderr and skipped; the exit code is then 1.
     """
@@ -144,8 +145,10 @@ def predict(
     if output:
         err.print(f"wrote {writer.count} predictions to {output}")
     if has_detector:
-        err.print(f"{writer.unknown} of {writer.count} images unknown (unlike the training "
-                  "images)")
+        why = ", ".join(f"{reason} {count}" for reason, count in writer.reasons.items())
+        err.print(f"{writer.unknown} of {writer.count} images unknown" + (f": {why}" if why else "")
+                  + " (empty, blurred, saturated: no usable crystal; novel: unlike the "
+                  "training crystals)")
     if failures:
         err.print(f"{len(failures)} of {len(files)} images could not be read")
         return 1

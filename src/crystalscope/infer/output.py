@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Literal, TextIO
 
@@ -20,15 +21,16 @@ from crystalscope.settings import SettingsError
 Format = Literal["table", "csv", "json", "jsonl", "parquet"]
 LEGEND = ("predicted_class: the most probable class; probability_of_predicted: its "
           "probability; probability_<class>: each class's probability (they sum to 1)")
-UNKNOWN_LEGEND = ("; unknown: yes when the image is unlike the training images; unknown_score: how "
-              "unlike (1 = the threshold, above it = unknown)")
+UNKNOWN_LEGEND = ("; unknown: yes when the image holds no usable crystal or one unlike the "
+                  "training crystals; unknown_score: how unlike (1 = the threshold, above it = "
+                  "novel); unknown_reason: empty, blurred, saturated (the quality gate) or novel")
 UNKNOWN = "unknown"
 
 
 def columns(classes: list[str], with_unknown: bool = False) -> list[str]:
     return ["file", "predicted_class", "probability_of_predicted",
             *(f"probability_{name}" for name in classes),
-            *(("unknown", "unknown_score") if with_unknown else ())]
+            *(("unknown", "unknown_score", "unknown_reason") if with_unknown else ())]
 
 
 def as_row(result: ImageResult, classes: list[str], *, with_unknown: bool = False,
@@ -45,6 +47,7 @@ def as_row(result: ImageResult, classes: list[str], *, with_unknown: bool = Fals
         row["unknown"] = bool(result.unknown)
         score = result.unknown_score
         row["unknown_score"] = None if score is None else round(score, 4)
+        row["unknown_reason"] = result.unknown_reason
         if reject_unknown and result.unknown:
             row["predicted_class"], row["probability_of_predicted"] = UNKNOWN, None
     return row
@@ -59,6 +62,7 @@ class PredictionWriter:
         self.with_unknown, self.reject_unknown = with_unknown, reject_unknown
         self.count = 0  # predictions written
         self.unknown = 0  # of which unknown
+        self.reasons: Counter[str] = Counter()  # why, for the unknown ones
         self.json_records = 0  # records (predictions and failures) in the JSON array
         names = columns(classes, with_unknown)
         if fmt == "csv":
@@ -89,6 +93,8 @@ class PredictionWriter:
         row = as_row(item, self.classes, with_unknown=self.with_unknown,
                      reject_unknown=self.reject_unknown)
         self.unknown += int(bool(item.unknown))
+        if item.unknown:
+            self.reasons[item.unknown_reason or "novel"] += 1
         if self.with_unknown and self.format in ("csv", "table"):  # yes/no, not True/False
             row["unknown"] = "yes" if row["unknown"] else "no"
         if self.format == "csv":
@@ -126,11 +132,13 @@ class ParquetPredictionWriter:
         self.classes, self.with_unknown, self.reject_unknown = classes, with_unknown, \
             reject_unknown
         self.count = self.unknown = 0
+        self.reasons: Counter[str] = Counter()
         fields = [pa.field("file", pa.string()), pa.field("predicted_class", pa.string()),
                   pa.field("probability_of_predicted", pa.float64()),
                   *(pa.field(f"probability_{c}", pa.float64()) for c in classes)]
         if with_unknown:
-            fields += [pa.field("unknown", pa.bool_()), pa.field("unknown_score", pa.float64())]
+            fields += [pa.field("unknown", pa.bool_()), pa.field("unknown_score", pa.float64()),
+                       pa.field("unknown_reason", pa.string())]
         self.schema = pa.schema(fields)
         self.writer = pq.ParquetWriter(str(path), self.schema)
         self.rows: list[dict[str, object]] = []
@@ -141,6 +149,8 @@ class ParquetPredictionWriter:
         self.rows.append(as_row(item, self.classes, with_unknown=self.with_unknown,
                                 reject_unknown=self.reject_unknown))
         self.unknown += int(bool(item.unknown))
+        if item.unknown:
+            self.reasons[item.unknown_reason or "novel"] += 1
         self.count += 1
         if len(self.rows) >= self.ROW_GROUP:
             self._flush()

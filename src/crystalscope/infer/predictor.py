@@ -30,6 +30,7 @@ from crystalscope.model.spec import (
 )
 from crystalscope.settings import Settings, SettingsError
 from crystalscope.unknown.detector import UnknownDetector, load_detector
+from crystalscope.unknown.quality import measure
 
 if TYPE_CHECKING:
     from crystalscope.model.inference import InferenceNet
@@ -107,12 +108,14 @@ RawOutputs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
 
 @dataclass
 class Outputs:
-    """A batch's results: probabilities (N, C); embeddings (N, D) and ``unknown_scores`` (N,;
-    above 1 = unknown) when the model has them."""
+    """A batch's results: probabilities (N, C); embeddings (N, D), ``unknown_scores`` (N,;
+    above 1 = unlike the training crystals) and ``unknown_reasons`` (per image: empty, blurred,
+    saturated, novel, or None) when the model has them."""
 
     probabilities: np.ndarray
     embeddings: np.ndarray | None
     unknown_scores: np.ndarray | None
+    unknown_reasons: list[str | None] | None = None
 
 
 @dataclass
@@ -168,10 +171,12 @@ class Predictor:
             return self._predict_dihedral(images)
         raw, embeddings, statistics = self.run(self.preprocessing.apply(images))
         probabilities = to_probabilities(raw, len(self.classes), self.outputs)
-        scores = None
+        scores = reasons = None
         if self.unknown_detector is not None and statistics is not None:
             scores = self.unknown_detector.score(statistics, probabilities)
-        return Outputs(probabilities, embeddings, scores)
+            measures = measure(images) if self.unknown_detector.gate is not None else None
+            reasons = self.unknown_detector.reasons(scores, measures)
+        return Outputs(probabilities, embeddings, scores, reasons)
 
     def _predict_dihedral(self, images: np.ndarray) -> Outputs:
         """The mean over the 8 rotations and flips of a single-view model's probabilities and

@@ -104,6 +104,7 @@ class _ModelActor:
         n, classes = len(good), len(self.predictor.classes)
         probabilities = np.full((n, classes), np.nan, dtype=np.float32)
         unknown = np.full(n, np.nan, dtype=np.float64)
+        reasons = np.full(n, "", dtype=object)
         out = {key: batch[key] for key in ("index", "path", "width", "height", "error")}
         embeddings = None
         if good.any():
@@ -114,8 +115,11 @@ class _ModelActor:
                 embeddings[good] = outputs.embeddings
             if outputs.unknown_scores is not None:
                 unknown[good] = outputs.unknown_scores
+            if outputs.unknown_reasons is not None:
+                reasons[good] = [reason or "" for reason in outputs.unknown_reasons]
         out["probabilities"] = probabilities
         out["unknown_score"] = unknown
+        out["unknown_reason"] = reasons.astype(str)
         if embeddings is not None:
             out["embedding"] = embeddings
         return out
@@ -184,7 +188,8 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
                     path, batch["probabilities"][row],
                     batch["embedding"][row] if "embedding" in batch else None,
                     int(batch["width"][row]), int(batch["height"][row]),
-                    None if math.isnan(score) else score)
+                    None if math.isnan(score) else score,
+                    str(batch["unknown_reason"][row]) or None)
             if progress:
                 progress(len(batch["index"]))
 

@@ -30,13 +30,16 @@ class ImageResult:
     width: int
     height: int
     unknown_score: float | None = None
+    unknown_reason: str | None = None  # empty, blurred, saturated or novel: why unknown
 
     @property
     def unknown(self) -> bool | None:
-        """True when the image is unlike the training images (None: no detector)."""
+        """True when the image holds no usable crystal or one unlike the training ones (None:
+        no detector)."""
         if self.unknown_score is None:
             return None
-        return bool(UnknownDetector.is_unknown(self.unknown_score))
+        return self.unknown_reason is not None or bool(
+            UnknownDetector.is_unknown(self.unknown_score))
 
 
 @dataclass
@@ -81,7 +84,8 @@ def predict_stream(predictor: Predictor, paths: Sequence[Path], *, batch_size: i
                     path, outputs.probabilities[row],
                     None if outputs.embeddings is None else outputs.embeddings[row],
                     item[1], item[2],
-                    None if outputs.unknown_scores is None else float(outputs.unknown_scores[row]))
+                    None if outputs.unknown_scores is None else float(outputs.unknown_scores[row]),
+                    None if outputs.unknown_reasons is None else outputs.unknown_reasons[row])
                 row += 1
             if progress:
                 progress(len(chunk))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crystalscope.errors import UserError
-from crystalscope.monitor.trend import WindowResult
+from crystalscope.monitor.trend import UNKNOWN_REASONS, WindowResult
 
 IDENTITY_KEYS = ("stream", "model", "positive", "rule", "false_positive_rate", "min_shift",
                  "arl0", "alpha", "consecutive")
@@ -97,4 +97,6 @@ def _window(row: dict[str, str], classes: list[str]) -> WindowResult:
         statistic=_number(row["statistic"]), threshold=_number(row["threshold"]),
         unknown=int(row.get("count_unknown") or 0),
         unknown_fraction=_number(row.get("unknown_fraction", "")),
-        unknown_p_value=unknown_p, unknown_alarm=row.get("unknown_alarm") == "1")
+        unknown_p_value=unknown_p, unknown_alarm=row.get("unknown_alarm") == "1",
+        unknown_reasons={reason: int(row[f"unknown_{reason}"]) for reason in UNKNOWN_REASONS
+                         if row.get(f"unknown_{reason}")})

@@ -18,6 +18,7 @@ from crystalscope.monitor.trend import (
     UNKNOWN,
     AlarmRule,
     false_positive_rate_from_report,
+    is_unknown_label,
 )
 from crystalscope.settings import SettingsError
 
@@ -30,7 +31,7 @@ def calibrate(predictor: Predictor, clean_stream: Path, positive: str,
     counts = []
     for window in read_stream(clean_stream):
         labels = [item[1] for item in calls(predictor, window.paths, cutting)
-                  if not isinstance(item, Failure) and item[1] != UNKNOWN]
+                  if not isinstance(item, Failure) and not is_unknown_label(item[1])]
         counts.append((labels.count(positive), len(labels)))
     return calibrate_counts(counts, f"measured on the clean stream {clean_stream}",
                             need_spread=need_spread)

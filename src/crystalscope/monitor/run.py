@@ -31,18 +31,20 @@ from crystalscope.monitor.report import plot_timeline
 from crystalscope.monitor.resume import Previous, read_previous
 from crystalscope.monitor.settings import FrameCutting
 from crystalscope.monitor.trend import (
-    UNKNOWN,
+    UNKNOWN_REASONS,
     AlarmRule,
     MonitorResult,
     Trend,
     WindowResult,
+    is_unknown_label,
+    unknown_label,
 )
-from crystalscope.unknown.detector import UnknownDetector
 
 TREND_COLUMNS = ("window", "time", "crops", "fraction", "low95", "high95", "smoothed",
                  "p_value", "significant", "statistic", "threshold",
                  "alarm")  # then one count column per class, then
-UNKNOWN_COLUMNS = ("count_unknown", "unknown_fraction", "unknown_p_value", "unknown_alarm")
+UNKNOWN_COLUMNS = ("count_unknown", "unknown_fraction", "unknown_p_value", "unknown_alarm",
+                   *(f"unknown_{reason}" for reason in UNKNOWN_REASONS))
 
 
 class Publisher(Protocol):
@@ -64,13 +66,15 @@ def unknown_rate(predictor: Predictor) -> float | None:
 
 def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None = None
           ) -> Iterator[tuple[Path, str] | Failure]:
-    """(image, predicted class or ``unknown``) per crop — or per piece of each frame when
-    cutting frames. ``unknown``: the model's unknown-detector flags the crop."""
+    """(image, predicted class or ``unknown:<reason>``) per crop — or per piece of each frame
+    when cutting frames. ``unknown``: the model's unknown-detector flags the crop (reason:
+    empty, blurred, saturated or novel)."""
     classes = predictor.classes
     if cutting is None:
         for item in predict_stream(predictor, paths):
             yield item if isinstance(item, Failure) else (
-                item.path, UNKNOWN if item.unknown else classes[int(item.probabilities.argmax())])
+                item.path, unknown_label(item.unknown_reason) if item.unknown
+                else classes[int(item.probabilities.argmax())])
         return
     for path in paths:
         try:
@@ -80,10 +84,11 @@ def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None 
             continue
         if len(pieces):
             outputs = predictor.predict(pieces)
-            scores = outputs.unknown_scores
+            reasons = outputs.unknown_reasons
             for row, probabilities in enumerate(outputs.probabilities):
-                unknown = scores is not None and UnknownDetector.is_unknown(scores[row])
-                yield path, UNKNOWN if unknown else classes[int(probabilities.argmax())]
+                reason = reasons[row] if reasons is not None else None
+                yield path, (unknown_label(reason) if reason is not None
+                             else classes[int(probabilities.argmax())])
 
 
 class Monitor:
@@ -219,7 +224,7 @@ class Monitor:
                 continue
             path, label = item
             predicted.append(label)
-            if label == UNKNOWN and path not in unknowns:
+            if is_unknown_label(label) and path not in unknowns:
                 unknowns.append(path)
             if label == self.rule.positive and path not in positives:
                 positives.append(path)
@@ -261,7 +266,9 @@ class Monitor:
                 _round(r.statistic), _round(r.threshold), int(r.alarm), *r.counts.values(),
                 *((r.unknown, _round(r.unknown_fraction),
                    "" if r.unknown_p_value is None else f"{r.unknown_p_value:.3e}",
-                   int(r.unknown_alarm)) if self.rule.unknown_rate is not None else ())])
+                   int(r.unknown_alarm),
+                   *(r.unknown_reasons.get(reason, 0) for reason in UNKNOWN_REASONS))
+                  if self.rule.unknown_rate is not None else ())])
 
     def _raise_alarm(self, window: WindowResult) -> None:
         text = self.trend.explain_alarm(window)

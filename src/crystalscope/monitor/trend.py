@@ -28,7 +28,17 @@ from crystalscope.monitor.rules import RULES, BinomialRun, Calibration, Rule
 from crystalscope.settings import SettingsError
 
 SMOOTHING = 0.3  # weight of the newest window in the exponentially smoothed fraction
-UNKNOWN = "unknown"  # the label of crops the unknown-detector flags
+UNKNOWN = "unknown"  # the label of crops the unknown-detector flags ("unknown:<reason>")
+UNKNOWN_REASONS = ("empty", "blurred", "saturated", "novel")  # counted apart, in this order
+
+
+def unknown_label(reason: str | None) -> str:
+    """The call for a crop the detector flags: ``unknown:<reason>`` (``unknown`` without)."""
+    return f"{UNKNOWN}:{reason}" if reason else UNKNOWN
+
+
+def is_unknown_label(label: str) -> bool:
+    return label == UNKNOWN or label.startswith(UNKNOWN + ":")
 DEFAULT_ARL0 = 10_000
 
 
@@ -120,6 +130,7 @@ class WindowResult:
     unknown_fraction: float | None = None  # of all classified crops, unknown included
     unknown_p_value: float | None = None
     unknown_alarm: bool = False  # the "unknown particles" event starts at this window
+    unknown_reasons: dict[str, int] = field(default_factory=dict)  # why, counted apart
 
 
 @dataclass
@@ -180,8 +191,10 @@ class Trend:
 
     def add(self, index: int, time: str, predicted: list[str],
             unreadable: list[str] | None = None) -> WindowResult:
-        """One window's calls (class names, or ``unknown``) -> its counts, share and tests."""
-        unknown = predicted.count(UNKNOWN)
+        """One window's calls (class names, or ``unknown:<reason>``) -> its counts, share and
+        tests."""
+        flagged = [label.partition(":")[2] for label in predicted if is_unknown_label(label)]
+        unknown = len(flagged)
         counts = {c: predicted.count(c) for c in self.classes}
         n, k = len(predicted) - unknown, counts[self.rule.positive]
         fraction = k / n if n else None
@@ -210,6 +223,7 @@ class Trend:
             self.alarm_window = result
         if self.unknown is not None:
             self._add_unknown(result, unknown, len(predicted))
+            result.unknown_reasons = {reason: flagged.count(reason) for reason in UNKNOWN_REASONS}
         return result
 
     def promise(self) -> str:
@@ -234,8 +248,11 @@ class Trend:
                 f"the model was trained on ({100 * (window.unknown_fraction or 0):.1f}%; "
                 f"expected at most {100 * (self.rule.unknown_rate or 0):.1f}%, probability "
                 f"{window.unknown_p_value:.2e} < {self.rule.alpha:g}, {self.rule.consecutive} "
-                f"window(s) in a row); they are kept out of the {self.rule.positive} share — "
-                "look at the probe (bubbles, fouling, a new crystal form?)")
+                f"window(s) in a row; " + ", ".join(
+                    f"{reason} {count}" for reason, count in window.unknown_reasons.items()
+                    if count) + f"); they are kept out of the {self.rule.positive} share — "
+                "look at the probe (empty or blurred: the window, fouling; novel: bubbles, a "
+                "new crystal form?)")
 
     def explain_alarm(self, window: WindowResult) -> str:
         """When, why, with which evidence."""

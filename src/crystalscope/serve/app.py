@@ -167,7 +167,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                     zip(predictor.classes, probabilities, strict=True)}}
         if outputs.unknown_scores is not None:
             score = float(outputs.unknown_scores[row])
-            result.update(unknown=UnknownDetector.is_unknown(score), unknown_score=score)
+            reason = outputs.unknown_reasons[row] if outputs.unknown_reasons else None
+            result.update(unknown=reason is not None or UnknownDetector.is_unknown(score),
+                          unknown_score=score, unknown_reason=reason)
         return result
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -62,9 +62,12 @@ async function classify(file) {
     const result = (await api("/predict", {method: "POST", body: form})).results[0];
     card.append(text("div", result.predicted_class + " (probability " +
                      result.probability_of_predicted.toFixed(4) + ")", "prediction"));
-    if (result.unknown) card.append(text("div", "unknown: unlike the training crystals " +
-                                         "(unknown score " + result.unknown_score.toFixed(2) + ")",
-                                         "unknown"));
+    const why = {empty: "no particle in the window", blurred: "out of focus",
+                 saturated: "saturated", novel: "unlike the training crystals"};
+    if (result.unknown) card.append(text("div", "unknown: " +
+                                         (why[result.unknown_reason] || why.novel) +
+                                         " (unknown score " + result.unknown_score.toFixed(2) +
+                                         ")", "unknown"));
     if (info.store) {
       const query = new FormData(); query.append("file", file); query.append("k", "5");
       const similar = await api("/similar", {method: "POST", body: query});

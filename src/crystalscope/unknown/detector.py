@@ -33,11 +33,13 @@ from safetensors.numpy import load_file, save_file
 from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.model.spec import RunLayout
 from crystalscope.settings import SettingsError
+from crystalscope.unknown.quality import QualityGate
 from crystalscope.unknown.scores import GaussianDistance, max_softmax_score
 
 METHOD = "stage-mahalanobis+max-softmax"
 FILE_NAME = RunLayout(Path()).detector.name  # beside model.json
 UNKNOWN_ABOVE = 1.0  # unknown_score is scaled so that the calibrated threshold is 1
+NOVEL = "novel"  # the reason for a crystal unlike the training ones (the score's decision)
 
 DEFAULT_FALSE_REJECT = 0.01
 # The detector's calibrated false-reject rate, as every settings model that sets it takes it.
@@ -68,6 +70,7 @@ class UnknownDetector:
     threshold: float
     target_false_reject: float
     calibration: dict[str, Any] = field(default_factory=dict)
+    gate: QualityGate | None = None  # no usable crystal: empty, blurred, saturated
 
     def components(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """(N, 2 stages + 1): each stage's distance and residual, then the max-softmax score."""
@@ -91,6 +94,16 @@ class UnknownDetector:
         (:meth:`is_unknown`)."""
         return self.raw_score(statistics, probabilities) / self.threshold
 
+    def reasons(self, scores: np.ndarray, measures: np.ndarray | None) -> list[str | None]:
+        """Why each image is unknown, None when it is not: first the quality gate's reason
+        (``empty``, ``blurred``, ``saturated``: no usable crystal), then ``novel`` (a crystal
+        unlike the training ones: :meth:`is_unknown` of its score). The one place the
+        unknown decision is made."""
+        gated = (self.gate.reasons(measures) if self.gate is not None and measures is not None
+                 else [None] * len(scores))
+        return [reason or (NOVEL if self.is_unknown(float(score)) else None)
+                for reason, score in zip(gated, scores, strict=True)]
+
     @staticmethod
     def is_unknown(score: float | np.ndarray) -> bool | np.ndarray:
         """The unknown decision, the one place it is made: a score above the calibrated
@@ -101,7 +114,8 @@ class UnknownDetector:
 
     def describe(self) -> dict[str, Any]:
         """The detector's entry in model.json."""
-        return {"method": METHOD, "file": FILE_NAME, "stage_sizes": self.stage_sizes,
+        gate = {"quality_gate": self.gate.describe()} if self.gate is not None else {}
+        return {**gate, "method": METHOD, "file": FILE_NAME, "stage_sizes": self.stage_sizes,
                 "center": self.center.tolist(), "scale": self.scale.tolist(),
                 "threshold": self.threshold, "target_false_reject": self.target_false_reject,
                 "calibration": self.calibration}
@@ -196,7 +210,9 @@ def load_detector(model_json: Path) -> UnknownDetector | None:
                            scale=np.asarray(info["scale"], np.float64),
                            threshold=float(info["threshold"]),
                            target_false_reject=float(info["target_false_reject"]),
-                           calibration=dict(info.get("calibration", {})))
+                           calibration=dict(info.get("calibration", {})),
+                           gate=(QualityGate.from_description(info["quality_gate"])
+                                 if "quality_gate" in info else None))
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: the unknown-detector of {model_json} cannot be read "
                         f"({type(exc).__name__}: {exc}); export the model again") from exc
@@ -207,6 +223,7 @@ def unknown_summary(info: dict[str, Any]) -> str:
     calibration = info.get("calibration", {})
     n, bound = calibration.get("calibration_images", 0), calibration.get("false_reject_bound")
     target = info.get("target_false_reject", DEFAULT_FALSE_REJECT)
+    gate = info.get("quality_gate")
     text = (f"unknown-detector: fitted on {calibration.get('train_images', '?')} training "
             f"images; threshold from {n} validation images (the other "
             f"{calibration.get('scaling_images', '?')} set its scale) for a {100 * target:g}% "
@@ -215,4 +232,10 @@ def unknown_summary(info: dict[str, Any]) -> str:
     if bound is not None and bound > target:
         text += (f"; {n} are too few to hold {100 * target:g}% — a validation split of "
                  f"{2 * (math.ceil(1 / target) - 1)} or more images is needed")
+    if gate:
+        limits = gate["limits"]
+        text += (f". Quality gate (limits at {100 * gate['quantile']:g}% of "
+                 f"{gate['fitted_on']} training crops): empty below {limits['empty']:.4f} of "
+                 f"pixels on an edge, blurred below focus {limits['blurred']:.4f}, saturated "
+                 f"above {limits['saturated']:.4f} of pixels at {gate['saturated']}+")
     return text

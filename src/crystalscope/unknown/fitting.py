@@ -10,6 +10,7 @@ from crystalscope.data.decoded import build_cache
 from crystalscope.errors import CrystalscopeError
 from crystalscope.model.inference import InferenceNet, LoadedRun
 from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, UnknownDetector, fit_detector
+from crystalscope.unknown.quality import QualityGate, measure
 
 
 @torch.inference_mode()
@@ -42,5 +43,7 @@ def fit_run_detector(run: LoadedRun, false_reject: float = DEFAULT_FALSE_REJECT
     valid = build_cache(valid_items, run.spec)
     train_statistics, _, sizes = stage_outputs(run.net, train.images)
     valid_statistics, valid_probabilities, _ = stage_outputs(run.net, valid.images)
-    return fit_detector(train_statistics, train.labels.numpy(), valid_statistics,
-                        valid_probabilities, sizes, false_reject)
+    detector = fit_detector(train_statistics, train.labels.numpy(), valid_statistics,
+                            valid_probabilities, sizes, false_reject)
+    detector.gate = QualityGate.fit(measure(train.images.numpy()))
+    return detector

@@ -1,0 +1,92 @@
+"""The image-quality gate: is there a usable crystal in the crop at all?
+
+A probe produces crops that are not crystals of any kind: an empty window (nothing in front of
+the probe), a defocused one, a saturated flare. The novelty score (``unknown/scores.py``)
+answers "is this crystal unlike the training ones?"; this gate answers the question before it,
+with measurements a probe engineer recognises, each on the crop as the network sees it
+(grayscale mean of the decoded (3, S, S) input):
+
+- ``edges``: the share of pixels on an edge (gradient steeper than ``EDGE_STEP`` gray levels
+  per pixel) — a particle present. An empty window has almost none.
+- ``focus``: the steepest gradients (99th percentile) over the intensity range they span —
+  sharpness, independent of brightness and contrast. Defocus flattens it.
+- ``saturated``: the share of pixels at ``SATURATED`` or above. PG agglomerates are often
+  bright, so its limit comes from the training crops too.
+- ``border``: the share of the border ring on an edge (reported, never a reason: CEX needle
+  fields always reach the border).
+
+Each limit is a quantile of the training crops (``GATE_QUANTILE``: 0.25% below ``edges`` and
+``focus``, 0.25% above ``saturated``), stored with the detector (unknown.safetensors'
+metadata, model.json) and reported. O(N S^2): a few filters per crop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+EDGE_STEP = 6.0  # gray levels per pixel: a particle's rim, not sensor noise
+SATURATED = 250
+GATE_QUANTILE = 0.0025
+MEASURES = ("edges", "focus", "saturated", "border")
+# reason -> (measure, which side of its limit fails)
+REASONS = {"empty": ("edges", "below"), "blurred": ("focus", "below"),
+           "saturated": ("saturated", "above")}
+
+
+def measure(images: np.ndarray) -> np.ndarray:
+    """(N, 3, S, S) uint8 -> (N, 4) float: ``MEASURES`` per image (see the module docs)."""
+    images = np.asarray(images)
+    rows = np.zeros((len(images), len(MEASURES)))
+    for row, image in enumerate(images):
+        gray = image.astype(np.float64).mean(axis=0)
+        gradient = np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1)) / 8
+        on_edge = gradient > EDGE_STEP
+        low, high = np.percentile(gray, [1, 99])
+        ring = np.concatenate([on_edge[0], on_edge[-1], on_edge[1:-1, 0], on_edge[1:-1, -1]])
+        rows[row] = (on_edge.mean(), np.percentile(gradient, 99) / max(high - low, 1.0),
+                     (gray >= SATURATED).mean(), ring.mean())
+    return rows
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """Limits fitted on training crops; :meth:`reasons` names what a crop fails."""
+
+    limits: dict[str, float]  # reason -> the limit of its measure
+    fitted_on: int = 0
+
+    @classmethod
+    def fit(cls, measures: np.ndarray, quantile: float = GATE_QUANTILE) -> QualityGate:
+        """Limits at ``quantile`` of the training crops' measures (``measure``'s rows)."""
+        limits = {}
+        for reason, (name, side) in REASONS.items():
+            column = measures[:, MEASURES.index(name)]
+            limits[reason] = float(np.quantile(column, quantile if side == "below"
+                                               else 1 - quantile))
+        return cls(limits=limits, fitted_on=len(measures))
+
+    def failed(self, measures: np.ndarray) -> np.ndarray:
+        """(N, len(REASONS)) bool: which limit each crop fails."""
+        columns = []
+        for reason, (name, side) in REASONS.items():
+            value, limit = measures[:, MEASURES.index(name)], self.limits[reason]
+            columns.append(value < limit if side == "below" else value > limit)
+        return np.stack(columns, axis=1) if columns else np.zeros((len(measures), 0), bool)
+
+    def reasons(self, measures: np.ndarray) -> list[str | None]:
+        """The first reason each crop fails (in ``REASONS``' order), None when it passes."""
+        names = list(REASONS)
+        return [names[int(np.argmax(row))] if row.any() else None
+                for row in self.failed(measures)]
+
+    def describe(self) -> dict:
+        return {"measures": list(MEASURES), "quantile": GATE_QUANTILE, "limits": self.limits,
+                "fitted_on": self.fitted_on, "edge_step": EDGE_STEP, "saturated": SATURATED}
+
+    @classmethod
+    def from_description(cls, described: dict) -> QualityGate:
+        return cls(limits={k: float(v) for k, v in described["limits"].items()},
+                   fitted_on=int(described.get("fitted_on", 0)))
