@@ -264,7 +264,9 @@ def test_a_clean_simulated_batch_raises_no_unknown_particles(pg_detector: Path,
     detector = load_detector(pg_detector / "model.json")
     assert detector is not None
     bound = detector.calibration["false_reject_bound"]
-    assert binom.sf(unknown - 1, total, bound) > 1e-3, (unknown, total, bound)
+    reasons = {r: sum(w.unknown_reasons.get(r, 0) for w in result.windows)
+               for r in ("empty", "blurred", "saturated", "novel")}
+    assert binom.sf(unknown - 1, total, bound) > 1e-3, (unknown, total, bound, reasons)
 
 
 def test_monitor_counts_unknowns_apart_and_raises_unknown_particles(

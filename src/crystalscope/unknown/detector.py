@@ -233,9 +233,10 @@ def unknown_summary(info: dict[str, Any]) -> str:
         text += (f"; {n} are too few to hold {100 * target:g}% — a validation split of "
                  f"{2 * (math.ceil(1 / target) - 1)} or more images is needed")
     if gate:
-        limits = gate["limits"]
+        limits = {k: "none (too few crops)" if v is None else f"{v:.4f}"
+                  for k, v in gate["limits"].items()}
         text += (f". Quality gate (limits at {100 * gate['quantile']:g}% of "
-                 f"{gate['fitted_on']} training crops): empty below {limits['empty']:.4f} of "
-                 f"pixels on an edge, blurred below focus {limits['blurred']:.4f}, saturated "
-                 f"above {limits['saturated']:.4f} of pixels at {gate['saturated']}+")
+                 f"{gate['fitted_on']} training crops): empty below {limits['empty']} of "
+                 f"pixels on an edge, blurred below focus {limits['blurred']}, saturated "
+                 f"above {limits['saturated']} of pixels at {gate['saturated']}+")
     return text

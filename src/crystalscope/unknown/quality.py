@@ -4,10 +4,12 @@ A probe produces crops that are not crystals of any kind: an empty window (nothi
 the probe), a defocused one, a saturated flare. The novelty score (``unknown/scores.py``)
 answers "is this crystal unlike the training ones?"; this gate answers the question before it,
 with measurements a probe engineer recognises, each on the crop as the network sees it
-(grayscale mean of the decoded (3, S, S) input):
+(grayscale mean of the decoded (3, S, S) input, brought down to ``MEASURE_SIDE`` pixels when S
+is larger, so that the gradients mean the same at any input size):
 
 - ``edges``: the share of pixels on an edge (gradient steeper than ``EDGE_STEP`` gray levels
-  per pixel) — a particle present. An empty window has almost none.
+  per pixel) — a particle present. An empty window has almost none; a crop with none at all is
+  empty whatever the limit.
 - ``focus``: the steepest gradients (99th percentile) over the intensity range they span —
   sharpness, independent of brightness and contrast. Defocus flattens it.
 - ``saturated``: the share of pixels at ``SATURATED`` or above. PG agglomerates are often
@@ -15,9 +17,11 @@ with measurements a probe engineer recognises, each on the crop as the network s
 - ``border``: the share of the border ring on an edge (reported, never a reason: CEX needle
   fields always reach the border).
 
-Each limit is a quantile of the training crops (``GATE_QUANTILE``: 0.25% below ``edges`` and
-``focus``, 0.25% above ``saturated``), stored with the detector (unknown.safetensors'
-metadata, model.json) and reported. O(N S^2): a few filters per crop.
+Each limit is an order statistic of the training crops, chosen as a conformal bound: the k-th
+smallest (largest for ``saturated``) of n, k = floor((n + 1) q) with q = ``GATE_QUANTILE``, so a
+new crop like the training ones fails it with probability at most k/(n+1) <= q; with fewer
+than 1/q training crops a limit is left out rather than guessed. Stored with the detector
+(model.json) and reported. O(N S^2): a few filters per crop.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
-EDGE_STEP = 6.0  # gray levels per pixel: a particle's rim, not sensor noise
+EDGE_STEP = 6.0  # gray levels per pixel (at MEASURE_SIDE): a particle's rim, not sensor noise
 SATURATED = 250
-GATE_QUANTILE = 0.0025
+GATE_QUANTILE = 0.002  # per limit: the three take at most 0.6% of in-distribution crops
+MEASURE_SIDE = 96
 MEASURES = ("edges", "focus", "saturated", "border")
 # reason -> (measure, which side of its limit fails)
 REASONS = {"empty": ("edges", "below"), "blurred": ("focus", "below"),
@@ -42,6 +48,9 @@ def measure(images: np.ndarray) -> np.ndarray:
     rows = np.zeros((len(images), len(MEASURES)))
     for row, image in enumerate(images):
         gray = image.astype(np.float64).mean(axis=0)
+        if gray.shape[0] > MEASURE_SIDE:  # the same gradients at any input size
+            gray = np.asarray(Image.fromarray(gray.astype(np.float32)).resize(
+                (MEASURE_SIDE, MEASURE_SIDE), Image.Resampling.BOX), np.float64)
         gradient = np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1)) / 8
         on_edge = gradient > EDGE_STEP
         low, high = np.percentile(gray, [1, 99])
@@ -55,25 +64,32 @@ def measure(images: np.ndarray) -> np.ndarray:
 class QualityGate:
     """Limits fitted on training crops; :meth:`reasons` names what a crop fails."""
 
-    limits: dict[str, float]  # reason -> the limit of its measure
+    limits: dict[str, float | None]  # reason -> the limit of its measure (None: too few crops)
     fitted_on: int = 0
 
     @classmethod
     def fit(cls, measures: np.ndarray, quantile: float = GATE_QUANTILE) -> QualityGate:
-        """Limits at ``quantile`` of the training crops' measures (``measure``'s rows)."""
+        """Limits from the training crops' measures (``measure``'s rows): the k-th smallest
+        (largest) value, k = floor((n + 1) quantile); none when k < 1 (too few crops)."""
+        n = len(measures)
+        k = int(np.floor((n + 1) * quantile))
         limits = {}
         for reason, (name, side) in REASONS.items():
-            column = measures[:, MEASURES.index(name)]
-            limits[reason] = float(np.quantile(column, quantile if side == "below"
-                                               else 1 - quantile))
-        return cls(limits=limits, fitted_on=len(measures))
+            column = np.sort(measures[:, MEASURES.index(name)])
+            limits[reason] = (None if k < 1 else
+                              float(column[k - 1] if side == "below" else column[n - k]))
+        return cls(limits=limits, fitted_on=n)
 
     def failed(self, measures: np.ndarray) -> np.ndarray:
         """(N, len(REASONS)) bool: which limit each crop fails."""
         columns = []
         for reason, (name, side) in REASONS.items():
             value, limit = measures[:, MEASURES.index(name)], self.limits[reason]
-            columns.append(value < limit if side == "below" else value > limit)
+            failing = (np.zeros(len(measures), bool) if limit is None else
+                       value < limit if side == "below" else value > limit)
+            if reason == "empty":
+                failing = failing | (value == 0)  # not one edge: nothing in the window
+            columns.append(failing)
         return np.stack(columns, axis=1) if columns else np.zeros((len(measures), 0), bool)
 
     def reasons(self, measures: np.ndarray) -> list[str | None]:
@@ -88,5 +104,6 @@ class QualityGate:
 
     @classmethod
     def from_description(cls, described: dict) -> QualityGate:
-        return cls(limits={k: float(v) for k, v in described["limits"].items()},
+        return cls(limits={k: None if v is None else float(v)
+                           for k, v in described["limits"].items()},
                    fitted_on=int(described.get("fitted_on", 0)))
