@@ -81,9 +81,7 @@ class TrainConfig(Settings):
     evaluate: bool = Field(True, description="Afterwards, evaluate on the test split (when "
                                              "there is one).")
     export: bool = Field(True, description="Afterwards, export safetensors + ONNX.")
-    false_reject: FalseRejectRate = Field(DEFAULT_FALSE_REJECT, description="Export: share "
-                                          "of validation crystals the unknown-detector may "
-                                          "call unknown.")
+    false_reject: FalseRejectRate = DEFAULT_FALSE_REJECT
     allow_overlap: bool = Field(False, description="Train even when the same crop (or a "
                                 "rotated or near copy) lies in two splits; it is counted and "
                                 "reported.")

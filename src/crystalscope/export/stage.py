@@ -133,9 +133,7 @@ class ExportSettings(Settings):
     int8: bool = Field(False, description="Also write model.int8.onnx (static int8, "
                        "calibrated on validation images) and report how its predictions differ "
                        "on the test split.")
-    false_reject: FalseRejectRate = Field(DEFAULT_FALSE_REJECT, description="Share of "
-                                "validation crystals the unknown-detector may call unknown: its "
-                                "threshold.")
+    false_reject: FalseRejectRate = DEFAULT_FALSE_REJECT
     tta: Literal["none", "dihedral"] | None = Field(None, description="Test-time averaging in "
                                                     "the exported network (None: the run's).")
 

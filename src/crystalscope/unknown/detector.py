@@ -43,7 +43,9 @@ NOVEL = "novel"  # the reason for a crystal unlike the training ones (the score'
 
 DEFAULT_FALSE_REJECT = 0.01
 # The detector's calibrated false-reject rate, as every settings model that sets it takes it.
-FalseRejectRate = Annotated[float, Field(gt=0, lt=1)]
+FalseRejectRate = Annotated[float, Field(
+    gt=0, lt=1, description="Share of validation crystals the unknown-detector may call "
+                            "unknown: its threshold (set at export).")]
 
 
 def conformal_threshold(scores: np.ndarray, rate: float) -> tuple[float, float]:
