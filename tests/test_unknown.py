@@ -92,6 +92,40 @@ def test_knn_distance_matches_a_sorted_brute_force() -> None:
         np.testing.assert_allclose(knn_distance(bank, queries, k), expected, rtol=1e-9)
 
 
+def test_a_large_validation_split_sets_the_threshold_on_all_but_200_images() -> None:
+    # The threshold's scatter shrinks with the calibration set: 200 images set the scale, every
+    # other one the threshold (>= 500 wherever the split holds 700).
+    from crystalscope.unknown.detector import SCALING_IMAGES, fit_detector
+
+    rng = np.random.default_rng(4)
+    train = rng.normal(size=(300, 6))
+    for n, scaling in ((20, 10), (81, 40), (1200, SCALING_IMAGES)):
+        valid = rng.normal(size=(n, 6))
+        probabilities = np.full((n, 2), 0.5)
+        detector = fit_detector(train, np.arange(300) % 2, valid, probabilities, [6], 0.01)
+        calibration = detector.calibration
+        assert calibration["scaling_images"] == scaling
+        assert calibration["calibration_images"] == n - scaling
+    assert calibration["false_reject_bound"] <= 0.01  # 1,000 calibration images hold 1%
+
+
+def test_the_false_reject_rate_is_measured_on_the_test_split(exported_run: Path) -> None:
+    from scipy.stats import binomtest
+
+    described = json.loads((exported_run / "model.json").read_text())["unknown_detector"]
+    measured = described["calibration"]["test_false_reject"]
+    test = sorted((exported_run.parent.parent / "splits" / "test").rglob("*.png"))
+    assert measured["split"] == "test" and measured["images"] == len(test)
+    interval = binomtest(measured["rejected"], measured["images"]).proportion_ci(
+        0.95, method="exact")
+    assert measured["interval"] == pytest.approx([interval.low, interval.high])
+    assert measured["rate"] == pytest.approx(measured["rejected"] / measured["images"])
+    assert sum(measured["by_reason"].values()) == measured["rejected"]
+    # predict decides the same images unknown (ONNX vs torch: a borderline score may flip)
+    flagged = sum(bool(r.unknown) for r in predict_stream(load_predictor(exported_run), test))
+    assert abs(flagged - measured["rejected"]) <= 1
+
+
 def test_conformal_threshold_holds_its_rate_on_average() -> None:
     # Exchangeable N(0,1) scores: the exact false-reject rate of a threshold t is 1 - Φ(t);
     # averaged over calibration sets it must equal the promised bound (here exactly 1%).

@@ -42,6 +42,7 @@ UNKNOWN_ABOVE = 1.0  # unknown_score is scaled so that the calibrated threshold 
 NOVEL = "novel"  # the reason for a crystal unlike the training ones (the score's decision)
 
 DEFAULT_FALSE_REJECT = 0.01
+SCALING_IMAGES = 200  # validation images that set the parts' scale; the rest set the threshold
 # The detector's calibrated false-reject rate, as every settings model that sets it takes it.
 FalseRejectRate = Annotated[float, Field(
     gt=0, lt=1, description="Share of validation crystals the unknown-detector may call "
@@ -127,9 +128,10 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
                  valid_statistics: np.ndarray, valid_probabilities: np.ndarray,
                  stage_sizes: list[int], false_reject: float = DEFAULT_FALSE_REJECT
                  ) -> UnknownDetector:
-    """Fit the per-stage Gaussians on the training split; put the parts on one scale with
-    half of the validation split and set the threshold with the other half (so the threshold
-    is set on images the score never saw, as the guarantee needs)."""
+    """Fit the per-stage Gaussians on the training split; put the parts on one scale with up
+    to ``SCALING_IMAGES`` validation images (half of a small split, evenly spread so that every
+    class is in it) and set the threshold with all the others — at least 500 wherever the
+    split holds 700 — on images the score never saw, as the guarantee needs."""
     if len(train_statistics) < 3:
         raise UserError("too few training images to fit the unknown-detector (need 3)")
     if len(valid_statistics) < 2:
@@ -144,8 +146,9 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
                            center=np.zeros(2 * len(distances) + 1),
                            scale=np.ones(2 * len(distances) + 1), threshold=1.0,
                            target_false_reject=false_reject)
-    scaling, calibration = np.arange(0, len(valid_statistics), 2), \
-        np.arange(1, len(valid_statistics), 2)  # alternate images: both halves hold every class
+    n = len(valid_statistics)
+    scaling = np.unique(np.linspace(0, n - 1, min(n // 2, SCALING_IMAGES)).round().astype(int))
+    calibration = np.setdiff1d(np.arange(n), scaling)
     components = detector.components(valid_statistics[scaling], valid_probabilities[scaling])
     spread = components.std(axis=0)
     detector.center = np.median(components, axis=0)
@@ -234,9 +237,19 @@ def unknown_summary(info: dict[str, Any]) -> str:
     if bound is not None and bound > target:
         text += (f"; {n} are too few to hold {100 * target:g}% — a validation split of "
                  f"{2 * (math.ceil(1 / target) - 1)} or more images is needed")
-    if gate:
-        limits = {k: "none (too few crops)" if v is None else f"{v:.4f}"
-                  for k, v in gate["limits"].items()}
+    measured = calibration.get("test_false_reject")
+    if measured:
+        low, high = measured["interval"]
+        text += (f". Measured on {measured['images']} test crystals: {measured['rejected']} "
+                 f"called unknown ({100 * measured['rate']:.2f}%, 95% interval "
+                 f"{100 * low:.2f}-{100 * high:.2f}%)")
+    if gate and all(v is None for v in gate["limits"].values()):
+        needed = math.ceil(1 / gate["quantile"]) - 1
+        text += (f". Quality gate: no limits from {gate['fitted_on']} training crops ({needed} "
+                 f"or more set them at {100 * gate['quantile']:g}%); a crop without a single "
+                 "edge is called empty")
+    elif gate:
+        limits = {k: "-" if v is None else f"{v:.4f}" for k, v in gate["limits"].items()}
         text += (f". Quality gate (limits at {100 * gate['quantile']:g}% of "
                  f"{gate['fitted_on']} training crops): empty below {limits['empty']} of "
                  f"pixels on an edge, blurred below focus {limits['blurred']}, saturated "

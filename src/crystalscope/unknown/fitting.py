@@ -1,10 +1,14 @@
-"""Fit a run's unknown-detector: stage statistics of its training split, calibrated on its
-validation split. Export calls this and stores the result with the model."""
+"""Fit a run's unknown-detector: stage statistics and the quality gate's limits from its
+training split, calibrated on its validation split, its false-reject rate measured on its test
+split. Export calls this and stores the result with the model."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from crystalscope.data.decoded import build_cache
 from crystalscope.errors import CrystalscopeError
@@ -27,6 +31,9 @@ def stage_outputs(net: InferenceNet, images: torch.Tensor, batch_size: int = 64
     return np.concatenate(statistics), np.concatenate(probabilities), sizes
 
 
+MEASURE_LIMIT = 5000  # test crystals scored for the measured false-reject rate
+
+
 class NoTrainingData(CrystalscopeError):
     """The run's train/ and valid/ images are gone, so no detector can be fitted."""
 
@@ -46,4 +53,30 @@ def fit_run_detector(run: LoadedRun, false_reject: float = DEFAULT_FALSE_REJECT
     detector = fit_detector(train_statistics, train.labels.numpy(), valid_statistics,
                             valid_probabilities, sizes, false_reject)
     detector.gate = QualityGate.fit(measure(train.images.numpy()))
+    measured = measure_false_reject(run, detector)
+    if measured is not None:
+        detector.calibration["test_false_reject"] = measured
     return detector
+
+
+def measure_false_reject(run: LoadedRun, detector: UnknownDetector,
+                         limit: int = MEASURE_LIMIT) -> dict | None:
+    """The share of the run's test crystals (up to ``limit``) the detector calls unknown —
+    gate and score together, as predict decides — with its exact 95% (Clopper-Pearson)
+    interval and the count per reason; None without a test split. Nothing is fitted on
+    them. O(test images): one forward pass."""
+    items = run.data.split("test")[:limit]
+    if not items:
+        return None
+    test = build_cache(items, run.spec)
+    if not len(test.paths):
+        return None
+    statistics, probabilities, _ = stage_outputs(run.net, test.images)
+    scores = detector.score(statistics, probabilities)
+    measures = measure(test.images.numpy()) if detector.gate is not None else None
+    reasons = [r for r in detector.reasons(scores, measures) if r is not None]
+    n = len(scores)
+    interval = binomtest(len(reasons), n).proportion_ci(0.95, method="exact")
+    return {"split": "test", "images": n, "rejected": len(reasons),
+            "rate": len(reasons) / n, "interval": [float(interval.low), float(interval.high)],
+            "by_reason": dict(Counter(reasons))}
