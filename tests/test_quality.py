@@ -150,3 +150,21 @@ def test_the_monitor_counts_each_reason_apart(exported_run: Path, probe_crops: n
             {reason: expected.get(reason, 0) for reason in UNKNOWN_REASONS}
         assert int(row["count_unknown"]) == sum(expected.values())
     assert sum(int(rows[1][f"unknown_{reason}"]) for reason in REASONS) >= 3  # the blanks
+
+
+def test_measuring_holds_one_crop_in_flight() -> None:
+    """measure's working memory is a few arrays of one crop, not of the batch: the peak for
+    400 crops is about the peak for 50 (both far below 400 crops' float copies)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    peaks = {}
+    for n in (50, 400):
+        images = rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8)
+        tracemalloc.start()
+        measure(images)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    one_float_crop = 64 * 64 * 8
+    assert peaks[400] < 1.5 * peaks[50] + 400 * 4 * 8  # + the (N, 4) result itself
+    assert peaks[400] < 400 * one_float_crop / 10

@@ -94,7 +94,7 @@ class PredictionWriter:
                      reject_unknown=self.reject_unknown)
         self.unknown += int(bool(item.unknown))
         if item.unknown:
-            self.reasons[item.unknown_reason or "novel"] += 1
+            self.reasons[str(item.unknown_reason)] += 1
         if self.with_unknown and self.format in ("csv", "table"):  # yes/no, not True/False
             row["unknown"] = "yes" if row["unknown"] else "no"
         if self.format == "csv":
@@ -150,7 +150,7 @@ class ParquetPredictionWriter:
                                 reject_unknown=self.reject_unknown))
         self.unknown += int(bool(item.unknown))
         if item.unknown:
-            self.reasons[item.unknown_reason or "novel"] += 1
+            self.reasons[str(item.unknown_reason)] += 1
         self.count += 1
         if len(self.rows) >= self.ROW_GROUP:
             self._flush()

@@ -17,7 +17,6 @@ import numpy as np
 from crystalscope.data.images import ImageLoadError
 from crystalscope.infer.predictor import Predictor
 from crystalscope.model.spec import ModelSpec, decode
-from crystalscope.unknown.detector import UnknownDetector
 
 
 @dataclass
@@ -30,16 +29,14 @@ class ImageResult:
     width: int
     height: int
     unknown_score: float | None = None
-    unknown_reason: str | None = None  # empty, blurred, saturated or novel: why unknown
+    # empty, blurred, saturated or novel: why unknown (UnknownDetector.reasons decides)
+    unknown_reason: str | None = None
 
     @property
     def unknown(self) -> bool | None:
         """True when the image holds no usable crystal or one unlike the training ones (None:
         no detector)."""
-        if self.unknown_score is None:
-            return None
-        return self.unknown_reason is not None or bool(
-            UnknownDetector.is_unknown(self.unknown_score))
+        return None if self.unknown_score is None else self.unknown_reason is not None
 
 
 @dataclass

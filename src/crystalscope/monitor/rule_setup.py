@@ -17,10 +17,10 @@ from crystalscope.monitor.settings import AlarmSettings, FrameCutting
 from crystalscope.monitor.trend import (
     UNKNOWN,
     AlarmRule,
+    check_positive,
     false_positive_rate_from_report,
     is_unknown_label,
 )
-from crystalscope.settings import SettingsError
 
 
 def calibrate(predictor: Predictor, clean_stream: Path, positive: str,
@@ -86,9 +86,7 @@ def build_alarm_rule(predictor: Predictor, model: Path, settings: AlarmSettings,
                       alpha=settings.alpha, consecutive=settings.consecutive,
                       rule=settings.rule, arl0=settings.arl0,
                       dispersion=settings.dispersion or 0.0)
-    if settings.positive not in predictor.classes:  # before a calibration stream is read
-        raise SettingsError("positive", "not a class of the model "
-                            f"({', '.join(predictor.classes)})", settings.positive)
+    check_positive(settings.positive, predictor.classes)  # before a stream is read
     calibration = choose_calibration(predictor, model, settings.positive,
                                      given=settings.false_positive_rate,
                                      clean_stream=settings.calibrate, cutting=cutting,

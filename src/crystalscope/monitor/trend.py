@@ -26,10 +26,10 @@ from crystalscope.errors import UserError
 from crystalscope.evaluate.report import wilson_interval
 from crystalscope.monitor.rules import RULES, BinomialRun, Calibration, Rule
 from crystalscope.settings import SettingsError
+from crystalscope.unknown.detector import UNKNOWN_REASONS
 
 SMOOTHING = 0.3  # weight of the newest window in the exponentially smoothed fraction
 UNKNOWN = "unknown"  # the label of crops the unknown-detector flags ("unknown:<reason>")
-UNKNOWN_REASONS = ("empty", "blurred", "saturated", "novel")  # counted apart, in this order
 
 
 def unknown_label(reason: str | None) -> str:
@@ -39,6 +39,13 @@ def unknown_label(reason: str | None) -> str:
 
 def is_unknown_label(label: str) -> bool:
     return label == UNKNOWN or label.startswith(UNKNOWN + ":")
+
+
+def check_positive(positive: str, classes: list[str]) -> None:
+    """The impurity to watch is one of the model's classes."""
+    if positive not in classes:
+        raise SettingsError("positive", f"not a class of the model ({', '.join(classes)})",
+                            positive)
 DEFAULT_ARL0 = 10_000
 
 
@@ -158,9 +165,7 @@ def false_positive_rate_from_report(report_json: Path, positive: str) -> tuple[f
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise UserError(f"{report_json}: no usable evaluation report ({exc}); run `crystalscope "
                         "evaluate RUN` or give false_positive_rate") from exc
-    if positive not in classes:
-        raise SettingsError("positive", f"not a class of the model ({', '.join(classes)})",
-                            positive)
+    check_positive(positive, classes)
     p = classes.index(positive)
     negatives = sum(sum(row) for c, row in enumerate(matrix) if c != p)
     false_calls = sum(row[p] for c, row in enumerate(matrix) if c != p)
@@ -173,13 +178,17 @@ def false_positive_rate_from_report(report_json: Path, positive: str) -> tuple[f
                          f"on the test split ({report_json})")
 
 
+def _by_reason(window: WindowResult) -> str:
+    """"; empty 4, novel 9" for the message (nothing when the window has no counts)."""
+    counted = [f"{reason} {count}" for reason, count in window.unknown_reasons.items() if count]
+    return "; " + ", ".join(counted) if counted else ""
+
+
 class Trend:
     """Feeds windows in time order; keeps the smoothed fraction and the alarm state."""
 
     def __init__(self, classes: list[str], rule: AlarmRule) -> None:
-        if rule.positive not in classes:
-            raise SettingsError("positive", f"not a class of the model ({', '.join(classes)})",
-                                rule.positive)
+        check_positive(rule.positive, classes)
         rule.check()
         self.classes, self.rule = classes, rule
         self.impurity, self.unknown = rule.impurity_rule(), rule.unknown_rule()
@@ -199,15 +208,14 @@ class Trend:
         n, k = len(predicted) - unknown, counts[self.rule.positive]
         fraction = k / n if n else None
         step = self.impurity.update(k, n)
-        if step.p_value is None:
-            pass  # a window without crops: the evidence since stays as it was
-        elif step.statistic > 0:
-            if self.evidence_since is None:
-                self.evidence_since, self.evidence_counts = index, [0, 0]
-            self.evidence_counts[0] += k
-            self.evidence_counts[1] += n
-        else:
-            self.evidence_since = None
+        if step.p_value is not None:  # a window without crops leaves the evidence as it was
+            if step.statistic > 0:
+                if self.evidence_since is None:
+                    self.evidence_since, self.evidence_counts = index, [0, 0]
+                self.evidence_counts[0] += k
+                self.evidence_counts[1] += n
+            else:
+                self.evidence_since = None
         if fraction is not None:
             self.smoothed = (fraction if self.smoothed is None
                              else SMOOTHING * fraction + (1 - SMOOTHING) * self.smoothed)
@@ -248,9 +256,8 @@ class Trend:
                 f"the model was trained on ({100 * (window.unknown_fraction or 0):.1f}%; "
                 f"expected at most {100 * (self.rule.unknown_rate or 0):.1f}%, probability "
                 f"{window.unknown_p_value:.2e} < {self.rule.alpha:g}, {self.rule.consecutive} "
-                f"window(s) in a row; " + ", ".join(
-                    f"{reason} {count}" for reason, count in window.unknown_reasons.items()
-                    if count) + f"); they are kept out of the {self.rule.positive} share — "
+                f"window(s) in a row{_by_reason(window)}); they are kept out of the "
+                f"{self.rule.positive} share — "
                 "look at the probe (empty or blurred: the window, fouling; novel: bubbles, a "
                 "new crystal form?)")
 

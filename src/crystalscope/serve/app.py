@@ -38,7 +38,6 @@ from crystalscope.model.spec import decode
 from crystalscope.serve.page import DASHBOARD
 from crystalscope.serve.server import LOOPBACK_HOST_NAMES, guard_hosts
 from crystalscope.settings import Settings
-from crystalscope.unknown.detector import UnknownDetector
 from crystalscope.vectors.indexing import thumbnail_uri
 from crystalscope.vectors.store import check_same_model
 
@@ -168,8 +167,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if outputs.unknown_scores is not None:
             score = float(outputs.unknown_scores[row])
             reason = outputs.unknown_reasons[row] if outputs.unknown_reasons else None
-            result.update(unknown=reason is not None or UnknownDetector.is_unknown(score),
-                          unknown_score=score, unknown_reason=reason)
+            result.update(unknown=reason is not None, unknown_score=score,
+                          unknown_reason=reason)
         return result
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -33,13 +33,14 @@ from safetensors.numpy import load_file, save_file
 from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.model.spec import RunLayout
 from crystalscope.settings import SettingsError
-from crystalscope.unknown.quality import QualityGate
+from crystalscope.unknown.quality import REASONS, QualityGate
 from crystalscope.unknown.scores import GaussianDistance, max_softmax_score
 
 METHOD = "stage-mahalanobis+max-softmax"
 FILE_NAME = RunLayout(Path()).detector.name  # beside model.json
 UNKNOWN_ABOVE = 1.0  # unknown_score is scaled so that the calibrated threshold is 1
 NOVEL = "novel"  # the reason for a crystal unlike the training ones (the score's decision)
+UNKNOWN_REASONS = (*REASONS, NOVEL)  # every reason, in the order they are decided
 
 DEFAULT_FALSE_REJECT = 0.01
 SCALING_IMAGES = 200  # validation images that set the parts' scale; the rest set the threshold

@@ -21,7 +21,13 @@ Each limit is an order statistic of the training crops, chosen as a conformal bo
 smallest (largest for ``saturated``) of n, k = floor((n + 1) q) with q = ``GATE_QUANTILE``, so a
 new crop like the training ones fails it with probability at most k/(n+1) <= q; with fewer
 than 1/q training crops a limit is left out rather than guessed. Stored with the detector
-(model.json) and reported. O(N S^2): a few filters per crop.
+(model.json) and reported.
+
+Cost: ``measure`` is O(N S^2) time with one crop in flight (memory O(S^2) plus the (N, 4)
+result; ``tests/test_quality.py`` bounds it): about 1,300 crops/s at 96 px on one core of the
+2-core build machine, so 10^6 crops take about 13 minutes, a quarter on top of a CPU model's
+forward pass; ``QualityGate.fit`` sorts each measure, 0.1 s for 10^6 crops; ``reasons`` is
+O(N), 1 s for 10^6 (``benchmarks/quality_gate.py --speed 2000``).
 """
 
 from __future__ import annotations
