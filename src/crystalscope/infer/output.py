@@ -73,8 +73,8 @@ class PredictionWriter:
         elif fmt == "table":
             self.widths = [40, max(15, *(len(c) for c in classes)), 24,
                            *(max(12, len(n)) for n in names[3:])]
-            if with_unknown:
-                self.widths[-2] = 7
+            if with_unknown:  # yes/no
+                self.widths[names.index("unknown")] = 7
             handle.write(self._line(names) + "\n")
 
     def _line(self, values: list[object]) -> str:

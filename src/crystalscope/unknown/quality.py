@@ -24,10 +24,10 @@ than 1/q training crops a limit is left out rather than guessed. Stored with the
 (model.json) and reported.
 
 Cost: ``measure`` is O(N S^2) time with one crop in flight (memory O(S^2) plus the (N, 4)
-result; ``tests/test_quality.py`` bounds it): about 1,300 crops/s at 96 px on one core of the
-2-core build machine, so 10^6 crops take about 13 minutes, a quarter on top of a CPU model's
-forward pass; ``QualityGate.fit`` sorts each measure, 0.1 s for 10^6 crops; ``reasons`` is
-O(N), 1 s for 10^6 (``benchmarks/quality_gate.py --speed 2000``).
+result; ``tests/test_quality.py`` bounds it): 1,760 crops/s at 96 px (1,010 at 224) on the
+2-core build machine, so 10^6 crops take about 10 minutes (17 at 224); ``QualityGate.fit``
+sorts each measure, 0.04 s for 10^6 crops; ``reasons`` is O(N), 0.7 s for 10^6
+(``benchmarks/quality_gate.py --speed 2000``).
 """
 
 from __future__ import annotations
