@@ -1,28 +1,34 @@
 """How well the unknown-detector separates CEX/PG crops from what it never saw.
 
 Per seed: synthesises CEX/PG crops (96 px, medium-hard difficulty), splits them, trains a
-ResNet-18 from random weights (what this CPU allows), exports it (which fits and calibrates
-the detector on the train/valid splits at a 1% false-reject rate), then scores
+ResNet-18 from random weights (what this CPU allows), exports it (which fits the quality gate
+and the novelty score on the training split and calibrates them together on the validation
+split at a 1% false-reject rate), then scores
 
 - in-distribution: the test split plus a fresh synthetic CEX/PG set (another seed);
 - near unknown kinds: bubbles, empty frames, heavy defocus, cubes (`synth unknown`);
-- far unknown kinds: pieces of scikit-image's photographs (the cat, …).
+- far unknown kinds: pieces of scikit-image's photographs (the cat, …);
+- the 14 real crops in ../shared/data/opencrystal-samples (a real crystal is not unknown).
 
-Prints AUROC (in vs out) and, at the calibrated threshold, the in-distribution false-reject
-rate and the share of unknown images flagged — for the detector and for the
-alternatives it was chosen over (scored on the same images, thresholds set the same way).
-Run:
-    .venv/bin/python benchmarks/unknown.py [--seeds 2] [--per-class 420]
+Prints AUROC (in vs out; a crop the gate rejects ranks above every score) and, at the
+calibrated threshold, the in-distribution false-reject rate and the share of unknown images
+flagged — for the detector and for the novelty scores it was chosen over (each behind the same
+gate, its threshold set the same way on the same validation images), and the detector's
+reasons per kind. Run:
+    .venv/bin/python benchmarks/unknown.py [--seeds 3] [--per-class 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from crystalscope.config import resolve_train_config
@@ -40,10 +46,14 @@ from crystalscope.synth.unknown import (
     synthesize_unknown,
 )
 from crystalscope.train.run import train
-from crystalscope.unknown.detector import conformal_threshold
-from crystalscope.unknown.scores import GaussianDistance, knn_distance, max_softmax_score
+from crystalscope.unknown.appearance import appearance
+from crystalscope.unknown.detector import STAGES, conformal_threshold, fit_detector
+from crystalscope.unknown.quality import measure as quality_measures
+from crystalscope.unknown.scores import knn_distance, max_softmax_score
 
 SIZE = 96
+KINDS = (*NEAR_KINDS, *FAR_KINDS)
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "opencrystal-samples"
 
 
 def train_model(folder: Path, per_class: int, difficulty: float, seed: int) -> Path:
@@ -63,50 +73,87 @@ def train_model(folder: Path, per_class: int, difficulty: float, seed: int) -> P
     return result.run_dir
 
 
-def outputs(run: LoadedRun, folder: Path) -> dict[str, np.ndarray]:
-    """Probabilities, embeddings, stage statistics and labels of every image under folder."""
-    items = [(p, 0) for p in sorted(folder.rglob("*.png"))]
-    images = build_cache(items, run.spec).images
-    probabilities, embeddings, statistics = run_batches(run.net, images)
-    return {"statistics": statistics.double().numpy(),
-            "probabilities": probabilities.double().numpy(), "embeddings": embeddings.numpy()}
+def outputs(run: LoadedRun, items: list[tuple[Path, int]]) -> dict[str, np.ndarray]:
+    """The network's outputs, the crops themselves and their labels."""
+    decoded = build_cache(items, run.spec)
+    probabilities, embeddings, statistics = run_batches(run.net, decoded.images)
+    return {"statistics": statistics.double().numpy(), "labels": decoded.labels.numpy(),
+            "probabilities": probabilities.double().numpy(), "embeddings": embeddings.numpy(),
+            "images": decoded.images.numpy()}
 
 
-def alternatives(run: LoadedRun) -> dict[str, Callable[[dict], np.ndarray]]:
-    """Scores the detector was chosen over, fitted on the same train split."""
-    decoded = build_cache(run.data.split("train"), run.spec)
-    labels = decoded.labels.numpy()
-    embeddings = run_batches(run.net, decoded.images)[1].numpy()
-    gaussian = GaussianDistance.fit(embeddings, labels)
-    return {
-        "max-softmax (1 - top probability)": lambda o: max_softmax_score(o["probabilities"]),
-        "kNN (k=5) on the final embedding": lambda o: knn_distance(embeddings,
-                                                                   o["embeddings"], 5),
-        "Mahalanobis on the final embedding": lambda o: gaussian(o["embeddings"]),
-    }
+def pngs(folder: Path) -> list[tuple[Path, int]]:
+    return [(p, 0) for p in sorted(folder.rglob("*.png"))]
+
+
+class StageScores:
+    """The network-feature scores the appearance score was chosen over, on the train split."""
+
+    def __init__(self, train: dict, stage_sizes: list[int]) -> None:
+        self.edges = list(itertools.pairwise(np.cumsum([0, *stage_sizes])))
+        x, y = train["statistics"], train["labels"]
+        self.mean, self.spread = x.mean(axis=0), x.std(axis=0) + 1e-9
+        self.bank = self.normalised(x)
+        self.shrunk = []
+        for a, b in self.edges:  # Ledoit-Wolf shrunk covariance around each class mean
+            classes = np.unique(y)
+            means = np.stack([x[y == c, a:b].mean(axis=0) for c in classes])
+            centred = x[:, a:b] - means[np.searchsorted(classes, y)]
+            self.shrunk.append((means, LedoitWolf().fit(centred).precision_))
+
+    def normalised(self, x: np.ndarray) -> np.ndarray:
+        """Each stage standardised and L2-normalised, concatenated (deep nearest neighbours)."""
+        z = (x - self.mean) / self.spread
+        return np.concatenate([z[:, a:b] / np.linalg.norm(z[:, a:b], axis=1, keepdims=True)
+                               for a, b in self.edges], axis=1)
+
+    def knn(self, o: dict) -> np.ndarray:
+        return knn_distance(self.bank, self.normalised(o["statistics"]), 5)
+
+    def shrunk_mahalanobis(self, o: dict) -> np.ndarray:
+        """(N, stages): the distance to the nearest class mean at each stage."""
+        x = o["statistics"]
+        columns = []
+        for (a, b), (means, precision) in zip(self.edges, self.shrunk, strict=True):
+            columns.append(np.sqrt(np.min([np.einsum("ij,jk,ik->i", x[:, a:b] - m, precision,
+                                                     x[:, a:b] - m) for m in means], axis=0)))
+        return np.stack(columns, axis=1)
+
+
+def scaled_max(parts: Callable[[dict], np.ndarray], scaling: dict) -> Callable[[dict], np.ndarray]:
+    """Several parts on one scale (median 0, standard deviation 1 on ``scaling``), the max."""
+    reference = parts(scaling)
+    center, spread = np.median(reference, axis=0), reference.std(axis=0) + 1e-12
+    return lambda o: ((parts(o) - center) / spread).max(axis=1)
 
 
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
-    return float(roc_auc_score(truth, np.r_[inside, outside]))
+    both = np.nan_to_num(np.r_[inside, outside], posinf=np.finfo(float).max)
+    return float(roc_auc_score(truth, both))
 
 
 def measure(name: str, score: Callable[[dict], np.ndarray], sets: dict[str, dict],
-            valid: dict, rate: float, threshold: float | None = None) -> dict:
-    """AUROC and flagged shares of ``score``; its threshold set like the detector's (on half
-    of the validation split) unless given."""
+            calibration: dict, rate: float, *, gate: bool = True,
+            threshold: float | None = None) -> dict:
+    """AUROC and flagged shares of ``score`` behind the gate (a rejected crop scores +inf);
+    its threshold the conformal quantile on ``calibration`` unless given."""
+    def gated(o: dict) -> np.ndarray:
+        values = np.asarray(score(o), np.float64)
+        return np.where(o["gated"], np.inf, values) if gate else values
+
     if threshold is None:
-        half = {key: value[1::2] for key, value in valid.items()}
-        threshold, _ = conformal_threshold(score(half), rate)
-    inside = np.r_[score(sets["test"]), score(sets["fresh"])]
-    row = {"method": name, "false_reject": float(np.mean(inside > threshold))}
+        threshold, _ = conformal_threshold(gated(calibration), rate)
+    inside = np.r_[gated(sets["test"]), gated(sets["fresh"])]
+    row = {"method": name, "false_reject": float(np.mean(inside > threshold)),
+           "real": int(np.sum(gated(sets["real"]) > threshold))}
     for group, kinds in (("near", NEAR_KINDS), ("far", FAR_KINDS)):
-        outside = np.concatenate([score(sets[k]) for k in kinds])
+        outside = np.concatenate([gated(sets[k]) for k in kinds])
         row[f"{group}_auroc"] = auroc(inside, outside)
         row[f"{group}_flagged"] = float(np.mean(outside > threshold))
-    for kind in (*NEAR_KINDS, *FAR_KINDS):
-        row[kind] = auroc(inside, score(sets[kind]))
-        row[f"{kind}_flagged"] = float(np.mean(score(sets[kind]) > threshold))
+    for kind in KINDS:
+        row[kind] = auroc(inside, gated(sets[kind]))
+        row[f"{kind}_flagged"] = float(np.mean(gated(sets[kind]) > threshold))
     return row
 
 
@@ -120,38 +167,75 @@ def one_seed(folder: Path, seed: int, args: argparse.Namespace) -> list[dict]:
     synthesize_unknown(folder / "unknown-images", UnknownSettings(
         per_kind=args.per_kind, size=SIZE, difficulty=args.difficulty, seed=2000 + seed))
     run = load_run(run_dir)
-    sets = {"test": outputs(run, folder / "splits" / "test"),
-            "fresh": outputs(run, folder / "fresh")}
-    for kind in (*NEAR_KINDS, *FAR_KINDS):
-        sets[kind] = outputs(run, folder / "unknown-images" / kind)
-    valid = outputs(run, folder / "splits" / "valid")
+    sets = {"train": outputs(run, run.data.split("train")),
+            "valid": outputs(run, run.data.split("valid")),
+            "test": outputs(run, run.data.split("test")),
+            "fresh": outputs(run, pngs(folder / "fresh")),
+            "real": outputs(run, pngs(REAL))}
+    for kind in KINDS:
+        sets[kind] = outputs(run, pngs(folder / "unknown-images" / kind))
     detector = load_predictor(run_dir).unknown_detector
-    assert detector is not None
+    assert detector is not None and detector.gate is not None
+    for o in sets.values():
+        o["gated"] = detector.gate.failed(quality_measures(o["images"])).any(axis=1)
+        o["descriptors"] = appearance(o["images"])
+    valid = sets["valid"]
+    reasons = {kind: Counter(r for r in detector.assess(sets[kind]["images"],
+                                                        sets[kind]["statistics"],
+                                                        sets[kind]["probabilities"])[1] if r)
+               for kind in (*KINDS, "real")}
+    for kind, counted in reasons.items():
+        print(f"  {kind:8s} reasons: {dict(counted)}")
 
-    def stages_only(o: dict) -> np.ndarray:  # the detector without its max-softmax part
-        parts = detector.components(o["statistics"], o["probabilities"])[:, :-1]
-        return ((parts - detector.center[:-1]) / detector.scale[:-1]).max(axis=1)
+    def own(o: dict) -> np.ndarray:
+        return detector.score(o["statistics"], o["probabilities"], o["descriptors"])
 
-    rows = [measure("crystalscope (its own threshold: unknown_score > 1)",
-                    lambda o: detector.score(o["statistics"], o["probabilities"]),
-                    sets, valid, args.false_reject, threshold=1.0),
-            measure("  the same without max-softmax", stages_only, sets, valid,
+    previous = fit_detector(sets["train"]["statistics"], sets["train"]["labels"],
+                            valid["statistics"], valid["probabilities"],
+                            run_stage_sizes(run),
+                            args.false_reject, method=STAGES, train_images=sets["train"]["images"],
+                            valid_images=valid["images"])
+    stages = StageScores(sets["train"], previous.stage_sizes)
+    half = {key: value[0::2] for key, value in valid.items()}  # scales the multi-part scores
+    other = {key: value[1::2] for key, value in valid.items()}
+    shrunk = scaled_max(lambda o: np.c_[stages.shrunk_mahalanobis(o),
+                                        max_softmax_score(o["probabilities"])], half)
+    rows = [measure("crystalscope: appearance kNN (own threshold)", own, sets, valid,
+                    args.false_reject, threshold=1.0),
+            measure("  the same without the gate", own, sets, valid, args.false_reject,
+                    gate=False),
+            measure("stage Mahalanobis + max-softmax (previous)",
+                    lambda o: previous.score(o["statistics"], o["probabilities"]), sets, valid,
+                    args.false_reject, threshold=1.0),
+            measure("kNN (k=5) on normalised stage features", stages.knn, sets, valid,
+                    args.false_reject),
+            measure("shrunk Mahalanobis per stage + max-softmax", shrunk, sets, other,
+                    args.false_reject),
+            measure("max-softmax (1 - top probability)",
+                    lambda o: max_softmax_score(o["probabilities"]), sets, valid,
                     args.false_reject)]
-    rows += [measure(name, score, sets, valid, args.false_reject)
-             for name, score in alternatives(run).items()]
-    inside = len(sets["test"]["probabilities"]) + len(sets["fresh"]["probabilities"])
+    inside = len(sets["test"]["labels"]) + len(sets["fresh"]["labels"])
     print(f"  in-distribution images: {inside}; validation (calibration): "
-          f"{len(valid['probabilities'])}; near: {len(NEAR_KINDS)} x {args.per_kind}; "
-          f"far: {args.per_kind}")
+          f"{len(valid['labels'])}; near: {len(NEAR_KINDS)} x {args.per_kind}; "
+          f"far: {args.per_kind}; real: {len(sets['real']['labels'])}")
     return rows
+
+
+def run_stage_sizes(run: LoadedRun) -> list[int]:
+    """The width of each stage's statistics in the run's network."""
+    import torch
+
+    with torch.inference_mode():
+        _, _, stages = run.net.stages(torch.zeros(1, 3, SIZE, SIZE))
+    return [s.shape[1] for s in stages]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--per-class", type=int, default=420,
-                        help="crops per class; 420 gives a validation split of 210, half of "
-                             "which (105) can hold a 1%% false-reject rate")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--per-class", type=int, default=1000,
+                        help="crops per class; 1000 gives a validation split of 500, which "
+                             "sets the threshold")
     parser.add_argument("--fresh", type=int, default=200, help="fresh CEX/PG crops per class")
     parser.add_argument("--per-kind", type=int, default=100)
     parser.add_argument("--difficulty", type=float, default=0.3)
@@ -159,24 +243,25 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
-        print(f"seed {seed}")
+        print(f"seed {seed}", flush=True)
         with tempfile.TemporaryDirectory() as folder:
             for row in one_seed(Path(folder), seed, args):
                 results.setdefault(row["method"], []).append(row)
     print(f"\nmean over {args.seeds} seed(s); flagged = share called unknown at the threshold "
-          f"calibrated for {100 * args.false_reject:g}% false rejects")
-    print(f"{'method':48s} {'FRR':>6s} {'near AUROC':>10s} {'far AUROC':>9s} "
-          f"{'near flagged':>12s} {'far flagged':>11s}")
+          f"calibrated for {100 * args.false_reject:g}% false rejects (gate and score)")
+    print(f"{'method':46s} {'FRR':>6s} {'near AUROC':>10s} {'far AUROC':>9s} "
+          f"{'near flagged':>12s} {'far flagged':>11s} {'real':>6s}")
     for method, rows in results.items():
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "method"}
-        print(f"{method:48s} {mean['false_reject']:6.4f} {mean['near_auroc']:10.3f} "
+        print(f"{method:46s} {mean['false_reject']:6.4f} {mean['near_auroc']:10.3f} "
               f"{mean['far_auroc']:9.3f} {mean['near_flagged']:12.2f} "
-              f"{mean['far_flagged']:11.2f}")
-    print("\nper kind (AUROC / flagged), crystalscope's detector:")
-    rows = next(iter(results.values()))
-    for kind in (*NEAR_KINDS, *FAR_KINDS):
-        print(f"  {kind:8s} " + "  ".join(f"{r[kind]:.3f} / {r[kind + '_flagged']:.2f}"
-                                          for r in rows))
+              f"{mean['far_flagged']:11.2f} {mean['real']:6.2f}")
+    for method, rows in results.items():
+        print(f"\nper kind, mean over seeds (AUROC / flagged): {method.strip()}")
+        for kind in KINDS:
+            print(f"  {kind:8s} {np.mean([r[kind] for r in rows]):.3f} / "
+                  f"{np.mean([r[kind + '_flagged'] for r in rows]):.2f}   seeds: "
+                  + "  ".join(f"{r[kind]:.3f}/{r[kind + '_flagged']:.2f}" for r in rows))
 
 
 if __name__ == "__main__":

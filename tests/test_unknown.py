@@ -95,18 +95,26 @@ def test_knn_distance_matches_a_sorted_brute_force() -> None:
 def test_a_large_validation_split_sets_the_threshold_on_all_but_200_images() -> None:
     # The threshold's scatter shrinks with the calibration set: 200 images set the scale, every
     # other one the threshold (>= 500 wherever the split holds 700).
-    from crystalscope.unknown.detector import SCALING_IMAGES, fit_detector
+    # The one-part appearance score needs no scale: every validation image sets the threshold.
+    from crystalscope.unknown.detector import APPEARANCE, SCALING_IMAGES, STAGES, fit_detector
 
     rng = np.random.default_rng(4)
     train = rng.normal(size=(300, 6))
     for n, scaling in ((20, 10), (81, 40), (1200, SCALING_IMAGES)):
         valid = rng.normal(size=(n, 6))
         probabilities = np.full((n, 2), 0.5)
-        detector = fit_detector(train, np.arange(300) % 2, valid, probabilities, [6], 0.01)
+        detector = fit_detector(train, np.arange(300) % 2, valid, probabilities, [6], 0.01,
+                                method=STAGES)
         calibration = detector.calibration
         assert calibration["scaling_images"] == scaling
         assert calibration["calibration_images"] == n - scaling
     assert calibration["false_reject_bound"] <= 0.01  # 1,000 calibration images hold 1%
+    crops = rng.integers(0, 256, (340, 3, 16, 16), dtype=np.uint8)
+    detector = fit_detector(train, np.arange(300) % 2, valid[:40], probabilities[:40], [6],
+                            0.01, method=APPEARANCE, train_images=crops[:300],
+                            valid_images=crops[300:])
+    assert detector.calibration["scaling_images"] == 0
+    assert detector.calibration["calibration_images"] == 40
 
 
 def test_the_false_reject_rate_is_measured_on_the_test_split(exported_run: Path) -> None:
@@ -182,7 +190,7 @@ def test_unknown_flags_follow_the_score_and_reject_unknown_follows_the_flags(
     # What the code guarantees, whatever a small model's training gave: unknown == score > 1,
     # forced classes without --reject-unknown, the class "unknown" with it, and the count.
     description = json.loads((pg_detector / "model.json").read_text())
-    assert description["unknown_detector"]["method"].startswith("stage-mahalanobis")
+    assert description["unknown_detector"]["method"] == "appearance-knn"
     assert (pg_detector / "unknown.safetensors").is_file()
     crystals = sorted((pg_detector.parent.parent / "splits" / "test").rglob("*.png"))[:6]
     paths = [str(p) for p in [*unknown_images.values(), *crystals]]

@@ -30,7 +30,6 @@ from crystalscope.model.spec import (
 )
 from crystalscope.settings import Settings, SettingsError
 from crystalscope.unknown.detector import UnknownDetector, load_detector
-from crystalscope.unknown.quality import measure
 
 if TYPE_CHECKING:
     from crystalscope.model.inference import InferenceNet
@@ -173,9 +172,7 @@ class Predictor:
         probabilities = to_probabilities(raw, len(self.classes), self.outputs)
         scores = reasons = None
         if self.unknown_detector is not None and statistics is not None:
-            scores = self.unknown_detector.score(statistics, probabilities)
-            measures = measure(images) if self.unknown_detector.gate is not None else None
-            reasons = self.unknown_detector.reasons(scores, measures)
+            scores, reasons = self.unknown_detector.assess(images, statistics, probabilities)
         return Outputs(probabilities, embeddings, scores, reasons)
 
     def _predict_dihedral(self, images: np.ndarray) -> Outputs:

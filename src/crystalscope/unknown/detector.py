@@ -1,18 +1,26 @@
 """The unknown-image detector: is this image like the crystals the model was trained on?
 
-How the score is made (chosen by measuring, see ``benchmarks/unknown.py``):
+Two questions, in this order (:meth:`UnknownDetector.assess`, the one place they are decided):
 
-1. For each stage of the backbone, the channel means and standard deviations of its feature
-   maps (:func:`crystalscope.model.inference.stage_statistics`) — early stages see blur,
-   texture and brightness, late ones shapes;
-2. per stage, the Mahalanobis distance to the nearest class of the training split and the
-   part outside the directions the training split varied in
-   (:class:`~crystalscope.unknown.scores.GaussianDistance`); plus 1 − the top softmax probability;
-3. each of these put on one scale with half of the validation split (0 = its median, 1 = its
-   standard deviation), and the largest taken;
-4. the threshold: the conformal quantile of the other half's scores for the chosen
-   false-reject rate (default 1%): with n such images, an in-distribution image scores above
-   it with probability at most ``bound`` = 1 − k/(n+1), k the rank used.
+1. the image-quality gate (:mod:`crystalscope.unknown.quality`): is there a usable crystal in
+   the crop at all? Its reasons: ``empty``, ``blurred``, ``saturated``;
+2. the novelty score: is the crystal unlike the training ones? Reason ``novel``.
+
+The novelty score, by method (chosen by measuring, see ``benchmarks/unknown.py``):
+
+- ``appearance-knn`` (the default since the benchmark's 3 seeds): the distance to the 5th
+  nearest training crop in a rotation-invariant descriptor of the picture
+  (:mod:`crystalscope.unknown.appearance`);
+- ``stage-mahalanobis+max-softmax`` (exports before it; still read): per backbone stage, the
+  Mahalanobis distance of the channel statistics to the nearest class and the residual
+  outside their principal subspace (:class:`~crystalscope.unknown.scores.GaussianDistance`),
+  plus 1 − the top softmax probability, each put on one scale with up to ``SCALING_IMAGES``
+  validation images (0 = its median, 1 = its standard deviation), the largest taken.
+
+The threshold: the conformal quantile, on validation images the score never saw, of the score
+with every image the gate rejects counted as rejected, for the chosen false-reject rate
+(default 1%): with n such images, an in-distribution image is called unknown — for any
+reason — with probability at most ``bound`` = 1 − k/(n+1), k the rank used.
 
 ``unknown_score`` is that score divided by the threshold: above 1 means "unknown".
 """
@@ -33,10 +41,14 @@ from safetensors.numpy import load_file, save_file
 from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.model.spec import RunLayout
 from crystalscope.settings import SettingsError
-from crystalscope.unknown.quality import REASONS, QualityGate
+from crystalscope.unknown.appearance import AppearanceNeighbours, appearance
+from crystalscope.unknown.quality import REASONS, QualityGate, measure
 from crystalscope.unknown.scores import GaussianDistance, max_softmax_score
 
-METHOD = "stage-mahalanobis+max-softmax"
+APPEARANCE = "appearance-knn"
+STAGES = "stage-mahalanobis+max-softmax"
+METHODS = (APPEARANCE, STAGES)
+METHOD = APPEARANCE  # what export fits
 FILE_NAME = RunLayout(Path()).detector.name  # beside model.json
 UNKNOWN_ABOVE = 1.0  # unknown_score is scaled so that the calibrated threshold is 1
 NOVEL = "novel"  # the reason for a crystal unlike the training ones (the score's decision)
@@ -65,19 +77,27 @@ def conformal_threshold(scores: np.ndarray, rate: float) -> tuple[float, float]:
 
 @dataclass
 class UnknownDetector:
-    """Scores images from the model's outputs (stage statistics and probabilities)."""
+    """Scores images from the model's outputs and the pictures themselves (see the module)."""
 
     stage_sizes: list[int]
     distances: list[GaussianDistance]
-    center: np.ndarray  # per component: the validation median
-    scale: np.ndarray  # per component: the validation standard deviation
+    center: np.ndarray  # per component: the validation median (0 for one component)
+    scale: np.ndarray  # per component: the validation standard deviation (1 for one)
     threshold: float
     target_false_reject: float
     calibration: dict[str, Any] = field(default_factory=dict)
     gate: QualityGate | None = None  # no usable crystal: empty, blurred, saturated
+    method: str = STAGES
+    appearance: AppearanceNeighbours | None = None  # the appearance-knn method's bank
 
-    def components(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        """(N, 2 stages + 1): each stage's distance and residual, then the max-softmax score."""
+    def components(self, statistics: np.ndarray, probabilities: np.ndarray,
+                   descriptors: np.ndarray | None = None) -> np.ndarray:
+        """(N, parts): the appearance distance (``appearance-knn``), or each stage's distance
+        and residual, then the max-softmax score (``stage-mahalanobis+max-softmax``)."""
+        if self.method == APPEARANCE:
+            if descriptors is None or self.appearance is None:
+                raise CrystalscopeError("the appearance score needs the crops' descriptors")
+            return self.appearance(descriptors)[:, None]
         statistics = np.asarray(statistics)
         if statistics.shape[1] != sum(self.stage_sizes):
             raise UserError(f"the model gives {statistics.shape[1]} feature statistics but its "
@@ -89,14 +109,27 @@ class UnknownDetector:
             parts += [distance(statistics[:, a:b]), distance.residual(statistics[:, a:b])]
         return np.stack([*parts, max_softmax_score(probabilities)], axis=1)
 
-    def raw_score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        parts = (self.components(statistics, probabilities) - self.center) / self.scale
+    def raw_score(self, statistics: np.ndarray, probabilities: np.ndarray,
+                  descriptors: np.ndarray | None = None) -> np.ndarray:
+        parts = (self.components(statistics, probabilities, descriptors) - self.center) \
+            / self.scale
         return np.nan_to_num(parts.max(axis=1), nan=np.inf)  # broken features: unknown
 
-    def score(self, statistics: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    def score(self, statistics: np.ndarray, probabilities: np.ndarray,
+              descriptors: np.ndarray | None = None) -> np.ndarray:
         """``unknown_score`` per image: 1 is the threshold, above it the image is unknown
         (:meth:`is_unknown`)."""
-        return self.raw_score(statistics, probabilities) / self.threshold
+        return self.raw_score(statistics, probabilities, descriptors) / self.threshold
+
+    def assess(self, images: np.ndarray, statistics: np.ndarray, probabilities: np.ndarray
+               ) -> tuple[np.ndarray, list[str | None]]:
+        """(``unknown_score``, reason or None) per image, from the decoded crops (N, 3, S, S)
+        uint8 as the network sees them and the network's outputs for them. O(N · S^2) for the
+        measures plus the score's own cost (see :mod:`crystalscope.unknown.appearance`)."""
+        descriptors = appearance(images) if self.method == APPEARANCE else None
+        scores = self.score(statistics, probabilities, descriptors)
+        measures = measure(images) if self.gate is not None else None
+        return scores, self.reasons(scores, measures)
 
     def reasons(self, scores: np.ndarray, measures: np.ndarray | None) -> list[str | None]:
         """Why each image is unknown, None when it is not: first the quality gate's reason
@@ -119,7 +152,10 @@ class UnknownDetector:
     def describe(self) -> dict[str, Any]:
         """The detector's entry in model.json."""
         gate = {"quality_gate": self.gate.describe()} if self.gate is not None else {}
-        return {**gate, "method": METHOD, "file": FILE_NAME, "stage_sizes": self.stage_sizes,
+        bank = ({"k": self.appearance.k, "bank_images": len(self.appearance.bank)}
+                if self.appearance is not None else {})
+        return {**gate, "method": self.method, **bank, "file": FILE_NAME,
+                "stage_sizes": self.stage_sizes,
                 "center": self.center.tolist(), "scale": self.scale.tolist(),
                 "threshold": self.threshold, "target_false_reject": self.target_false_reject,
                 "calibration": self.calibration}
@@ -127,12 +163,21 @@ class UnknownDetector:
 
 def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
                  valid_statistics: np.ndarray, valid_probabilities: np.ndarray,
-                 stage_sizes: list[int], false_reject: float = DEFAULT_FALSE_REJECT
-                 ) -> UnknownDetector:
-    """Fit the per-stage Gaussians on the training split; put the parts on one scale with up
-    to ``SCALING_IMAGES`` validation images (half of a small split, evenly spread so that every
-    class is in it) and set the threshold with all the others — at least 500 wherever the
-    split holds 700 — on images the score never saw, as the guarantee needs."""
+                 stage_sizes: list[int], false_reject: float = DEFAULT_FALSE_REJECT, *,
+                 method: str = METHOD, train_images: np.ndarray | None = None,
+                 valid_images: np.ndarray | None = None) -> UnknownDetector:
+    """Fit the detector on the training split and calibrate it on the validation split.
+
+    With the crops (``train_images``, ``valid_images``: (N, 3, S, S) uint8 as the network sees
+    them) the quality gate's limits are fitted on the training crops, and the threshold counts
+    every validation crop the gate rejects as rejected, so that the rate holds for the whole
+    decision; ``appearance-knn`` needs them. ``stage-mahalanobis+max-softmax`` puts its parts
+    on one scale with up to ``SCALING_IMAGES`` validation images (half of a small split, evenly
+    spread so every class is in it) and sets the threshold with all the others; one-part
+    ``appearance-knn`` sets it with all of them. Cost: O(N_train · D) to fit, the score's cost
+    for each validation image (see :mod:`crystalscope.unknown.appearance`)."""
+    if method not in METHODS:
+        raise SettingsError("method", f"use one of {', '.join(METHODS)}", method)
     if len(train_statistics) < 3:
         raise UserError("too few training images to fit the unknown-detector (need 3)")
     if len(valid_statistics) < 2:
@@ -140,29 +185,50 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
     if not (np.isfinite(train_statistics).all() and np.isfinite(valid_statistics).all()):
         raise CrystalscopeError("the model gives non-finite feature statistics; the "
                                 "unknown-detector cannot be fitted")
-    edges = np.cumsum([0, *stage_sizes])
-    distances = [GaussianDistance.fit(train_statistics[:, a:b], train_labels)
-                 for a, b in itertools.pairwise(edges)]
-    detector = UnknownDetector(stage_sizes=list(map(int, stage_sizes)), distances=distances,
-                           center=np.zeros(2 * len(distances) + 1),
-                           scale=np.ones(2 * len(distances) + 1), threshold=1.0,
-                           target_false_reject=false_reject)
+    with_images = train_images is not None and valid_images is not None
+    if method == APPEARANCE and not with_images:
+        raise CrystalscopeError(f"{APPEARANCE} is fitted on the crops: give train_images and "
+                                "valid_images")
     n = len(valid_statistics)
-    scaling = np.unique(np.linspace(0, n - 1, min(n // 2, SCALING_IMAGES)).round().astype(int))
+    if method == APPEARANCE:
+        detector = UnknownDetector(stage_sizes=[], distances=[], center=np.zeros(1),
+                                   scale=np.ones(1), threshold=1.0,
+                                   target_false_reject=false_reject, method=APPEARANCE,
+                                   appearance=AppearanceNeighbours.fit(appearance(train_images)))
+        scaling = np.zeros(0, int)
+    else:
+        edges = np.cumsum([0, *stage_sizes])
+        distances = [GaussianDistance.fit(train_statistics[:, a:b], train_labels)
+                     for a, b in itertools.pairwise(edges)]
+        detector = UnknownDetector(stage_sizes=list(map(int, stage_sizes)),
+                                   distances=distances, center=np.zeros(2 * len(distances) + 1),
+                                   scale=np.ones(2 * len(distances) + 1), threshold=1.0,
+                                   target_false_reject=false_reject, method=STAGES)
+        scaling = np.unique(np.linspace(0, n - 1, min(n // 2, SCALING_IMAGES)).round()
+                            .astype(int))
+        components = detector.components(valid_statistics[scaling],
+                                         valid_probabilities[scaling])
+        spread = components.std(axis=0)
+        detector.center = np.median(components, axis=0)
+        detector.scale = np.where(spread > 1e-9, spread, 1.0)  # a constant part: as it is
     calibration = np.setdiff1d(np.arange(n), scaling)
-    components = detector.components(valid_statistics[scaling], valid_probabilities[scaling])
-    spread = components.std(axis=0)
-    detector.center = np.median(components, axis=0)
-    detector.scale = np.where(spread > 1e-9, spread, 1.0)  # a constant part: left as it is
-    raw = detector.raw_score(valid_statistics[calibration], valid_probabilities[calibration])
-    threshold, bound = conformal_threshold(raw, false_reject)
+    held = valid_images[calibration] if with_images else None
+    raw = detector.raw_score(valid_statistics[calibration], valid_probabilities[calibration],
+                             appearance(held) if method == APPEARANCE else None)
+    gated = np.zeros(len(raw), bool)
+    if with_images:
+        detector.gate = QualityGate.fit(measure(train_images))
+        gated = detector.gate.failed(measure(held)).any(axis=1)
+    threshold, bound = conformal_threshold(np.where(gated, np.inf, raw), false_reject)
+    if not np.isfinite(threshold):  # the gate took more than the rate: the score's own max
+        threshold = float(raw[~gated].max(initial=0.0))
     if threshold <= 0:  # a degenerate validation split; keep the division meaningful
         threshold = float(np.abs(raw).max()) or 1.0
     detector.threshold = threshold
     detector.calibration = {
         "train_images": len(train_statistics), "scaling_images": len(scaling),
         "calibration_images": len(raw), "false_reject_bound": bound,
-        "calibration_false_reject": float(np.mean(raw > threshold)),
+        "calibration_false_reject": float(np.mean(gated | (raw > threshold))),
     }
     return detector
 
@@ -173,8 +239,10 @@ def save_detector(detector: UnknownDetector, folder: Path, export_id: str = "") 
     arrays: dict[str, np.ndarray] = {}
     for index, distance in enumerate(detector.distances):
         arrays.update(distance.arrays(f"stage{index}"))
+    if detector.appearance is not None:
+        arrays.update(detector.appearance.arrays("appearance"))
     path = Path(folder) / FILE_NAME
-    save_file(arrays, path, metadata={"method": METHOD, "export_id": export_id})
+    save_file(arrays, path, metadata={"method": detector.method, "export_id": export_id})
     return path
 
 
@@ -209,8 +277,14 @@ def load_detector(model_json: Path) -> UnknownDetector | None:
                         f"({expected or 'none'}); export the model again")
     try:
         arrays = load_file(path)
+        method = info.get("method", STAGES)
+        if method not in METHODS:
+            raise UserError(f"{model_json}: its unknown-detector ({method}) is from a newer "
+                            "crystalscope; upgrade, or export the model again")
         distances = [GaussianDistance.from_arrays(arrays, f"stage{i}")
                      for i in range(len(info["stage_sizes"]))]
+        bank = (AppearanceNeighbours.from_arrays(arrays, "appearance", int(info["k"]))
+                if method == APPEARANCE else None)
         return UnknownDetector(stage_sizes=list(info["stage_sizes"]), distances=distances,
                            center=np.asarray(info["center"], np.float64),
                            scale=np.asarray(info["scale"], np.float64),
@@ -218,7 +292,8 @@ def load_detector(model_json: Path) -> UnknownDetector | None:
                            target_false_reject=float(info["target_false_reject"]),
                            calibration=dict(info.get("calibration", {})),
                            gate=(QualityGate.from_description(info["quality_gate"])
-                                 if "quality_gate" in info else None))
+                                 if "quality_gate" in info else None),
+                           method=method, appearance=bank)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: the unknown-detector of {model_json} cannot be read "
                         f"({type(exc).__name__}: {exc}); export the model again") from exc
@@ -230,11 +305,12 @@ def unknown_summary(info: dict[str, Any]) -> str:
     n, bound = calibration.get("calibration_images", 0), calibration.get("false_reject_bound")
     target = info.get("target_false_reject", DEFAULT_FALSE_REJECT)
     gate = info.get("quality_gate")
-    text = (f"unknown-detector: fitted on {calibration.get('train_images', '?')} training "
-            f"images; threshold from {n} validation images (the other "
-            f"{calibration.get('scaling_images', '?')} set its scale) for a {100 * target:g}% "
-            f"false-reject rate (bound for new in-distribution images: "
-            f"{100 * (bound or 0):.2f}%)")
+    scaling = calibration.get("scaling_images", 0)
+    text = (f"unknown-detector ({info.get('method', STAGES)}): fitted on "
+            f"{calibration.get('train_images', '?')} training images; threshold from {n} "
+            f"validation images" + (f" (the other {scaling} set its scale)" if scaling else "")
+            + f" for a {100 * target:g}% false-reject rate, gate and score together (bound "
+            f"for new in-distribution images: {100 * (bound or 0):.2f}%)")
     if bound is not None and bound > target:
         text += (f"; {n} are too few to hold {100 * target:g}% — a validation split of "
                  f"{2 * (math.ceil(1 / target) - 1)} or more images is needed")

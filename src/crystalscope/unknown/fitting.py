@@ -14,7 +14,6 @@ from crystalscope.data.decoded import build_cache
 from crystalscope.errors import CrystalscopeError
 from crystalscope.model.inference import InferenceNet, LoadedRun
 from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, UnknownDetector, fit_detector
-from crystalscope.unknown.quality import QualityGate, measure
 
 
 @torch.inference_mode()
@@ -53,8 +52,8 @@ def fit_run_detector(run: LoadedRun, false_reject: float = DEFAULT_FALSE_REJECT
     train_statistics, _, sizes = stage_outputs(run.net, train.images)
     valid_statistics, valid_probabilities, _ = stage_outputs(run.net, valid.images)
     detector = fit_detector(train_statistics, train.labels.numpy(), valid_statistics,
-                            valid_probabilities, sizes, false_reject)
-    detector.gate = QualityGate.fit(measure(train.images.numpy()))
+                            valid_probabilities, sizes, false_reject,
+                            train_images=train.images.numpy(), valid_images=valid.images.numpy())
     measured = measure_false_reject(run, detector)
     if measured is not None:
         detector.calibration["test_false_reject"] = measured
@@ -74,9 +73,8 @@ def measure_false_reject(run: LoadedRun, detector: UnknownDetector,
     if not len(test.paths):
         return None
     statistics, probabilities, _ = stage_outputs(run.net, test.images)
-    scores = detector.score(statistics, probabilities)
-    measures = measure(test.images.numpy()) if detector.gate is not None else None
-    reasons = [r for r in detector.reasons(scores, measures) if r is not None]
+    scores, decided = detector.assess(test.images.numpy(), statistics, probabilities)
+    reasons = [r for r in decided if r is not None]
     n = len(scores)
     interval = binomtest(len(reasons), n).proportion_ci(0.95, method="exact")
     return {"split": "test", "images": n, "rejected": len(reasons),

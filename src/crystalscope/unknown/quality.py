@@ -48,15 +48,22 @@ REASONS = {"empty": ("edges", "below"), "blurred": ("focus", "below"),
            "saturated": ("saturated", "above")}
 
 
+def gray_at_measure_side(image: np.ndarray) -> np.ndarray:
+    """(3, S, S) uint8 -> (s, s) float64 gray, s = min(S, ``MEASURE_SIDE``): the crop as the
+    gate and the appearance score measure it, so their numbers mean the same at any size."""
+    gray = image.astype(np.float64).mean(axis=0)
+    if gray.shape[0] > MEASURE_SIDE:
+        gray = np.asarray(Image.fromarray(gray.astype(np.float32)).resize(
+            (MEASURE_SIDE, MEASURE_SIDE), Image.Resampling.BOX), np.float64)
+    return gray
+
+
 def measure(images: np.ndarray) -> np.ndarray:
     """(N, 3, S, S) uint8 -> (N, 4) float: ``MEASURES`` per image (see the module docs)."""
     images = np.asarray(images)
     rows = np.zeros((len(images), len(MEASURES)))
     for row, image in enumerate(images):
-        gray = image.astype(np.float64).mean(axis=0)
-        if gray.shape[0] > MEASURE_SIDE:  # the same gradients at any input size
-            gray = np.asarray(Image.fromarray(gray.astype(np.float32)).resize(
-                (MEASURE_SIDE, MEASURE_SIDE), Image.Resampling.BOX), np.float64)
+        gray = gray_at_measure_side(image)
         gradient = np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1)) / 8
         on_edge = gradient > EDGE_STEP
         low, high = np.percentile(gray, [1, 99])

@@ -1,0 +1,120 @@
+"""The appearance novelty score: is this crystal unlike the training crops, as a picture?
+
+Chosen over scores from the network's own features by measuring (``benchmarks/unknown.py``,
+3 seeds): a network trained to tell CEX from PG keeps what separates the two and discards
+what a bubble, a cube or a photograph differs in, so its features rank those no better than
+0.6–0.9 AUROC; a descriptor of the picture itself ranks them 0.85–0.99.
+
+The descriptor (:func:`appearance`, ``DESCRIPTOR_SIZE`` numbers per crop, each on the crop as
+the network sees it, brought down to ``MEASURE_SIDE`` pixels like the quality gate's
+measures, and all invariant to rotation since crystals lie at every angle):
+
+- texture: rotation-invariant uniform local binary patterns at radius 1 (8 neighbours) and
+  radius 3 (16): the share of each pattern (edges, corners, flat spots, line ends);
+- brightness: the 10th, 50th and 90th percentiles within the crop's 1–99% range, the median
+  and that range itself;
+- edges: the share of pixels steeper than 3, 6, 12 and 24 gray levels per pixel;
+- sharpness: the 50th, 90th and 99th percentile of the gradient over the range, and the
+  mean absolute Laplacian of the lightly smoothed crop over the range.
+
+The score (:class:`AppearanceNeighbours`): the Euclidean distance, in units of the training
+crops' spread per number, to the ``K``-th nearest training crop (deep nearest neighbours,
+Sun et al. 2022, on the picture's descriptor).
+
+Cost: :func:`appearance` is O(S^2) per crop with one crop in flight (about 3 ms at 96 px on
+the 2-core build machine). The bank holds at most ``BANK_LIMIT`` training crops (evenly
+spread when there are more), so a score is O(min(N_train, BANK_LIMIT) · D) per crop whatever
+the training split's size, computed ``CHUNK`` crops at a time (memory O(CHUNK · bank)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.feature import local_binary_pattern
+
+from crystalscope.unknown.quality import gray_at_measure_side
+
+K = 5
+BANK_LIMIT = 20_000  # training crops kept: 20,000 x 41 float32 = 3.3 MB beside the model
+CHUNK = 256  # crops scored at once: a (CHUNK, bank) distance block, 20 MB at the limit
+LBP_RINGS = ((8, 1), (16, 3))  # (neighbours, radius)
+EDGE_STEPS = (3.0, 6.0, 12.0, 24.0)
+DESCRIPTOR_SIZE = sum(p + 2 for p, _ in LBP_RINGS) + 5 + len(EDGE_STEPS) + 4
+
+
+def appearance(images: np.ndarray) -> np.ndarray:
+    """(N, 3, S, S) uint8 -> (N, ``DESCRIPTOR_SIZE``) float: the module's descriptor per crop,
+    one crop in flight."""
+    images = np.asarray(images)
+    rows = np.zeros((len(images), DESCRIPTOR_SIZE))
+    for row, image in enumerate(images):
+        gray = gray_at_measure_side(image)
+        as_bytes = np.clip(gray, 0, 255).astype(np.uint8)
+        texture = []
+        for neighbours, radius in LBP_RINGS:
+            codes = local_binary_pattern(as_bytes, neighbours, radius, "uniform").astype(int)
+            texture.append(np.bincount(codes.ravel(), minlength=neighbours + 2) / codes.size)
+        low, p10, p50, p90, high = np.percentile(gray, [1, 10, 50, 90, 99])
+        spread = max(high - low, 1.0)
+        gradient = np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1)) / 8
+        laplacian = ndimage.laplace(ndimage.gaussian_filter(gray, 1.5))
+        rows[row] = np.concatenate([
+            *texture,
+            [(p10 - low) / spread, (p50 - low) / spread, (p90 - low) / spread, p50 / 255,
+             spread / 255],
+            [np.mean(gradient > step) for step in EDGE_STEPS],
+            np.percentile(gradient, [50, 90, 99]) / spread,
+            [np.abs(laplacian).mean() / spread]])
+    return rows
+
+
+@dataclass
+class AppearanceNeighbours:
+    """Distance to the ``k``-th nearest training crop in standardised descriptor space."""
+
+    mean: np.ndarray  # (D,) the training descriptors' mean
+    spread: np.ndarray  # (D,) their standard deviation (a constant number: 1)
+    bank: np.ndarray  # (B, D) standardised training descriptors, B <= BANK_LIMIT
+    k: int = K
+
+    @classmethod
+    def fit(cls, descriptors: np.ndarray, k: int = K, limit: int = BANK_LIMIT
+            ) -> AppearanceNeighbours:
+        """The bank from training descriptors (N, D): all of them up to ``limit``, else
+        ``limit`` evenly spread ones (O(N · D))."""
+        descriptors = np.asarray(descriptors, np.float64)
+        if len(descriptors) > limit:
+            descriptors = descriptors[np.linspace(0, len(descriptors) - 1, limit).astype(int)]
+        mean, spread = descriptors.mean(axis=0), descriptors.std(axis=0)
+        spread = np.where(spread > 1e-9, spread, 1.0)
+        bank = ((descriptors - mean) / spread).astype(np.float32)
+        return cls(mean=mean, spread=spread, bank=bank, k=min(k, len(bank)))
+
+    def __call__(self, descriptors: np.ndarray) -> np.ndarray:
+        """(N, D) -> (N,) distance to the k-th nearest bank row; O(N · B · D) time,
+        O(``CHUNK`` · B) memory."""
+        queries = ((np.asarray(descriptors, np.float64) - self.mean) / self.spread)
+        bank = self.bank.astype(np.float64)
+        bank_norms = np.sum(bank ** 2, axis=1)
+        out = np.empty(len(queries))
+        for start in range(0, len(queries), CHUNK):
+            q = queries[start:start + CHUNK]
+            squared = np.sum(q ** 2, axis=1)[:, None] + bank_norms[None] - 2 * q @ bank.T
+            kth = np.partition(squared, self.k - 1, axis=1)[:, self.k - 1]
+            out[start:start + CHUNK] = np.sqrt(np.maximum(kth, 0.0))
+        return out
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.mean": self.mean.astype(np.float64),
+                f"{prefix}.spread": self.spread.astype(np.float64),
+                f"{prefix}.bank": self.bank.astype(np.float32)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str, k: int
+                    ) -> AppearanceNeighbours:
+        return cls(mean=np.asarray(arrays[f"{prefix}.mean"], np.float64),
+                   spread=np.asarray(arrays[f"{prefix}.spread"], np.float64),
+                   bank=np.asarray(arrays[f"{prefix}.bank"], np.float32), k=k)
