@@ -117,6 +117,25 @@ def test_a_large_validation_split_sets_the_threshold_on_all_but_200_images() -> 
     assert detector.calibration["calibration_images"] == 40
 
 
+def test_the_report_carries_the_measured_rate(exported_run: Path) -> None:
+    # train evaluates before it exports: the export adds the detector's line to the test
+    # split's report; a later evaluate measures it on the images it evaluates.
+    from crystalscope.evaluate.stage import evaluate_run
+
+    described = json.loads((exported_run / "model.json").read_text())["unknown_detector"]
+    measured = described["calibration"]["test_false_reject"]
+    report = json.loads((exported_run / "report.json").read_text())
+    assert report["unknown_detector"] == measured
+    text = (exported_run / "report.txt").read_text()
+    assert text.count("unknown-detector:") == 1
+    assert f"{measured['rejected']} of {measured['images']} crystals called unknown" in text
+    again = evaluate_run(exported_run, out_dir=exported_run / "evaluations" / "again")
+    assert again.report["unknown_detector"]["images"] == measured["images"]
+    assert again.report["unknown_detector"]["rejected"] == measured["rejected"]
+    assert "unknown-detector:" in (exported_run / "evaluations" / "again" / "report.txt"
+                                   ).read_text()
+
+
 def test_the_false_reject_rate_is_measured_on_the_test_split(exported_run: Path) -> None:
     from scipy.stats import binomtest
 

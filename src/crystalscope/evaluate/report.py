@@ -241,10 +241,39 @@ def render_text(report: dict[str, Any], *, title: str) -> str:
     ]
     for name, counts in zip(report["classes"], report["confusion_matrix"], strict=True):
         lines.append(f"{name:{width}}" + "".join(f"{n:>{width}}" for n in counts))
+    if report.get("unknown_detector"):
+        lines += ["", *unknown_lines(report["unknown_detector"])]
     if report["skipped"]:
         lines += ["", f"{len(report['skipped'])} unreadable image(s) skipped:",
                   *(f"  {s}" for s in report["skipped"])]
     return "\n".join(lines) + "\n"
+
+
+def unknown_lines(measured: dict[str, Any]) -> list[str]:
+    """The report's lines on the unknown-detector: how many of the evaluated crystals it
+    would have called unknown, with the interval and the reasons."""
+    low, high = measured["interval"]
+    reasons = ", ".join(f"{reason} {count}" for reason, count in
+                        sorted(measured["by_reason"].items())) or "none"
+    return [f"unknown-detector: {measured['rejected']} of {measured['images']} crystals called "
+            f"unknown ({100 * measured['rate']:.2f}%, 95% interval {100 * low:.2f}-"
+            f"{100 * high:.2f}%; by reason: {reasons}); predict --reject-unknown would not "
+            "answer for them"]
+
+
+def add_unknown_section(out_dir: Path, measured: dict[str, Any]) -> None:
+    """Put the unknown-detector's measurement into an existing report.json and report.txt
+    (export does, after the evaluation that ran before the detector existed)."""
+    layout = RunLayout(Path(out_dir))
+    document = json.loads(layout.report.read_text(encoding="utf-8"))
+    document["unknown_detector"] = measured
+    layout.report.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    kept = [line for line in layout.report_text.read_text(encoding="utf-8").splitlines()
+            if not line.startswith("unknown-detector:")]
+    while kept and not kept[-1]:
+        kept.pop()
+    layout.report_text.write_text("\n".join([*kept, "", *unknown_lines(measured)]) + "\n",
+                                  encoding="utf-8")
 
 
 def write_report(report: dict[str, Any], predictions: Predictions, out_dir: Path, *,

@@ -7,6 +7,7 @@ reliability.png — into the run directory for its own test split, or into
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from crystalscope.errors import UserError
 from crystalscope.evaluate import plots
 from crystalscope.evaluate.predictions import Predictions, labelled_images, predict_items
 from crystalscope.evaluate.report import compute_report, write_report
-from crystalscope.model.inference import load_run
+from crystalscope.model.inference import LoadedRun, load_run
 from crystalscope.model.spec import RunLayout
 
 
@@ -71,6 +72,9 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, out_dir: Path | Non
 
     predictions = predict_items(run.net, run.classes, items, advance)
     report = compute_report(predictions, seed=run.config.seed)
+    measured = unknown_on(run, items)
+    if measured is not None:
+        report["unknown_detector"] = measured
     title = (f"crystalscope evaluation of {run.run_dir} ({run.checkpoint.name}, "
              f"{run.config.model} at {run.image_size} px, test-time averaging "
              f"{run.net.tta}) on {folder}")
@@ -93,3 +97,21 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, out_dir: Path | Non
     plots.plot_reliability(report["calibration"], files["reliability.png"])
     return Evaluation(out_dir=out_dir, data=folder, report=report, predictions=predictions,
                       files=files)
+
+
+def unknown_on(run: LoadedRun, items: list[tuple[Path, int]]) -> dict | None:
+    """What the run's exported unknown-detector (if it has one) calls unknown among ``items``;
+    None without one, or when the network's test-time averaging differs from the one the
+    network-feature detector of an earlier export was calibrated with."""
+    from crystalscope.unknown.detector import APPEARANCE, load_detector
+    from crystalscope.unknown.fitting import measure_unknown
+
+    model_json = RunLayout(run.run_dir).model_json
+    detector = load_detector(model_json)
+    if detector is None:
+        return None
+    description = json.loads(model_json.read_text(encoding="utf-8"))
+    exported_tta = description.get("architecture", {}).get("tta", "none")
+    if detector.method != APPEARANCE and exported_tta != run.net.tta:
+        return None
+    return measure_unknown(run, detector, items)

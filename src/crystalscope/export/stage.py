@@ -27,8 +27,10 @@ from pydantic import Field
 
 from crystalscope.data.decoded import build_cache
 from crystalscope.data.dedupe import file_sha256
+from crystalscope.data.layout import split_path
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluate.plots import read_metrics_csv
+from crystalscope.evaluate.report import add_unknown_section
 from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int8
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run
@@ -168,7 +170,21 @@ def export_run(run_dir: Path, out_dir: Path | None = None,
         shutil.rmtree(staging, ignore_errors=True)
     result.files = {name: out_dir / path.name for name, path in result.files.items()}
     result.export_id = identity["export_id"]
+    _report_unknown_rate(run, out_dir, result)
     return result
+
+
+def _report_unknown_rate(run: LoadedRun, out_dir: Path, result: Export) -> None:
+    """The detector's measured rate on the test split into the run's own evaluation of that
+    split (report.txt and report.json), which ran before the detector existed."""
+    measured = ((result.unknown_detector or {}).get("calibration", {})
+                .get("test_false_reject"))
+    report = RunLayout(run.run_dir).report
+    if measured is None or out_dir.resolve() != run.run_dir.resolve() or not report.is_file():
+        return
+    evaluated = json.loads(report.read_text(encoding="utf-8")).get("data")
+    if evaluated and Path(evaluated).resolve() == split_path(run.config.data, "test").resolve():
+        add_unknown_section(run.run_dir, measured)
 
 
 def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str], *, int8: bool,

@@ -75,6 +75,17 @@ def conformal_threshold(scores: np.ndarray, rate: float) -> tuple[float, float]:
     return float(ordered[rank - 1]), 1.0 - rank / (n + 1)
 
 
+def gated_threshold(raw: np.ndarray, gated: np.ndarray, rate: float) -> tuple[float, float]:
+    """(threshold, bound) for the whole decision: the conformal threshold of the scores with
+    every image the gate rejects counted as rejected (+inf). When the gate alone takes more
+    than ``rate`` of them the score gets none of the budget: its threshold is the largest
+    score of the images the gate passes (the gate's share is then reported, not hidden)."""
+    threshold, bound = conformal_threshold(np.where(gated, np.inf, raw), rate)
+    if not np.isfinite(threshold):
+        threshold = float(np.asarray(raw)[~np.asarray(gated)].max(initial=0.0))
+    return threshold, bound
+
+
 @dataclass
 class UnknownDetector:
     """Scores images from the model's outputs and the pictures themselves (see the module)."""
@@ -219,9 +230,7 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
     if with_images:
         detector.gate = QualityGate.fit(measure(train_images))
         gated = detector.gate.failed(measure(held)).any(axis=1)
-    threshold, bound = conformal_threshold(np.where(gated, np.inf, raw), false_reject)
-    if not np.isfinite(threshold):  # the gate took more than the rate: the score's own max
-        threshold = float(raw[~gated].max(initial=0.0))
+    threshold, bound = gated_threshold(raw, gated, false_reject)
     if threshold <= 0:  # a degenerate validation split; keep the division meaningful
         threshold = float(np.abs(raw).max()) or 1.0
     detector.threshold = threshold
@@ -229,6 +238,7 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
         "train_images": len(train_statistics), "scaling_images": len(scaling),
         "calibration_images": len(raw), "false_reject_bound": bound,
         "calibration_false_reject": float(np.mean(gated | (raw > threshold))),
+        "gate_false_reject": float(np.mean(gated)),
     }
     return detector
 
@@ -313,7 +323,13 @@ def unknown_summary(info: dict[str, Any]) -> str:
             f"for new in-distribution images: {100 * (bound or 0):.2f}%)")
     if bound is not None and bound > target:
         text += (f"; {n} are too few to hold {100 * target:g}% — a validation split of "
-                 f"{2 * (math.ceil(1 / target) - 1)} or more images is needed")
+                 f"{(2 if scaling else 1) * (math.ceil(1 / target) - 1)} or more images is "
+                 "needed")
+    gate_share = calibration.get("gate_false_reject")
+    if gate_share is not None and gate_share >= target:
+        text += (f". The quality gate alone rejects {100 * gate_share:.2f}% of the validation "
+                 f"crystals, so the novelty score got none of the {100 * target:g}%: raise "
+                 "--false-reject to let it flag novel crystals")
     measured = calibration.get("test_false_reject")
     if measured:
         low, high = measured["interval"]
