@@ -125,7 +125,8 @@ def test_the_report_carries_the_measured_rate(exported_run: Path) -> None:
     described = json.loads((exported_run / "model.json").read_text())["unknown_detector"]
     measured = described["calibration"]["test_false_reject"]
     report = json.loads((exported_run / "report.json").read_text())
-    assert report["unknown_detector"] == measured
+    # (another test may evaluate the run again: the same images, the same counts)
+    assert {**report["unknown_detector"], "split": "test"} == measured
     text = (exported_run / "report.txt").read_text()
     assert text.count("unknown-detector:") == 1
     assert f"{measured['rejected']} of {measured['images']} crystals called unknown" in text
@@ -234,18 +235,23 @@ def test_unknown_flags_follow_the_score_and_reject_unknown_follows_the_flags(
         assert (record["probability_of_predicted"] is None) == rejected
 
 
-def test_a_photograph_scores_far_above_the_crystals(pg_detector: Path,
-                                                   unknown_images: dict) -> None:
+def test_a_photograph_scores_above_the_crystals_and_a_blank_frame_is_empty(
+        pg_detector: Path, unknown_images: dict) -> None:
     # Far out of distribution (AUROC ~0.99 in benchmarks/unknown.py): the cat scores above every
-    # in-distribution test crop and is flagged. Blank frames are not asserted: an empty probe
-    # window is close to a dark, blurred background (see the README).
+    # in-distribution test crop. Whether it crosses the line depends on the calibration: with
+    # this fixture's 120 validation crops the 1% threshold is their largest score. A frame
+    # without a single edge is empty whatever the limits (the gate's guarantee).
     predictor = load_predictor(pg_detector)
     crystals = sorted((pg_detector.parent.parent / "splits" / "test").rglob("*.png"))
     scores = [r.unknown_score for r in predict_stream(predictor, crystals)
               if isinstance(r, ImageResult)]
     cat = next(r for r in predict_stream(predictor, [unknown_images["cat"]])
                if isinstance(r, ImageResult))
-    assert cat.unknown and cat.unknown_score > max(scores), (cat.unknown_score, max(scores))
+    assert cat.unknown_score > max(scores), (cat.unknown_score, max(scores))
+    blanks = [r for r in predict_stream(predictor, [unknown_images["blank-dark"],
+                                                    unknown_images["blank-bright"]])
+              if isinstance(r, ImageResult)]
+    assert [(r.unknown, r.unknown_reason) for r in blanks] == [(True, "empty")] * 2
 
 
 def test_onnx_and_torch_give_the_same_unknown_scores(pg_detector: Path,
@@ -336,7 +342,8 @@ def test_monitor_counts_unknowns_apart_and_raises_unknown_particles(
     synthesize(tmp_path / "cex", SynthSettings(per_class=24, size=96, difficulty=0.0, seed=99),
                workers=1)
     synthesize_unknown(tmp_path / "odd",
-                       UnknownSettings(per_kind=24, kinds=("natural",), size=96, seed=5),
+                       UnknownSettings(per_kind=24, kinds=("empty", "natural"), size=96,
+                                       seed=5),
                        workers=1)
     crystals = sorted((tmp_path / "cex" / "cex").glob("*.png"))
     odd = [r.path for r in predict_stream(predictor, sorted((tmp_path / "odd").rglob("*.png")))
