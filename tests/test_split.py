@@ -310,3 +310,31 @@ def test_group_by_mistakes_get_one_line(synthetic_copy: Path, tmp_path: Path) ->
         split_dataset(synthetic_copy, tmp_path / "c",
                       SplitSettings(group_file=table, group_column="session"))
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_the_ultralytics_layout_writes_val_and_every_reader_takes_it(synthetic_set: Path,
+                                                                     tmp_path: Path) -> None:
+    # split --layout ultralytics writes train/val/test; the same files as valid/ would hold,
+    # and the readers (training data, a run's data, data check's overlap) find them there.
+    from crystalscope.data.decoded import read_split_folder, read_trained_on
+    from crystalscope.data.layout import split_path
+    from crystalscope.data.leakage import find_split_overlap
+    from crystalscope.settings import SettingsError
+
+    ours = split_dataset(synthetic_set, tmp_path / "ours", SplitSettings(seed=3), workers=1)
+    theirs = split_dataset(synthetic_set, tmp_path / "theirs",
+                           SplitSettings(seed=3, layout="ultralytics"), workers=1)
+    assert sorted(p.name for p in theirs.dest.iterdir() if p.is_dir()) == ["test", "train", "val"]
+    assert split_path(theirs.dest, "valid") == theirs.dest / "val"
+    assert split_path(ours.dest, "valid") == ours.dest / "valid"
+    mine, other = read_split_folder(ours.dest), read_split_folder(theirs.dest)
+    for split in ("train", "valid", "test"):
+        assert ([(p.relative_to(split_path(ours.dest, split)), label)
+                 for p, label in mine.split(split)]
+                == [(p.relative_to(split_path(theirs.dest, split)), label)
+                    for p, label in other.split(split)])
+    assert read_trained_on(theirs.dest, other.classes).counts() == mine.counts()
+    assert (len(find_split_overlap(theirs.dest, workers=1))
+            == len(find_split_overlap(ours.dest, workers=1)))
+    with pytest.raises(SettingsError, match="layout"):
+        SplitSettings(layout="yolo")

@@ -100,6 +100,11 @@ class SplitOrder(StrEnum):
     sorted = "sorted"
 
 
+class SplitLayout(StrEnum):
+    crystalscope = "crystalscope"
+    ultralytics = "ultralytics"
+
+
 @app.command(epilog="Example: crystalscope split archive/ splits/ --seed 1   (then: crystalscope "
                     "train splits/)")
 def split(
@@ -124,6 +129,10 @@ def split(
              "as for --group-by) and the key's column (--group-column).")] = None,
     group_column: Annotated[str, typer.Option(help="--group-file: the key's column.")]
     = "group",
+    layout: Annotated[SplitLayout, typer.Option(
+        help="crystalscope: DEST/{train,valid,test}; ultralytics: DEST/{train,val,test} "
+             "(ImageFolder and Ultralytics classification). Every command reads both.")]
+    = SplitLayout.crystalscope,
     as_json: AsJson = False,
     workers: Workers = None,
 ) -> None:
@@ -141,7 +150,8 @@ def split(
                                  "copy)", param_hint="--link/--move")
     settings = SplitSettings(ratios=ratios, seed=seed, order=order.value,
                              mode="link" if link else "move" if move else "copy",
-                             group_by=group_by, group_file=group_file, group_column=group_column)
+                             group_by=group_by, group_file=group_file,
+                             group_column=group_column, layout=layout.value)
     with progress_bar() as progress:
         tasks: dict[str, int] = {}
 

@@ -66,7 +66,8 @@ def read_split_folder(root: Path, *, need: tuple[str, ...] = ("train", "valid"))
         raise UserError(f"{root}: no such folder; give the DEST folder of `crystalscope split`")
     for split in need:
         if not split_path(root, split).is_dir():
-            raise UserError(f"{root}: has no {split}/ folder; make one with "
+            named = "valid/ (or val/)" if split == "valid" else f"{split}/"
+            raise UserError(f"{root}: has no {named} folder; make one with "
                             f"`crystalscope split IMAGES {root}`")
     present = [s for s in SPLIT_NAMES if split_path(root, s).is_dir()]
     classes_per_split = {s: sorted(d.name for d in split_path(root, s).iterdir()

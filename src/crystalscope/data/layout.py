@@ -16,14 +16,29 @@ from crystalscope.data.images import IMAGE_EXTENSIONS
 from crystalscope.errors import UserError
 
 SPLIT_NAMES = ("train", "valid", "test")
+# The folder each split is written to, per layout: crystalscope's own, or the train/val/test of
+# torchvision's ImageFolder recipes and Ultralytics' classification data sets.
+SPLIT_LAYOUTS = {"crystalscope": {"train": "train", "valid": "valid", "test": "test"},
+                 "ultralytics": {"train": "train", "valid": "val", "test": "test"}}
+VALID_ALIAS = "val"
+
+
+def split_folder_name(split: str, layout: str = "crystalscope") -> str:
+    """The folder ``split`` is written to in ``layout`` (``SPLIT_LAYOUTS``)."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split {split!r}: one of {', '.join(SPLIT_NAMES)}")
+    return SPLIT_LAYOUTS[layout][split]
 
 
 def split_path(root: Path, split: str) -> Path:
     """``root/<split>``: the one place a split folder's sub-folders are named (writing them is
-    data/split.py's, reading them data/decoded.py's :class:`SplitFolder`)."""
-    if split not in SPLIT_NAMES:
-        raise ValueError(f"split {split!r}: one of {', '.join(SPLIT_NAMES)}")
-    return Path(root) / split
+    data/split.py's, reading them data/decoded.py's :class:`SplitFolder`). The validation
+    split is ``root/valid``, or ``root/val`` when only that is there (the ImageFolder and
+    Ultralytics name)."""
+    path = Path(root) / split_folder_name(split)
+    if split == "valid" and not path.is_dir() and (Path(root) / VALID_ALIAS).is_dir():
+        return Path(root) / VALID_ALIAS
+    return path
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,12 @@ from pathlib import Path
 from crystalscope.data.check import DatasetScan, FileRecord, scan_dataset
 from crystalscope.data.dedupe import file_sha256
 from crystalscope.data.grouping import apply_group_keys
-from crystalscope.data.layout import SPLIT_NAMES, count_files, find_class_root
+from crystalscope.data.layout import (
+    SPLIT_NAMES,
+    count_files,
+    find_class_root,
+    split_folder_name,
+)
 from crystalscope.data.split_settings import Mode, Order, SplitSettings
 from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.parallel import threaded_map
@@ -169,7 +174,8 @@ def _cover_every_split(units: dict[int, list[int]], target: dict[str, int],
 
 
 def plan_split(scan: DatasetScan, ratios: tuple[Fraction, Fraction, Fraction], *,
-               seed: int = 0, order: Order = "shuffle") -> SplitPlan:
+               seed: int = 0, order: Order = "shuffle", layout: str = "crystalscope"
+               ) -> SplitPlan:
     """Assign every readable file to a split, keeping duplicate groups together."""
     class_root = find_class_root(scan.root)
     minimum = minimum_class_size(ratios)
@@ -195,7 +201,8 @@ def plan_split(scan: DatasetScan, ratios: tuple[Fraction, Fraction, Fraction], *
             record = records[index]
             relative = record.path.relative_to(class_root / name).as_posix()
             rows.append(ManifestRow(
-                source=str(record.path.resolve()), dest=f"{split}/{name}/{relative}",
+                source=str(record.path.resolve()),
+                dest=f"{split_folder_name(split, layout)}/{name}/{relative}",
                 sha256=record.sha256, group=f"g{record.group:06d}", split=split, class_name=name,
             ))
     classes_of_group: dict[int, set[str]] = defaultdict(set)
@@ -376,10 +383,11 @@ def split_dataset(src: Path, dest: Path, settings: SplitSettings | None = None, 
         grouping = apply_group_keys(scan, settings.group_by, settings.group_file,
                                     settings.group_column)
         plan = plan_split(scan, settings.parsed_ratios, seed=settings.seed,
-                          order=settings.order)
+                          order=settings.order, layout=settings.layout)
         rows = plan.rows
         recorded = {"source": str(src.resolve()), "mode": settings.mode,
                     "ratios": settings.ratios, "seed": settings.seed, "order": settings.order,
+                    "layout": settings.layout,
                     **({"group_by": grouping} if grouping else {})}
         report = _plan_report(plan, recorded)
         dest.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from crystalscope.settings import Settings, SettingsError
 
 Mode = Literal["copy", "link", "move"]
 Order = Literal["shuffle", "sorted"]
+Layout = Literal["crystalscope", "ultralytics"]
 DEFAULT_RATIOS = "0.70,0.25,0.05"
 
 
@@ -45,6 +46,9 @@ class SplitSettings(Settings):
                                  "path whose match is its group (one split per group).")
     group_file: Path | None = Field(None, description="A CSV of path,group.")
     group_column: str = Field("group", min_length=1, description="group_file's group column.")
+    layout: Layout = Field("crystalscope", description="crystalscope writes train/valid/test; "
+                           "ultralytics writes train/val/test (ImageFolder and Ultralytics "
+                           "classification). Every command reads both.")
 
     @field_validator("ratios")
     @classmethod
