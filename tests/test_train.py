@@ -275,7 +275,7 @@ def test_defaults_fine_tune_pretrained_weights_and_random_weights_train_every_la
 def test_bad_inputs(split_folder: Path, tmp_path: Path) -> None:
     no_valid = tmp_path / "no_valid"
     shutil.copytree(split_folder / "train", no_valid / "train")
-    with pytest.raises(UserError, match="no valid/ folder"):
+    with pytest.raises(UserError, match=r"no valid/ \(or val/\) folder"):
         train(_config(no_valid, tmp_path), quiet=True)
     mismatch = tmp_path / "mismatch"
     shutil.copytree(split_folder, mismatch)
