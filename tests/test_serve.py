@@ -320,3 +320,69 @@ def test_requests_beyond_the_concurrency_limit_get_503(exported_run: Path) -> No
             assert _get_with_host(url, "127.0.0.1") == 503  # uvicorn's plain-text 503
         finally:
             held.close()
+
+
+def _scrape(url: str, token: str | None = None) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by prometheus_client's own parser: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}
+                                     if token else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_requests_predictions_and_the_monitor(exported_run: Path,
+                                                             tmp_path: Path) -> None:
+    from crystalscope.monitor.frames import Window
+    from crystalscope.monitor.run import Monitor
+    from crystalscope.monitor.trend import AlarmRule
+
+    predictor = load_predictor(exported_run)
+    runner = Monitor(predictor, AlarmRule("pg", 0.1), tmp_path, say=lambda _: None)
+    images = sorted((exported_run.parent.parent / "splits" / "test").rglob("*.png"))
+    runner.process(Window(1, "t0001", images[:4]))
+    blank = tmp_path / "blank.png"
+    Image.new("L", (64, 64), 128).save(blank)  # the unknown-image detector flags it empty
+    app = create_app(ServeSettings(predictor=predictor, monitor=runner, token="s3"))
+    with running(app) as url:
+        code, _ = _get(f"{url}/metrics")
+        assert code == 401  # a token guards /metrics like the rest of the API
+        code, body = _post(f"{url}/predict", [("files", p.name, p.read_bytes())
+                                              for p in [*images[:5], blank]], token="s3")
+        assert code == 200
+        assert _post(f"{url}/predict", [("files", "x.png", b"not an image")], token="s3")[0] == 400
+        assert _get(f"{url}/nowhere", token="s3")[0] == 404
+        seen = _scrape(url, "s3")
+    predicted = [r["predicted_class"] for r in body["results"]]
+    flagged = [r["unknown_reason"] for r in body["results"] if r["unknown"]]
+    assert "empty" in flagged
+    assert seen[("crystalscope_images_total", ())] == 6
+    for name in ("cex", "pg"):
+        assert seen[("crystalscope_predictions_total", (("class", name),))] == \
+            predicted.count(name)
+    for reason in set(flagged):
+        assert seen[("crystalscope_unknown_images_total", (("reason", reason),))] == \
+            flagged.count(reason)
+    assert seen[("crystalscope_unknown_share", ())] == pytest.approx(len(flagged) / 6)
+    ok = (("endpoint", "/predict"), ("method", "POST"), ("status", "200"))
+    assert seen[("crystalscope_requests_total", ok)] == 1
+    assert seen[("crystalscope_requests_total", (*ok[:2], ("status", "400")))] == 1
+    assert seen[("crystalscope_requests_total",
+                 (("endpoint", "other"), ("method", "GET"), ("status", "404")))] == 1
+    assert seen[("crystalscope_requests_total",
+                 (("endpoint", "/metrics"), ("method", "GET"), ("status", "401")))] == 1
+    assert seen[("crystalscope_request_duration_seconds_count", (("endpoint", "/predict"),))] == 2
+    assert seen[("crystalscope_request_duration_seconds_bucket",
+                 (("endpoint", "/predict"), ("le", "+Inf")))] == 2
+    status, _ = runner.status()
+    states = {labels[0][1]: value for (name, labels), value in seen.items()
+              if name == "crystalscope_monitor_status"}
+    assert states == {s: float(s == status) for s in
+                      ("ok", "alarm", "unknown particles", "degraded")}
+    assert seen[("crystalscope_monitor_windows", ())] == 1
+    assert seen[("crystalscope_monitor_positive_fraction", ())] == pytest.approx(
+        runner.result.windows[-1].fraction)

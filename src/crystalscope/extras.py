@@ -14,7 +14,7 @@ EXTRA_OF_MODULE = {
     "torchmetrics": "train", "tensorboard": "train", "onnxscript": "train", "kagglehub": "train",
     "d3blocks": "explore", "pandas": "explore", "pytorch_grad_cam": "explore", "cv2": "explore",
     "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "h11": "serve",
-    "multipart": "serve", "python_multipart": "serve",
+    "multipart": "serve", "python_multipart": "serve", "prometheus_client": "serve",
     "lancedb": "index",
     "weaviate": "weaviate", "openvino": "openvino", "ray": "ray", "asyncua": "opcua",
 }

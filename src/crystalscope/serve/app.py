@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /predict`` (one or several images), ``POST /similar`` (one image, nearest
 stored crystals with thumbnails), ``GET /model``, ``GET /monitor`` (trend and alarm state while
-monitoring), ``GET /health``; OpenAPI docs at ``/docs``; the dashboard at ``/``.
+monitoring), ``GET /health``, ``GET /metrics`` (Prometheus: serve/metrics.py); OpenAPI docs at
+``/docs``; the dashboard at ``/``.
 
 Safe by default: a request body larger than ``max_request_bytes`` is refused from its
 Content-Length header before it is read (and cut off while streaming when it has none); each
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import ConfigDict, Field, InstanceOf
 
@@ -35,6 +36,7 @@ from crystalscope.data.images import ImageLoadError
 from crystalscope.errors import UserError
 from crystalscope.infer.predictor import Outputs, Predictor
 from crystalscope.model.spec import decode
+from crystalscope.serve.metrics import CONTENT_TYPE, RequestMetrics, ServeMetrics
 from crystalscope.serve.page import DASHBOARD
 from crystalscope.serve.server import LOOPBACK_HOST_NAMES, guard_hosts
 from crystalscope.settings import Settings
@@ -45,6 +47,8 @@ MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_REQUEST_BYTES = 64 * 2**20
 MAX_FILES = 64
 MAX_PIXELS = 4_000_000  # a probe frame is 1-4 MP; a crop a few hundred pixels a side
+ENDPOINTS = ("/", "/health", "/model", "/predict", "/similar", "/monitor", "/metrics", "/docs",
+             "/openapi.json")
 
 
 class ServeSettings(Settings):
@@ -111,9 +115,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
     """The FastAPI application."""
     app = FastAPI(title="crystalscope", description="Classify crystal images; find similar "
                   "ones; follow a batch.", version="1")
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
-    guard_hosts(app, settings.allowed_hosts)  # added last: runs first
     predictor, store_lock = settings.predictor, threading.Lock()
+    metrics = ServeMetrics(predictor.classes, ENDPOINTS, settings.monitor)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    guard_hosts(app, settings.allowed_hosts)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: runs first, counts all
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
@@ -157,6 +163,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise HTTPException(413, f"{name}: {width}x{height} pixels is over the limit of "
                                      f"{settings.max_pixels:,} (serve --max-pixels)")
 
+    def classify(pixels: np.ndarray) -> Outputs:
+        """The model's outputs for a batch, counted in /metrics."""
+        outputs = predictor.predict(pixels)
+        best = outputs.probabilities.argmax(axis=1)
+        reasons = outputs.unknown_reasons or [None] * len(best)
+        metrics.observe_predictions([predictor.classes[i] for i in best], list(reasons))
+        return outputs
+
     def describe(outputs: Outputs, name: str, row: int = 0) -> dict[str, Any]:
         probabilities = outputs.probabilities[row]
         best = int(probabilities.argmax())
@@ -194,6 +208,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 "backend": predictor.backend, "store": store is not None,
                 "monitoring": settings.monitor is not None, **(settings.model_info or {})}
 
+    @app.get("/metrics", dependencies=[Depends(authorised)], include_in_schema=False)
+    def prometheus() -> Response:
+        """The Prometheus exposition (serve/metrics.py lists the series)."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     store = settings.store
     model_id = predictor.model_id if store is not None else ""
 
@@ -203,7 +222,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if len(files) > MAX_FILES:
             raise HTTPException(413, f"at most {MAX_FILES} images per request")
         pixels = np.stack([read_upload(upload) for upload in files])
-        outputs = predictor.predict(pixels)  # one forward pass for the whole request
+        outputs = classify(pixels)  # one forward pass for the whole request
         return {"results": [describe(outputs, Path(upload.filename or "").name, row)
                             for row, upload in enumerate(files)]}
 
@@ -215,7 +234,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if not 1 <= k <= 100:
             raise HTTPException(422, "k: give 1 to 100")
         pixels = read_upload(file)
-        outputs = predictor.predict(pixels[None])
+        outputs = classify(pixels[None])
         if outputs.embeddings is None:
             raise HTTPException(400, "this model gives no embeddings")
         with store_lock:
