@@ -188,7 +188,7 @@ def _flag_unknown(predictor: Predictor, folder: Path, say: Callable[[str], None]
         for item in predict_stream(predictor, images):
             writer.write(item)
             if isinstance(item, ImageResult):
-                forced = predictor.classes[int(item.probabilities.argmax())]
+                forced = predictor.classes[item.best]
                 say(f"    {item.path.name}: " + (
                     f"unknown, {item.unknown_reason} (unknown_score {item.unknown_score:.1f}; "
                     f"forced, it would be {forced})" if item.unknown

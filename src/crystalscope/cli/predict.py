@@ -27,6 +27,13 @@ from crystalscope.console import err, out, progress_bar
 from crystalscope.vectors.backends import DEFAULT_STORE
 
 
+def format_of(output: Path | None) -> OutputFormat:
+    """The format an --output file's suffix names (table when it names none)."""
+    suffix = output.suffix.lower().lstrip(".") if output else ""
+    return OutputFormat(suffix) if suffix in {f.value for f in OutputFormat} else (
+        OutputFormat.table)
+
+
 @app.command(epilog="Example: crystalscope predict runs/demo frames/ 'more/*.png' --format csv "
                     "--output predictions.csv")
 def predict(
@@ -34,9 +41,10 @@ def predict(
         help="Run directory, model.onnx, or model.safetensors (with model.json beside it).")],
     paths: Annotated[list[str], typer.Argument(
         help="Image files, folders (searched recursively) or quoted globs.")],
-    output_format: Annotated[OutputFormat, typer.Option(
-        "--format", help="table, csv, json, jsonl or parquet (parquet needs --output).")]
-    = OutputFormat.table,
+    output_format: Annotated[OutputFormat | None, typer.Option(
+        "--format", help="table, csv, json, jsonl or parquet (parquet needs --output). "
+                         "Default: from --output's suffix (.csv, .json, .jsonl, .parquet), "
+                         "else table.")] = None,
     output: Annotated[Path | None, typer.Option(
         help="Write to this new file instead of the screen.")] = None,
     backend: BackendOption = Backend.onnx,
@@ -93,6 +101,7 @@ def predict(
         from crystalscope.infer.ray_engine import check_engine
 
         check_engine("ray")  # before any output is written
+    output_format = output_format or format_of(output)
     check_output(output_format.value, output)
     load_options = {"classes": parse_classes(classes), "outputs": outputs,
                     "preprocessing": Preprocessing.for_foreign_model(input_size, layout,
@@ -264,7 +273,7 @@ def similar(
     if as_json:
         out.print_json(json.dumps({"query": str(image), "neighbours": rows}))
     else:
-        best = int(query.probabilities.argmax())
+        best = query.best
         table = Table(title=f"{image}: predicted {predictor.classes[best]} "
                             f"({query.probabilities[best]:.4f}); nearest {len(rows)} in {store}")
         for column in ("rank", "cosine distance", "predicted", "true class"):

@@ -167,11 +167,20 @@ def export(
         help="Share of validation crystals the unknown-detector may call unknown: its "
              "threshold.")] = 0.01,
     tta: TtaOption = None,
+    calibrate: Annotated[str, typer.Option(
+        help="temperature: scale the logits by one number fitted on the validation split, so "
+             "that the probabilities mean what they say (ECE before/after in the report); "
+             "none: as trained.")] = "none",
+    threshold: Annotated[str | None, typer.Option(
+        help="The operating point, chosen on the validation split: CLASS=recall:R (call "
+             "CLASS for at least R of its images, e.g. pg=recall:0.99) or CLASS=precision:P "
+             "(at most 1-P of CLASS calls wrong). Predict, monitor and serve use it.")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Write model.safetensors + model.json and model.onnx, checked against the checkpoint,
     and unknown.safetensors: the unknown-detector fitted on the training split and calibrated on
-    the validation split.
+    the validation split. With --calibrate or --threshold, the run's test report is written
+    again with them.
 
     ONNX Runtime and torch must agree on every probability within 1e-4, and the model rebuilt
     from safetensors + json must match the checkpoint; otherwise export fails (exit 1).
@@ -180,13 +189,17 @@ def export(
     from crystalscope.unknown.detector import unknown_summary
 
     settings = ExportSettings(int8=int8, false_reject=false_reject,
-                              tta=tta.value if tta else None)
+                              tta=tta.value if tta else None, calibrate=calibrate,
+                              threshold=threshold)
     with err.status("exporting (ONNX export and parity check)"):
         result = export_run(run, out_dir, settings)
     summary = {"files": {k: str(v) for k, v in result.files.items()},
                "onnx_max_abs_difference": result.onnx_max_difference,
                "rebuilt_max_abs_difference": result.rebuilt_max_difference,
                "int8": result.int8, "unknown_detector": result.unknown_detector,
+               "temperature_scaling": result.temperature_scaling,
+               "operating_point": (result.operating_point.to_dict()
+                                   if result.operating_point else None),
                "notes": result.notes}
     if as_json:
         out.print_json(json.dumps(summary))
@@ -196,6 +209,15 @@ def export(
     out.print(f"parity: ONNX Runtime vs torch max |Δ probability| "
               f"{result.onnx_max_difference:.1e}; rebuilt from safetensors "
               f"{result.rebuilt_max_difference:.1e} (limit 1e-4)")
+    if result.temperature_scaling:
+        scaling = result.temperature_scaling
+        fitted = scaling["validation"]
+        out.print(f"temperature scaling: T = {scaling['temperature']:.4g}; validation ECE "
+                  f"{fitted['ece_before']:.4f} -> {fitted['ece_after']:.4f}" + (
+                      f", test ECE {scaling['test']['ece_before']:.4f} -> "
+                      f"{scaling['test']['ece_after']:.4f}" if scaling.get("test") else ""))
+    if result.operating_point:
+        out.print(result.operating_point.describe(), highlight=False)
     if result.unknown_detector:
         out.print(unknown_summary(result.unknown_detector))
     for note in result.notes:

@@ -130,8 +130,9 @@ def plot_roc(predictions: Predictions, path: Path) -> Figure:
     """ROC curves (binary: the second class; more: one-vs-rest) with the operating point.
 
     The operating point is the model's decision rule (the most probable class; for two
-    classes, P >= 0.5), marked on each curve.
+    classes, P >= 0.5; or the exported threshold), marked on each curve.
     """
+    point = predictions.operating_point
     classes, truth = predictions.classes, predictions.labels
     shown = [1] if len(classes) == 2 else list(range(len(classes)))
     figure, axes = plt.subplots(figsize=(5.2, 5))
@@ -145,8 +146,10 @@ def plot_roc(predictions: Predictions, path: Path) -> Figure:
         op_tpr = called[positive].mean()
         op_fpr = called[~positive].mean()
         line = axes.plot(fpr, tpr, label=f"{classes[c]} vs rest")[0]
+        rule = (f"P >= {point.threshold:.3g}, " if point is not None
+                and point.class_index == c else "")
         axes.plot([op_fpr], [op_tpr], "o", color=line.get_color(), markersize=8,
-                  label=f"operating point ({classes[c]}): TPR {format_value(op_tpr)}, "
+                  label=f"operating point ({classes[c]}): {rule}TPR {format_value(op_tpr)}, "
                         f"FPR {format_value(op_fpr)}")
     axes.set_xlabel("false positive rate")
     axes.set_ylabel("true positive rate")

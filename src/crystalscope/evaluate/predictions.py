@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from crystalscope.data.decoded import build_cache
 from crystalscope.data.layout import is_image_name, read_class_folders, split_path
 from crystalscope.errors import UserError
 from crystalscope.model.inference import InferenceNet, run_batches
+
+if TYPE_CHECKING:
+    from crystalscope.operating_point import OperatingPoint
 
 
 @dataclass
@@ -28,9 +32,13 @@ class Predictions:
     labels: np.ndarray  # (N,) true class indices
     probabilities: np.ndarray  # (N, C)
     skipped: list[str]
+    operating_point: OperatingPoint | None = None  # the model's threshold, if it has one
 
     @property
     def predicted(self) -> np.ndarray:
+        """The called classes: the most probable, or as the operating point decides."""
+        if self.operating_point is not None:
+            return self.operating_point.decide(self.probabilities)
         return self.probabilities.argmax(axis=1)
 
 

@@ -241,12 +241,43 @@ def render_text(report: dict[str, Any], *, title: str) -> str:
     ]
     for name, counts in zip(report["classes"], report["confusion_matrix"], strict=True):
         lines.append(f"{name:{width}}" + "".join(f"{n:>{width}}" for n in counts))
+    lines += operating_lines(report)
     if report.get("unknown_detector"):
         lines += ["", *unknown_lines(report["unknown_detector"])]
     if report["skipped"]:
         lines += ["", f"{len(report['skipped'])} unreadable image(s) skipped:",
                   *(f"  {s}" for s in report["skipped"])]
     return "\n".join(lines) + "\n"
+
+
+def operating_lines(report: dict[str, Any]) -> list[str]:
+    """The report's lines on the exported model's temperature and operating point."""
+    lines: list[str] = []
+    scaling = report.get("temperature_scaling")
+    if scaling:
+        fitted = scaling["validation"]
+        lines += ["", f"probabilities temperature-scaled: T = {scaling['temperature']:.4g}, "
+                      f"fitted on {fitted['images']} validation images (ECE "
+                      f"{format_value(fitted['ece_before'])} -> "
+                      f"{format_value(fitted['ece_after'])})"]
+        if scaling.get("test"):
+            test = scaling["test"]
+            lines.append(f"  on the {test['images']} test images: ECE "
+                         f"{format_value(test['ece_before'])} -> "
+                         f"{format_value(test['ece_after'])}, log-loss "
+                         f"{format_value(test['log_loss_before'])} -> "
+                         f"{format_value(test['log_loss_after'])}")
+    point = report.get("operating_point")
+    if point:
+        name, chosen, here = point["class_name"], point["validation"], point["here"]
+        there = format_value(chosen[point["metric"]]["value"])
+        lines += ["", f"operating point: {name} when P({name}) >= {point['threshold']:.4g}, "
+                      f"chosen on {chosen['images']} validation images for {point['metric']} "
+                      f">= {point['target']:g} (there {there}); the table above uses it"]
+        for metric in ("recall", "precision"):
+            if here[metric]["value"] is not None:
+                lines.append(f"  {name} {metric} here: {_with_ci(here[metric])}")
+    return lines
 
 
 def unknown_lines(measured: dict[str, Any]) -> list[str]:

@@ -19,8 +19,9 @@ from crystalscope.errors import UserError
 from crystalscope.evaluate import plots
 from crystalscope.evaluate.predictions import Predictions, labelled_images, predict_items
 from crystalscope.evaluate.report import compute_report, write_report
-from crystalscope.model.inference import LoadedRun, load_run
+from crystalscope.model.inference import LoadedRun, exported_choices, load_run
 from crystalscope.model.spec import RunLayout
+from crystalscope.operating_point import rates
 
 
 @dataclass
@@ -70,8 +71,16 @@ def evaluate_run(run_dir: Path, data: Path | None = None, *, out_dir: Path | Non
         if progress:
             progress(done, len(items))
 
+    exported = exported_choices(run)
     predictions = predict_items(run.net, run.classes, items, advance)
+    predictions.operating_point = exported.get("operating_point")
     report = compute_report(predictions, seed=run.config.seed)
+    if "temperature_scaling" in exported:
+        report["temperature_scaling"] = exported["temperature_scaling"]
+    if predictions.operating_point is not None:
+        point = predictions.operating_point
+        report["operating_point"] = {**point.to_dict(), "here": rates(
+            predictions.predicted, predictions.labels, point.class_index)}
     measured = unknown_on(run, items)
     if measured is not None:
         report["unknown_detector"] = measured

@@ -33,8 +33,17 @@ from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.evaluate.report import add_unknown_section
 from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int8
 from crystalscope.export.weights import load_model, model_description, save_model
-from crystalscope.model.inference import LoadedRun, load_run
+from crystalscope.model.inference import LoadedRun, load_run, view_logits_batches
 from crystalscope.model.spec import RunLayout
+from crystalscope.operating_point import (
+    OperatingPoint,
+    ThresholdTarget,
+    choose_operating_point,
+    fit_temperature,
+    probabilities_at,
+    rates,
+    temperature_effect,
+)
 from crystalscope.settings import Settings
 from crystalscope.unknown.detector import (
     DEFAULT_FALSE_REJECT,
@@ -56,6 +65,8 @@ class Export:
     rebuilt_max_difference: float
     int8: dict[str, Any] | None = None
     unknown_detector: dict[str, Any] | None = None  # its entry in model.json
+    temperature_scaling: dict[str, Any] | None = None  # its entry in model.json
+    operating_point: OperatingPoint | None = None
     notes: list[str] = field(default_factory=list)
     export_id: str = ""
 
@@ -138,6 +149,12 @@ class ExportSettings(Settings):
     false_reject: FalseRejectRate = DEFAULT_FALSE_REJECT
     tta: Literal["none", "dihedral"] | None = Field(None, description="Test-time averaging in "
                                                     "the exported network (None: the run's).")
+    calibrate: Literal["none", "temperature"] = Field(
+        "none", description="temperature: divide the logits by one number fitted on the "
+        "validation split (lowest log-loss), so the probabilities mean what they say.")
+    threshold: str | None = Field(None, description="An operating point chosen on the "
+                                  "validation split: CLASS=recall:R (catch at least R of that "
+                                  "class) or CLASS=precision:P (at least P of its calls right).")
 
 
 def export_run(run_dir: Path, out_dir: Path | None = None,
@@ -153,14 +170,15 @@ def export_run(run_dir: Path, out_dir: Path | None = None,
     each crop's 8 rotations and flips.
     """
     settings = settings or ExportSettings()
-    int8, false_reject = settings.int8, settings.false_reject
     run = load_run(run_dir, tta=settings.tta)
+    target = (ThresholdTarget.parse(settings.threshold, run.classes)
+              if settings.threshold else None)
     out_dir = Path(out_dir or run.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = {"export_id": uuid.uuid4().hex, "checkpoint_sha256": file_sha256(run.checkpoint)}
     staging = Path(tempfile.mkdtemp(prefix=".export-", suffix=".partial", dir=out_dir))
     try:
-        result = _write_export(run, staging, identity, int8=int8, false_reject=false_reject)
+        result = _write_export(run, staging, identity, settings, target)
         for path in RunLayout(out_dir).exported:  # not written again: must not stay beside it
             if not (staging / path.name).exists():
                 path.unlink(missing_ok=True)
@@ -170,8 +188,25 @@ def export_run(run_dir: Path, out_dir: Path | None = None,
         shutil.rmtree(staging, ignore_errors=True)
     result.files = {name: out_dir / path.name for name, path in result.files.items()}
     result.export_id = identity["export_id"]
-    _report_unknown_rate(run, out_dir, result)
+    if result.temperature_scaling or result.operating_point:
+        _evaluate_again(run, out_dir, settings.tta)
+    else:
+        _report_unknown_rate(run, out_dir, result)
     return result
+
+
+def _evaluate_again(run: LoadedRun, out_dir: Path, tta: str | None) -> None:
+    """Evaluate the run's test split again when the export changed its probabilities or its
+    decisions: the report (and its ROC) then shows what the exported model does."""
+    report = RunLayout(run.run_dir).report
+    if out_dir.resolve() != run.run_dir.resolve() or not report.is_file():
+        return
+    evaluated = json.loads(report.read_text(encoding="utf-8")).get("data")
+    test = split_path(run.config.data, "test")
+    if evaluated and test.is_dir() and Path(evaluated).resolve() == test.resolve():
+        from crystalscope.evaluate.stage import evaluate_run
+
+        evaluate_run(run.run_dir, tta=tta)
 
 
 def _report_unknown_rate(run: LoadedRun, out_dir: Path, result: Export) -> None:
@@ -187,18 +222,58 @@ def _report_unknown_rate(run: LoadedRun, out_dir: Path, result: Export) -> None:
         add_unknown_section(run.run_dir, measured)
 
 
-def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str], *, int8: bool,
-                  false_reject: float) -> Export:
+def _operating_choices(run: LoadedRun, settings: ExportSettings,
+                       target: ThresholdTarget | None) -> dict[str, Any]:
+    """Temperature scaling and the operating point, fitted on the validation split (and
+    measured on the test split when there is one); sets the run's network's temperature.
+    Cost: one forward pass over each of the two splits, O(N)."""
+    if settings.calibrate == "none" and target is None:
+        return {}
+    images, labels = _split_images(run, "valid")
+    if not len(images):
+        raise CrystalscopeError(f"{run.config.data}: has no valid/ (or val/) split: "
+                                "--calibrate and --threshold are fitted on it")
+    truth = labels.numpy()
+    logits = view_logits_batches(run.net, images).double().numpy()
+    test_images, test_labels = _split_images(run, "test")
+    test_logits = (view_logits_batches(run.net, test_images).double().numpy()
+                   if len(test_images) else None)
+    choices: dict[str, Any] = {}
+    temperature = 1.0
+    if settings.calibrate == "temperature":
+        temperature = fit_temperature(logits, truth)
+        run.net.temperature = temperature
+        choices["temperature_scaling"] = {
+            "method": "temperature", "temperature": temperature, "fitted_on": "validation",
+            "validation": temperature_effect(logits, truth, temperature),
+            "test": (temperature_effect(test_logits, test_labels.numpy(), temperature)
+                     if test_logits is not None else None)}
+    if target is not None:
+        point = choose_operating_point(probabilities_at(logits, temperature), truth,
+                                       run.classes, target)
+        test = None
+        if test_logits is not None:
+            test = rates(point.decide(probabilities_at(test_logits, temperature)),
+                         test_labels.numpy(), point.class_index)
+        choices["operating_point"] = {**point.to_dict(), "test": test}
+    return choices
+
+
+def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str],
+                  settings: ExportSettings, target: ThresholdTarget | None) -> Export:
     """Every export file of ``run`` into ``out_dir`` (the staging folder), stamped with
     ``identity``; raises if a copy disagrees with the checkpoint."""
+    int8, false_reject = settings.int8, settings.false_reject
+    choices = _operating_choices(run, settings, target)  # before the detector: it sees them
     config = run.config.model_dump(mode="json")
     description = model_description(
         backbone=run.config.model, head=run.config.head, spec=run.spec,
         embedding_size=run.net.classifier.backbone.num_features,
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
         metrics=run_metrics(run), data=data_summary(run),
-        tta=run.net.tta)
+        tta=run.net.tta, temperature=run.net.temperature)
     description.update(identity)
+    description.update(choices)
     notes = []
     try:
         detector = fit_run_detector(run, false_reject)
@@ -221,11 +296,17 @@ def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str], *, in
                 "outputs": "probabilities",
                 "architecture": description["architecture"], "format": description["format"],
                 "format_version": description["format_version"], **identity}
+    if "operating_point" in choices:
+        metadata["operating_point"] = choices["operating_point"]
     onnx_difference = export_onnx(run.net, onnx_path, run.image_size, metadata, images)
     result = Export(files={p.name: p for p in (weights_path, json_path, onnx_path)},
                     onnx_max_difference=onnx_difference,
                     rebuilt_max_difference=rebuilt_difference,
-                    unknown_detector=description.get("unknown_detector"), notes=notes)
+                    unknown_detector=description.get("unknown_detector"), notes=notes,
+                    temperature_scaling=choices.get("temperature_scaling"))
+    if "operating_point" in choices:
+        result.operating_point = OperatingPoint.from_dict(choices["operating_point"],
+                                                          run.classes)
     if "unknown_detector" in description:
         result.files[FILE_NAME] = RunLayout(out_dir).detector
     if int8:

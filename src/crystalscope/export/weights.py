@@ -40,15 +40,17 @@ def library_versions() -> dict[str, str]:
 
 def model_description(*, backbone: str, head: str, spec: ModelSpec, embedding_size: int,
                       recipe: dict[str, Any], metrics: dict[str, Any],
-                      data: dict[str, Any], tta: str = "none") -> dict[str, Any]:
+                      data: dict[str, Any], tta: str = "none",
+                      temperature: float = 1.0) -> dict[str, Any]:
     """The content of model.json; ``preprocessing`` is the :class:`ModelSpec`, as data;
-    ``architecture.tta`` the test-time averaging built into the network."""
+    ``architecture.tta`` the test-time averaging built into the network, ``temperature`` the
+    divisor of its logits before the softmax."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "architecture": {"backbone": backbone, "library": "timm", "head": head,
                          "num_classes": len(spec.classes), "embedding_size": embedding_size,
-                         "tta": tta},
+                         "tta": tta, "temperature": temperature},
         "classes": list(spec.classes),
         "preprocessing": spec.to_dict(),
         "recipe": recipe, "metrics": metrics, "data": data,
@@ -100,7 +102,9 @@ def load_model(path: Path) -> tuple[InferenceNet, dict[str, Any]]:
                         f"({str(exc)[:200]})") from exc
     spec = model_spec(description, json_path)
     # Files written before test-time averaging existed have no "tta": they had none.
-    return (InferenceNet(net, spec, tta=architecture.get("tta", "none")).eval(), description)
+    # Files written before temperature scaling existed have no "temperature": they had none.
+    return (InferenceNet(net, spec, tta=architecture.get("tta", "none"),
+                         temperature=architecture.get("temperature", 1.0)).eval(), description)
 
 
 def model_spec(description: dict[str, Any], source: Path | str | None = None) -> ModelSpec:

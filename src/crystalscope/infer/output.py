@@ -37,7 +37,7 @@ def as_row(result: ImageResult, classes: list[str], *, with_unknown: bool = Fals
            reject_unknown: bool = False) -> dict[str, object]:
     """One prediction as named values (``with_unknown``: with the unknown and unknown_score
     columns)."""
-    best = int(result.probabilities.argmax())
+    best = result.best
     row: dict[str, object] = {
         "file": str(result.path), "predicted_class": classes[best],
         "probability_of_predicted": round(float(result.probabilities[best]), 6),

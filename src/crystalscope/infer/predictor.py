@@ -28,6 +28,7 @@ from crystalscope.model.spec import (
     RunLayout,
     resolve_model,
 )
+from crystalscope.operating_point import OperatingPoint
 from crystalscope.settings import Settings, SettingsError
 from crystalscope.unknown.detector import UnknownDetector, load_detector
 
@@ -136,6 +137,21 @@ class Predictor:
     built_in_tta: Tta = "none"  # averaging inside the model's graph (its export's choice)
     added_tta: Tta = "none"  # averaging added here, around a single-view model
     notes: list[str] = field(default_factory=list)
+    operating_point: OperatingPoint | None = None  # export --threshold; None: the arg-max
+
+    def decide(self, probabilities: np.ndarray) -> np.ndarray:
+        """The called class index of each row of (N, C) probabilities: the model's operating
+        point when it has one, else the most probable class. O(N C)."""
+        probabilities = np.asarray(probabilities)
+        if probabilities.ndim == 1:
+            return self.decide(probabilities[None])
+        if self.operating_point is not None:
+            return self.operating_point.decide(probabilities)
+        return probabilities.argmax(axis=1)
+
+    def called(self, probabilities: np.ndarray) -> str:
+        """The class name called for one image's probabilities (C,)."""
+        return self.classes[int(self.decide(probabilities)[0])]
 
     @property
     def tta(self) -> Tta:
@@ -277,7 +293,21 @@ def _onnx_predictor(path: Path, backend_overrides: dict, backend: Backend = "onn
                                                         backend_overrides.get("outputs"),
                                                         metadata),
                      export_id=str(metadata.get("export_id", "")),
-                     built_in_tta=(metadata.get("architecture") or {}).get("tta", "none"))
+                     built_in_tta=(metadata.get("architecture") or {}).get("tta", "none"),
+                     operating_point=_operating_point(metadata, list(classes), path))
+
+
+def _operating_point(description: dict, classes: list[str], source: Path
+                     ) -> OperatingPoint | None:
+    """The operating point stored with a model (ONNX metadata or model.json), if any."""
+    stored = description.get("operating_point")
+    if not stored:
+        return None
+    try:
+        return OperatingPoint.from_dict(stored, classes)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{source}: its operating point cannot be used ({exc}); export the "
+                        "run again") from exc
 
 
 def check_same_export(onnx_path: Path, onnx_export_id: str, model_json: Path) -> None:
@@ -306,7 +336,8 @@ def _guess(shape: list, path: Path) -> Preprocessing:
     return Preprocessing(input_size=sizes[0], layout=layout, mode="imagenet")
 
 
-def _torch_predictor(net: InferenceNet, source: Path, model_json: Path) -> Predictor:
+def _torch_predictor(net: InferenceNet, source: Path, model_json: Path,
+                     operating_point: OperatingPoint | None = None) -> Predictor:
     import torch  # here, not at the top: the ONNX path starts without torch (about 2 s)
 
     net = net.eval()
@@ -324,7 +355,7 @@ def _torch_predictor(net: InferenceNet, source: Path, model_json: Path) -> Predi
                      preprocessing=Preprocessing(input_size=net.spec.input_size),
                      backend="torch", source=source, run=run,
                      unknown_detector=load_detector(model_json), export_id=export_id,
-                     built_in_tta=net.tta)
+                     built_in_tta=net.tta, operating_point=operating_point)
 
 
 def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str] | None = None,
@@ -378,14 +409,17 @@ def _load_predictor(model: Path, *, backend: Backend, classes: list[str] | None,
                             "or use --backend torch")
         return _onnx_predictor(layout.onnx, overrides, backend, threads)
     if resolved.kind == "run":
-        from crystalscope.model.inference import load_run
+        from crystalscope.model.inference import exported_choices, load_run
 
-        return _torch_predictor(load_run(resolved.path).net, resolved.path, layout.model_json)
+        run = load_run(resolved.path)  # the export's temperature and threshold, if its own
+        return _torch_predictor(run.net, resolved.path, layout.model_json,
+                                exported_choices(run).get("operating_point"))
     from crystalscope.export.weights import load_model
 
     weights = layout.weights if resolved.kind == "folder" else resolved.path
-    net, _ = load_model(weights)
-    return _torch_predictor(net, resolved.path, weights.with_suffix(".json"))
+    net, description = load_model(weights)
+    return _torch_predictor(net, resolved.path, weights.with_suffix(".json"),
+                            _operating_point(description, list(net.spec.classes), weights))
 
 
 def parse_classes(text: str | None) -> list[str] | None:

@@ -105,11 +105,13 @@ class _ModelActor:
         probabilities = np.full((n, classes), np.nan, dtype=np.float32)
         unknown = np.full(n, np.nan, dtype=np.float64)
         reasons = np.full(n, "", dtype=object)
+        called = np.full(n, -1, dtype=np.int64)
         out = {key: batch[key] for key in ("index", "path", "width", "height", "error")}
         embeddings = None
         if good.any():
             outputs = self.predictor.predict(batch["image"][good])
             probabilities[good] = outputs.probabilities
+            called[good] = self.predictor.decide(outputs.probabilities)
             if outputs.embeddings is not None:
                 embeddings = np.zeros((n, outputs.embeddings.shape[1]), dtype=np.float32)
                 embeddings[good] = outputs.embeddings
@@ -118,6 +120,7 @@ class _ModelActor:
             if outputs.unknown_reasons is not None:
                 reasons[good] = [reason or "" for reason in outputs.unknown_reasons]
         out["probabilities"] = probabilities
+        out["called"] = called
         out["unknown_score"] = unknown
         out["unknown_reason"] = reasons.astype(str)
         if embeddings is not None:
@@ -189,7 +192,7 @@ def ray_predict_stream(model: Path, paths: Sequence[Path], *, batch_size: int = 
                     batch["embedding"][row] if "embedding" in batch else None,
                     int(batch["width"][row]), int(batch["height"][row]),
                     None if math.isnan(score) else score,
-                    str(batch["unknown_reason"][row]) or None)
+                    str(batch["unknown_reason"][row]) or None, int(batch["called"][row]))
             if progress:
                 progress(len(batch["index"]))
 

@@ -31,6 +31,12 @@ class ImageResult:
     unknown_score: float | None = None
     # empty, blurred, saturated or novel: why unknown (UnknownDetector.reasons decides)
     unknown_reason: str | None = None
+    called: int | None = None  # the class index the model's decision rule calls
+
+    @property
+    def best(self) -> int:
+        """The called class index: the operating point's call, else the most probable."""
+        return int(self.probabilities.argmax()) if self.called is None else self.called
 
     @property
     def unknown(self) -> bool | None:
@@ -72,6 +78,7 @@ def predict_stream(predictor: Predictor, paths: Sequence[Path], *, batch_size: i
             good = [d for d in decoded if not isinstance(d, str)]
             if good:
                 outputs = predictor.predict(np.stack([d[0] for d in good]))
+                called = predictor.decide(outputs.probabilities)
             row = 0
             for path, item in zip(chunk, decoded, strict=True):
                 if isinstance(item, str):
@@ -82,7 +89,8 @@ def predict_stream(predictor: Predictor, paths: Sequence[Path], *, batch_size: i
                     None if outputs.embeddings is None else outputs.embeddings[row],
                     item[1], item[2],
                     None if outputs.unknown_scores is None else float(outputs.unknown_scores[row]),
-                    None if outputs.unknown_reasons is None else outputs.unknown_reasons[row])
+                    None if outputs.unknown_reasons is None else outputs.unknown_reasons[row],
+                    int(called[row]))
                 row += 1
             if progress:
                 progress(len(chunk))

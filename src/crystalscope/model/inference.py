@@ -16,10 +16,11 @@ unknown-detector is fitted on.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -54,13 +55,16 @@ def stage_statistics(stages: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class InferenceNet(nn.Module):
-    """Normalise -> backbone -> head -> softmax; also returns the pooled embedding and the
-    per-stage feature statistics (concatenated; :meth:`stages` gives them one by one).
+    """Normalise -> backbone -> head -> softmax(logits / temperature); also returns the pooled
+    embedding and the per-stage feature statistics (concatenated; :meth:`stages` gives them one
+    by one).
 
     ``tta="dihedral"``: every output is the mean over the image's 8 rotations and flips.
+    ``temperature``: 1 unless export fitted one (``--calibrate temperature``).
     """
 
-    def __init__(self, net: Classifier, spec: ModelSpec, tta: str = "none") -> None:
+    def __init__(self, net: Classifier, spec: ModelSpec, tta: str = "none",
+                 temperature: float = 1.0) -> None:
         super().__init__()
         if tta not in TTA_VIEWS:
             raise UserError(f"tta {tta!r}: use {' or '.join(TTA_VIEWS)}")
@@ -69,10 +73,11 @@ class InferenceNet(nn.Module):
         self.tta = tta
         self.views = TTA_VIEWS[tta]
         self.normalize = Normalize.from_spec(spec)
+        self.temperature = float(temperature)
 
-    def stages(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                    list[torch.Tensor]]:
-        """(probabilities, embedding, statistics of each stage)."""
+    def _per_view(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                       list[torch.Tensor]]:
+        """(logits, embedding, statistics of each stage) of every view, view-major."""
         x = self.normalize(images)
         if self.views > 1:
             x = dihedral_views(x)
@@ -90,7 +95,20 @@ class InferenceNet(nn.Module):
             final, stages = intermediates
             embedding = backbone.forward_head(final)
             statistics = stage_statistics([s for s in stages if s.ndim == 4]) or [embedding]
-        probabilities = torch.softmax(self.classifier.head(embedding), dim=1)
+        return self.classifier.head(embedding), embedding, statistics
+
+    def view_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(views, N, C) logits before the temperature: what temperature scaling is fitted on."""
+        logits, _, _ = self._per_view(images)
+        return logits.reshape(self.views, len(images), -1)
+
+    def stages(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                    list[torch.Tensor]]:
+        """(probabilities, embedding, statistics of each stage)."""
+        logits, embedding, statistics = self._per_view(images)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        probabilities = torch.softmax(logits, dim=1)
         if self.views > 1:
             probabilities, embedding = (mean_over_views(t, self.views)
                                         for t in (probabilities, embedding))
@@ -171,3 +189,40 @@ def run_batches(net: InferenceNet, images: torch.Tensor, batch_size: int = 64
     probabilities, embeddings, statistics = (torch.cat(parts) for parts in zip(*outputs,
                                                                               strict=True))
     return probabilities, embeddings, statistics
+
+
+@torch.inference_mode()
+def view_logits_batches(net: InferenceNet, images: torch.Tensor, batch_size: int = 64
+                        ) -> torch.Tensor:
+    """(views, N, C) logits before the temperature for (N, 3, S, S) images, in batches."""
+    batch_size = max(1, batch_size // net.views)
+    parts = [net.view_logits(images[start:start + batch_size])
+             for start in range(0, len(images), batch_size)]
+    return torch.cat(parts, dim=1) if parts else torch.empty(net.views, 0, 0)
+
+
+def exported_choices(run: LoadedRun) -> dict[str, Any]:
+    """The temperature and operating point of the run's export, when model.json in the run
+    folder was exported from this very checkpoint with the same test-time averaging; sets the
+    network's temperature. Empty otherwise (then the report is the checkpoint's own)."""
+    from crystalscope.data.dedupe import file_sha256
+    from crystalscope.operating_point import OperatingPoint
+
+    model_json = RunLayout(run.run_dir).model_json
+    if not model_json.is_file():
+        return {}
+    try:
+        description = json.loads(model_json.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    if (description.get("checkpoint_sha256") != file_sha256(run.checkpoint)
+            or description.get("architecture", {}).get("tta", "none") != run.net.tta):
+        return {}
+    choices: dict[str, Any] = {}
+    if description.get("temperature_scaling"):
+        choices["temperature_scaling"] = description["temperature_scaling"]
+        run.net.temperature = float(description["architecture"].get("temperature", 1.0))
+    if description.get("operating_point"):
+        choices["operating_point"] = OperatingPoint.from_dict(description["operating_point"],
+                                                              run.classes)
+    return choices

@@ -74,7 +74,7 @@ def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None 
         for item in predict_stream(predictor, paths):
             yield item if isinstance(item, Failure) else (
                 item.path, unknown_label(item.unknown_reason) if item.unknown
-                else classes[int(item.probabilities.argmax())])
+                else classes[item.best])
         return
     for path in paths:
         try:
@@ -85,10 +85,10 @@ def calls(predictor: Predictor, paths: list[Path], cutting: FrameCutting | None 
         if len(pieces):
             outputs = predictor.predict(pieces)
             reasons = outputs.unknown_reasons
-            for row, probabilities in enumerate(outputs.probabilities):
+            for row, best in enumerate(predictor.decide(outputs.probabilities)):
                 reason = reasons[row] if reasons is not None else None
                 yield path, (unknown_label(reason) if reason is not None
-                             else classes[int(probabilities.argmax())])
+                             else classes[int(best)])
 
 
 class Monitor:

@@ -166,14 +166,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
     def classify(pixels: np.ndarray) -> Outputs:
         """The model's outputs for a batch, counted in /metrics."""
         outputs = predictor.predict(pixels)
-        best = outputs.probabilities.argmax(axis=1)
+        best = predictor.decide(outputs.probabilities)
         reasons = outputs.unknown_reasons or [None] * len(best)
         metrics.observe_predictions([predictor.classes[i] for i in best], list(reasons))
         return outputs
 
     def describe(outputs: Outputs, name: str, row: int = 0) -> dict[str, Any]:
         probabilities = outputs.probabilities[row]
-        best = int(probabilities.argmax())
+        best = int(predictor.decide(probabilities)[0])
         result = {"file": name, "predicted_class": predictor.classes[best],
                   "probability_of_predicted": float(probabilities[best]),
                   "probabilities": {c: float(p) for c, p in

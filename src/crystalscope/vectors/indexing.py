@@ -46,7 +46,7 @@ class IndexResult:
 def make_record(result: ImageResult, classes: list[str]) -> Record:
     """The store record of one predicted image."""
     assert result.embedding is not None
-    best = int(result.probabilities.argmax())
+    best = result.best
     folder = result.path.parent.name
     return Record(
         id=record_id(result.path), vector=result.embedding,
@@ -135,7 +135,7 @@ def similar_html(query: ImageResult, neighbours: list[Neighbour], classes: list[
         image = f'<img src="{src}" alt="">' if src else '<div class="gone">image not found</div>'
         return f'<figure>{image}<figcaption>{caption}</figcaption></figure>'
 
-    best = int(query.probabilities.argmax())
+    best = query.best
     cards = [card(thumbnail_uri(query.path),
                   f"<b>query</b><br>{html.escape(query.path.name)}<br>predicted "
                   f"{html.escape(classes[best])} ({query.probabilities[best]:.4f})")]
