@@ -33,7 +33,7 @@ from crystalscope.config import resolve_train_config
 from crystalscope.data.layout import is_image_name
 from crystalscope.data.split import split_dataset
 from crystalscope.data.split_settings import SplitSettings
-from crystalscope.evaluate.report import wilson_interval
+from crystalscope.evaluate.statistics import wilson_interval
 from crystalscope.export.stage import export_run
 from crystalscope.infer.predictor import load_predictor
 from crystalscope.model.inference import InferenceNet, load_run, run_batches

@@ -15,7 +15,7 @@ from sklearn.metrics import precision_score, recall_score
 from typer.testing import CliRunner
 
 from crystalscope.cli import app
-from crystalscope.evaluate.report import expected_calibration_error
+from crystalscope.evaluate.statistics import expected_calibration_error
 from crystalscope.operating_point import (
     ThresholdTarget,
     choose_operating_point,

@@ -23,7 +23,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
 
-from crystalscope.evaluate.report import expected_calibration_error, wilson_interval
+from crystalscope.evaluate.statistics import expected_calibration_error, wilson_interval
 from crystalscope.settings import SettingsError
 
 Metric = Literal["recall", "precision"]

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.stats import binomtest
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -22,6 +21,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from crystalscope.evaluate.statistics import expected_calibration_error, wilson_interval
 from crystalscope.model.spec import RunLayout
 
 if TYPE_CHECKING:  # predictions decode with torch; the monitor's intervals do not
@@ -29,7 +29,6 @@ if TYPE_CHECKING:  # predictions decode with torch; the monitor's intervals do n
 
 BOOTSTRAP_RESAMPLES = 2000
 AUC_BOOTSTRAP_RESAMPLES = 500
-CALIBRATION_BINS = 15
 
 
 def format_value(value: float | None, decimals: int = 4) -> str:
@@ -43,14 +42,6 @@ def format_value(value: float | None, decimals: int = 4) -> str:
     elif value > 0 and float(text) <= 0:
         text = f"{step:.{decimals}f}"
     return text
-
-
-def wilson_interval(successes: int, trials: int) -> tuple[float, float] | None:
-    """95% Wilson score interval of successes / trials (None when there are no trials)."""
-    if trials == 0:
-        return None
-    ci = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
 
 
 def _counts(truth: np.ndarray, predicted: np.ndarray, num_classes: int
@@ -116,25 +107,6 @@ def bootstrap_auc(truth: np.ndarray, probabilities: np.ndarray, *,
         if value is not None:
             values.append(value)
     return _percentiles(np.array(values)) if len(values) >= resamples // 2 else None
-
-
-def expected_calibration_error(truth: np.ndarray, probabilities: np.ndarray,
-                               bins: int = CALIBRATION_BINS) -> dict[str, Any]:
-    """ECE over equal-width confidence bins (confidence = the top probability)."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == truth
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            gap = abs(correct[mask].mean() - confidence[mask].mean())
-            ece += mask.mean() * gap
-            table.append({"low": float(edges[b]), "high": float(edges[b + 1]),
-                          "count": int(mask.sum()), "accuracy": float(correct[mask].mean()),
-                          "confidence": float(confidence[mask].mean())})
-    return {"ece": float(ece), "bins": bins, "table": table}
 
 
 def _metric(value: float | None, interval: tuple[float, float] | None, method: str) -> dict:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crystalscope.errors import UserError
-from crystalscope.evaluate.report import wilson_interval
+from crystalscope.evaluate.statistics import wilson_interval
 from crystalscope.monitor.rules import RULES, BinomialRun, Calibration, Rule
 from crystalscope.settings import SettingsError
 from crystalscope.unknown.detector import UNKNOWN_REASONS
