@@ -25,8 +25,10 @@ class TrainConfig(Settings):
 
     data: Path = Field(description="Split folder with train/ and valid/ (from `crystalscope "
                                    "split`).")
-    recipe: str = Field(DEFAULT_RECIPE, description="fast (default: ours) or georgia (the "
-                                                    "original project's settings).")
+    recipe: str = Field(DEFAULT_RECIPE, description="fast (default: ours), timm (fast with "
+                                                    "RandAugment, mixup/CutMix, label smoothing "
+                                                    "and EMA weights) or georgia (the original "
+                                                    "project's settings).")
     # What a recipe decides has no default here: the recipe (recipes.py, beside this file) is
     # the one place for it, so editing a default means editing the recipe.
     model: str = Field(description="Any timm model name, e.g. resnet101.")
@@ -44,6 +46,20 @@ class TrainConfig(Settings):
     batch_size: int = Field(ge=1, description="Images per batch.")
     augmentation: Literal["none", "dihedral", "georgia"] = Field(
         description="none, dihedral or georgia.")
+    randaugment: str = Field(
+        "none", pattern=r"^(none|rand(-[a-z]+[0-9.]+)*)$",
+        description="timm's RandAugment after the augmentation: none, or a timm config such as "
+                    "rand-m9-mstd0.5 (m: magnitude 0-10, n: ops per image).")
+    mixup: float = Field(0.0, ge=0, description="Mixup alpha (timm's Mixup): 0 off, e.g. 0.2.")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (timm's Mixup): 0 off, e.g. "
+                                                 "1.0; with mixup, each batch takes one of "
+                                                 "the two.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the "
+                                                                "training loss: 0 off, e.g. 0.1.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="Keep an exponential moving average "
+                             "of the weights (timm's ModelEmaV3) with this decay, e.g. 0.999: "
+                             "validated, checkpointed and exported instead of the raw weights; "
+                             "0 off.")
     tta: Literal["none", "dihedral"] = Field(
         "none", description="Test-time averaging in the trained model (evaluate, export, "
                             "predict): none, or dihedral (the mean over the 8 rotations and "

@@ -13,6 +13,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0,
         "scheduler": "none", "batch_size": 64, "augmentation": "georgia", "epochs": 100,
         "f1_threshold": 0.997, "patience": 50,
+        "randaugment": "none", "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0,
+        "ema_decay": 0.0,
     },
     # Ours: native resolution (the CEX crops are 151 px; 160 is the nearest multiple of 32),
     # a quarter of the backbone trainable, AdamW with a cosine schedule, and the 8
@@ -22,6 +24,18 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optimizer": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4,
         "scheduler": "cosine", "batch_size": 32, "augmentation": "dihedral", "epochs": 30,
         "f1_threshold": 0.997, "patience": 10,
+        "randaugment": "none", "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0,
+        "ema_decay": 0.0,
+    },
+    # fast with timm's regularisers (timm's train.py, ResNet strikes back): RandAugment, mixup
+    # and CutMix, label smoothing and EMA weights; for sets large enough to need them.
+    "timm": {
+        "model": "resnet50", "image_size": 160, "trainable": 0.25, "head": "mlp",
+        "optimizer": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4,
+        "scheduler": "cosine", "batch_size": 32, "augmentation": "dihedral", "epochs": 30,
+        "f1_threshold": 0.997, "patience": 10,
+        "randaugment": "rand-m7-mstd0.5", "mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0.1,
+        "ema_decay": 0.999,
     },
 }
 DEFAULT_RECIPE = "fast"

@@ -55,7 +55,8 @@ class CrystalClassifier(L.LightningModule):
                  scheduler: str = "none", max_epochs: int = 10,
                  class_weights: list[float] | None = None, channels_last: bool = True,
                  mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None) -> None:
+                 std: tuple[float, ...] | None = None, mixup: float = 0.0,
+                 cutmix: float = 0.0, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         if mean is None or std is None:  # what the backbone's weights were trained with
@@ -77,7 +78,20 @@ class CrystalClassifier(L.LightningModule):
         self.top_layout = torch.channels_last if channels_last else torch.contiguous_format
         self.normalizer = Normalize(mean, std)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        self.loss = nn.CrossEntropyLoss(weight=weight)
+        self.loss = nn.CrossEntropyLoss(weight=weight)  # validation: the plain loss
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:  # timm's: soft targets, smoothed inside
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix,
+                               label_smoothing=label_smoothing, num_classes=len(classes))
+            self.train_criterion: nn.Module = SoftTargetCrossEntropy()
+        elif label_smoothing > 0:
+            self.train_criterion = nn.CrossEntropyLoss(weight=weight,
+                                                       label_smoothing=label_smoothing)
+        else:
+            self.train_criterion = self.loss
         self.train_metrics = _metrics(len(classes))
         self.val_metrics = _metrics(len(classes))
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
@@ -134,18 +148,35 @@ class CrystalClassifier(L.LightningModule):
         # had), so make sure here that frozen BatchNorm layers keep their running statistics.
         set_frozen_norms_eval(self.net.backbone)
 
+    def mix(self, images: torch.Tensor, labels: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's mixup/CutMix of a batch: float images and soft (N, C) targets. An odd last
+        image is left unmixed (timm mixes pairs), with its smoothed one-hot target."""
+        from timm.data.mixup import mixup_target
+
+        assert self.mixup is not None
+        x = images.float()
+        targets = mixup_target(labels, len(self.classes), smoothing=self.mixup.label_smoothing)
+        paired = len(x) - len(x) % 2
+        if paired >= 2:
+            x[:paired], targets[:paired] = self.mixup(x[:paired], labels[:paired])
+        return x, targets
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection,
-              loss_metric: MeanMetric) -> torch.Tensor:
+              loss_metric: MeanMetric, training: bool = False) -> torch.Tensor:
         images, labels = batch
+        targets, criterion = labels, (self.train_criterion if training else self.loss)
+        if training and self.mixup is not None:
+            images, targets = self.mix(images, labels)
         logits = (self.top_forward(images) if self.inputs == "trunk_features"
                   else self.training_forward(images))
-        loss = self.loss(logits, labels)
-        metrics.update(logits.detach(), labels)
+        loss = criterion(logits, targets)
+        metrics.update(logits.detach(), labels)  # mixed batches: against the unmixed labels
         loss_metric.update(loss.detach(), weight=len(labels))
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _index: int) -> torch.Tensor:
-        loss = self._step(batch, self.train_metrics, self.train_loss)
+        loss = self._step(batch, self.train_metrics, self.train_loss, training=True)
         self.log("train_loss_step", loss, prog_bar=True, logger=False)
         return loss
 

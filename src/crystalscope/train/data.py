@@ -61,19 +61,48 @@ class Dihedral(torch.nn.Module):
         return image
 
 
-def make_augmentation(kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+class RandAugment(torch.nn.Module):
+    """timm's RandAugment (``config`` such as ``rand-m9-mstd0.5``) on a uint8 (3, S, S) tensor:
+    timm's ops work on PIL images, so the crop goes through PIL and back (a few tens of µs at
+    64 px). The fill of shifted-in pixels is the crop's own mean grey, not black."""
+
+    def __init__(self, config: str, size: int) -> None:
+        super().__init__()
+        from timm.data.auto_augment import rand_augment_transform
+
+        try:
+            self.transform = rand_augment_transform(
+                config, {"translate_const": int(size * 0.45), "img_mean": (128, 128, 128)})
+        except (AssertionError, KeyError, ValueError, IndexError) as exc:
+            raise UserError(f"randaugment {config!r}: not a timm RandAugment config, e.g. "
+                            f"rand-m9-mstd0.5 ({exc})") from exc
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional
+
+        return functional.pil_to_tensor(self.transform(functional.to_pil_image(image)))
+
+
+def make_augmentation(kind: str, randaugment: str = "none", size: int = 224
+                      ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``none``; ``dihedral`` (rotations/flips); ``georgia`` (the original Keras settings:
-    rotation ±30°, shifts 0.2, zoom 0.3, horizontal and vertical flips)."""
+    rotation ±30°, shifts 0.2, zoom 0.3, horizontal and vertical flips); then, unless
+    ``randaugment`` is ``none``, timm's RandAugment with that config (``size``: the crops')."""
     if kind == "none":
-        return None
-    if kind == "dihedral":
-        return Dihedral()
-    if kind == "georgia":
-        return v2.Compose([
+        base = None
+    elif kind == "dihedral":
+        base = Dihedral()
+    elif kind == "georgia":
+        base = v2.Compose([
             v2.RandomAffine(degrees=30, translate=(0.2, 0.2), scale=(0.7, 1.3)),
             v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
         ])
-    raise UserError(f"augmentation {kind!r}: use none, dihedral or georgia")
+    else:
+        raise UserError(f"augmentation {kind!r}: use none, dihedral or georgia")
+    if randaugment == "none":
+        return base
+    extra = RandAugment(randaugment, size)
+    return extra if base is None else v2.Compose([base, extra])
 
 
 def _world_size() -> int:
@@ -86,7 +115,8 @@ class SplitDataModule(L.LightningDataModule):
     """Train and validation data from a split folder, decoded once into RAM."""
 
     def __init__(self, root: Path, *, image_size: int, batch_size: int, augmentation: str,
-                 fraction: float = 1.0, num_workers: int = 0, seed: int = 0,
+                 randaugment: str = "none", fraction: float = 1.0, num_workers: int = 0,
+                 seed: int = 0,
                  cache: CacheKind = "auto", cache_dir: Path | None = None,
                  progress: Callable[[str, int], Callable[[int], None]] | None = None) -> None:
         super().__init__()
@@ -98,6 +128,7 @@ class SplitDataModule(L.LightningDataModule):
         # How the images are decoded: the run's spec (its mean/std are the network's concern).
         self.spec = ModelSpec(input_size=image_size, classes=tuple(self.classes))
         self.augmentation, self.fraction = augmentation, fraction
+        self.randaugment = randaugment
         self.num_workers, self.seed, self.progress = num_workers, seed, progress
         self.train_set: CachedImages | None = None
         self.val_set: CachedImages | None = None
@@ -138,7 +169,8 @@ class SplitDataModule(L.LightningDataModule):
             raise UserError(f"{self.folder.root}/train: {len(train_labels)} images is fewer "
                             f"than the batch size {self.batch_size}; use a smaller batch size")
         self.train_set = CachedImages(train_images, train_labels,
-                                      make_augmentation(self.augmentation))
+                                      make_augmentation(self.augmentation, self.randaugment,
+                                                        self.image_size))
         self.val_set = CachedImages(*sets["valid"])
 
     def class_counts(self) -> list[int]:

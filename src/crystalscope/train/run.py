@@ -44,6 +44,7 @@ from crystalscope.train.callbacks import (
     StopWhenEveryClassF1,
 )
 from crystalscope.train.data import SplitDataModule
+from crystalscope.train.ema import EmaWeights
 
 
 @dataclass
@@ -160,8 +161,13 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
            quiet: bool, resuming: bool, primary: bool) -> TrainResult:
     data = SplitDataModule(config.data, image_size=config.image_size,
                            batch_size=config.batch_size, augmentation=config.augmentation,
-                           fraction=config.fraction, num_workers=config.num_workers,
-                           seed=config.seed, cache=config.cache, cache_dir=cache_dir)
+                           randaugment=config.randaugment, fraction=config.fraction,
+                           num_workers=config.num_workers, seed=config.seed,
+                           cache=config.cache, cache_dir=cache_dir)
+    if config.class_weights == "auto" and (config.mixup or config.cutmix):
+        raise SettingsError("class_weights", "auto cannot weigh mixed images (their targets "
+                            "are shares of two classes); use --class-weights none with mixup "
+                            "or cutmix", config.class_weights)
     data.setup()  # decode once, and find bad input before a run folder is made
     weights = class_weights(data.class_counts()) if config.class_weights == "auto" else None
     module = CrystalClassifier(
@@ -170,6 +176,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
         head=config.head, trainable=config.trainable, optimizer=config.optimizer, lr=config.lr,
         momentum=config.momentum, weight_decay=config.weight_decay, scheduler=config.scheduler,
         max_epochs=config.epochs, class_weights=weights, channels_last=config.channels_last,
+        mixup=config.mixup, cutmix=config.cutmix, label_smoothing=config.label_smoothing,
     )
     if config.compile:
         module.net.compile()  # in place: the checkpoint's parameter names stay the same
@@ -261,6 +268,8 @@ def make_trainer(config: TrainConfig, run_dir: Path, *, started: float, quiet: b
         EarlyStopping(monitor="val_loss", mode="min", patience=config.patience),
         CheckpointOnInterrupt(layout.checkpoint("last")),
     ]
+    if config.ema_decay > 0:  # before the checkpoints' hooks: they save the averaged weights
+        callbacks.insert(0, EmaWeights(config.ema_decay))
     if not quiet:
         callbacks.append(EpochTable())
     show_bar = not quiet and err.is_terminal

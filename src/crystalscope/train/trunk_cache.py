@@ -47,6 +47,9 @@ def why_not(config: TrainConfig, module: CrystalClassifier) -> str | None:
     if config.augmentation not in TRANSFORMS:
         return (f"frozen-trunk cache: not used: the {config.augmentation} augmentation's random "
                 "warps give the trunk a new input every epoch (dihedral or none can be cached)")
+    if config.randaugment != "none" or config.mixup or config.cutmix:
+        return ("frozen-trunk cache: not used: RandAugment, mixup and CutMix give the trunk a "
+                "new input every step")
     if config.compile:
         return "frozen-trunk cache: not used with --compile"
     if str(config.devices) not in ("1", "auto") or config.num_nodes > 1 or (
