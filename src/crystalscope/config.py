@@ -31,7 +31,10 @@ class TrainConfig(Settings):
                                                     "project's settings).")
     # What a recipe decides has no default here: the recipe (recipes.py, beside this file) is
     # the one place for it, so editing a default means editing the recipe.
-    model: str = Field(description="Any timm model name, e.g. resnet101.")
+    model: str = Field(description="Any timm model name, e.g. resnet101; or hf-hub:ORG/NAME "
+                                   "(a timm model on the Hugging Face hub) or local-dir:PATH (a "
+                                   "folder with its config.json and model.safetensors), which "
+                                   "bring their own weights.")
     weights: str = Field("imagenet", description="imagenet (needs internet), none (random "
                                                  "init) or a local weights file.")
     image_size: int = Field(ge=16, le=1024, description="Square input side in pixels.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 EXTRA_OF_MODULE = {
     "torch": "train", "torchvision": "train", "timm": "train", "lightning": "train",
     "torchmetrics": "train", "tensorboard": "train", "onnxscript": "train", "kagglehub": "train",
+    "huggingface_hub": "train",
     "d3blocks": "explore", "pandas": "explore", "pytorch_grad_cam": "explore", "cv2": "explore",
     "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "h11": "serve",
     "multipart": "serve", "python_multipart": "serve", "prometheus_client": "serve",

@@ -175,6 +175,15 @@ def export(
         help="The operating point, chosen on the validation split: CLASS=recall:R (call "
              "CLASS for at least R of its images, e.g. pg=recall:0.99) or CLASS=precision:P "
              "(at most 1-P of CLASS calls wrong). Predict, monitor and serve use it.")] = None,
+    data_licence: Annotated[str | None, typer.Option(
+        help="The training data's licence for the model card (README.md), e.g. 'CC BY-SA 4.0'; "
+             "default: a LICENSE file in the data folder or its parent.")] = None,
+    push_to_hub: Annotated[str | None, typer.Option(
+        metavar="ORG/NAME", help="Afterwards, upload the export (card, model files) to this "
+                                 "Hugging Face hub model repository (created private when "
+                                 "missing; needs `hf auth login` or HF_TOKEN).")] = None,
+    public: Annotated[bool, typer.Option(
+        help="With --push-to-hub, create the repository public.")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Write model.safetensors + model.json and model.onnx, checked against the checkpoint,
@@ -185,14 +194,22 @@ def export(
     ONNX Runtime and torch must agree on every probability within 1e-4, and the model rebuilt
     from safetensors + json must match the checkpoint; otherwise export fails (exit 1).
     """
+    from crystalscope.export.hub import check_repo_id
+    from crystalscope.export.hub import push_to_hub as push_to_hub_
     from crystalscope.export.stage import ExportSettings, export_run
     from crystalscope.unknown.detector import unknown_summary
 
     settings = ExportSettings(int8=int8, false_reject=false_reject,
                               tta=tta.value if tta else None, calibrate=calibrate,
-                              threshold=threshold)
+                              threshold=threshold, data_licence=data_licence)
+    if push_to_hub:
+        check_repo_id(push_to_hub)  # before the work, not after it
     with err.status("exporting (ONNX export and parity check)"):
         result = export_run(run, out_dir, settings)
+    pushed = None
+    if push_to_hub:
+        with err.status(f"pushing to the Hugging Face hub: {push_to_hub}"):
+            pushed = push_to_hub_(Path(out_dir or run), push_to_hub, private=not public)
     summary = {"files": {k: str(v) for k, v in result.files.items()},
                "onnx_max_abs_difference": result.onnx_max_difference,
                "rebuilt_max_abs_difference": result.rebuilt_max_difference,
@@ -200,7 +217,7 @@ def export(
                "temperature_scaling": result.temperature_scaling,
                "operating_point": (result.operating_point.to_dict()
                                    if result.operating_point else None),
-               "notes": result.notes}
+               "notes": result.notes, "pushed": pushed}
     if as_json:
         out.print_json(json.dumps(summary))
         return
@@ -222,6 +239,8 @@ def export(
         out.print(unknown_summary(result.unknown_detector))
     for note in result.notes:
         err.print(f"[yellow]{note}[/yellow]", highlight=False)
+    if pushed:
+        out.print(f"pushed to the Hugging Face hub: {pushed}")
     if result.int8:
         change = result.int8
         out.print(f"int8 vs fp32 on {change['images']} test images: same class for "

@@ -31,6 +31,7 @@ from crystalscope.data.layout import split_path
 from crystalscope.errors import CrystalscopeError
 from crystalscope.evaluate.plots import read_metrics_csv
 from crystalscope.evaluate.report import add_unknown_section
+from crystalscope.export.card import check_card_replaceable, data_licence, model_card
 from crystalscope.export.onnx import PARITY_TOLERANCE, export_onnx, quantize_int8
 from crystalscope.export.weights import load_model, model_description, save_model
 from crystalscope.model.inference import LoadedRun, load_run, view_logits_batches
@@ -152,6 +153,9 @@ class ExportSettings(Settings):
     calibrate: Literal["none", "temperature"] = Field(
         "none", description="temperature: divide the logits by one number fitted on the "
         "validation split (lowest log-loss), so the probabilities mean what they say.")
+    data_licence: str | None = Field(None, description="The training data's licence, for the "
+                                     "model card (default: a LICENSE file in the data folder "
+                                     "or its parent).")
     threshold: str | None = Field(None, description="An operating point chosen on the "
                                   "validation split: CLASS=recall:R (catch at least R of that "
                                   "class) or CLASS=precision:P (at least P of its calls right).")
@@ -174,6 +178,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None,
     target = (ThresholdTarget.parse(settings.threshold, run.classes)
               if settings.threshold else None)
     out_dir = Path(out_dir or run.run_dir)
+    check_card_replaceable(RunLayout(out_dir).card)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = {"export_id": uuid.uuid4().hex, "checkpoint_sha256": file_sha256(run.checkpoint)}
     staging = Path(tempfile.mkdtemp(prefix=".export-", suffix=".partial", dir=out_dir))
@@ -271,7 +276,7 @@ def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str],
         embedding_size=run.net.classifier.backbone.num_features,
         recipe={k: v for k, v in config.items() if k not in ("data", "runs_dir")},
         metrics=run_metrics(run), data=data_summary(run),
-        tta=run.net.tta, temperature=run.net.temperature)
+        tta=run.net.tta, temperature=run.net.temperature, source=run.source)
     description.update(identity)
     description.update(choices)
     notes = []
@@ -291,6 +296,10 @@ def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str],
     if not rebuilt_difference <= PARITY_TOLERANCE:
         raise CrystalscopeError(f"{weights_path.name}: the rebuilt model differs from the "
                                 f"checkpoint (max |Δ probability| {rebuilt_difference:.2e})")
+    card = RunLayout(out_dir).card
+    card.write_text(model_card(description, data_licence(Path(run.config.data),
+                                                         settings.data_licence)),
+                    encoding="utf-8")
     onnx_path = RunLayout(out_dir).onnx
     metadata = {"classes": run.classes, "preprocessing": description["preprocessing"],
                 "outputs": "probabilities",
@@ -299,7 +308,7 @@ def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str],
     if "operating_point" in choices:
         metadata["operating_point"] = choices["operating_point"]
     onnx_difference = export_onnx(run.net, onnx_path, run.image_size, metadata, images)
-    result = Export(files={p.name: p for p in (weights_path, json_path, onnx_path)},
+    result = Export(files={p.name: p for p in (weights_path, json_path, onnx_path, card)},
                     onnx_max_difference=onnx_difference,
                     rebuilt_max_difference=rebuilt_difference,
                     unknown_detector=description.get("unknown_detector"), notes=notes,

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from crystalscope.errors import UserError
 from crystalscope.model.backbones import Classifier, create_backbone
 from crystalscope.model.inference import InferenceNet
+from crystalscope.model.sources import BackboneSource
 from crystalscope.model.spec import ModelSpec, RunLayout
 
 FORMAT = "crystalscope-model"
@@ -41,7 +42,8 @@ def library_versions() -> dict[str, str]:
 def model_description(*, backbone: str, head: str, spec: ModelSpec, embedding_size: int,
                       recipe: dict[str, Any], metrics: dict[str, Any],
                       data: dict[str, Any], tta: str = "none",
-                      temperature: float = 1.0) -> dict[str, Any]:
+                      temperature: float = 1.0,
+                      source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The content of model.json; ``preprocessing`` is the :class:`ModelSpec`, as data;
     ``architecture.tta`` the test-time averaging built into the network, ``temperature`` the
     divisor of its logits before the softmax."""
@@ -50,7 +52,8 @@ def model_description(*, backbone: str, head: str, spec: ModelSpec, embedding_si
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "architecture": {"backbone": backbone, "library": "timm", "head": head,
                          "num_classes": len(spec.classes), "embedding_size": embedding_size,
-                         "tta": tta, "temperature": temperature},
+                         "tta": tta, "temperature": temperature,
+                         **({"source": source} if source else {})},
         "classes": list(spec.classes),
         "preprocessing": spec.to_dict(),
         "recipe": recipe, "metrics": metrics, "data": data,
@@ -93,7 +96,9 @@ def load_model(path: Path) -> tuple[InferenceNet, dict[str, Any]]:
     if description.get("format") != FORMAT:
         raise UserError(f"{json_path}: not a crystalscope model.json (format "
                         f"{description.get('format')!r})")
-    backbone = create_backbone(architecture["backbone"], "none")
+    source = architecture.get("source")  # a hub or folder model: rebuilt without either
+    backbone = create_backbone(architecture["backbone"], "none",
+                               BackboneSource.from_dict(source) if source else None)
     net = Classifier(backbone, len(classes), architecture["head"])
     try:
         net.load_state_dict(load_file(weights_path), strict=True)

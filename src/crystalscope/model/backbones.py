@@ -2,7 +2,8 @@
 
 ``--weights imagenet`` asks timm for its pretrained weights (from the Hugging Face hub, so it
 needs internet); ``--weights PATH`` loads a local timm / torchvision / safetensors file through
-timm's own loader; ``--weights none`` starts from random weights.
+timm's own loader; ``--weights none`` starts from random weights. A model named
+``hf-hub:ORG/NAME`` or ``local-dir:PATH`` (model/sources.py) brings its own weights.
 """
 
 from __future__ import annotations
@@ -13,14 +14,20 @@ import timm
 import torch
 from torch import nn
 
+from crystalscope.model.sources import BackboneSource, is_sourced, resolve_source
 from crystalscope.settings import SettingsError
 
 
-def create_backbone(name: str, weights: str = "none") -> nn.Module:
+def create_backbone(name: str, weights: str = "none",
+                    source: BackboneSource | None = None) -> nn.Module:
     """A timm model without its classifier: input images -> pooled feature vector.
 
-    ``weights`` is ``"imagenet"``, ``"none"`` or a path to a local weights file.
+    ``weights`` is ``"imagenet"``, ``"none"`` or a path to a local weights file. ``name`` may be
+    ``hf-hub:ORG/NAME`` or ``local-dir:PATH`` (then ``imagenet`` means the weights stored there,
+    and ``source``, once resolved, rebuilds the architecture without reading its config again).
     """
+    if is_sourced(name):
+        return _sourced_backbone(name, weights, source or resolve_source(name))
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -47,6 +54,32 @@ def create_backbone(name: str, weights: str = "none") -> nn.Module:
                             "(.safetensors, .pth, .bin)", weights)
     try:
         return timm.create_model(name, pretrained=True,
+                                 pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    except Exception as exc:
+        raise SettingsError("weights", f"not loadable into {name} ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})", str(path)) from exc
+
+
+def _sourced_backbone(name: str, weights: str, source: BackboneSource) -> nn.Module:
+    """A hub or folder model: its architecture, with random, its own or a file's weights."""
+    kwargs = {**source.model_args, "num_classes": 0, "global_pool": "avg"}
+    if weights == "none":
+        return timm.create_model(source.architecture, pretrained=False, **kwargs)
+    if weights == "imagenet":  # for these: the weights stored with the model
+        kwargs.pop("pretrained_model_args", None)
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, global_pool="avg")
+        except Exception as exc:
+            raise SettingsError("weights", f"could not load the weights of {name} "
+                                f"({type(exc).__name__}: {str(exc)[:200]}); for a folder, "
+                                "check its model.safetensors; offline, use local-dir:",
+                                "imagenet") from exc
+    path = Path(weights)
+    if not path.is_file():
+        raise SettingsError("weights", "use imagenet (the model's own), none, or the path of a "
+                            "weights file (.safetensors, .pth, .bin)", weights)
+    try:
+        return timm.create_model(source.architecture, pretrained=True,
                                  pretrained_cfg_overlay={"file": str(path)}, **kwargs)
     except Exception as exc:
         raise SettingsError("weights", f"not loadable into {name} ({type(exc).__name__}: "

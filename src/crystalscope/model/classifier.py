@@ -26,6 +26,7 @@ from crystalscope.model.backbones import (
     set_frozen_norms_eval,
 )
 from crystalscope.model.normalize import Normalize, drop_saved_normalization
+from crystalscope.model.sources import BackboneSource, is_sourced, resolve_source
 from crystalscope.model.spec import backbone_normalization
 from crystalscope.model.trunk import inference_copy, split_backbone
 
@@ -56,15 +57,22 @@ class CrystalClassifier(L.LightningModule):
                  class_weights: list[float] | None = None, channels_last: bool = True,
                  mean: tuple[float, ...] | None = None,
                  std: tuple[float, ...] | None = None, mixup: float = 0.0,
-                 cutmix: float = 0.0, label_smoothing: float = 0.0) -> None:
+                 cutmix: float = 0.0, label_smoothing: float = 0.0,
+                 source: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        resolved = None
+        if is_sourced(model):  # hf-hub: / local-dir: read once, then kept in the checkpoint
+            resolved = BackboneSource.from_dict(source) if source else resolve_source(model)
+            self.hparams.source = resolved.to_dict()
         if mean is None or std is None:  # what the backbone's weights were trained with
             mean, std = backbone_normalization(model)
+            if resolved is not None and resolved.mean and resolved.std:
+                mean, std = resolved.mean, resolved.std
         # Kept in the checkpoint, so that the run and its exports feed the network alike.
         self.hparams.mean, self.hparams.std = list(mean), list(std)
         self.classes = list(classes)
-        backbone = create_backbone(model, weights)
+        backbone = create_backbone(model, weights, resolved)
         self.trainable_layers = freeze_fraction(backbone, trainable)
         self.net = Classifier(backbone, len(classes), head)
         if channels_last:

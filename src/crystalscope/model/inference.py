@@ -129,6 +129,7 @@ class LoadedRun:
     classes: list[str]
     net: InferenceNet
     checkpoint: Path
+    source: dict[str, Any] | None = None  # a hf-hub:/local-dir: backbone, resolved
 
     @property
     def image_size(self) -> int:
@@ -173,7 +174,7 @@ def load_run(run_dir: Path, checkpoint: str = "best", tta: str | None = None) ->
                      mean=tuple(module.hparams.mean), std=tuple(module.hparams.std))
     inference = InferenceNet(net, spec, tta=tta or config.tta).eval()
     return LoadedRun(run_dir=run_dir, config=config, classes=list(module.classes),
-                     net=inference, checkpoint=path)
+                     net=inference, checkpoint=path, source=module.hparams.get("source"))
 
 
 @torch.inference_mode()

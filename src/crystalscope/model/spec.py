@@ -195,9 +195,15 @@ class RunLayout:
         return self.root / "unknown.safetensors"
 
     @property
+    def card(self) -> Path:
+        """The model card (export/card.py)."""
+        return self.root / "README.md"
+
+    @property
     def exported(self) -> tuple[Path, ...]:
         """Every file an export may write (an export removes those it does not write again)."""
-        return (self.weights, self.model_json, self.onnx, self.detector, self.int8_onnx)
+        return (self.weights, self.model_json, self.onnx, self.detector, self.int8_onnx,
+                self.card)
 
 
 ModelKind = Literal["run", "folder", "onnx", "safetensors"]

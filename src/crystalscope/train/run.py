@@ -86,7 +86,9 @@ def joined_run_dir(config: TrainConfig) -> Path:
 
 def new_run_dir(config: TrainConfig) -> Path:
     """``runs_dir/<model>-<YYYYmmdd>-<HHMMSS>`` (or ``--name``); never an existing folder."""
-    name = config.name or f"{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    # hf-hub:ORG/NAME and local-dir:PATH: the name's last part (no ':' or '/' in a folder)
+    model = config.model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].split(":")[-1]
+    name = config.name or f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config.runs_dir) / name
     if run_dir.exists():
         raise SettingsError("name", f"{run_dir} exists; choose another name or resume that "
