@@ -205,3 +205,14 @@ def test_export_calibrates_an_over_confident_model_and_its_threshold_is_used(
                                               for p in valid[:8]])
     assert code == 200
     assert [r["predicted_class"] for r in body["results"]] == [CLASSES[i] for i in called[:8]]
+    card = (run / "README.md").read_text()
+    assert f"decision: pg when P(pg) >= {threshold:.4g}" in card and "Operating point" in card
+
+    # exported again without them: the report and the card are the plain model's once more
+    result = CliRunner().invoke(app, ["export", str(run)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "report.json").read_text())
+    assert "operating_point" not in report and "temperature_scaling" not in report
+    assert report["calibration"]["ece"] == pytest.approx(before)
+    assert "decision: the most probable class" in (run / "README.md").read_text()
+    assert load_predictor(run).operating_point is None

@@ -59,7 +59,8 @@ def _metrics_lines(description: dict[str, Any]) -> list[str]:
     test = metrics.get("test")
     if test:
         lines += [f"On the held-out test split ({test['images']} images, "
-                  f"{test['misclassified']} misclassified; decision: the most probable class):",
+                  f"{test['misclassified']} misclassified; decision: "
+                  f"{test.get('decision', 'the most probable class')}):",
                   "", "| metric | value |", "| --- | --- |",
                   f"| accuracy | {_interval(test.get('accuracy'))} |",
                   f"| macro F1 | {_interval(test.get('macro_f1'))} |",

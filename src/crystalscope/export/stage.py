@@ -91,7 +91,11 @@ def run_metrics(run: LoadedRun) -> dict[str, Any]:
     report = RunLayout(run.run_dir).report
     if report.is_file():
         test = json.loads(report.read_text(encoding="utf-8"))
-        metrics["test"] = {"data": test.get("data"), "images": test["images"],
+        point = test.get("operating_point")
+        metrics["test"] = {"decision": (f"{point['class_name']} when P({point['class_name']})"
+                                        f" >= {point['threshold']:.4g}" if point else
+                                        "the most probable class"),
+                           "data": test.get("data"), "images": test["images"],
                            "misclassified": test["misclassified"],
                            "accuracy": test["accuracy"], "macro_f1": test["macro"]["f1"],
                            "roc_auc": test["roc_auc"]}
@@ -179,6 +183,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None,
               if settings.threshold else None)
     out_dir = Path(out_dir or run.run_dir)
     check_card_replaceable(RunLayout(out_dir).card)
+    had_choices = _report_choices(run)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = {"export_id": uuid.uuid4().hex, "checkpoint_sha256": file_sha256(run.checkpoint)}
     staging = Path(tempfile.mkdtemp(prefix=".export-", suffix=".partial", dir=out_dir))
@@ -193,25 +198,52 @@ def export_run(run_dir: Path, out_dir: Path | None = None,
         shutil.rmtree(staging, ignore_errors=True)
     result.files = {name: out_dir / path.name for name, path in result.files.items()}
     result.export_id = identity["export_id"]
-    if result.temperature_scaling or result.operating_point:
-        _evaluate_again(run, out_dir, settings.tta)
+    if (result.temperature_scaling or result.operating_point or had_choices) and \
+            _evaluate_again(run, out_dir, settings.tta):
+        _refresh_metrics(run, out_dir, settings.data_licence)
     else:
         _report_unknown_rate(run, out_dir, result)
     return result
 
 
-def _evaluate_again(run: LoadedRun, out_dir: Path, tta: str | None) -> None:
+def _report_choices(run: LoadedRun) -> bool:
+    """Whether the run's test report was made with an earlier export's temperature or
+    operating point (then a new export must evaluate again, with or without its own)."""
+    report = RunLayout(run.run_dir).report
+    if not report.is_file():
+        return False
+    document = json.loads(report.read_text(encoding="utf-8"))
+    return "operating_point" in document or "temperature_scaling" in document
+
+
+def _evaluate_again(run: LoadedRun, out_dir: Path, tta: str | None) -> bool:
     """Evaluate the run's test split again when the export changed its probabilities or its
-    decisions: the report (and its ROC) then shows what the exported model does."""
+    decisions: the report (and its ROC) then shows what the exported model does. Whether it
+    did (only for an export into the run folder whose test split was evaluated there)."""
     report = RunLayout(run.run_dir).report
     if out_dir.resolve() != run.run_dir.resolve() or not report.is_file():
-        return
+        return False
     evaluated = json.loads(report.read_text(encoding="utf-8")).get("data")
     test = split_path(run.config.data, "test")
     if evaluated and test.is_dir() and Path(evaluated).resolve() == test.resolve():
         from crystalscope.evaluate.stage import evaluate_run
 
         evaluate_run(run.run_dir, tta=tta)
+        return True
+    return False
+
+
+def _refresh_metrics(run: LoadedRun, out_dir: Path, licence: str | None) -> None:
+    """model.json's test metrics and the card, from the evaluation that just ran."""
+    layout = RunLayout(out_dir)
+    description = json.loads(layout.model_json.read_text(encoding="utf-8"))
+    description["metrics"] = run_metrics(run)
+    for path, text in ((layout.model_json, json.dumps(description, indent=2)),
+                       (layout.card, model_card(description, data_licence(
+                           Path(run.config.data), licence)))):
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)  # atomic: a reader never sees half a file
 
 
 def _report_unknown_rate(run: LoadedRun, out_dir: Path, result: Export) -> None:
