@@ -6,12 +6,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from crystalscope.errors import UserError
 from crystalscope.recipes import DEFAULT_RECIPE, RECIPES
 from crystalscope.settings import Settings, SettingsError
 from crystalscope.unknown.detector import DEFAULT_FALSE_REJECT, FalseRejectRate
+
+
+def _split_commas(value: Any) -> Any:
+    """``mlflow,wandb`` (one text, or a list of texts) -> ``["mlflow", "wandb"]``."""
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, list | tuple):
+        return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    return value
 
 
 class TrainConfig(Settings):
@@ -95,6 +103,13 @@ class TrainConfig(Settings):
                                              "on a CPU needs a C++ compiler).")
     channels_last: bool = Field(True, description="Feed the network in channels_last memory "
                                                   "layout (faster convolutions).")
+    logger: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = Field(
+        ["csv", "tensorboard"], min_length=1,
+        description="Where the run's params and per-epoch metrics also go (metrics.csv is "
+                    "always written): csv, tensorboard, mlflow, wandb; repeat the option or "
+                    "separate with commas.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (a server, or "
+                                     "sqlite:///…); default: <runs_dir>/mlflow.db.")
     runs_dir: Path = Field(Path("runs"), description="Parent folder of runs.")
     name: str | None = Field(None, description="Run name (default <model>-<date>-<time>).")
     evaluate: bool = Field(True, description="Afterwards, evaluate on the test split (when "
@@ -104,6 +119,8 @@ class TrainConfig(Settings):
     allow_overlap: bool = Field(False, description="Train even when the same crop (or a "
                                 "rotated or near copy) lies in two splits; it is counted and "
                                 "reported.")
+
+    _loggers = field_validator("logger", mode="before")(_split_commas)
 
 
 def resolve_train_config(options: dict[str, Any], config_file: Path | None = None) -> TrainConfig:

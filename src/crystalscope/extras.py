@@ -18,6 +18,7 @@ EXTRA_OF_MODULE = {
     "multipart": "serve", "python_multipart": "serve", "prometheus_client": "serve",
     "lancedb": "index",
     "weaviate": "weaviate", "openvino": "openvino", "ray": "ray", "asyncua": "opcua",
+    "mlflow": "tracking", "wandb": "tracking",
 }
 
 WHAT_NEEDS_IT = {
@@ -26,6 +27,7 @@ WHAT_NEEDS_IT = {
     "explore": "explore and explain need",
     "serve": "serve and label's page need",
     "index": "index and similar need",
+    "tracking": "train --logger mlflow|wandb and export --register need",
 }
 
 

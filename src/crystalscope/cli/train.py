@@ -25,6 +25,8 @@ def _option_type(annotation: Any) -> Any:
     kind = annotation
     if get_origin(annotation) in (Union, UnionType):  # X | None: X
         kind = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(kind) is list:  # repeatable: --logger mlflow --logger wandb
+        return list[str]
     return str if get_origin(kind) is Literal else kind
 
 
@@ -184,6 +186,13 @@ def export(
                                  "missing; needs `hf auth login` or HF_TOKEN).")] = None,
     public: Annotated[bool, typer.Option(
         help="With --push-to-hub, create the repository public.")] = False,
+    register: Annotated[str | None, typer.Option(
+        metavar="NAME", help="Afterwards, register model.onnx (with model.json and its card) "
+                             "as a new version of this MLflow registered model, in the run's "
+                             "MLflow run when it was trained with --logger mlflow.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="With --register: the MLflow tracking URI (default: the run's, else "
+             "<runs folder>/mlflow.db).")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Write model.safetensors + model.json and model.onnx, checked against the checkpoint,
@@ -206,6 +215,14 @@ def export(
         check_repo_id(push_to_hub)  # before the work, not after it
     with err.status("exporting (ONNX export and parity check)"):
         result = export_run(run, out_dir, settings)
+    registered = None
+    if register:
+        from crystalscope.train.tracking import register_model
+
+        with err.status(f"registering {register} in MLflow"):
+            version, uri = register_model(Path(run), Path(out_dir or run), register,
+                                          tracking_uri)
+        registered = {"name": register, "version": version, "tracking_uri": uri}
     pushed = None
     if push_to_hub:
         with err.status(f"pushing to the Hugging Face hub: {push_to_hub}"):
@@ -217,7 +234,7 @@ def export(
                "temperature_scaling": result.temperature_scaling,
                "operating_point": (result.operating_point.to_dict()
                                    if result.operating_point else None),
-               "notes": result.notes, "pushed": pushed}
+               "notes": result.notes, "pushed": pushed, "registered": registered}
     if as_json:
         out.print_json(json.dumps(summary))
         return
@@ -239,6 +256,9 @@ def export(
         out.print(unknown_summary(result.unknown_detector))
     for note in result.notes:
         err.print(f"[yellow]{note}[/yellow]", highlight=False)
+    if registered:
+        out.print(f"registered {register} version {registered['version']} in MLflow "
+                  f"({registered['tracking_uri']})")
     if pushed:
         out.print(f"pushed to the Hugging Face hub: {pushed}")
     if result.int8:

@@ -60,7 +60,8 @@ class CrystalClassifier(L.LightningModule):
                  cutmix: float = 0.0, label_smoothing: float = 0.0,
                  source: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # In the checkpoint only: the loggers get the run's resolved settings (train/tracking.py)
+        self.save_hyperparameters(logger=False)
         resolved = None
         if is_sourced(model):  # hf-hub: / local-dir: read once, then kept in the checkpoint
             resolved = BackboneSource.from_dict(source) if source else resolve_source(model)

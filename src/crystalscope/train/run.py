@@ -8,7 +8,6 @@ epoch), ``checkpoints/{best,last}.ckpt`` and Lightning's CSV/TensorBoard logs. C
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -24,7 +23,6 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from crystalscope.config import TrainConfig, load_train_config, save_config
 from crystalscope.console import err
@@ -45,6 +43,7 @@ from crystalscope.train.callbacks import (
 )
 from crystalscope.train.data import SplitDataModule
 from crystalscope.train.ema import EmaWeights
+from crystalscope.train.tracking import finish_tracking, make_loggers, start_tracking
 
 
 @dataclass
@@ -210,6 +209,8 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
         if primary:  # read by the processes that a DDP launch starts from here
             os.environ[RUN_DIR_VARIABLE] = str(run_dir.resolve())
         try:
+            if primary:
+                start_tracking(trainer.loggers, run_dir, config.model_dump(mode="json"))
             trainer.fit(module, datamodule=data,
                         ckpt_path=str(checkpoint) if checkpoint else None)
         except torch.OutOfMemoryError as exc:
@@ -235,6 +236,7 @@ def _train(config: TrainConfig, run_dir: Path, checkpoint: Path | None, cache_di
     if trainer.interrupted or not primary:  # evaluation and export are the first process's
         return result
     finish_run(result, config)
+    finish_tracking(trainer.loggers, run_dir)
     return result
 
 
@@ -280,9 +282,8 @@ def make_trainer(config: TrainConfig, run_dir: Path, *, started: float, quiet: b
     # A resumed run logs to logs/resumed-<time>/: Lightning's CSV logger would otherwise
     # replace the first part's logs/metrics.csv.
     version = f"resumed-{datetime.now():%Y%m%d-%H%M%S}" if resuming else ""
-    loggers: list = [CSVLogger(run_dir, name="logs", version=version)]
-    if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    loggers = make_loggers(list(config.logger), run_dir, tracking_uri=config.tracking_uri,
+                           resuming=resuming, version=version)
     try:
         trainer = L.Trainer(
             max_epochs=config.epochs, accelerator=config.accelerator,
