@@ -35,7 +35,7 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = True,
 
     check_repo_id(repo_id)
     files = hub_files(folder)
-    if not any(p.name == "model.onnx" for p in files):
+    if not RunLayout(Path(folder)).onnx.is_file():
         raise UserError(f"{folder}: holds no exported model to push")
     api = HfApi(token=token)
     try:

@@ -195,6 +195,11 @@ class RunLayout:
         return self.root / "unknown.safetensors"
 
     @property
+    def tracking(self) -> Path:
+        """Which MLflow / W&B runs the run logged to (train/tracking.py)."""
+        return self.root / "tracking.json"
+
+    @property
     def card(self) -> Path:
         """The model card (export/card.py)."""
         return self.root / "README.md"

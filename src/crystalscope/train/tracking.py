@@ -23,18 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from crystalscope.errors import UserError
+from crystalscope.model.spec import RunLayout
 
 LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
 DEFAULT_LOGGERS = ("csv", "tensorboard")
-TRACKING_FILE = "tracking.json"
 EXPERIMENT = "crystalscope"
-ARTIFACTS = {  # run-folder files -> MLflow artifact folder
-    "report": ("report.txt", "report.json", "config.yaml", "metrics.csv"),
-    "plots": ("confusion_matrix.png", "curves.png", "errors.png", "roc.png",
-              "reliability.png"),
-    "model": ("model.onnx", "model.json", "model.safetensors", "unknown.safetensors",
-              "model.int8.onnx", "README.md"),
-}
+PLOTS = ("confusion_matrix.png", "curves.png", "errors.png", "roc.png", "reliability.png")
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
@@ -50,7 +44,7 @@ def _require(module: str) -> None:
 
 def read_tracking(run_dir: Path) -> dict[str, Any]:
     """The run's ``tracking.json`` (empty when it has none)."""
-    path = Path(run_dir) / TRACKING_FILE
+    path = RunLayout(Path(run_dir)).tracking
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
@@ -125,14 +119,18 @@ def start_tracking(loggers: list, run_dir: Path, settings: dict[str, Any]) -> No
         else:
             logger.log_hyperparams(params)
     if record:
-        (Path(run_dir) / TRACKING_FILE).write_text(json.dumps(record, indent=2),
+        RunLayout(Path(run_dir)).tracking.write_text(json.dumps(record, indent=2),
                                                    encoding="utf-8")
 
 
 def run_files(run_dir: Path) -> dict[str, list[Path]]:
-    """The run folder's report, plots and model files that exist, by artifact folder."""
-    return {folder: [Path(run_dir) / name for name in names if (Path(run_dir) / name).is_file()]
-            for folder, names in ARTIFACTS.items()}
+    """The run folder's report, plots and exported model files that exist, by the artifact
+    folder they go to."""
+    layout = RunLayout(Path(run_dir))
+    groups = {"report": [layout.report_text, layout.report, layout.config, layout.metrics],
+              "plots": [Path(run_dir) / name for name in PLOTS],
+              "model": list(layout.exported)}
+    return {folder: [p for p in paths if p.is_file()] for folder, paths in groups.items()}
 
 
 def finish_tracking(loggers: list, run_dir: Path) -> None:
@@ -166,9 +164,10 @@ def register_model(run_dir: Path, model_dir: Path, name: str,
 
     previous = read_tracking(run_dir).get("mlflow", {})
     uri = tracking_uri or previous.get("tracking_uri") or default_tracking_uri(run_dir.parent)
-    paths = [Path(model_dir) / n for n in ARTIFACTS["model"] if (Path(model_dir) / n).is_file()]
-    if not any(p.name == "model.onnx" for p in paths):
-        raise UserError(f"{model_dir}: holds no model.onnx to register")
+    layout = RunLayout(Path(model_dir))
+    paths = run_files(model_dir)["model"]
+    if not layout.onnx.is_file():
+        raise UserError(f"{model_dir}: holds no exported ONNX model to register")
     try:
         client = MlflowClient(tracking_uri=uri)
         run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
@@ -186,7 +185,7 @@ def register_model(run_dir: Path, model_dir: Path, name: str,
         except MlflowException:  # not there yet
             client.create_registered_model(name, description="crystalscope ONNX model "
                                            "(model.onnx with model.json and its card)")
-        description = json.loads((Path(model_dir) / "model.json").read_text(encoding="utf-8"))
+        description = json.loads(layout.model_json.read_text(encoding="utf-8"))
         version = client.create_model_version(
             name, source=f"runs:/{run_id}/model", run_id=run_id,
             tags={"format": "onnx", "export_id": description.get("export_id", ""),
