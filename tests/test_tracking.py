@@ -111,6 +111,13 @@ def test_a_run_without_mlflow_registers_into_a_new_run(exported_run: Path,
     assert MlflowClient(tracking_uri=uri).get_run(model.run_id).info.run_name == "plain-export"
 
 
-def test_logger_names_are_checked() -> None:
+def test_logger_names_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from crystalscope.cli.app import main
+
     with pytest.raises(SettingsError, match="logger"):
         resolve_train_config({"data": Path("x"), "model": "resnet18", "logger": "mlflow,neptune"})
+    with pytest.raises(SystemExit) as exit_info:  # the option, repeated, from the command line
+        main(["train", str(tmp_path), "--logger", "mlflow", "--logger", "neptune"])
+    said = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--logger" in said and "neptune" in said
+    assert "Traceback" not in said

@@ -41,9 +41,11 @@ def setting_options(settings: type[BaseModel], skip: tuple[str, ...] = ()
         kind = _option_type(field.annotation)
         flag = name.replace("_", "-")
         declared = [f"--{flag}/--no-{flag}"] if kind is bool else [f"--{flag}"]
+        shown = {"metavar": name.upper()} if get_origin(kind) is list else {}
         options.append(inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[kind | None, typer.Option(*declared, help=field.description)]))
+            annotation=Annotated[kind | None, typer.Option(*declared, help=field.description,
+                                                           **shown)]))
     return options
 
 
