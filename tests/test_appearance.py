@@ -69,6 +69,20 @@ def test_the_bank_and_the_memory_of_a_score_are_bounded() -> None:
     assert peak < 12e6, peak
 
 
+def test_the_descriptor_holds_one_crop_in_flight() -> None:
+    # appearance() is O(S^2) memory per crop whatever N: 10x the crops, the same peak (beside
+    # the (N, 41) result); the images themselves are the caller's.
+    rng = np.random.default_rng(4)
+    peaks = []
+    for n in (20, 200):
+        images = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+        tracemalloc.start()
+        appearance(images)
+        peaks.append(tracemalloc.get_traced_memory()[1] - n * DESCRIPTOR_SIZE * 8)
+        tracemalloc.stop()
+    assert peaks[1] < 1.5 * peaks[0] + 1e5, peaks
+
+
 def _crops(rng: np.random.Generator, n: int, side: int = 24) -> np.ndarray:
     """Blurred noise 'crystals' with a share of blank frames the gate calls empty."""
     from scipy import ndimage
