@@ -27,15 +27,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "randaugment": "none", "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0,
         "ema_decay": 0.0,
     },
-    # fast with timm's regularisers (timm's train.py, ResNet strikes back): RandAugment, mixup
-    # and CutMix, label smoothing and EMA weights; for sets large enough to need them.
-    "timm": {
-        "model": "resnet50", "image_size": 160, "trainable": 0.25, "head": "mlp",
-        "optimizer": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4,
-        "scheduler": "cosine", "batch_size": 32, "augmentation": "dihedral", "epochs": 30,
-        "f1_threshold": 0.997, "patience": 10,
-        "randaugment": "rand-m7-mstd0.5", "mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0.1,
-        "ema_decay": 0.999,
-    },
 }
+# fast with timm's regularisers (timm's train.py, "ResNet strikes back"): RandAugment, mixup
+# and CutMix, label smoothing and EMA weights; for sets large enough to need them.
+RECIPES["timm"] = {**RECIPES["fast"], "randaugment": "rand-m7-mstd0.5", "mixup": 0.2,
+                   "cutmix": 1.0, "label_smoothing": 0.1, "ema_decay": 0.999}
 DEFAULT_RECIPE = "fast"
