@@ -198,13 +198,15 @@ def test_export_calibrates_an_over_confident_model_and_its_threshold_is_used(
     # serve answers with the same calls
     from crystalscope.serve.app import ServeSettings, create_app
     from crystalscope.serve.server import running
-    from test_serve import _post  # tests/ is on sys.path (pytest rootdir-relative import)
+    from test_serve import _get, _post  # tests/ is on sys.path (pytest's rootdir import)
 
     with running(create_app(ServeSettings(predictor=predictor))) as url:
         code, body = _post(f"{url}/predict", [("files", p.name, p.read_bytes())
                                               for p in valid[:8]])
+        model_code, model = _get(f"{url}/model")
     assert code == 200
     assert [r["predicted_class"] for r in body["results"]] == [CLASSES[i] for i in called[:8]]
+    assert model_code == 200 and model["operating_point"]["threshold"] == threshold
     card = (run / "README.md").read_text()
     assert f"decision: pg when P(pg) >= {threshold:.4g}" in card and "Operating point" in card
 

@@ -206,7 +206,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     def model() -> dict[str, Any]:
         return {"classes": predictor.classes, "input_size": predictor.input_size,
                 "backend": predictor.backend, "store": store is not None,
-                "monitoring": settings.monitor is not None, **(settings.model_info or {})}
+                "monitoring": settings.monitor is not None,
+                "operating_point": (predictor.operating_point.to_dict()
+                                    if predictor.operating_point else None),
+                **(settings.model_info or {})}
 
     @app.get("/metrics", dependencies=[Depends(authorised)], include_in_schema=False)
     def prometheus() -> Response:
