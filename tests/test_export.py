@@ -40,7 +40,8 @@ def _images(run_dir: Path, count: int) -> torch.Tensor:
 
 def test_export_writes_the_model_files_with_their_description(exported: Path) -> None:
     assert {p.name for p in exported.iterdir()} == {"model.safetensors", "model.json",
-                                                    "model.onnx", "unknown.safetensors"}
+                                                    "model.onnx", "unknown.safetensors",
+                                                    "README.md"}  # README.md: the model card
     description = json.loads((exported / "model.json").read_text())
     assert description["classes"] == ["cex", "pg"]
     assert description["architecture"]["backbone"] == "resnet18"
