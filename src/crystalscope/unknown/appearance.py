@@ -21,12 +21,13 @@ The score (:class:`AppearanceNeighbours`): the Euclidean distance, in units of t
 crops' spread per number, to the ``K``-th nearest training crop (deep nearest neighbours,
 Sun et al. 2022, on the picture's descriptor).
 
-Cost: :func:`appearance` is O(S^2) per crop with one crop in flight (3.2 ms at 96 px on the
-2-core build machine, one core: 10^6 crops take about 54 minutes; the kNN against a full
-20,000-crop bank adds 0.22 ms a crop, 3.6 minutes for 10^6 — measured by hand, not yet in a
-benchmarks/ script). The bank holds at most ``BANK_LIMIT`` training crops (evenly
-spread when there are more), so a score is O(min(N_train, BANK_LIMIT) · D) per crop whatever
-the training split's size, computed ``CHUNK`` crops at a time (memory O(CHUNK · bank)).
+Cost: :func:`appearance` is O(S^2) per crop with one crop in flight (3.1 ms at 96 px on the
+2-core build machine, one core: 10^6 crops take about 51 minutes; the kNN against a full
+20,000-crop bank adds 0.19 ms a crop, 3.1 minutes for 10^6 — ``benchmarks/quality_gate.py
+--speed``; ``tests/test_appearance.py`` bounds the memory). The bank holds at most
+``BANK_LIMIT`` training crops (evenly spread when there are more), so a score is
+O(min(N_train, BANK_LIMIT) · D) per crop whatever the training split's size, computed ``CHUNK``
+crops at a time (memory O(CHUNK · bank)).
 """
 
 from __future__ import annotations
