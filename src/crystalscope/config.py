@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +59,7 @@ class TrainConfig(Settings):
     augmentation: Literal["none", "dihedral", "georgia"] = Field(
         description="none, dihedral or georgia.")
     randaugment: str = Field(
-        "none", pattern=r"^(none|rand(-[a-z]+[0-9.]+)*)$",
+        "none",
         description="timm's RandAugment after the augmentation: none, or a timm config such as "
                     "rand-m9-mstd0.5 (m: magnitude 0-10, n: ops per image).")
     mixup: float = Field(0.0, ge=0, description="Mixup alpha (timm's Mixup): 0 off, e.g. 0.2.")
@@ -121,6 +122,14 @@ class TrainConfig(Settings):
                                 "reported.")
 
     _loggers = field_validator("logger", mode="before")(_split_commas)
+
+    @field_validator("randaugment")
+    @classmethod
+    def _randaugment_config(cls, value: str) -> str:
+        if value != "none" and not re.fullmatch(r"rand(-[a-z]+[0-9.]+)*", value):
+            raise ValueError("none, or a timm RandAugment config such as rand-m9-mstd0.5 "
+                             "(rand, then -m<magnitude>, -n<ops>, -mstd<noise>)")
+        return value
 
 
 def resolve_train_config(options: dict[str, Any], config_file: Path | None = None) -> TrainConfig:

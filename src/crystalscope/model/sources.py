@@ -9,6 +9,7 @@ hub or the folder — an exported model never needs the network to load.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,11 +61,18 @@ def resolve_source(name: str) -> BackboneSource:
             folder = Path(where)
             if not (folder / "config.json").is_file():
                 raise SettingsError("model", f"{folder} has no config.json: a timm model folder "
-                                    "holds config.json and model.safetensors (what "
-                                    "timm.models.save_for_hf or `export` writes)", name)
+                                    "holds config.json and model.safetensors (what `hf download "
+                                    "ORG/NAME --local-dir DIR` or timm.models.save_for_hf "
+                                    "writes)", name)
             config, architecture, model_args = load_model_config_from_path(folder)
         else:
-            config, architecture, model_args = load_model_config_from_hf(where)
+            hub_log = logging.getLogger("huggingface_hub")
+            level = hub_log.level
+            hub_log.setLevel(logging.ERROR)  # its retry warnings: the one line below says it
+            try:
+                config, architecture, model_args = load_model_config_from_hf(where)
+            finally:
+                hub_log.setLevel(level)
     except SettingsError:
         raise
     except Exception as exc:
