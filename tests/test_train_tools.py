@@ -134,6 +134,44 @@ def test_ema_weights_are_timms_average_and_sit_in_the_net_for_validation(
                                        for k in ema.raw)  # the raw weights, kept for resume
 
 
+class _Resumable(_Tiny):
+    """_Tiny that notes its weights when each epoch starts (after the callbacks' hooks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_epoch_start: list[dict[str, torch.Tensor]] = []
+
+    def on_train_epoch_start(self) -> None:
+        self.at_epoch_start.append({k: v.clone() for k, v in self.net.state_dict().items()})
+
+
+def test_resume_continues_from_the_raw_weights_not_the_average(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(24, 4, generator=generator),
+                         torch.randint(0, 2, (24,), generator=generator))
+
+    def fit(epochs: int, module: _Resumable, resume: str | None = None) -> None:
+        checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="last", monitor=None,
+                                      enable_version_counter=False)
+        trainer = L.Trainer(max_epochs=epochs, callbacks=[EmaWeights(0.9), checkpoints],
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, default_root_dir=tmp_path)
+        trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4),
+                    ckpt_path=resume)
+
+    first = _Resumable()
+    fit(1, first)
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = next(v for k, v in saved["callbacks"].items() if k.startswith("EmaWeights"))["raw"]
+    average = {k[len("net."):]: v for k, v in saved["state_dict"].items()}
+    assert any(not torch.equal(raw[k], average[k]) for k in raw)  # the checkpoint: the average
+    second = _Resumable()
+    fit(2, second, str(tmp_path / "last.ckpt"))
+    assert all(torch.equal(second.at_epoch_start[0][k], raw[k]) for k in raw)  # trains on raw
+
+
 def test_mixup_refuses_class_weights(synthetic_set: Path, tmp_path: Path) -> None:
     from crystalscope.train.run import train
 
