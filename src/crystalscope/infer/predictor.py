@@ -375,6 +375,11 @@ def load_predictor(model: Path, *, backend: Backend = "onnx", classes: list[str]
         raise SettingsError("outputs", "use probabilities or logits", outputs)
     predictor = _load_predictor(model, backend=backend, classes=classes,
                                 preprocessing=preprocessing, outputs=outputs, threads=threads)
+    point = predictor.operating_point
+    if point is not None:
+        predictor.notes.append(f"the model's operating point decides: {point.class_name} when "
+                               f"P({point.class_name}) >= {point.threshold:.4g}, else the most "
+                               "probable other class (export --threshold)")
     if tta is None or tta == predictor.built_in_tta:
         return predictor
     if tta not in TTA_CHOICES:
