@@ -233,14 +233,18 @@ def _evaluate_again(run: LoadedRun, out_dir: Path, tta: str | None) -> bool:
     return False
 
 
+def _card(run: LoadedRun, description: dict[str, Any], licence: str | None) -> str:
+    """The model card of ``description``, with the licence of the run's training data."""
+    return model_card(description, data_licence(Path(run.config.data), licence))
+
+
 def _refresh_metrics(run: LoadedRun, out_dir: Path, licence: str | None) -> None:
     """model.json's test metrics and the card, from the evaluation that just ran."""
     layout = RunLayout(out_dir)
     description = json.loads(layout.model_json.read_text(encoding="utf-8"))
     description["metrics"] = run_metrics(run)
     for path, text in ((layout.model_json, json.dumps(description, indent=2)),
-                       (layout.card, model_card(description, data_licence(
-                           Path(run.config.data), licence)))):
+                       (layout.card, _card(run, description, licence))):
         partial = path.with_name(f".{path.name}.partial")
         partial.write_text(text, encoding="utf-8")
         partial.replace(path)  # atomic: a reader never sees half a file
@@ -329,9 +333,7 @@ def _write_export(run: LoadedRun, out_dir: Path, identity: dict[str, str],
         raise CrystalscopeError(f"{weights_path.name}: the rebuilt model differs from the "
                                 f"checkpoint (max |Δ probability| {rebuilt_difference:.2e})")
     card = RunLayout(out_dir).card
-    card.write_text(model_card(description, data_licence(Path(run.config.data),
-                                                         settings.data_licence)),
-                    encoding="utf-8")
+    card.write_text(_card(run, description, settings.data_licence), encoding="utf-8")
     onnx_path = RunLayout(out_dir).onnx
     metadata = {"classes": run.classes, "preprocessing": description["preprocessing"],
                 "outputs": "probabilities",
