@@ -90,6 +90,9 @@ def test_contract_nearest_equals_numpy_exact_search(store: VectorStore) -> None:
         expected = _exact(records, query, 7)
         assert [n.record.id for n in found] == [i for i, _ in expected]
         assert [n.distance for n in found] == pytest.approx([d for _, d in expected], abs=1e-4)
+        by_id = {r.id: r for r in records}
+        assert all(n.record.path == by_id[n.record.id].path for n in found)
+        assert all(n.record.vector.size == 0 for n in found)  # answers carry no vectors
         only_pg = store.nearest(query, 4, predicted="pg")
         assert [n.record.id for n in only_pg] == [i for i, _ in _exact(records, query, 4, "pg")]
         assert all(n.record.predicted == "pg" for n in only_pg)

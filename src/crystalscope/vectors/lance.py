@@ -53,12 +53,14 @@ os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
 
 TABLE = "crystals"
 INDEX_THRESHOLD = 10_000
-# Query settings, tuned at 10^6 x 512 (benchmarks/scale.py, docs/benchmarks.md): recall was
+# Query settings, tuned at 10^6 x 512 (benchmarks/scale.py, docs/benchmarks.md): recall is
 # limited by the HNSW candidates per partition (LanceDB's default ef is 1.5 x k), not by the
-# partitions probed (24 to 96 probes: 0.929). 8 probes with ef 120 (see docs/benchmarks.md).
-NPROBES = 8
-HNSW_EF = 120
-REFINE_FACTOR: int | None = 4
+# partitions probed (24 to 96 probes: 0.929), and the scalar-quantised distances need a
+# re-rank on full vectors (without it 0.88). 4 probes, ef 160, 2k candidates re-ranked.
+NPROBES = 4
+HNSW_EF = 160
+REFINE_FACTOR: int | None = 2
+WHOLE_INDEX_PARTITIONS = 16  # up to this many (~4,000 rows) every partition is probed
 PARTITION_DIVISOR = 4
 REBUILD_GROWTH = 1.1
 RECALL_QUERIES = 20
@@ -332,13 +334,13 @@ class LanceStore:
             return []
         query = (self.table.search(check_vector(vector, self.dimension),
                                    vector_column_name="vector")
-                 .distance_type("cosine").limit(k))
+                 .distance_type("cosine").limit(k).select([*FIELDS, "_distance"]))
         if predicted is not None:
             query = query.where(f"predicted = {_quote(predicted)}", prefilter=True)
         if self._indexed():
             partitions = partitions_for(self._index_meta().get("rows_at_build", 0))
             # a small index (a low index_threshold) is searched whole: it costs little
-            probes = partitions if partitions <= 2 * NPROBES else NPROBES
+            probes = partitions if partitions <= WHOLE_INDEX_PARTITIONS else NPROBES
             query = query.nprobes(probes).ef(HNSW_EF)
             if REFINE_FACTOR:
                 query = query.refine_factor(REFINE_FACTOR)
@@ -346,7 +348,9 @@ class LanceStore:
             rows = query.to_list()
         except (OSError, RuntimeError) as exc:
             raise CrystalscopeError(f"LanceDB store {self.path}: search failed ({exc})") from exc
-        return [Neighbour(self._record(row), float(row["_distance"])) for row in rows]
+        no_vector = np.empty(0, dtype=np.float32)
+        return [Neighbour(Record.from_properties(row["id"], no_vector, row),
+                          float(row["_distance"])) for row in rows]
 
     def exact_nearest(self, vector: np.ndarray, k: int) -> list[Neighbour]:
         """Flat-scan search, ignoring any index (the reference for recall)."""

@@ -176,7 +176,7 @@ class WeaviateStore:
         filters = Filter.by_property("predicted").equal(predicted) if predicted else None
         response = self._call("searching", self.collection.query.near_vector,
                               near_vector=query.tolist(), limit=k, filters=filters,
-                              include_vector=True,
+                              include_vector=False,
                               return_metadata=MetadataQuery(distance=True))
         return [Neighbour(self._record(o), float(o.metadata.distance))
                 for o in response.objects]
