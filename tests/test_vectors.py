@@ -285,3 +285,34 @@ def test_flush_compacts_small_fragments(tmp_path: Path) -> None:
     store.flush()
     assert store.table.stats()["fragment_stats"]["num_fragments"] == 1
     assert store.count() == 5 * (lance.SMALL_FRAGMENTS_TO_COMPACT + 2)
+
+
+def test_a_store_without_the_answer_column_is_read_and_written_in_its_layout(
+        tmp_path: Path) -> None:
+    import lancedb
+
+    from crystalscope.vectors import lance
+
+    records = _records(40, seed=4)
+    folder = tmp_path / "old.lance"
+    old = LanceStore(folder)
+    old.upsert(records[:1])  # the arrow rows, then the table remade in the earlier layout
+    data = old._arrow(records[:20]).drop_columns([lance.ANSWER_COLUMN])
+    lancedb.connect(str(folder)).create_table(lance.TABLE, data=data, mode="overwrite")
+    store = LanceStore(folder)
+    assert not store._has_answer_column()
+    store.upsert(records[20:])
+    assert lance.ANSWER_COLUMN not in store.table.schema.names
+    query = np.abs(np.random.default_rng(1).normal(size=DIM)).astype(np.float32)
+    found = store.nearest(query, 5)
+    assert [n.record.id for n in found] == [i for i, _ in _exact(records, query, 5)]
+    by_id = {r.id: r for r in records}
+    assert [n.record.probabilities for n in found] == \
+        [by_id[n.record.id].probabilities for n in found]
+    fresh = LanceStore(tmp_path / "new.lance")
+    fresh.upsert(records)
+    assert lance.ANSWER_COLUMN in fresh.table.schema.names
+    assert [(n.record.id, n.record.path, n.record.probabilities, n.record.true_class)
+            for n in fresh.nearest(query, 5)] == \
+        [(n.record.id, n.record.path, n.record.probabilities, n.record.true_class)
+         for n in found]

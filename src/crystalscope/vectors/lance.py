@@ -65,6 +65,7 @@ PARTITION_DIVISOR = 4
 REBUILD_GROWTH = 1.1
 RECALL_QUERIES = 20
 FIELDS = ("id", *TEXT_PROPERTIES, *INT_PROPERTIES)
+ANSWER_COLUMN = "record"  # the properties as one JSON text (see _schema)
 MODEL_KEY = b"crystalscope.model_id"  # in the vector column's field metadata
 COMMIT_ATTEMPTS = 8
 SMALL_FRAGMENTS_TO_COMPACT = 16  # fragments under LanceDB's target size, before optimize()
@@ -104,7 +105,11 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _schema(dimension: int) -> pa.Schema:
+def _schema(dimension: int, answer_column: bool = True) -> pa.Schema:
+    """The table's columns. ``ANSWER_COLUMN`` repeats a record's properties as one JSON text:
+    a search answer reads it instead of eight columns, each a random read of its own (at
+    10^6 rows in one compacted fragment: p50 8 ms against 25 ms). Stores made before it
+    have no such column and are answered from the eight."""
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),
         pa.field("vector", pa.list_(pa.float32(), dimension)),
@@ -112,6 +117,7 @@ def _schema(dimension: int) -> pa.Schema:
         pa.field("predicted", pa.string()), pa.field("probabilities", pa.string()),
         pa.field("true_class", pa.string()), pa.field("width", pa.int32()),
         pa.field("height", pa.int32()), pa.field("added", pa.string()),
+        *([pa.field(ANSWER_COLUMN, pa.string())] if answer_column else []),
     ])
 
 
@@ -181,22 +187,30 @@ class LanceStore:
 
     # -- writing ---------------------------------------------------------------------------
 
+    def _has_answer_column(self) -> bool:
+        """Whether the table (or the one a first write creates) has ``ANSWER_COLUMN``."""
+        return self.table is None or ANSWER_COLUMN in self.table.schema.names
+
     def _arrow(self, records: list[Record]) -> pa.Table:
         assert self.dimension is not None
         vectors = np.stack([check_vector(r.vector, self.dimension) for r in records])
         rows = [r.to_properties() for r in records]
         columns = {"id": [r.id for r in records],
                    **{name: [row[name] for row in rows] for name in FIELDS if name != "id"}}
+        answer_column = self._has_answer_column()
+        if answer_column:
+            columns[ANSWER_COLUMN] = [json.dumps(row) for row in rows]
         return pa.Table.from_pydict(
             {**columns, "vector": pa.FixedSizeListArray.from_arrays(
                 pa.array(vectors.reshape(-1), pa.float32()), self.dimension)},
-            schema=_schema(self.dimension))
+            schema=_schema(self.dimension, answer_column))
 
     def upsert(self, records: list[Record]) -> None:
         if not records:
             return
         if self.dimension is None:
             self.dimension = int(np.asarray(records[0].vector).size)
+        self._current()  # a table another process made: write in its layout
         data = self._arrow(records)
 
         def write() -> None:
@@ -334,7 +348,10 @@ class LanceStore:
             return []
         query = (self.table.search(check_vector(vector, self.dimension),
                                    vector_column_name="vector")
-                 .distance_type("cosine").limit(k).select([*FIELDS, "_distance"]))
+                 .distance_type("cosine").limit(k))
+        answer_column = self._has_answer_column()
+        query = query.select(["id", ANSWER_COLUMN, "_distance"] if answer_column
+                             else [*FIELDS, "_distance"])
         if predicted is not None:
             query = query.where(f"predicted = {_quote(predicted)}", prefilter=True)
         if self._indexed():
@@ -349,8 +366,10 @@ class LanceStore:
         except (OSError, RuntimeError) as exc:
             raise CrystalscopeError(f"LanceDB store {self.path}: search failed ({exc})") from exc
         no_vector = np.empty(0, dtype=np.float32)
-        return [Neighbour(Record.from_properties(row["id"], no_vector, row),
-                          float(row["_distance"])) for row in rows]
+        return [Neighbour(Record.from_properties(
+                    row["id"], no_vector,
+                    json.loads(row[ANSWER_COLUMN]) if answer_column else row),
+                float(row["_distance"])) for row in rows]
 
     def exact_nearest(self, vector: np.ndarray, k: int) -> list[Neighbour]:
         """Flat-scan search, ignoring any index (the reference for recall)."""
