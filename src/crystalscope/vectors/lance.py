@@ -10,6 +10,10 @@ last build, so at most a tenth of a table is ever searched flat. Each build meas
 recall@10 against exact search on ``RECALL_QUERIES`` stored vectors spread over the table
 (``info().details``; `index` prints it).
 
+A search answer reads each neighbour's id and ``record`` column (its properties as one JSON
+text), never its vector: at 10^6 rows each column read is a random read of its own (see
+:func:`_schema`).
+
 Cost: writes are batched merges on the id; an index build is O(N log N) and happens once per
 `index` run that grows the table by a tenth or more; a query probes ``NPROBES`` partitions of
 about sqrt(N) x 4 vectors each, plus the unindexed tenth at most.
