@@ -30,7 +30,7 @@ from crystalscope.model.spec import ModelSpec, decode
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.synth.unknown import KINDS, UnknownSettings, synthesize_unknown
 from crystalscope.unknown.appearance import BANK_LIMIT, CHUNK, AppearanceNeighbours, appearance
-from crystalscope.unknown.quality import REASONS, QualityGate, measure
+from crystalscope.unknown.quality import MEASURES, REASONS, QualityGate, measure
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "opencrystal-samples"
 
@@ -45,11 +45,12 @@ def speed(crops: int, sizes: list[int]) -> None:
     rng = np.random.default_rng(0)
     for size in sizes:
         images = rng.integers(0, 256, (crops, 3, size, size), dtype=np.uint8)
-        start = time.perf_counter()
-        measure(images)
-        rate = crops / (time.perf_counter() - start)
-        print(f"measure at {size:3d} px: {rate:6.0f} crops/s; 10^6 crops: {1e6 / rate / 60:.1f} "
-              "min (one crop in flight: memory O(side^2))")
+        for label, up_to in (("measure", -np.inf), ("measure with lines", None)):
+            start = time.perf_counter()
+            measure(images, lines_up_to=up_to)
+            rate = crops / (time.perf_counter() - start)
+            print(f"{label} at {size:3d} px: {rate:6.0f} crops/s; 10^6 crops: "
+                  f"{1e6 / rate / 60:.1f} min (one crop in flight: memory O(side^2))")
         start = time.perf_counter()
         appearance(images)
         rate = crops / (time.perf_counter() - start)
@@ -66,7 +67,7 @@ def speed(crops: int, sizes: list[int]) -> None:
     print(f"appearance kNN, bank {BANK_LIMIT:,} (the limit): fit {fitted:.2f} s; "
           f"{1e3 * per_crop:.3f} ms per crop (10^6 crops: {1e6 * per_crop / 60:.1f} min; "
           f"memory O({CHUNK} x bank))")
-    rows = rng.random((10**6, 4))
+    rows = rng.random((10**6, len(MEASURES)))
     start = time.perf_counter()
     gate = QualityGate.fit(rows)
     fitted = time.perf_counter() - start
@@ -98,15 +99,15 @@ def main() -> None:
             synthesize_unknown(root / "unknown", UnknownSettings(per_kind=args.per_kind,
                                                                  seed=2000 + seed))
             for size in args.sizes:
-                gate = QualityGate.fit(measure(decoded(sorted((root / "train").rglob("*.png")),
-                                                       size)))
+                gate = QualityGate.fit_images(decoded(sorted((root / "train").rglob("*.png")),
+                                                      size))
                 sets = {"fresh crystals": sorted((root / "fresh").rglob("*.png")),
                         **{kind: sorted((root / "unknown" / kind).glob("*.png"))
                            for kind in KINDS}}
                 if real:
                     sets["real crops"] = real
                 for name, paths in sets.items():
-                    reasons = gate.reasons(measure(decoded(paths, size)))
+                    reasons = gate.reasons(gate.measure(decoded(paths, size)))
                     flagged = sum(r is not None for r in reasons)
                     rates.setdefault((size, name), []).append(flagged / len(paths))
                     detail = ", ".join(f"{k} {reasons.count(k)}" for k in REASONS

@@ -53,7 +53,6 @@ from crystalscope.unknown.detector import (
     fit_detector,
     gated_threshold,
 )
-from crystalscope.unknown.quality import measure as quality_measures
 from crystalscope.unknown.scores import knn_distance, max_softmax_score
 
 SIZE = 96
@@ -184,7 +183,7 @@ def one_seed(folder: Path, seed: int, args: argparse.Namespace) -> list[dict]:
     detector = load_predictor(run_dir).unknown_detector
     assert detector is not None and detector.gate is not None
     for o in sets.values():
-        o["gated"] = detector.gate.failed(quality_measures(o["images"])).any(axis=1)
+        o["gated"] = detector.gate.failed(detector.gate.measure(o["images"])).any(axis=1)
         o["descriptors"] = appearance(o["images"])
     valid = sets["valid"]
     reasons = {kind: Counter(r for r in detector.assess(sets[kind]["images"],

@@ -10,7 +10,16 @@ import pytest
 from PIL import Image, ImageFilter
 
 from crystalscope.model.spec import ModelSpec, decode
-from crystalscope.unknown.quality import GATE_QUANTILE, REASONS, QualityGate, measure
+from crystalscope.unknown.quality import (
+    EMPTY_EDGES_SHARE,
+    EMPTY_LINES_QUANTILE,
+    GATE_QUANTILE,
+    MEASURES,
+    REASONS,
+    QualityGate,
+    line_strength,
+    measure,
+)
 
 SPEC = ModelSpec(64, ("cex", "pg"))
 
@@ -28,7 +37,7 @@ def probe_crops(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def gate(probe_crops: np.ndarray) -> QualityGate:
-    return QualityGate.fit(measure(probe_crops))
+    return QualityGate.fit_images(probe_crops)
 
 
 def _decoded(*images: Image.Image) -> np.ndarray:
@@ -166,5 +175,69 @@ def test_measuring_holds_one_crop_in_flight() -> None:
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     one_float_crop = 64 * 64 * 8
-    assert peaks[400] < 1.5 * peaks[50] + 400 * 4 * 8  # + the (N, 4) result itself
-    assert peaks[400] < 400 * one_float_crop / 10
+    assert peaks[400] < 1.5 * peaks[50] + 400 * 5 * 8  # + the (N, 5) result itself
+    # one crop's working set (the eight line filters' FFTs: ~1.7 MB), not 400 crops' copies
+    assert peaks[400] < 400 * one_float_crop / 4
+
+
+def _window(rng: np.random.Generator, faint_line: float = 0.0, side: int = 151) -> Image.Image:
+    """A probe window: uneven background, sensor noise and, when ``faint_line`` > 0, one
+    needle that many gray levels brighter — too faint for a single edge."""
+    from scipy import ndimage
+
+    background = 90 + 60 * ndimage.gaussian_filter(rng.normal(size=(side, side)), 12)
+    yy, xx = np.mgrid[0:side, 0:side]
+    distance = np.abs((yy - side / 2) * np.cos(0.6) - (xx - side / 2) * np.sin(0.6))
+    along = np.abs((yy - side / 2) * np.sin(0.6) + (xx - side / 2) * np.cos(0.6))
+    needle = faint_line * np.exp(-distance ** 2 / (2 * 2.5 ** 2)) * (along < side / 3)
+    image = background + needle + rng.normal(0, 1.0, (side, side))
+    return Image.fromarray(np.clip(image, 0, 255).round().astype(np.uint8), mode="L")
+
+
+def test_a_faint_needle_without_an_edge_is_not_empty_but_its_window_is(
+        gate: QualityGate) -> None:
+    rng = np.random.default_rng(3)
+    windows = [_window(rng) for _ in range(5)]
+    needles = [_window(rng, faint_line=8.0) for _ in range(5)]
+    measures = gate.measure(_decoded(*windows, *needles))
+    edges, lines = measures[:, MEASURES.index("edges")], measures[:, MEASURES.index("lines")]
+    assert (edges == 0).all()  # no edge in any of them: edges alone cannot tell them apart
+    assert gate.empty_lines is not None
+    assert (lines[:5] < gate.empty_lines).all() and (lines[5:] > gate.empty_lines).all()
+    assert gate.reasons(measures) == ["empty"] * 5 + [None] * 5
+
+
+def test_line_strength_ignores_brightness_and_contrast() -> None:
+    gray = np.asarray(_window(np.random.default_rng(4), faint_line=8.0), np.float64)
+    strength = line_strength(gray)
+    assert line_strength(3.0 * gray + 40) == pytest.approx(strength, rel=1e-9)
+    assert line_strength(np.full((64, 64), 80.0)) == 0.0  # nothing stands out of a flat crop
+
+
+def test_the_empty_rule_rejects_its_share_of_the_few_edge_crops(
+        probe_crops: np.ndarray) -> None:
+    """Few edges (the 5% quantile) and lines below the 10% conformal bound of those crops:
+    fewer than k of the m few-edge fitted crops fail it, k = floor((m + 1) 0.1)."""
+    measures = measure(probe_crops)
+    gate = QualityGate.fit(measures)
+    edges = measures[:, MEASURES.index("edges")]
+    few = edges <= np.quantile(edges, EMPTY_EDGES_SHARE, method="lower")
+    k = int(np.floor((few.sum() + 1) * EMPTY_LINES_QUANTILE))
+    assert k >= 1
+    empty = gate.failed(measures)[:, list(REASONS).index("empty")]
+    assert not (empty & ~few).any()  # a crop with more edges is never empty
+    assert empty.sum() < k
+    # fit_images measures lines only where the rule reads them, and fits the same gate
+    assert QualityGate.fit_images(probe_crops) == gate
+    skipped = gate.measure(probe_crops)
+    assert np.isnan(skipped[~few, MEASURES.index("lines")]).all()
+    assert np.array_equal(gate.failed(skipped), gate.failed(measures))
+
+
+def test_a_gate_stored_before_lines_keeps_its_edge_rule(gate: QualityGate) -> None:
+    described = gate.describe()
+    del described["empty_lines"]
+    older = QualityGate.from_description(described)
+    assert older.empty_lines is None
+    rows = np.array([[0.0, 1.0, 0.0, 0.0, 99.0], [0.5, 1.0, 0.0, 0.0, 0.0]])
+    assert older.reasons(rows) == ["empty", None]  # no edge at all is empty, whatever lines

@@ -42,7 +42,7 @@ from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.model.spec import RunLayout
 from crystalscope.settings import SettingsError
 from crystalscope.unknown.appearance import AppearanceNeighbours, appearance
-from crystalscope.unknown.quality import REASONS, QualityGate, measure
+from crystalscope.unknown.quality import REASONS, QualityGate
 from crystalscope.unknown.scores import GaussianDistance, max_softmax_score
 
 APPEARANCE = "appearance-knn"
@@ -139,7 +139,7 @@ class UnknownDetector:
         measures plus the score's own cost (see :mod:`crystalscope.unknown.appearance`)."""
         descriptors = appearance(images) if self.method == APPEARANCE else None
         scores = self.score(statistics, probabilities, descriptors)
-        measures = measure(images) if self.gate is not None else None
+        measures = self.gate.measure(images) if self.gate is not None else None
         return scores, self.reasons(scores, measures)
 
     def reasons(self, scores: np.ndarray, measures: np.ndarray | None) -> list[str | None]:
@@ -228,8 +228,8 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
                              appearance(held) if method == APPEARANCE else None)
     gated = np.zeros(len(raw), bool)
     if with_images:
-        detector.gate = QualityGate.fit(measure(train_images))
-        gated = detector.gate.failed(measure(held)).any(axis=1)
+        detector.gate = QualityGate.fit_images(train_images)
+        gated = detector.gate.failed(detector.gate.measure(held)).any(axis=1)
     threshold, bound = gated_threshold(raw, gated, false_reject)
     if threshold <= 0:  # a degenerate validation split; keep the division meaningful
         threshold = float(np.abs(raw).max()) or 1.0
@@ -343,8 +343,12 @@ def unknown_summary(info: dict[str, Any]) -> str:
                  "edge is called empty")
     elif gate:
         limits = {k: "-" if v is None else f"{v:.4f}" for k, v in gate["limits"].items()}
+        lines = gate.get("empty_lines")
+        empty = (f"empty at or below {limits['empty']} of pixels on an edge with no line "
+                 f"above {lines:.2f}" if lines is not None else
+                 f"empty below {limits['empty']} of pixels on an edge")
         text += (f". Quality gate (limits at {100 * gate['quantile']:g}% of "
-                 f"{gate['fitted_on']} training crops): empty below {limits['empty']} of "
-                 f"pixels on an edge, blurred below focus {limits['blurred']}, saturated "
-                 f"above {limits['saturated']} of pixels at {gate['saturated']}+")
+                 f"{gate['fitted_on']} training crops): {empty}, blurred below focus "
+                 f"{limits['blurred']}, saturated above {limits['saturated']} of pixels at "
+                 f"{gate['saturated']}+")
     return text

@@ -8,44 +8,67 @@ with measurements a probe engineer recognises, each on the crop as the network s
 is larger, so that the gradients mean the same at any input size):
 
 - ``edges``: the share of pixels on an edge (gradient steeper than ``EDGE_STEP`` gray levels
-  per pixel) — a particle present. An empty window has almost none; a crop with none at all is
-  empty whatever the limit.
+  per pixel) — a particle's rim. An empty window has almost none.
 - ``focus``: the steepest gradients (99th percentile) over the intensity range they span —
   sharpness, independent of brightness and contrast. Defocus flattens it.
 - ``saturated``: the share of pixels at ``SATURATED`` or above. PG agglomerates are often
   bright, so its limit comes from the training crops too.
 - ``border``: the share of the border ring on an edge (reported, never a reason: CEX needle
   fields always reach the border).
+- ``lines``: how far the strongest line-like structure stands out of the crop's own texture
+  (:func:`line_strength`). It sees what ``edges`` misses: a faint translucent needle whose
+  steps stay below ``EDGE_STEP`` is still a long, thin, oriented line, which a window of noise
+  and uneven background is not.
 
-Each limit is an order statistic of the training crops, chosen as a conformal bound: the k-th
-smallest (largest for ``saturated``) of n, k = floor((n + 1) q) with q = ``GATE_QUANTILE``, so a
-new crop like the training ones fails it with probability at most k/(n+1) <= q; with fewer
-than 1/q training crops a limit is left out rather than guessed. Stored with the detector
-(model.json) and reported.
+The limits are order statistics of the training crops, chosen as conformal bounds: the k-th
+smallest (largest for ``saturated``) of n, k = floor((n + 1) q), so a new crop like the
+training ones fails one with probability at most k/(n+1) <= q.
 
-Cost: ``measure`` is O(N S^2) time with one crop in flight (memory O(S^2) plus the (N, 4)
+- ``blurred`` and ``saturated``: q = ``GATE_QUANTILE`` over all training crops.
+- ``empty``: a crop with few edges — at or below the ``EMPTY_EDGES_SHARE`` quantile of the
+  training crops' ``edges`` — *and* no line standing out — ``lines`` below the
+  q = ``EMPTY_LINES_QUANTILE`` bound of those few-edge training crops. A crystal is called
+  empty with probability about 5% x 10% = 0.5% at most. An edge count alone could not do
+  that: about 1% of the benchmark's generated crystals, faint PG particles a person can just
+  make out, show no edge at all, and "no edge" spent the whole 1% budget on them.
+
+With fewer than 1/q training crops a limit is left out rather than guessed; then a crop
+without a single edge is empty. Stored with the detector (model.json) and reported. A gate
+stored before ``lines`` existed has no lines limit and keeps its rule (few edges, or none).
+
+Cost: ``measure`` is O(N S^2) time with one crop in flight (memory O(S^2) plus the (N, 5)
 result; ``tests/test_quality.py`` bounds it): 1,760 crops/s at 96 px (1,010 at 224) on the
-2-core build machine, so 10^6 crops take about 10 minutes (17 at 224); ``QualityGate.fit``
-sorts each measure, 0.04 s for 10^6 crops; ``reasons`` is O(N), 0.7 s for 10^6
-(``benchmarks/quality_gate.py --speed 2000``).
+2-core build machine without ``lines``, so 10^6 crops take about 10 minutes (17 at 224).
+``lines`` costs 2.2 ms a crop at 96 px (eight FFT convolutions), so :meth:`QualityGate.measure`
+computes it only for the few-edge crops the empty rule reads (about 5% of crystals, every
+empty window). ``QualityGate.fit`` sorts each measure, 0.04 s for 10^6 crops; ``reasons`` is
+O(N), 0.7 s for 10^6 (``benchmarks/quality_gate.py --speed 2000``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, signal
 
 EDGE_STEP = 6.0  # gray levels per pixel (at MEASURE_SIDE): a particle's rim, not sensor noise
 SATURATED = 250
-GATE_QUANTILE = 0.002  # per limit: the three take at most 0.6% of in-distribution crops
+GATE_QUANTILE = 0.002  # per limit: blurred and saturated take at most 0.4% of crystals
+EMPTY_EDGES_SHARE = 0.05  # the few-edge crops the empty rule looks at again, by lines
+EMPTY_LINES_QUANTILE = 0.1  # of those: empty x lines takes about 0.5% of crystals at most
 MEASURE_SIDE = 96
-MEASURES = ("edges", "focus", "saturated", "border")
-# reason -> (measure, which side of its limit fails)
+MEASURES = ("edges", "focus", "saturated", "border", "lines")
+EDGES, LINES = MEASURES.index("edges"), MEASURES.index("lines")
+# reason -> (measure, which side of its limit fails); empty also reads ``lines``
 REASONS = {"empty": ("edges", "below"), "blurred": ("focus", "below"),
            "saturated": ("saturated", "above")}
+LINE_KERNEL = 25  # pixels a side (at MEASURE_SIDE)
+LINE_ALONG, LINE_ACROSS = 6.0, 1.5  # the line filter's Gaussian, sigma along and across
+LINE_ORIENTATIONS = 8
+LINE_PERCENTILE = 99.5
 
 
 def gray_at_measure_side(image: np.ndarray) -> np.ndarray:
@@ -58,19 +81,69 @@ def gray_at_measure_side(image: np.ndarray) -> np.ndarray:
     return gray
 
 
-def measure(images: np.ndarray) -> np.ndarray:
-    """(N, 3, S, S) uint8 -> (N, 4) float: ``MEASURES`` per image (see the module docs)."""
+@lru_cache(maxsize=1)
+def _line_filters() -> np.ndarray:
+    """(``LINE_ORIENTATIONS``, K, K): minus the second derivative across an elongated Gaussian
+    (a bright line on dark gives a positive response, a dark one a negative), one per
+    orientation, zero-mean and of unit energy so that every orientation weighs alike."""
+    r = np.arange(LINE_KERNEL) - LINE_KERNEL // 2
+    y, x = np.meshgrid(r, r, indexing="ij")
+    filters = []
+    for turn in np.pi * np.arange(LINE_ORIENTATIONS) / LINE_ORIENTATIONS:
+        along = x * np.cos(turn) + y * np.sin(turn)
+        across = -x * np.sin(turn) + y * np.cos(turn)
+        envelope = np.exp(-along ** 2 / (2 * LINE_ALONG ** 2)
+                          - across ** 2 / (2 * LINE_ACROSS ** 2))
+        kernel = (1 / LINE_ACROSS ** 2 - across ** 2 / LINE_ACROSS ** 4) * envelope
+        kernel -= kernel.mean()
+        filters.append(kernel / np.sqrt((kernel ** 2).sum()))
+    return np.stack(filters)
+
+
+def line_strength(gray: np.ndarray) -> float:
+    """The ``lines`` measure of one (s, s) gray crop: the 99.5th percentile over pixels of the
+    strongest response of ``LINE_ORIENTATIONS`` oriented line filters (:func:`_line_filters`,
+    sigma 6 px along and 1.5 across), over the median absolute response of all of them. About
+    5 for an empty window's noise and uneven background, well above for needles and particle
+    rims however faint: a ratio, so neither brightness nor contrast moves it. Only pixels
+    whose filter window lies inside the crop count (a crop of ``LINE_KERNEL`` px or less is
+    measured with the borders). O(s^2 log s)."""
+    filters = _line_filters()
+    mode = "valid" if gray.shape[0] > 2 * LINE_KERNEL else "same"
+    responses = signal.fftconvolve((gray - gray.mean())[None], filters, mode=mode, axes=(1, 2))
+    typical = float(np.median(np.abs(responses)))
+    if typical <= 1e-9:
+        return 0.0  # a flat crop: nothing stands out
+    return float(np.percentile(np.abs(responses).max(axis=0), LINE_PERCENTILE) / typical)
+
+
+def measure(images: np.ndarray, lines_up_to: float | None = None) -> np.ndarray:
+    """(N, 3, S, S) uint8 -> (N, 5) float: ``MEASURES`` per image (see the module docs).
+    ``lines`` only for crops whose ``edges`` are at or below ``lines_up_to`` (None: every
+    crop), NaN for the others: it costs four times the rest."""
     images = np.asarray(images)
-    rows = np.zeros((len(images), len(MEASURES)))
+    rows = np.full((len(images), len(MEASURES)), np.nan)
     for row, image in enumerate(images):
         gray = gray_at_measure_side(image)
         gradient = np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1)) / 8
         on_edge = gradient > EDGE_STEP
         low, high = np.percentile(gray, [1, 99])
         ring = np.concatenate([on_edge[0], on_edge[-1], on_edge[1:-1, 0], on_edge[1:-1, -1]])
-        rows[row] = (on_edge.mean(), np.percentile(gradient, 99) / max(high - low, 1.0),
-                     (gray >= SATURATED).mean(), ring.mean())
+        rows[row, :LINES] = (on_edge.mean(), np.percentile(gradient, 99) / max(high - low, 1.0),
+                             (gray >= SATURATED).mean(), ring.mean())
+        if lines_up_to is None or rows[row, EDGES] <= lines_up_to:
+            rows[row, LINES] = line_strength(gray)
     return rows
+
+
+def _order_statistic(values: np.ndarray, quantile: float, side: str) -> float | None:
+    """The conformal limit: the k-th smallest ("below") or largest ("above") of n values,
+    k = floor((n + 1) quantile); None when k < 1 (too few values to set it)."""
+    column = np.sort(np.asarray(values, np.float64))
+    n, k = len(column), int(np.floor((len(column) + 1) * quantile))
+    if k < 1:
+        return None
+    return float(column[k - 1] if side == "below" else column[n - k])
 
 
 @dataclass(frozen=True)
@@ -79,19 +152,44 @@ class QualityGate:
 
     limits: dict[str, float | None]  # reason -> the limit of its measure (None: too few crops)
     fitted_on: int = 0
+    empty_lines: float | None = None  # the empty rule's lines limit (None: edges alone)
 
     @classmethod
     def fit(cls, measures: np.ndarray, quantile: float = GATE_QUANTILE) -> QualityGate:
-        """Limits from the training crops' measures (``measure``'s rows): the k-th smallest
-        (largest) value, k = floor((n + 1) quantile); none when k < 1 (too few crops)."""
+        """Limits from the training crops' measures (``measure``'s rows, ``lines`` at least for
+        the crops at or below the ``EMPTY_EDGES_SHARE`` quantile of ``edges``; see the module
+        docs). O(N log N)."""
         n = len(measures)
-        k = int(np.floor((n + 1) * quantile))
-        limits = {}
-        for reason, (name, side) in REASONS.items():
-            column = np.sort(measures[:, MEASURES.index(name)])
-            limits[reason] = (None if k < 1 else
-                              float(column[k - 1] if side == "below" else column[n - k]))
-        return cls(limits=limits, fitted_on=n)
+        limits = {reason: _order_statistic(measures[:, MEASURES.index(name)], quantile, side)
+                  for reason, (name, side) in REASONS.items()}
+        empty_lines = None
+        if limits["blurred"] is not None:  # enough crops for the gate at all
+            edges = measures[:, EDGES]
+            few_edges = float(np.quantile(edges, EMPTY_EDGES_SHARE, method="lower"))
+            few = measures[edges <= few_edges, LINES]
+            if np.isnan(few).any():
+                raise ValueError("QualityGate.fit needs `lines` for the few-edge crops: "
+                                 "measure them with lines_up_to=None, or use fit_images")
+            empty_lines = _order_statistic(few, EMPTY_LINES_QUANTILE, "below")
+            if empty_lines is not None:  # else the edges' own limit, as without lines
+                limits["empty"] = few_edges
+        return cls(limits=limits, fitted_on=n, empty_lines=empty_lines)
+
+    @classmethod
+    def fit_images(cls, images: np.ndarray, quantile: float = GATE_QUANTILE) -> QualityGate:
+        """:meth:`fit` on (N, 3, S, S) uint8 training crops, measuring ``lines`` only for
+        the few-edge crops the empty rule reads. O(N S^2)."""
+        measures = measure(images, lines_up_to=-np.inf)
+        few_edges = float(np.quantile(measures[:, EDGES], EMPTY_EDGES_SHARE, method="lower"))
+        for row in np.flatnonzero(measures[:, EDGES] <= few_edges):
+            measures[row, LINES] = line_strength(gray_at_measure_side(images[row]))
+        return cls.fit(measures, quantile)
+
+    def measure(self, images: np.ndarray) -> np.ndarray:
+        """``measure`` for this gate: ``lines`` only where the empty rule reads it."""
+        empty = self.limits.get("empty")
+        reads_lines = self.empty_lines is not None and empty is not None
+        return measure(images, lines_up_to=empty if reads_lines else -np.inf)
 
     def failed(self, measures: np.ndarray) -> np.ndarray:
         """(N, len(REASONS)) bool: which limit each crop fails."""
@@ -100,10 +198,19 @@ class QualityGate:
             value, limit = measures[:, MEASURES.index(name)], self.limits[reason]
             failing = (np.zeros(len(measures), bool) if limit is None else
                        value < limit if side == "below" else value > limit)
-            if reason == "empty":
-                failing = failing | (value == 0)  # not one edge: nothing in the window
+            if reason == "empty" and self.empty_lines is not None:
+                failing = self._empty(measures)
+            elif reason == "empty":  # a gate without lines: not one edge is empty
+                failing = failing | (value == 0)
             columns.append(failing)
         return np.stack(columns, axis=1) if columns else np.zeros((len(measures), 0), bool)
+
+    def _empty(self, measures: np.ndarray) -> np.ndarray:
+        """Few edges and no line standing out (a crop whose ``lines`` was not measured: no
+        edge at all)."""
+        edges, lines = measures[:, EDGES], measures[:, LINES]
+        few = edges <= self.limits["empty"]
+        return few & np.where(np.isnan(lines), edges == 0, lines < self.empty_lines)
 
     def reasons(self, measures: np.ndarray) -> list[str | None]:
         """The first reason each crop fails (in ``REASONS``' order), None when it passes."""
@@ -113,10 +220,14 @@ class QualityGate:
 
     def describe(self) -> dict:
         return {"measures": list(MEASURES), "quantile": GATE_QUANTILE, "limits": self.limits,
-                "fitted_on": self.fitted_on, "edge_step": EDGE_STEP, "saturated": SATURATED}
+                "fitted_on": self.fitted_on, "edge_step": EDGE_STEP, "saturated": SATURATED,
+                "empty_lines": self.empty_lines, "empty_edges_share": EMPTY_EDGES_SHARE,
+                "empty_lines_quantile": EMPTY_LINES_QUANTILE}
 
     @classmethod
     def from_description(cls, described: dict) -> QualityGate:
+        lines = described.get("empty_lines")  # absent: a gate stored before `lines`
         return cls(limits={k: None if v is None else float(v)
                            for k, v in described["limits"].items()},
-                   fitted_on=int(described.get("fitted_on", 0)))
+                   fitted_on=int(described.get("fitted_on", 0)),
+                   empty_lines=None if lines is None else float(lines))
