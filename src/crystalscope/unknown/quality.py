@@ -146,6 +146,12 @@ def _order_statistic(values: np.ndarray, quantile: float, side: str) -> float | 
     return float(column[k - 1] if side == "below" else column[n - k])
 
 
+def _few_edges_limit(edges: np.ndarray) -> float:
+    """The empty rule's edge limit: the ``EMPTY_EDGES_SHARE`` quantile of the training crops'
+    ``edges`` (a value they take), O(N)."""
+    return float(np.quantile(edges, EMPTY_EDGES_SHARE, method="lower"))
+
+
 @dataclass(frozen=True)
 class QualityGate:
     """Limits fitted on training crops; :meth:`reasons` names what a crop fails."""
@@ -165,7 +171,7 @@ class QualityGate:
         empty_lines = None
         if limits["blurred"] is not None:  # enough crops for the gate at all
             edges = measures[:, EDGES]
-            few_edges = float(np.quantile(edges, EMPTY_EDGES_SHARE, method="lower"))
+            few_edges = _few_edges_limit(edges)
             few = measures[edges <= few_edges, LINES]
             if np.isnan(few).any():
                 raise ValueError("QualityGate.fit needs `lines` for the few-edge crops: "
@@ -180,16 +186,15 @@ class QualityGate:
         """:meth:`fit` on (N, 3, S, S) uint8 training crops, measuring ``lines`` only for
         the few-edge crops the empty rule reads. O(N S^2)."""
         measures = measure(images, lines_up_to=-np.inf)
-        few_edges = float(np.quantile(measures[:, EDGES], EMPTY_EDGES_SHARE, method="lower"))
+        few_edges = _few_edges_limit(measures[:, EDGES])
         for row in np.flatnonzero(measures[:, EDGES] <= few_edges):
             measures[row, LINES] = line_strength(gray_at_measure_side(images[row]))
         return cls.fit(measures, quantile)
 
     def measure(self, images: np.ndarray) -> np.ndarray:
         """``measure`` for this gate: ``lines`` only where the empty rule reads it."""
-        empty = self.limits.get("empty")
-        reads_lines = self.empty_lines is not None and empty is not None
-        return measure(images, lines_up_to=empty if reads_lines else -np.inf)
+        reads_lines = self.empty_lines is not None  # then the empty limit is set too
+        return measure(images, lines_up_to=self.limits["empty"] if reads_lines else -np.inf)
 
     def failed(self, measures: np.ndarray) -> np.ndarray:
         """(N, len(REASONS)) bool: which limit each crop fails."""
