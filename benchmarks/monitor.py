@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from alarm_limits import print_information_bounds  # benchmarks/, beside this script
 from crystalscope.config import resolve_train_config
 from crystalscope.data.split import split_dataset
 from crystalscope.infer.predictor import load_predictor
@@ -240,38 +240,7 @@ def overdispersed(args: argparse.Namespace) -> None:
                 print(f"| {rho} | +-{drift:.0%} | {kind} | "
                       f"{numbers['false_alarms_per_1e4']:.1f} | {delays} |", flush=True)
             print(f"<!-- {time.perf_counter() - start:.0f} s -->", flush=True)
-    print_information_bound(args.false_rate, args.crops)
-
-
-def step_information(rate: float, rho: float, crops: int, multiple: float) -> float:
-    """Kullback-Leibler divergence (nats) of one window's count after a step to ``multiple`` x
-    ``rate`` from the count before it: beta-binomial(crops, share, rho) at both shares,
-    summed exactly over the crops + 1 counts. O(crops)."""
-    from scipy.stats import betabinom, binom
-
-    counts = np.arange(crops + 1)
-
-    def log_pmf(share: float) -> np.ndarray:
-        if rho == 0:
-            return binom.logpmf(counts, crops, share)
-        scale = 1 / rho - 1
-        return betabinom.logpmf(counts, crops, share * scale, (1 - share) * scale)
-
-    after, before = log_pmf(multiple * rate), log_pmf(rate)
-    return float(np.sum(np.exp(after) * (after - before)))
-
-
-def print_information_bound(rate: float, crops: int, arl0: float = 1e4) -> None:
-    """The fastest detection any rule can reach with this promise, for a stream with no drift
-    and every parameter known: ln(ARL0) / KL windows on average (Lorden 1971; Lai 1998: the
-    lower bound every rule with ARL0 >= gamma obeys as gamma grows, and the CUSUM's delay)."""
-    print(f"\ninformation bound: ln(ARL0) / KL(step || clean) windows, ARL0 {arl0:.0e}, "
-          f"no drift, every parameter known (Lorden 1971, Lai 1998)")
-    print("| rho | " + " | ".join(f"{m}x" for m in STEPS) + " |")
-    print("|---|" + "---|" * len(STEPS))
-    for rho in (0.0, 0.01, 0.05):
-        bounds = [math.log(arl0) / step_information(rate, rho, crops, m) for m in STEPS]
-        print(f"| {rho} | " + " | ".join(f"{b:.1f}" for b in bounds) + " |")
+    print_information_bounds(args.false_rate, args.crops)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,7 +164,14 @@ def measure(name: str, score: Callable[[dict], np.ndarray], sets: dict[str, dict
     return row
 
 
-def one_seed(folder: Path, seed: int, args: argparse.Namespace) -> list[dict]:
+def photo_sources(folder: Path) -> dict[str, str]:
+    """File name -> the scikit-image photo each ``natural`` image was cut from (unknown.json)."""
+    written = json.loads((folder / "unknown.json").read_text(encoding="utf-8"))
+    return {Path(name).name: photo for name, photo in written["sources"].items()}
+
+
+def one_seed(folder: Path, seed: int, args: argparse.Namespace,
+             flagged_by_photo: defaultdict[str, list[bool]]) -> list[dict]:
     run_dir = train_model(folder, args.per_class, args.difficulty, seed)
     export = export_run(run_dir, settings=ExportSettings(false_reject=args.false_rejects[0]))
     print("  " + f"detector: {export.unknown_detector['calibration']}")
@@ -192,6 +200,12 @@ def one_seed(folder: Path, seed: int, args: argparse.Namespace) -> list[dict]:
                for kind in (*KINDS, "real")}
     for kind, counted in reasons.items():
         print(f"  {kind:8s} reasons: {dict(counted)}")
+    _, natural_reasons = detector.assess(sets["natural"]["images"], sets["natural"]["statistics"],
+                                         sets["natural"]["probabilities"])
+    sources = photo_sources(folder / "unknown-images")
+    for path, reason in zip(pngs(folder / "unknown-images" / "natural"), natural_reasons,
+                            strict=True):
+        flagged_by_photo[sources[path[0].name]].append(reason is not None)
 
     def own(o: dict) -> np.ndarray:
         return detector.score(o["statistics"], o["probabilities"], o["descriptors"])
@@ -254,10 +268,11 @@ def main() -> None:
                         help="rates to calibrate for; export fits the first")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {}
+    flagged_by_photo: defaultdict[str, list[bool]] = defaultdict(list)
     for seed in range(args.seeds):
         print(f"seed {seed}", flush=True)
         with tempfile.TemporaryDirectory() as folder:
-            for row in one_seed(Path(folder), seed, args):
+            for row in one_seed(Path(folder), seed, args, flagged_by_photo):
                 results.setdefault(row["method"], []).append(row)
     print(f"\nmean over {args.seeds} seed(s); flagged = share called unknown at the threshold "
           "calibrated for the rate after @ (gate and score together)")
@@ -268,6 +283,9 @@ def main() -> None:
         print(f"{method:52s} {mean['false_reject']:6.4f} {mean['near_auroc']:10.3f} "
               f"{mean['far_auroc']:9.3f} {mean['near_flagged']:12.2f} "
               f"{mean['far_flagged']:11.2f} {mean['real']:6.2f}")
+    print("\nphotographs flagged by the detector, by the photo they were cut from (all seeds):")
+    print("  " + ", ".join(f"{photo} {sum(flags)}/{len(flags)}" for photo, flags in sorted(
+        flagged_by_photo.items(), key=lambda item: sum(item[1]) / len(item[1]))))
     for method, rows in results.items():
         print(f"\nper kind, mean over seeds (AUROC / flagged): {method.strip()}")
         for kind in KINDS:

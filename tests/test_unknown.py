@@ -23,7 +23,13 @@ from crystalscope.infer.stream import ImageResult, predict_stream
 from crystalscope.monitor.run import Monitor, replay
 from crystalscope.monitor.trend import UNKNOWN, AlarmRule, Trend
 from crystalscope.synth.crops import SynthSettings, synthesize
-from crystalscope.synth.unknown import KINDS, UnknownSettings, parse_kinds, synthesize_unknown
+from crystalscope.synth.unknown import (
+    KINDS,
+    NATURAL_IMAGES,
+    UnknownSettings,
+    parse_kinds,
+    synthesize_unknown,
+)
 from crystalscope.unknown.detector import conformal_threshold, load_detector
 from crystalscope.unknown.scores import GaussianDistance, knn_distance
 
@@ -185,6 +191,10 @@ def test_synth_unknown_writes_each_kind_the_same_way_every_time(tmp_path: Path) 
     empty = np.asarray(Image.open(tmp_path / "a" / "empty" / "empty-0001.png"), np.float64)
     cube = np.asarray(Image.open(tmp_path / "a" / "cube" / "cube-0001.png"), np.float64)
     assert empty.std() < cube.std()  # nothing in front of the probe vs bright faceted cubes
+    written = json.loads((tmp_path / "a" / "unknown.json").read_text(encoding="utf-8"))
+    naturals = [f.as_posix() for f in files if f.parts[0] == "natural"]
+    assert sorted(written["sources"]) == naturals  # each photograph piece says its photo
+    assert set(written["sources"].values()) <= set(NATURAL_IMAGES)
     assert parse_kinds("near") == ("bubble", "empty", "defocus", "cube")
     with pytest.raises(UserError, match="not one of"):
         parse_kinds("bubble,cat")

@@ -107,8 +107,9 @@ def render_cube(rng: np.random.Generator, side: int, difficulty: float) -> np.nd
     return finish(rng, image, difficulty)
 
 
-def render_natural(rng: np.random.Generator, side: int, difficulty: float) -> np.ndarray:
-    """A random square piece (20-100% of the short side) of one of scikit-image's photos."""
+def natural_piece(rng: np.random.Generator, side: int) -> tuple[np.ndarray, str]:
+    """A random square piece (20-100% of the short side) of one of scikit-image's photos, and
+    the photo's name."""
     import skimage.data
 
     name = NATURAL_IMAGES[int(rng.integers(len(NATURAL_IMAGES)))]
@@ -119,7 +120,12 @@ def render_natural(rng: np.random.Generator, side: int, difficulty: float) -> np
     piece = int(min(h, w) * rng.uniform(0.2, 1.0))
     y, x = int(rng.integers(0, h - piece + 1)), int(rng.integers(0, w - piece + 1))
     crop = Image.fromarray(photo[y:y + piece, x:x + piece].astype(np.uint8), mode="L")
-    return np.asarray(crop.resize((side, side), Image.Resampling.BILINEAR))
+    return np.asarray(crop.resize((side, side), Image.Resampling.BILINEAR)), name
+
+
+def render_natural(rng: np.random.Generator, side: int, difficulty: float) -> np.ndarray:
+    """A piece of one of scikit-image's photos (:func:`natural_piece`)."""
+    return natural_piece(rng, side)[0]
 
 
 RENDERERS: dict[str, Callable[[np.random.Generator, int, float], np.ndarray]] = {
@@ -145,13 +151,19 @@ def parse_kinds(text: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(kinds))
 
 
-def _render_and_write(job: tuple[str, int, int, float, int, str]) -> str:
+def _render_and_write(job: tuple[str, int, int, float, int, str]) -> tuple[str, str | None]:
+    """Draw and write one image; (its path under the folder, the photo it was cut from for
+    ``natural``, else None)."""
     kind, number, side, difficulty, seed, out = job
     rng = np.random.default_rng([seed, 100 + KINDS.index(kind), number])
     name = f"{kind}/{kind}-{number:04d}.png"
-    Image.fromarray(RENDERERS[kind](rng, side, difficulty), mode="L").save(
-        Path(out) / name, compress_level=3)
-    return name
+    source = None
+    if kind == "natural":
+        image, source = natural_piece(rng, side)
+    else:
+        image = RENDERERS[kind](rng, side, difficulty)
+    Image.fromarray(image, mode="L").save(Path(out) / name, compress_level=3)
+    return name, source
 
 
 class UnknownSettings(Settings):
@@ -174,7 +186,9 @@ class UnknownSettings(Settings):
 def synthesize_unknown(out: Path, settings: UnknownSettings | None = None, *,
                        workers: int | None = None,
                        progress: Callable[[int], None] | None = None) -> dict:
-    """Write ``per_kind`` images of each kind under ``out/<kind>/`` and ``out/unknown.json``."""
+    """Write ``per_kind`` images of each kind under ``out/<kind>/`` and ``out/unknown.json``
+    (the settings, the kinds, the files, and for each ``natural`` image the photo it was cut
+    from: ``sources``)."""
     settings = settings or UnknownSettings()
     per_kind, kinds, size = settings.per_kind, settings.kinds, settings.size
     difficulty, seed = settings.difficulty, settings.seed
@@ -185,14 +199,16 @@ def synthesize_unknown(out: Path, settings: UnknownSettings | None = None, *,
         (out / kind).mkdir(parents=True, exist_ok=True)
     jobs = [(kind, n, size, difficulty, seed, str(out))
             for kind in kinds for n in range(1, per_kind + 1)]
-    files = []
-    for name in ordered_map(_render_and_write, jobs, workers=workers):
+    files, sources = [], {}
+    for name, source in ordered_map(_render_and_write, jobs, workers=workers):
         files.append(name)
+        if source is not None:
+            sources[name] = source
         if progress:
             progress(1)
     summary = {"settings": {"per_kind": per_kind, "size": size, "difficulty": difficulty,
                             "seed": seed},
                "kinds": {k: ("near" if k in NEAR_KINDS else "far") for k in kinds},
-               "files": files}
+               "files": files, "sources": sources}
     (out / "unknown.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
