@@ -17,7 +17,9 @@ to 2x, 3x and 5x the base rate (detection delay in windows: 1 = the first contam
 The cusum's min shift is the drift's amplitude (rate x drift: a clean batch reaches it), its
 promise ARL0 = 10^4; the binomial rule is the first one (alpha 1e-3, 2 windows in a row); the
 oracle is the cusum given the true rate, rho and drift instead of a calibration: the best this
-rule can do, and how much the 100-window calibration costs.
+rule can do, and how much the 100-window calibration costs. It ends with the information
+bound of every setting (``alarm_limits.py``, beside this script: how fast any rule with the
+same promise can be).
     .venv/bin/python benchmarks/monitor.py --overdispersed [--trials 100] [--false-rate 0.04]
 """
 

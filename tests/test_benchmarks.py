@@ -1,13 +1,17 @@
-"""Benchmarks that must keep working: their quick modes run here (the numbers are not checked,
-the scripts are)."""
+"""Benchmarks that must keep working: their quick modes run here. The numbers of a measurement
+are not checked, the scripts are; the alarm's limits, computed exactly or simulated from a
+seed, are checked for what they must satisfy."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +89,47 @@ def test_realism_benchmark_scores_the_real_crops_with_and_without_averaging() ->
                  "flagged unknown:", "the same network on single views:", "PG (5308).png",
                  "image statistics, real vs synthetic"):
         assert line in result.stdout, result.stdout
+
+
+def _table(text: str) -> dict[tuple[str, str], list[float]]:
+    """(rho, drift) -> the delays of a markdown table the alarm benchmarks print."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| 0") and len(cells) == 5:
+            rows[cells[0], cells[1]] = [math.inf if c == "never" else float(c)
+                                        for c in cells[2:]]
+    return rows
+
+
+def test_alarm_limits_grow_with_drift_and_shrink_with_the_step() -> None:
+    result = _script("alarm_limits.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    bounds = _table(result.stdout)
+    assert len(bounds) == 9, result.stdout
+    for rho in ("0.0", "0.01", "0.05"):
+        rows = [bounds[rho, drift] for drift in ("+-0%", "+-50%", "+-100%")]
+        for row in rows:  # a larger step is quicker to see
+            assert row[0] > row[1] > row[2]
+        for calmer, wilder in itertools.pairwise(rows):  # drift hides the step
+            assert all(a < b for a, b in zip(calmer, wilder, strict=True))
+        assert math.isinf(rows[2][0])  # 2x from the median is the +-100% drift's own top
+    for drift in ("+-0%", "+-50%", "+-100%"):  # correlated crops carry less evidence
+        assert bounds["0.0", drift][1] < bounds["0.01", drift][1] < bounds["0.05", drift][1]
+
+
+def test_the_tracking_oracle_keeps_the_run_length_it_was_set_for() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import alarm_limits
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from crystalscope.synth.counts import CountStream
+
+    stream = CountStream(rate=0.04, rho=0.01, drift=0.5, crops=400)
+    result = alarm_limits.tracking_oracle(stream, np.random.default_rng(3), streams=200,
+                                          windows=2000, trials=100, arl0=500)
+    assert 250 < result["arl0"] < 1000  # measured on clean streams the threshold never saw
+    delays = result["delays"]
+    assert delays[5] <= delays[3] <= delays[2]
+    assert delays[5] < 10
