@@ -15,14 +15,19 @@ measures, and all invariant to rotation since crystals lie at every angle):
   and that range itself;
 - edges: the share of pixels steeper than 3, 6, 12 and 24 gray levels per pixel;
 - sharpness: the 50th, 90th and 99th percentile of the gradient over the range, and the
-  mean absolute Laplacian of the lightly smoothed crop over the range.
+  mean absolute Laplacian of the lightly smoothed crop over the range;
+- rings: log(1 + the crop's dark-centred radial symmetry), a round ring around a darker middle
+  as a gas bubble shows (:mod:`crystalscope.unknown.symmetry`). The last number, added after
+  the first exports: a bank stored with ``RINGLESS_SIZE`` numbers per crop is scored on those
+  (:class:`AppearanceNeighbours` reads its width), so an older model keeps its scores.
 
 The score (:class:`AppearanceNeighbours`): the Euclidean distance, in units of the training
 crops' spread per number, to the ``K``-th nearest training crop (deep nearest neighbours,
 Sun et al. 2022, on the picture's descriptor).
 
 Cost: :func:`appearance` is O(S^2) per crop with one crop in flight (3.1 ms at 96 px on the
-2-core build machine, one core: 10^6 crops take about 51 minutes; the kNN against a full
+2-core build machine, one core, plus 2.0 ms for the rings: 10^6 crops take about 85 minutes;
+an older bank without rings skips them); the kNN against a full
 20,000-crop bank adds 0.19 ms a crop, 3.1 minutes for 10^6 — ``benchmarks/quality_gate.py
 --speed``; ``tests/test_appearance.py`` bounds the memory). The bank holds at most
 ``BANK_LIMIT`` training crops (evenly spread when there are more), so a score is
@@ -39,20 +44,25 @@ from scipy import ndimage
 from skimage.feature import local_binary_pattern
 
 from crystalscope.unknown.quality import gray_at_measure_side
+from crystalscope.unknown.symmetry import dark_centre_symmetry
 
 K = 5
-BANK_LIMIT = 20_000  # training crops kept: 20,000 x 41 float32 = 3.3 MB beside the model
+BANK_LIMIT = 20_000  # training crops kept: 20,000 x 42 float32 = 3.4 MB beside the model
 CHUNK = 256  # crops scored at once: a (CHUNK, bank) distance block, 20 MB at the limit
 LBP_RINGS = ((8, 1), (16, 3))  # (neighbours, radius)
 EDGE_STEPS = (3.0, 6.0, 12.0, 24.0)
-DESCRIPTOR_SIZE = sum(p + 2 for p, _ in LBP_RINGS) + 5 + len(EDGE_STEPS) + 4
+RINGLESS_SIZE = sum(p + 2 for p, _ in LBP_RINGS) + 5 + len(EDGE_STEPS) + 4  # the first exports
+DESCRIPTOR_SIZE = RINGLESS_SIZE + 1
 
 
-def appearance(images: np.ndarray) -> np.ndarray:
-    """(N, 3, S, S) uint8 -> (N, ``DESCRIPTOR_SIZE``) float: the module's descriptor per crop,
-    one crop in flight."""
+def appearance(images: np.ndarray, size: int = DESCRIPTOR_SIZE) -> np.ndarray:
+    """(N, 3, S, S) uint8 -> (N, ``size``) float: the module's descriptor per crop, one crop in
+    flight; ``size`` ``RINGLESS_SIZE`` leaves the rings out (an older bank's descriptor)."""
+    if size not in (RINGLESS_SIZE, DESCRIPTOR_SIZE):
+        raise ValueError(f"an appearance descriptor has {RINGLESS_SIZE} or {DESCRIPTOR_SIZE} "
+                         f"numbers, not {size}")
     images = np.asarray(images)
-    rows = np.zeros((len(images), DESCRIPTOR_SIZE))
+    rows = np.zeros((len(images), size))
     for row, image in enumerate(images):
         gray = gray_at_measure_side(image)
         as_bytes = np.clip(gray, 0, 255).astype(np.uint8)
@@ -64,13 +74,15 @@ def appearance(images: np.ndarray) -> np.ndarray:
         spread = max(high - low, 1.0)
         gradient = np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1)) / 8
         laplacian = ndimage.laplace(ndimage.gaussian_filter(gray, 1.5))
-        rows[row] = np.concatenate([
+        rows[row, :RINGLESS_SIZE] = np.concatenate([
             *texture,
             [(p10 - low) / spread, (p50 - low) / spread, (p90 - low) / spread, p50 / 255,
              spread / 255],
             [np.mean(gradient > step) for step in EDGE_STEPS],
             np.percentile(gradient, [50, 90, 99]) / spread,
             [np.abs(laplacian).mean() / spread]])
+        if size > RINGLESS_SIZE:
+            rows[row, RINGLESS_SIZE] = np.log1p(dark_centre_symmetry(gray))
     return rows
 
 
@@ -95,6 +107,11 @@ class AppearanceNeighbours:
         spread = np.where(spread > 1e-9, spread, 1.0)
         bank = ((descriptors - mean) / spread).astype(np.float32)
         return cls(mean=mean, spread=spread, bank=bank, k=min(k, len(bank)))
+
+    @property
+    def width(self) -> int:
+        """D: the numbers per crop the bank was fitted on (``appearance``'s ``size``)."""
+        return int(self.bank.shape[1])
 
     def __call__(self, descriptors: np.ndarray) -> np.ndarray:
         """(N, D) -> (N,) distance to the k-th nearest bank row; O(N · B · D) time,

@@ -137,7 +137,8 @@ class UnknownDetector:
         """(``unknown_score``, reason or None) per image, from the decoded crops (N, 3, S, S)
         uint8 as the network sees them and the network's outputs for them. O(N · S^2) for the
         measures plus the score's own cost (see :mod:`crystalscope.unknown.appearance`)."""
-        descriptors = appearance(images) if self.method == APPEARANCE else None
+        descriptors = (appearance(images, self.appearance.width)
+                       if self.method == APPEARANCE and self.appearance is not None else None)
         scores = self.score(statistics, probabilities, descriptors)
         measures = self.gate.measure(images) if self.gate is not None else None
         return scores, self.reasons(scores, measures)
@@ -163,7 +164,8 @@ class UnknownDetector:
     def describe(self) -> dict[str, Any]:
         """The detector's entry in model.json."""
         gate = {"quality_gate": self.gate.describe()} if self.gate is not None else {}
-        bank = ({"k": self.appearance.k, "bank_images": len(self.appearance.bank)}
+        bank = ({"k": self.appearance.k, "bank_images": len(self.appearance.bank),
+                 "descriptor_size": self.appearance.width}
                 if self.appearance is not None else {})
         return {**gate, "method": self.method, **bank, "file": FILE_NAME,
                 "stage_sizes": self.stage_sizes,
