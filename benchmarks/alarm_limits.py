@@ -31,7 +31,7 @@ import math
 import numpy as np
 from scipy.stats import betabinom, binom
 
-from crystalscope.synth.counts import CountStream
+from crystalscope.synth.counts import CountStream, drift_path, window_counts
 
 STEPS = (2, 3, 5)
 RHOS = (0.0, 0.01, 0.05)
@@ -84,29 +84,6 @@ def print_information_bounds(rate: float, crops: int, arl0: float = ARL0) -> Non
 # ----------------------------------------------------------------------------- tracking oracle
 
 
-def drift_paths(stream: CountStream, streams: int, windows: int, rng: np.random.Generator,
-                start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(streams, windows) rates, as ``synth.counts.drift_path`` draws one, and the last AR
-    states. O(streams x windows)."""
-    z = rng.normal(size=streams) if start is None else start
-    noise = rng.normal(size=(streams, windows)) * math.sqrt(1 - stream.ar ** 2)
-    states = np.empty((streams, windows))
-    for t in range(windows):
-        z = stream.ar * z + noise[:, t]
-        states[:, t] = z
-    return stream.rate * (1 + stream.drift * np.clip(states / 2, -1, 1)), z
-
-
-def draw_counts(stream: CountStream, shares: np.ndarray, rng: np.random.Generator
-                ) -> np.ndarray:
-    """Impurity calls per window at the given mean shares (``synth.counts.window_counts``)."""
-    shares = np.clip(shares, 1e-9, 1 - 1e-9)
-    if stream.rho > 0:
-        scale = 1 / stream.rho - 1
-        shares = rng.beta(shares * scale, (1 - shares) * scale)
-    return rng.binomial(stream.crops, shares)
-
-
 def tracking_first_alarms(stream: CountStream, counts: np.ndarray, jump: float,
                           threshold: float) -> np.ndarray:
     """First alarm window per stream (-1: none) of the tracking oracle on (streams, windows)
@@ -151,7 +128,7 @@ def tracking_oracle(stream: CountStream, rng: np.random.Generator, *, streams: i
     jump = 2 * stream.rate  # tuned to the 3x step: the best case for the 3x target
 
     def clean_streams() -> np.ndarray:
-        return draw_counts(stream, drift_paths(stream, streams, windows, rng)[0], rng)
+        return window_counts(stream, drift_path(stream, windows, rng, streams=streams)[0], rng)
 
     def run_length(threshold: float, clean: np.ndarray) -> float:
         first = tracking_first_alarms(stream, clean, jump, threshold)
@@ -166,13 +143,14 @@ def tracking_oracle(stream: CountStream, rng: np.random.Generator, *, streams: i
     threshold = high
     measured = run_length(threshold, clean_streams())  # on streams the threshold never saw
     warm_up, follow = 50, 300
-    before, state = drift_paths(stream, trials, warm_up, rng)
-    after, _ = drift_paths(stream, trials, follow, rng, state)
-    warm_counts = draw_counts(stream, before, rng)
+    before, state = drift_path(stream, warm_up, rng, streams=trials)
+    after, _ = drift_path(stream, follow, rng, state, streams=trials)
+    warm_counts = window_counts(stream, before, rng)
     delays = {}
     for multiple in STEPS:
         counts = np.concatenate(
-            [warm_counts, draw_counts(stream, after + (multiple - 1) * stream.rate, rng)], axis=1)
+            [warm_counts, window_counts(stream, after + (multiple - 1) * stream.rate, rng)],
+            axis=1)
         first = tracking_first_alarms(stream, counts, jump, threshold)
         found = first[first >= warm_up] - warm_up + 1  # alarms in the warm-up are left out
         missed = int((first < 0).sum())

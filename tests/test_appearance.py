@@ -71,7 +71,7 @@ def test_the_bank_and_the_memory_of_a_score_are_bounded() -> None:
 
 def test_the_descriptor_holds_one_crop_in_flight() -> None:
     # appearance() is O(S^2) memory per crop whatever N: 10x the crops, the same peak (beside
-    # the (N, 41) result); the images themselves are the caller's.
+    # the (N, DESCRIPTOR_SIZE) result); the images themselves are the caller's.
     rng = np.random.default_rng(4)
     peaks = []
     for n in (20, 200):

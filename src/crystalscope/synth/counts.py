@@ -28,22 +28,30 @@ class CountStream:
 
 
 def drift_path(stream: CountStream, windows: int, rng: np.random.Generator,
-               start: float | None = None) -> tuple[np.ndarray, float]:
+               start: float | np.ndarray | None = None, streams: int | None = None
+               ) -> tuple[np.ndarray, float | np.ndarray]:
     """The rate of each window, rate x (1 + drift x clip(z / 2, -1, 1)), z a stationary AR(1)
-    with unit variance; and the last z (``start`` of the next stretch). O(windows)."""
-    noise = rng.normal(size=windows) * np.sqrt(1 - stream.ar ** 2)
-    z = np.empty(windows)
-    previous = rng.normal() if start is None else start
+    with unit variance; and the last z (``start`` of the next stretch). With ``streams``, that
+    many independent streams at once: (streams, windows) rates and (streams,) last states.
+    O(streams x windows)."""
+    shape = (windows,) if streams is None else (streams, windows)
+    noise = rng.normal(size=shape) * np.sqrt(1 - stream.ar ** 2)
+    z = np.empty(shape)
+    if start is not None:
+        previous = start
+    else:
+        previous = rng.normal() if streams is None else rng.normal(size=streams)
     for i in range(windows):  # sequential by nature; 10^5 windows take ~30 ms
-        previous = stream.ar * previous + noise[i]
-        z[i] = previous
-    return stream.rate * (1 + stream.drift * np.clip(z / 2, -1, 1)), float(previous)
+        previous = stream.ar * previous + noise[..., i]
+        z[..., i] = previous
+    last = float(previous) if streams is None else np.asarray(previous)
+    return stream.rate * (1 + stream.drift * np.clip(z / 2, -1, 1)), last
 
 
 def window_counts(stream: CountStream, shares: np.ndarray, rng: np.random.Generator
                   ) -> np.ndarray:
-    """Impurity calls per window at the given mean shares: beta-binomial with the stream's rho
-    (a binomial at rho = 0)."""
+    """Impurity calls per window at the given mean shares (any shape): beta-binomial with the
+    stream's rho (a binomial at rho = 0)."""
     shares = np.clip(shares, 1e-9, 1 - 1e-9)
     if stream.rho > 0:
         scale = 1 / stream.rho - 1
