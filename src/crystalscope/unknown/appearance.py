@@ -26,7 +26,7 @@ crops' spread per number, to the ``K``-th nearest training crop (deep nearest ne
 Sun et al. 2022, on the picture's descriptor).
 
 Cost: :func:`appearance` is O(S^2) per crop with one crop in flight (3.1 ms at 96 px on the
-2-core build machine, one core, plus 2.0 ms for the rings: 10^6 crops take about 85 minutes;
+2-core build machine, one core, plus 2.1 ms for the rings: 10^6 crops take about 87 minutes;
 an older bank without rings skips them); the kNN against a full
 20,000-crop bank adds 0.19 ms a crop, 3.1 minutes for 10^6 — ``benchmarks/quality_gate.py
 --speed``; ``tests/test_appearance.py`` bounds the memory). The bank holds at most
