@@ -28,10 +28,10 @@ RADIAL_STRICTNESS = 2.0  # their alpha: how much many directions count over stro
 
 def dark_centre_symmetry(gray: np.ndarray, radii: tuple[int, ...] = RING_RADII) -> float:
     """The strongest dark-centred radial symmetry of one (s, s) gray crop over ``radii``: 0
-    without a strong edge, about 0.4 for a typical crystal crop, 5-50 for a bubble. Edge
-    strength enters only relative to the crop's own mean strong edge, so brightness and
-    contrast do not move it (above the ``MIN_EDGE`` noise floor); rotating the crop by a
-    right angle gives the same value. O(s^2 · len(radii))."""
+    without a strong edge, about 0.4 for a typical crystal crop, 2.5-10 for the benchmark's
+    bubbles. Edge strength enters only relative to the crop's own mean strong edge, so
+    brightness and contrast do not move it (above the ``MIN_EDGE`` noise floor); rotating the
+    crop by a right angle gives the same value. O(s^2 · len(radii))."""
     smoothed = ndimage.gaussian_filter(np.asarray(gray, np.float64), 1.0)
     gy, gx = ndimage.sobel(smoothed, 0) / 8, ndimage.sobel(smoothed, 1) / 8
     magnitude = np.hypot(gx, gy)
