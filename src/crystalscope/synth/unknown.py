@@ -123,14 +123,11 @@ def natural_piece(rng: np.random.Generator, side: int) -> tuple[np.ndarray, str]
     return np.asarray(crop.resize((side, side), Image.Resampling.BILINEAR)), name
 
 
-def render_natural(rng: np.random.Generator, side: int, difficulty: float) -> np.ndarray:
-    """A piece of one of scikit-image's photos (:func:`natural_piece`)."""
-    return natural_piece(rng, side)[0]
-
-
+# The near kinds, drawn in the probe's style; a natural image is a piece of a photo
+# (:func:`natural_piece`, which also names the photo).
 RENDERERS: dict[str, Callable[[np.random.Generator, int, float], np.ndarray]] = {
     "bubble": render_bubble, "empty": render_empty, "defocus": render_defocus,
-    "cube": render_cube, "natural": render_natural,
+    "cube": render_cube,
 }
 
 
