@@ -8,19 +8,25 @@ Two questions, in this order (:meth:`UnknownDetector.assess`, the one place they
 
 The novelty score, by method (chosen by measuring, see ``benchmarks/unknown.py``):
 
-- ``appearance-knn`` (the default since the benchmark's 3 seeds): the distance to the 5th
-  nearest training crop in a rotation-invariant descriptor of the picture
-  (:mod:`crystalscope.unknown.appearance`);
+- ``appearance-knn`` (the default since the benchmark's 3 seeds): the distance to the
+  nearest crop of the training and validation splits in a whitened, rotation-invariant
+  descriptor of the picture (:mod:`crystalscope.unknown.appearance`; exports before the
+  whitening: the 5th nearest training crop, standardised only);
 - ``stage-mahalanobis+max-softmax`` (exports before it; still read): per backbone stage, the
   Mahalanobis distance of the channel statistics to the nearest class and the residual
   outside their principal subspace (:class:`~crystalscope.unknown.scores.GaussianDistance`),
   plus 1 − the top softmax probability, each put on one scale with up to ``SCALING_IMAGES``
   validation images (0 = its median, 1 = its standard deviation), the largest taken.
 
-The threshold: the conformal quantile, on validation images the score never saw, of the score
-with every image the gate rejects counted as rejected, for the chosen false-reject rate
-(default 1%): with n such images, an in-distribution image is called unknown — for any
-reason — with probability at most ``bound`` = 1 − k/(n+1), k the rank used.
+The threshold: the conformal quantile of the score with every image the gate rejects counted
+as rejected, for the chosen false-reject rate (default 1%): with n calibration images, an
+in-distribution image is called unknown — for any reason — with probability at most
+``bound`` = 1 − k/(n+1), k the rank used. The calibration images: for ``appearance-knn`` every
+crop of the bank (training and validation) scored against the others, leave-one-out
+(:meth:`~crystalscope.unknown.appearance.AppearanceNeighbours.leave_one_out`), plus the
+validation crops a full bank left out, with the gate's limits counted inclusive for the
+training crops that set them (:func:`appearance_calibration`); for the earlier method the
+validation images the score never saw.
 
 ``unknown_score`` is that score divided by the threshold: above 1 means "unknown".
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,8 +48,14 @@ from safetensors.numpy import load_file, save_file
 from crystalscope.errors import CrystalscopeError, UserError
 from crystalscope.model.spec import RunLayout
 from crystalscope.settings import SettingsError
-from crystalscope.unknown.appearance import AppearanceNeighbours, appearance
-from crystalscope.unknown.quality import REASONS, QualityGate
+from crystalscope.unknown.appearance import (
+    CHUNK,
+    DESCRIPTOR_SIZE,
+    AppearanceNeighbours,
+    appearance,
+    bank_rows,
+)
+from crystalscope.unknown.quality import MEASURES, REASONS, QualityGate, described_quantiles
 from crystalscope.unknown.scores import GaussianDistance, max_softmax_score
 
 APPEARANCE = "appearance-knn"
@@ -183,12 +196,13 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
 
     With the crops (``train_images``, ``valid_images``: (N, 3, S, S) uint8 as the network sees
     them) the quality gate's limits are fitted on the training crops, and the threshold counts
-    every validation crop the gate rejects as rejected, so that the rate holds for the whole
-    decision; ``appearance-knn`` needs them. ``stage-mahalanobis+max-softmax`` puts its parts
-    on one scale with up to ``SCALING_IMAGES`` validation images (half of a small split, evenly
-    spread so every class is in it) and sets the threshold with all the others; one-part
-    ``appearance-knn`` sets it with all of them. Cost: O(N_train · D) to fit, the score's cost
-    for each validation image (see :mod:`crystalscope.unknown.appearance`)."""
+    every calibration crop the gate rejects as rejected, so that the rate holds for the whole
+    decision; ``appearance-knn`` needs them, and calibrates on its bank's leave-one-out scores
+    (:func:`appearance_calibration`). ``stage-mahalanobis+max-softmax`` puts its parts on one
+    scale with up to ``SCALING_IMAGES`` validation images (half of a small split, evenly spread
+    so every class is in it) and sets the threshold with all the others. Cost for
+    ``appearance-knn``: O(N_train · S^2) for the gate, O(B · S^2) for the descriptors of the
+    bank's B <= ``BANK_LIMIT`` crops, O(B^2 · D) for its leave-one-out scores."""
     if method not in METHODS:
         raise SettingsError("method", f"use one of {', '.join(METHODS)}", method)
     if len(train_statistics) < 3:
@@ -198,50 +212,111 @@ def fit_detector(train_statistics: np.ndarray, train_labels: np.ndarray,
     if not (np.isfinite(train_statistics).all() and np.isfinite(valid_statistics).all()):
         raise CrystalscopeError("the model gives non-finite feature statistics; the "
                                 "unknown-detector cannot be fitted")
-    with_images = train_images is not None and valid_images is not None
-    if method == APPEARANCE and not with_images:
-        raise CrystalscopeError(f"{APPEARANCE} is fitted on the crops: give train_images and "
-                                "valid_images")
-    n = len(valid_statistics)
     if method == APPEARANCE:
-        detector = UnknownDetector(stage_sizes=[], distances=[], center=np.zeros(1),
-                                   scale=np.ones(1), threshold=1.0,
-                                   target_false_reject=false_reject, method=APPEARANCE,
-                                   appearance=AppearanceNeighbours.fit(appearance(train_images)))
-        scaling = np.zeros(0, int)
-    else:
-        edges = np.cumsum([0, *stage_sizes])
-        distances = [GaussianDistance.fit(train_statistics[:, a:b], train_labels)
-                     for a, b in itertools.pairwise(edges)]
-        detector = UnknownDetector(stage_sizes=list(map(int, stage_sizes)),
-                                   distances=distances, center=np.zeros(2 * len(distances) + 1),
-                                   scale=np.ones(2 * len(distances) + 1), threshold=1.0,
-                                   target_false_reject=false_reject, method=STAGES)
-        scaling = np.unique(np.linspace(0, n - 1, min(n // 2, SCALING_IMAGES)).round()
-                            .astype(int))
-        components = detector.components(valid_statistics[scaling],
-                                         valid_probabilities[scaling])
-        spread = components.std(axis=0)
-        detector.center = np.median(components, axis=0)
-        detector.scale = np.where(spread > 1e-9, spread, 1.0)  # a constant part: as it is
+        if train_images is None or valid_images is None:
+            raise CrystalscopeError(f"{APPEARANCE} is fitted on the crops: give train_images "
+                                    "and valid_images")
+        return _fit_appearance(train_images, valid_images, len(train_statistics),
+                               false_reject)
+    with_images = train_images is not None and valid_images is not None
+    n = len(valid_statistics)
+    edges = np.cumsum([0, *stage_sizes])
+    distances = [GaussianDistance.fit(train_statistics[:, a:b], train_labels)
+                 for a, b in itertools.pairwise(edges)]
+    detector = UnknownDetector(stage_sizes=list(map(int, stage_sizes)),
+                               distances=distances, center=np.zeros(2 * len(distances) + 1),
+                               scale=np.ones(2 * len(distances) + 1), threshold=1.0,
+                               target_false_reject=false_reject, method=STAGES)
+    scaling = np.unique(np.linspace(0, n - 1, min(n // 2, SCALING_IMAGES)).round()
+                        .astype(int))
+    components = detector.components(valid_statistics[scaling], valid_probabilities[scaling])
+    spread = components.std(axis=0)
+    detector.center = np.median(components, axis=0)
+    detector.scale = np.where(spread > 1e-9, spread, 1.0)  # a constant part: as it is
     calibration = np.setdiff1d(np.arange(n), scaling)
-    held = valid_images[calibration] if with_images else None
-    raw = detector.raw_score(valid_statistics[calibration], valid_probabilities[calibration],
-                             appearance(held) if method == APPEARANCE else None)
+    raw = detector.raw_score(valid_statistics[calibration], valid_probabilities[calibration])
     gated = np.zeros(len(raw), bool)
     if with_images:
         detector.gate = QualityGate.fit_images(train_images)
+        held = valid_images[calibration]
         gated = detector.gate.failed(detector.gate.measure(held)).any(axis=1)
+    _set_threshold(detector, raw, gated, false_reject)
+    detector.calibration.update(train_images=len(train_statistics),
+                                scaling_images=len(scaling))
+    return detector
+
+
+def _set_threshold(detector: UnknownDetector, raw: np.ndarray, gated: np.ndarray,
+                   false_reject: float) -> None:
+    """The threshold for ``false_reject`` from calibration scores and gate decisions, and the
+    calibration record."""
     threshold, bound = gated_threshold(raw, gated, false_reject)
     if threshold <= 0:  # a degenerate validation split; keep the division meaningful
         threshold = float(np.abs(raw).max()) or 1.0
     detector.threshold = threshold
     detector.calibration = {
-        "train_images": len(train_statistics), "scaling_images": len(scaling),
         "calibration_images": len(raw), "false_reject_bound": bound,
         "calibration_false_reject": float(np.mean(gated | (raw > threshold))),
         "gate_false_reject": float(np.mean(gated)),
     }
+
+
+def appearance_calibration(neighbours: AppearanceNeighbours, gate: QualityGate,
+                           bank_measures: np.ndarray, bank_from_training: np.ndarray,
+                           other_descriptors: np.ndarray, other_measures: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, gated) of the calibration crops: the bank's crops leave-one-out (their gate
+    ``bank_measures`` in the bank's row order; ``bank_from_training`` marks those of the
+    training split, whose gate limits count inclusive, see :meth:`QualityGate.failed`), then
+    the validation crops a full bank left out (``other_*``) against the bank. O((B + V) · B ·
+    D)."""
+    gated = np.where(bank_from_training,
+                     gate.failed(bank_measures, inclusive=True).any(axis=1),
+                     gate.failed(bank_measures).any(axis=1))
+    scores = np.r_[neighbours.leave_one_out(), neighbours(other_descriptors)]
+    gated = np.r_[gated, gate.failed(other_measures).any(axis=1)]
+    return scores, gated
+
+
+def _of_rows(train_images: np.ndarray, valid_images: np.ndarray, rows: np.ndarray,
+             measure: Callable[[np.ndarray], np.ndarray], width: int) -> np.ndarray:
+    """``measure`` of the crops at the sorted ``rows`` of training + validation, a chunk at a
+    time (memory O(``CHUNK`` · S^2), not a copy of the crops): (len(rows), width)."""
+    out, n_train = np.zeros((len(rows), width)), len(train_images)
+    for start in range(0, len(rows), CHUNK):
+        part = rows[start:start + CHUNK]
+        crops = np.concatenate([train_images[part[part < n_train]],
+                                valid_images[part[part >= n_train] - n_train]])
+        out[start:start + len(part)] = measure(crops)
+    return out
+
+
+def _fit_appearance(train_images: np.ndarray, valid_images: np.ndarray, n_train: int,
+                    false_reject: float) -> UnknownDetector:
+    """``appearance-knn``: the gate on the training crops, the bank on training and
+    validation crops (up to ``BANK_LIMIT``, evenly spread), the threshold on the bank's
+    leave-one-out scores and the validation crops left out of it."""
+    crops = len(train_images) + len(valid_images)
+    rows = bank_rows(crops)
+    left_out = np.setdiff1d(np.arange(len(train_images), crops), rows)
+    neighbours = AppearanceNeighbours.fit(
+        _of_rows(train_images, valid_images, rows, appearance, DESCRIPTOR_SIZE))
+    gate = QualityGate.fit_images(train_images)
+    width = len(MEASURES)
+    scores, gated = appearance_calibration(
+        neighbours, gate, _of_rows(train_images, valid_images, rows, gate.measure, width),
+        rows < len(train_images),
+        _of_rows(train_images, valid_images, left_out, appearance, DESCRIPTOR_SIZE),
+        _of_rows(train_images, valid_images, left_out, gate.measure, width))
+    detector = UnknownDetector(stage_sizes=[], distances=[], center=np.zeros(1),
+                               scale=np.ones(1), threshold=1.0,
+                               target_false_reject=false_reject, gate=gate,
+                               method=APPEARANCE, appearance=neighbours)
+    _set_threshold(detector, scores, gated, false_reject)
+    detector.calibration.update(
+        train_images=n_train, scaling_images=0, bank_images=len(rows),
+        scored="leave-one-out: every bank crop (training and validation) against the "
+               "others, copies left out; validation crops outside the bank against it")
     return detector
 
 
@@ -318,9 +393,11 @@ def unknown_summary(info: dict[str, Any]) -> str:
     target = info.get("target_false_reject", DEFAULT_FALSE_REJECT)
     gate = info.get("quality_gate")
     scaling = calibration.get("scaling_images", 0)
+    source = ("crops, each scored leave-one-out against the bank of training and "
+              "validation crops" if "bank_images" in calibration else "validation images")
     text = (f"unknown-detector ({info.get('method', STAGES)}): fitted on "
             f"{calibration.get('train_images', '?')} training images; threshold from {n} "
-            f"validation images" + (f" (the other {scaling} set its scale)" if scaling else "")
+            f"{source}" + (f" (the other {scaling} set its scale)" if scaling else "")
             + f" for a {100 * target:g}% false-reject rate, gate and score together (bound "
             f"for new in-distribution images: {100 * (bound or 0):.2f}%)")
     if bound is not None and bound > target:
@@ -329,7 +406,7 @@ def unknown_summary(info: dict[str, Any]) -> str:
                  "needed")
     gate_share = calibration.get("gate_false_reject")
     if gate_share is not None and gate_share >= target:
-        text += (f". The quality gate alone rejects {100 * gate_share:.2f}% of the validation "
+        text += (f". The quality gate alone rejects {100 * gate_share:.2f}% of the calibration "
                  f"crystals, so the novelty score got none of the {100 * target:g}%: raise "
                  "--false-reject to let it flag novel crystals")
     measured = calibration.get("test_false_reject")
@@ -338,19 +415,22 @@ def unknown_summary(info: dict[str, Any]) -> str:
         text += (f". Measured on {measured['images']} test crystals: {measured['rejected']} "
                  f"called unknown ({100 * measured['rate']:.2f}%, 95% interval "
                  f"{100 * low:.2f}-{100 * high:.2f}%)")
+    quantiles = described_quantiles(gate) if gate else {}
+    at = " / ".join(f"{100 * q:g}% ({reason})" for reason, q in quantiles.items())
     if gate and all(v is None for v in gate["limits"].values()):
-        needed = math.ceil(1 / gate["quantile"]) - 1
+        needed = math.ceil(1 / max(quantiles.values())) - 1
         text += (f". Quality gate: no limits from {gate['fitted_on']} training crops ({needed} "
-                 f"or more set them at {100 * gate['quantile']:g}%); a crop without a single "
-                 "edge is called empty")
+                 f"or more set them at {at}); a crop without a single edge is called empty")
     elif gate:
         limits = {k: "-" if v is None else f"{v:.4f}" for k, v in gate["limits"].items()}
-        lines = gate.get("empty_lines")
-        empty = (f"empty at or below {limits['empty']} of pixels on an edge with no line "
+        lines, standout = gate.get("empty_lines"), gate.get("empty_standout")
+        empty = (f"empty at or below {limits['empty']} of pixels on an edge with lines x rim "
+                 f"below {standout:.2f}" if standout is not None else
+                 f"empty at or below {limits['empty']} of pixels on an edge with no line "
                  f"above {lines:.2f}" if lines is not None else
                  f"empty below {limits['empty']} of pixels on an edge")
-        text += (f". Quality gate (limits at {100 * gate['quantile']:g}% of "
-                 f"{gate['fitted_on']} training crops): {empty}, blurred below focus "
-                 f"{limits['blurred']}, saturated above {limits['saturated']} of pixels at "
-                 f"{gate['saturated']}+")
+        text += (f". Quality gate (limits at {at} of "
+                 f"{gate['fitted_on']} training crops): {empty}, blurred below "
+                 f"{gate.get('blurred_measure', 'focus')} {limits['blurred']}, saturated above "
+                 f"{limits['saturated']} of pixels at {gate['saturated']}+")
     return text
