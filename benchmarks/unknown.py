@@ -47,13 +47,17 @@ from crystalscope.synth.unknown import (
     synthesize_unknown,
 )
 from crystalscope.train.run import train
-from crystalscope.unknown.appearance import appearance
+from crystalscope.unknown.appearance import AppearanceNeighbours, appearance
 from crystalscope.unknown.detector import (
     SCALING_IMAGES,
     STAGES,
+    UnknownDetector,
+    appearance_calibration,
+    conformal_threshold,
     fit_detector,
     gated_threshold,
 )
+from crystalscope.unknown.quality import MEASURES
 from crystalscope.unknown.scores import knn_distance, max_softmax_score
 
 SIZE = 96
@@ -164,6 +168,20 @@ def measure(name: str, score: Callable[[dict], np.ndarray], sets: dict[str, dict
     return row
 
 
+def own_calibration(detector: UnknownDetector, train: dict, valid: dict
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The exported detector's calibration (raw scores, gated), recomputed: its bank is the
+    training and validation crops (fewer than its limit), scored leave-one-out."""
+    assert detector.appearance is not None and detector.gate is not None
+    bank = np.concatenate([train["images"], valid["images"]])
+    assert len(detector.appearance.bank) == len(bank)
+    return appearance_calibration(detector.appearance, detector.gate,
+                                  detector.gate.measure(bank),
+                                  np.arange(len(bank)) < len(train["images"]),
+                                  np.zeros((0, detector.appearance.width)),
+                                  np.zeros((0, len(MEASURES))))
+
+
 def photo_sources(folder: Path) -> dict[str, str]:
     """File name -> the scikit-image photo each ``natural`` image was cut from (unknown.json)."""
     written = json.loads((folder / "unknown.json").read_text(encoding="utf-8"))
@@ -210,6 +228,11 @@ def one_seed(folder: Path, seed: int, args: argparse.Namespace,
     def own(o: dict) -> np.ndarray:
         return detector.score(o["statistics"], o["probabilities"], o["descriptors"])
 
+    raw, gated = own_calibration(detector, sets["train"], valid)
+    exported = gated_threshold(raw, gated, args.false_rejects[0])[0]
+    assert np.isclose(exported, detector.threshold), (exported, detector.threshold)
+    earlier = AppearanceNeighbours.fit(sets["train"]["descriptors"], k=5, whiten=False)
+
     previous = fit_detector(sets["train"]["statistics"], sets["train"]["labels"],
                             valid["statistics"], valid["probabilities"],
                             run_stage_sizes(run),
@@ -227,9 +250,13 @@ def one_seed(folder: Path, seed: int, args: argparse.Namespace,
                                         max_softmax_score(o["probabilities"])], half)
     rows = []
     for rate in args.false_rejects:
-        exported = {"threshold": 1.0} if rate == args.false_rejects[0] else {}
-        rows += [measure("crystalscope: appearance kNN", own, sets, valid, rate, **exported),
-                 measure("  the same without the gate", own, sets, valid, rate, gate=False),
+        scaled = raw / detector.threshold  # own()'s scale: the exported threshold is 1
+        rows += [measure("crystalscope: appearance kNN", own, sets, valid, rate,
+                         threshold=gated_threshold(scaled, gated, rate)[0]),
+                 measure("  the same without the gate", own, sets, valid, rate, gate=False,
+                         threshold=conformal_threshold(scaled, rate)[0]),
+                 measure("  earlier: k=5, standardised, train bank, valid calibration",
+                         lambda o: earlier(o["descriptors"]), sets, valid, rate),
                  measure("stage Mahalanobis + max-softmax (previous)",
                          lambda o: previous.raw_score(o["statistics"], o["probabilities"]),
                          sets, unscaled, rate),
@@ -261,7 +288,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=1000,
                         help="crops per class; 1000 gives a validation split of 500, which "
                              "sets the threshold")
-    parser.add_argument("--fresh", type=int, default=200, help="fresh CEX/PG crops per class")
+    parser.add_argument("--fresh", type=int, default=1000,
+                        help="fresh CEX/PG crops per class (measure the false-reject rate)")
     parser.add_argument("--per-kind", type=int, default=100)
     parser.add_argument("--difficulty", type=float, default=0.3)
     parser.add_argument("--false-rejects", type=float, nargs="+", default=[0.01, 0.02],

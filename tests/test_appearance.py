@@ -46,7 +46,7 @@ def test_the_neighbour_distance_is_the_exact_kth_nearest(monkeypatch: pytest.Mon
     rng = np.random.default_rng(3)
     bank, queries = rng.gamma(2.0, size=(700, 9)), rng.gamma(2.0, size=(300, 9))
     monkeypatch.setattr(appearance_module, "CHUNK", 64)  # several chunks
-    neighbours = AppearanceNeighbours.fit(bank, k=5)
+    neighbours = AppearanceNeighbours.fit(bank, k=5, whiten=False)  # as earlier banks
 
     def standardise(x: np.ndarray) -> np.ndarray:
         return (x - bank.mean(axis=0)) / bank.std(axis=0)
@@ -54,6 +54,51 @@ def test_the_neighbour_distance_is_the_exact_kth_nearest(monkeypatch: pytest.Mon
     exact = NearestNeighbors(n_neighbors=5).fit(standardise(bank))
     expected = exact.kneighbors(standardise(queries))[0][:, -1]
     np.testing.assert_allclose(neighbours(queries), expected, rtol=1e-4)
+
+
+def test_the_whitened_distance_is_the_mahalanobis_distance_of_the_shrunk_covariance(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whitened, the k-th neighbour is scikit-learn's exact one under the Mahalanobis metric
+    of the standardised bank's Ledoit-Wolf covariance — correlated numbers count once."""
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(7)
+    mixing = rng.normal(size=(6, 6))
+    bank, queries = rng.gamma(2.0, size=(700, 6)) @ mixing, rng.gamma(2.0, size=(300, 6)) @ mixing
+    monkeypatch.setattr(appearance_module, "CHUNK", 64)
+    neighbours = AppearanceNeighbours.fit(bank, k=2)
+    assert neighbours.whitening is not None and neighbours.k == 2
+    standardised = (bank - bank.mean(axis=0)) / bank.std(axis=0)
+    precision = LedoitWolf().fit(standardised).precision_
+    exact = NearestNeighbors(n_neighbors=2, metric="mahalanobis", metric_params={"VI": precision},
+                             algorithm="brute").fit(standardised)
+    expected = exact.kneighbors((queries - bank.mean(axis=0)) / bank.std(axis=0))[0][:, -1]
+    np.testing.assert_allclose(neighbours(queries), expected, rtol=1e-4)
+
+
+def test_leave_one_out_is_the_kth_nearest_other_crop_copies_left_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each bank crop's calibration score is its distance to the k-th nearest *other* crop
+    (scikit-learn's exact neighbours of the bank without it), and a copy of it (the same
+    descriptor: a turned or mirrored crop) is no neighbour."""
+    rng = np.random.default_rng(9)
+    monkeypatch.setattr(appearance_module, "CHUNK", 50)
+    distinct = rng.gamma(2.0, size=(300, 5))
+    descriptors = np.concatenate([distinct, distinct[:40]])  # 40 crops twice
+    neighbours = AppearanceNeighbours.fit(descriptors, k=3)
+    loo = neighbours.leave_one_out()
+    bank = neighbours.bank.astype(np.float64)
+    for row in (0, 39, 40, 299, 300, 339):
+        copies = np.flatnonzero(np.abs(bank - bank[row]).max(axis=1) < 1e-9)
+        others = np.delete(bank, copies, axis=0)
+        exact = NearestNeighbors(n_neighbors=3).fit(others).kneighbors(bank[row:row + 1])
+        assert loo[row] == pytest.approx(exact[0][0, -1], rel=1e-4)
+    # a calibration crop's copies never make it look close; a new crop that is a copy of a
+    # bank crop is as close as can be
+    assert loo.min() > 0.1
+    nearest = AppearanceNeighbours.fit(descriptors, k=1)
+    assert nearest(descriptors[:1])[0] == pytest.approx(0.0, abs=1e-3)
+    assert nearest.leave_one_out()[0] > 0.1
 
 
 def test_the_bank_and_the_memory_of_a_score_are_bounded() -> None:
@@ -94,15 +139,18 @@ def _crops(rng: np.random.Generator, n: int, side: int = 24) -> np.ndarray:
 
 
 def test_gate_and_score_together_hold_the_calibrated_rate() -> None:
-    # The threshold counts every validation crop the gate rejects as rejected, so the whole
-    # decision, not the score alone, keeps the rate on new crops like the training ones.
+    # The threshold counts every calibration crop the gate rejects as rejected (a training
+    # crop at a limit too), so the whole decision, not the score alone, keeps the rate on new
+    # crops like the training ones.
     rng = np.random.default_rng(8)
     train, valid, new = _crops(rng, 600), _crops(rng, 700), _crops(rng, 4000)
     statistics = np.zeros((len(train), 1))
     detector = fit_detector(statistics, np.zeros(len(train)), np.zeros((len(valid), 1)),
                             np.full((len(valid), 2), 0.5), [1], 0.02, method=APPEARANCE,
                             train_images=train, valid_images=valid)
-    assert detector.gate is not None and detector.calibration["calibration_images"] == 700
+    # the bank is training and validation crops, every one of them scored leave-one-out
+    assert detector.gate is not None and detector.calibration["calibration_images"] == 1300
+    assert detector.calibration["bank_images"] == 1300
     _, reasons = detector.assess(new, np.zeros((len(new), 1)), np.zeros((len(new), 2)))
     rejected = sum(r is not None for r in reasons)
     assert "empty" in reasons  # the blank frames, whatever their score

@@ -262,12 +262,15 @@ class QualityGate:
 
     def _empty(self, measures: np.ndarray, inclusive: bool) -> np.ndarray:
         """Few edges and nothing standing out: ``lines`` x ``rim`` (version 1: ``lines``)
-        below its limit; a crop whose ``lines`` was not measured: no edge at all."""
+        below its limit, or none at all (a flat crop, whatever the limit: training crops as
+        flat as that set it to 0); a crop whose ``lines`` was not measured: no edge at all."""
         edges, lines = measures[:, EDGES], measures[:, LINES]
         standout = lines * measures[:, RIM] if self.version >= 2 else lines
         few = edges <= self.limits["empty"]
-        return few & np.where(np.isnan(lines), edges == 0,
-                              _beyond(standout, self._empty_limit, "below", inclusive))
+        beyond = _beyond(standout, self._empty_limit, "below", inclusive)
+        if self.version >= 2:
+            beyond |= standout <= 0
+        return few & np.where(np.isnan(lines), edges == 0, beyond)
 
     def reasons(self, measures: np.ndarray) -> list[str | None]:
         """The first reason each crop fails (in ``REASONS``' order), None when it passes."""
