@@ -29,7 +29,13 @@ import numpy as np
 from crystalscope.model.spec import ModelSpec, decode
 from crystalscope.synth.crops import SynthSettings, synthesize
 from crystalscope.synth.unknown import KINDS, UnknownSettings, synthesize_unknown
-from crystalscope.unknown.appearance import BANK_LIMIT, CHUNK, AppearanceNeighbours, appearance
+from crystalscope.unknown.appearance import (
+    BANK_LIMIT,
+    CHUNK,
+    DESCRIPTOR_SIZE,
+    AppearanceNeighbours,
+    appearance,
+)
 from crystalscope.unknown.quality import MEASURES, REASONS, QualityGate, measure
 
 DEFAULT_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "opencrystal-samples"
@@ -56,17 +62,21 @@ def speed(crops: int, sizes: list[int]) -> None:
         rate = crops / (time.perf_counter() - start)
         print(f"appearance descriptor at {size:3d} px: {rate:6.0f} crops/s; 10^6 crops: "
               f"{1e6 / rate / 60:.1f} min (measured at <= 96 px whatever the input)")
-    bank = rng.normal(size=(BANK_LIMIT, 41))
+    bank = rng.normal(size=(BANK_LIMIT, DESCRIPTOR_SIZE))
     start = time.perf_counter()
     neighbours = AppearanceNeighbours.fit(bank)
     fitted = time.perf_counter() - start
-    queries = rng.normal(size=(10_000, 41))
+    queries = rng.normal(size=(10_000, DESCRIPTOR_SIZE))
     start = time.perf_counter()
     neighbours(queries)
     per_crop = (time.perf_counter() - start) / len(queries)
-    print(f"appearance kNN, bank {BANK_LIMIT:,} (the limit): fit {fitted:.2f} s; "
+    start = time.perf_counter()
+    neighbours.leave_one_out()
+    calibration = time.perf_counter() - start
+    print(f"appearance kNN, bank {BANK_LIMIT:,} (the limit): fit (whitening) {fitted:.2f} s; "
           f"{1e3 * per_crop:.3f} ms per crop (10^6 crops: {1e6 * per_crop / 60:.1f} min; "
-          f"memory O({CHUNK} x bank))")
+          f"memory O({CHUNK} x bank)); leave-one-out calibration of the whole bank "
+          f"{calibration:.1f} s (O(bank^2))")
     rows = rng.random((10**6, len(MEASURES)))
     start = time.perf_counter()
     gate = QualityGate.fit(rows)

@@ -101,7 +101,8 @@ def test_knn_distance_matches_a_sorted_brute_force() -> None:
 def test_a_large_validation_split_sets_the_threshold_on_all_but_200_images() -> None:
     # The threshold's scatter shrinks with the calibration set: 200 images set the scale, every
     # other one the threshold (>= 500 wherever the split holds 700).
-    # The one-part appearance score needs no scale: every validation image sets the threshold.
+    # The one-part appearance score needs no scale: every crop of its bank (training and
+    # validation) sets the threshold, scored leave-one-out.
     from crystalscope.unknown.detector import APPEARANCE, SCALING_IMAGES, STAGES, fit_detector
 
     rng = np.random.default_rng(4)
@@ -120,7 +121,8 @@ def test_a_large_validation_split_sets_the_threshold_on_all_but_200_images() -> 
                             0.01, method=APPEARANCE, train_images=crops[:300],
                             valid_images=crops[300:])
     assert detector.calibration["scaling_images"] == 0
-    assert detector.calibration["calibration_images"] == 40
+    assert detector.calibration["calibration_images"] == 340
+    assert detector.calibration["bank_images"] == 340
 
 
 def test_the_report_carries_the_measured_rate(exported_run: Path) -> None:
