@@ -54,6 +54,8 @@ from crystalscope.unknown.detector import (
     UnknownDetector,
     appearance_calibration,
     conformal_threshold,
+    copy_fingerprints,
+    copy_groups,
     fit_detector,
     gated_threshold,
 )
@@ -178,6 +180,7 @@ def own_calibration(detector: UnknownDetector, train: dict, valid: dict
     return appearance_calibration(detector.appearance, detector.gate,
                                   detector.gate.measure(bank),
                                   np.arange(len(bank)) < len(train["images"]),
+                                  copy_groups(copy_fingerprints(bank)),
                                   np.zeros((0, detector.appearance.width)),
                                   np.zeros((0, len(MEASURES))))
 

@@ -101,6 +101,38 @@ def test_leave_one_out_is_the_kth_nearest_other_crop_copies_left_out(
     assert nearest.leave_one_out()[0] > 0.1
 
 
+def test_copies_named_by_their_group_are_no_neighbours_in_leave_one_out() -> None:
+    """A turned or re-saved copy's descriptor differs a little, so distance alone does not
+    know it for a copy; its group (as check and split find copies) does."""
+    rng = np.random.default_rng(10)
+    distinct = rng.gamma(2.0, size=(200, 10))
+    near_copies = distinct[:30] + rng.normal(0, 0.1, (30, 10))
+    descriptors = np.concatenate([distinct, near_copies])
+    groups = np.r_[np.arange(200), np.arange(30)]  # row 200 + i is a copy of row i
+    neighbours = AppearanceNeighbours.fit(descriptors, k=1)
+    assert neighbours.leave_one_out()[:30].max() < 0.5  # each other's nearest, by distance
+    loo = neighbours.leave_one_out(groups)
+    bank = neighbours.bank.astype(np.float64)
+    for row in (0, 29, 30, 199, 200, 229):
+        others = bank[groups != groups[row]]
+        exact = NearestNeighbors(n_neighbors=1).fit(others).kneighbors(bank[row:row + 1])
+        assert loo[row] == pytest.approx(exact[0][0, -1], rel=1e-4)
+    assert loo[:30].min() > 0.8
+
+
+def test_copy_groups_find_turned_and_mirrored_crops(samples: Path) -> None:
+    """copy_groups names a real crop and its turned and mirrored copies as one group (as
+    ``crystalscope check`` would), and different crops apart."""
+    from crystalscope.unknown.detector import copy_fingerprints, copy_groups
+
+    crops = _real(samples)[:5]
+    copies = np.concatenate([crops, np.ascontiguousarray(np.rot90(crops, 1, axes=(2, 3))),
+                             np.ascontiguousarray(crops[..., ::-1])])
+    groups = copy_groups(copy_fingerprints(copies))
+    assert len(set(groups.tolist())) == 5
+    assert (groups[:5] == groups[5:10]).all() and (groups[:5] == groups[10:]).all()
+
+
 def test_the_bank_and_the_memory_of_a_score_are_bounded() -> None:
     rng = np.random.default_rng(5)
     neighbours = AppearanceNeighbours.fit(rng.normal(size=(5000, 8)), limit=1000)

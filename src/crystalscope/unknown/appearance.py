@@ -149,14 +149,18 @@ class AppearanceNeighbours:
         O(``CHUNK`` · B) memory."""
         return self._kth(self.project(descriptors), self.k)
 
-    def leave_one_out(self) -> np.ndarray:
-        """(B,) each bank row's distance to its k-th nearest other row, its copies (rows within
-        ``COPY_DISTANCE``: the same crop turned or mirrored) left out — the score a new crop
-        would get, for calibration. A row with fewer than k others: +inf. O(B^2 · D) time,
-        O(``CHUNK`` · B) memory."""
-        return self._kth(self.bank.astype(np.float64), self.k, leave_copies=True)
+    def leave_one_out(self, groups: np.ndarray | None = None) -> np.ndarray:
+        """(B,) each bank row's distance to its k-th nearest other row, its copies left out —
+        the score a new crop would get, for calibration. Copies: rows within
+        ``COPY_DISTANCE`` (the same descriptor), and rows of the same ``groups`` id (B,) when
+        given (:func:`crystalscope.unknown.detector.copy_groups`: the same crop turned,
+        mirrored or re-saved, whose descriptor differs a little). A row with fewer than k
+        others: +inf. O(B^2 · D) time, O(``CHUNK`` · B) memory."""
+        return self._kth(self.bank.astype(np.float64), self.k, leave_copies=True,
+                         groups=groups)
 
-    def _kth(self, queries: np.ndarray, k: int, leave_copies: bool = False) -> np.ndarray:
+    def _kth(self, queries: np.ndarray, k: int, leave_copies: bool = False,
+             groups: np.ndarray | None = None) -> np.ndarray:
         bank = self.bank.astype(np.float64)
         bank_norms = np.sum(bank ** 2, axis=1)
         out = np.empty(len(queries))
@@ -166,6 +170,8 @@ class AppearanceNeighbours:
                                  - 2 * q @ bank.T, 0.0)
             if leave_copies:
                 squared[squared <= COPY_DISTANCE ** 2] = np.inf
+            if groups is not None:  # the queries are the bank's rows themselves
+                squared[groups[start:start + CHUNK, None] == groups[None]] = np.inf
             if k > squared.shape[1]:
                 out[start:start + CHUNK] = np.inf
                 continue

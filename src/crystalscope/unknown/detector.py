@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -261,34 +261,75 @@ def _set_threshold(detector: UnknownDetector, raw: np.ndarray, gated: np.ndarray
     }
 
 
+def copy_fingerprints(images: np.ndarray) -> list:
+    """``crystalscope check``'s fingerprints of (N, 3, S, S) uint8 crops, for
+    :func:`copy_groups`: the pixels in their 8 rotations/flips and the perceptual hashes."""
+    from PIL import Image
+
+    from crystalscope.data.dedupe import (
+        Fingerprint,
+        dihedral_phashes,
+        is_low_texture,
+        pixel_digest,
+    )
+
+    fingerprints = []
+    for image in np.asarray(images):
+        gray = image.mean(axis=0).round().astype(np.uint8)
+        picture = Image.fromarray(gray)
+        fingerprints.append(Fingerprint(
+            sha256="", pixel_digest=pixel_digest(gray),
+            phashes=None if is_low_texture(picture) else dihedral_phashes(picture)))
+    return fingerprints
+
+
+def copy_groups(fingerprints: list) -> np.ndarray:
+    """(N,) group ids: crops that are copies of each other — pixel for pixel in one of the 8
+    rotations/flips, or within ``check``'s perceptual-hash distance of one (a turned,
+    mirrored or re-saved copy) — share one, as ``check`` and ``split`` group them
+    (:func:`crystalscope.data.dedupe.group_duplicates`). O(N) (the near search as
+    ``check``'s)."""
+    from dataclasses import replace
+
+    from crystalscope.data.dedupe import group_duplicates
+
+    unique = [replace(f, sha256=str(index)) for index, f in enumerate(fingerprints)]
+    return np.asarray(group_duplicates(unique), np.int64)
+
+
 def appearance_calibration(neighbours: AppearanceNeighbours, gate: QualityGate,
                            bank_measures: np.ndarray, bank_from_training: np.ndarray,
-                           other_descriptors: np.ndarray, other_measures: np.ndarray
-                           ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, gated) of the calibration crops: the bank's crops leave-one-out (their gate
-    ``bank_measures`` in the bank's row order; ``bank_from_training`` marks those of the
-    training split, whose gate limits count inclusive, see :meth:`QualityGate.failed`), then
-    the validation crops a full bank left out (``other_*``) against the bank. O((B + V) · B ·
-    D)."""
+                           bank_groups: np.ndarray | None, other_descriptors: np.ndarray,
+                           other_measures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, gated) of the calibration crops: the bank's crops leave-one-out, their copies
+    (``bank_groups``, :func:`copy_groups`) left out too (their gate ``bank_measures`` in the
+    bank's row order; ``bank_from_training`` marks those of the training split, whose gate
+    limits count inclusive, see :meth:`QualityGate.failed`), then the validation crops a full
+    bank left out (``other_*``) against the bank. O((B + V) · B · D)."""
     gated = np.where(bank_from_training,
                      gate.failed(bank_measures, inclusive=True).any(axis=1),
                      gate.failed(bank_measures).any(axis=1))
-    scores = np.r_[neighbours.leave_one_out(), neighbours(other_descriptors)]
+    scores = np.r_[neighbours.leave_one_out(bank_groups), neighbours(other_descriptors)]
     gated = np.r_[gated, gate.failed(other_measures).any(axis=1)]
     return scores, gated
 
 
-def _of_rows(train_images: np.ndarray, valid_images: np.ndarray, rows: np.ndarray,
-             measure: Callable[[np.ndarray], np.ndarray], width: int) -> np.ndarray:
-    """``measure`` of the crops at the sorted ``rows`` of training + validation, a chunk at a
-    time (memory O(``CHUNK`` · S^2), not a copy of the crops): (len(rows), width)."""
-    out, n_train = np.zeros((len(rows), width)), len(train_images)
+def _crops_at(train_images: np.ndarray, valid_images: np.ndarray, rows: np.ndarray
+              ) -> Iterator[np.ndarray]:
+    """The crops at the sorted ``rows`` of training + validation, ``CHUNK`` at a time (memory
+    O(``CHUNK`` · S^2), never a copy of all of them)."""
+    n_train = len(train_images)
     for start in range(0, len(rows), CHUNK):
         part = rows[start:start + CHUNK]
-        crops = np.concatenate([train_images[part[part < n_train]],
-                                valid_images[part[part >= n_train] - n_train]])
-        out[start:start + len(part)] = measure(crops)
-    return out
+        yield np.concatenate([train_images[part[part < n_train]],
+                              valid_images[part[part >= n_train] - n_train]])
+
+
+def _of_rows(train_images: np.ndarray, valid_images: np.ndarray, rows: np.ndarray,
+             measure: Callable[[np.ndarray], np.ndarray], width: int) -> np.ndarray:
+    """``measure`` (N, width) of the crops at the sorted ``rows``, a chunk at a time."""
+    parts = [measure(crops) for crops in _crops_at(train_images, valid_images, rows)]
+    return np.concatenate(parts) if parts else np.zeros((0, width))
 
 
 def _fit_appearance(train_images: np.ndarray, valid_images: np.ndarray, n_train: int,
@@ -303,9 +344,12 @@ def _fit_appearance(train_images: np.ndarray, valid_images: np.ndarray, n_train:
         _of_rows(train_images, valid_images, rows, appearance, DESCRIPTOR_SIZE))
     gate = QualityGate.fit_images(train_images)
     width = len(MEASURES)
+    groups = copy_groups([fingerprint
+                          for crops in _crops_at(train_images, valid_images, rows)
+                          for fingerprint in copy_fingerprints(crops)])
     scores, gated = appearance_calibration(
         neighbours, gate, _of_rows(train_images, valid_images, rows, gate.measure, width),
-        rows < len(train_images),
+        rows < len(train_images), groups,
         _of_rows(train_images, valid_images, left_out, appearance, DESCRIPTOR_SIZE),
         _of_rows(train_images, valid_images, left_out, gate.measure, width))
     detector = UnknownDetector(stage_sizes=[], distances=[], center=np.zeros(1),
