@@ -42,7 +42,7 @@ an older bank without rings skips them); the kNN against a full
 ``BANK_LIMIT`` training crops (evenly spread when there are more), so a score is
 O(min(N_train, BANK_LIMIT) · D) per crop whatever the training split's size, computed ``CHUNK``
 crops at a time (memory O(CHUNK · bank)); :meth:`AppearanceNeighbours.leave_one_out` is
-O(B^2 · D), about 10 s for a full bank.
+O(B^2 · D), 4.6 s for a full bank (``benchmarks/quality_gate.py --speed``).
 """
 
 from __future__ import annotations

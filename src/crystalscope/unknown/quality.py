@@ -51,8 +51,9 @@ read ``focus`` for ``blurred`` and ``lines`` alone for ``empty`` (or, stored bef
 no edge at all).
 
 Cost: ``measure`` is O(N S^2) time with one crop in flight (memory O(S^2) plus the (N, 7)
-result; ``tests/test_quality.py`` bounds it): 1,760 crops/s at 96 px (1,010 at 224) on the
-2-core build machine without ``lines``, so 10^6 crops take about 10 minutes (17 at 224).
+result; ``tests/test_quality.py`` bounds it): 2.4 ms a crop at 96 px without ``lines`` on the
+2-core build machine in a slow hour (``sharpness`` and ``rim`` cost about 1.3 ms of it), so
+10^6 crops take about 40 minutes of one core, a fifth of the descriptor's time.
 ``lines`` costs 2.2 ms a crop at 96 px (eight FFT convolutions), so :meth:`QualityGate.measure`
 computes it only for the few-edge crops the empty rule reads (about 5% of crystals, every
 empty window). ``QualityGate.fit`` sorts each measure, 0.04 s for 10^6 crops; ``reasons`` is
