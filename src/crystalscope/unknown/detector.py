@@ -462,9 +462,10 @@ def unknown_summary(info: dict[str, Any]) -> str:
     quantiles = described_quantiles(gate) if gate else {}
     at = " / ".join(f"{100 * q:g}% ({reason})" for reason, q in quantiles.items())
     if gate and all(v is None for v in gate["limits"].values()):
-        needed = math.ceil(1 / max(quantiles.values())) - 1
-        text += (f". Quality gate: no limits from {gate['fitted_on']} training crops ({needed} "
-                 f"or more set them at {at}); a crop without a single edge is called empty")
+        needed = ", ".join(f"{math.ceil(1 / q) - 1} or more the {reason} limit at {100 * q:g}%"
+                           for reason, q in quantiles.items())
+        text += (f". Quality gate: no limits from {gate['fitted_on']} training crops ({needed}); "
+                 "a crop without a single edge is called empty")
     elif gate:
         limits = {k: "-" if v is None else f"{v:.4f}" for k, v in gate["limits"].items()}
         lines, standout = gate.get("empty_lines"), gate.get("empty_standout")
