@@ -48,16 +48,18 @@ from crystalscope.synth.unknown import (
 )
 from crystalscope.train.run import train
 from crystalscope.unknown.appearance import AppearanceNeighbours, appearance
-from crystalscope.unknown.detector import (
-    SCALING_IMAGES,
-    STAGES,
-    UnknownDetector,
+from crystalscope.unknown.calibration import (
     appearance_calibration,
     conformal_threshold,
     copy_fingerprints,
     copy_groups,
-    fit_detector,
     gated_threshold,
+)
+from crystalscope.unknown.detector import (
+    SCALING_IMAGES,
+    STAGES,
+    UnknownDetector,
+    fit_detector,
 )
 from crystalscope.unknown.quality import MEASURES
 from crystalscope.unknown.scores import knn_distance, max_softmax_score

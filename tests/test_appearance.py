@@ -123,7 +123,7 @@ def test_copies_named_by_their_group_are_no_neighbours_in_leave_one_out() -> Non
 def test_copy_groups_find_turned_and_mirrored_crops(samples: Path) -> None:
     """copy_groups names a real crop and its turned and mirrored copies as one group (as
     ``crystalscope check`` would), and different crops apart."""
-    from crystalscope.unknown.detector import copy_fingerprints, copy_groups
+    from crystalscope.unknown.calibration import copy_fingerprints, copy_groups
 
     crops = _real(samples)[:5]
     copies = np.concatenate([crops, np.ascontiguousarray(np.rot90(crops, 1, axes=(2, 3))),

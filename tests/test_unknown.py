@@ -30,7 +30,8 @@ from crystalscope.synth.unknown import (
     parse_kinds,
     synthesize_unknown,
 )
-from crystalscope.unknown.detector import conformal_threshold, load_detector
+from crystalscope.unknown.calibration import conformal_threshold
+from crystalscope.unknown.detector import load_detector
 from crystalscope.unknown.scores import GaussianDistance, knn_distance
 
 
