@@ -17,9 +17,14 @@ measures, and all invariant to rotation since crystals lie at every angle):
 - sharpness: the 50th, 90th and 99th percentile of the gradient over the range, and the
   mean absolute Laplacian of the lightly smoothed crop over the range;
 - rings: log(1 + the crop's dark-centred radial symmetry), a round ring around a darker middle
-  as a gas bubble shows (:mod:`crystalscope.unknown.symmetry`). The last number, added after
-  the first exports: a bank stored with ``RINGLESS_SIZE`` numbers per crop is scored on those
-  (:class:`AppearanceNeighbours` reads its width), so an older model keeps its scores.
+  as a gas bubble shows (:mod:`crystalscope.unknown.symmetry`);
+- scales and layout: each octave's share of the detail energy, and how uneven the local
+  contrast is at four window sizes (:mod:`crystalscope.unknown.structure`): a photograph's
+  detail sits at other scales and its contrast spreads over the frame in other ways.
+
+Numbers were added at the end after the first exports (the rings, then scales and layout): a
+bank stored with ``RINGLESS_SIZE`` or ``RINGED_SIZE`` numbers per crop is scored on those
+(:class:`AppearanceNeighbours` reads its width), so an older model keeps its scores.
 
 The score (:class:`AppearanceNeighbours`): the Euclidean distance to the ``K``-th nearest
 crop of the bank (deep nearest neighbours, Sun et al. 2022, on the picture's descriptor), in
@@ -55,24 +60,32 @@ from skimage.feature import local_binary_pattern
 from sklearn.covariance import LedoitWolf
 
 from crystalscope.unknown.quality import gray_at_measure_side
+from crystalscope.unknown.structure import (
+    CONTRAST_LAYOUT_SIZE,
+    SCALE_PROFILE_SIZE,
+    contrast_layout,
+    scale_profile,
+)
 from crystalscope.unknown.symmetry import dark_centre_symmetry
 
 K = 1  # the nearest: measured best at 1 (photographs 92%), 2 (89%), 3 (86%), 5 (80%)
-BANK_LIMIT = 20_000  # crops kept: 20,000 x 42 float32 = 3.4 MB beside the model
+BANK_LIMIT = 20_000  # crops kept: 20,000 x 51 float32 = 4.1 MB beside the model
 COPY_DISTANCE = 0.05  # whitened units (a typical nearest neighbour is 3-8): a copy, left out
 CHUNK = 256  # crops scored at once: a (CHUNK, bank) distance block, 20 MB at the limit
 LBP_RINGS = ((8, 1), (16, 3))  # (neighbours, radius)
 EDGE_STEPS = (3.0, 6.0, 12.0, 24.0)
 RINGLESS_SIZE = sum(p + 2 for p, _ in LBP_RINGS) + 5 + len(EDGE_STEPS) + 4  # the first exports
-DESCRIPTOR_SIZE = RINGLESS_SIZE + 1
+RINGED_SIZE = RINGLESS_SIZE + 1  # exports of 2026-12-01
+DESCRIPTOR_SIZE = RINGED_SIZE + SCALE_PROFILE_SIZE + CONTRAST_LAYOUT_SIZE
+SIZES = (RINGLESS_SIZE, RINGED_SIZE, DESCRIPTOR_SIZE)  # each a prefix of the next
 
 
 def appearance(images: np.ndarray, size: int = DESCRIPTOR_SIZE) -> np.ndarray:
     """(N, 3, S, S) uint8 -> (N, ``size``) float: the module's descriptor per crop, one crop in
-    flight; ``size`` ``RINGLESS_SIZE`` leaves the rings out (an older bank's descriptor)."""
-    if size not in (RINGLESS_SIZE, DESCRIPTOR_SIZE):
-        raise ValueError(f"an appearance descriptor has {RINGLESS_SIZE} or {DESCRIPTOR_SIZE} "
-                         f"numbers, not {size}")
+    flight; a smaller ``size`` of ``SIZES`` is an older bank's descriptor (its first numbers)."""
+    if size not in SIZES:
+        raise ValueError(f"an appearance descriptor has {', '.join(map(str, SIZES))} numbers, "
+                         f"not {size}")
     images = np.asarray(images)
     rows = np.zeros((len(images), size))
     for row, image in enumerate(images):
@@ -95,6 +108,9 @@ def appearance(images: np.ndarray, size: int = DESCRIPTOR_SIZE) -> np.ndarray:
             [np.abs(laplacian).mean() / spread]])
         if size > RINGLESS_SIZE:
             rows[row, RINGLESS_SIZE] = np.log1p(dark_centre_symmetry(gray))
+        if size > RINGED_SIZE:
+            rows[row, RINGED_SIZE:] = np.concatenate([scale_profile(gray),
+                                                      contrast_layout(gray)])
     return rows
 
 
