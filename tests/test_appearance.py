@@ -146,6 +146,24 @@ def test_the_bank_and_the_memory_of_a_score_are_bounded() -> None:
     assert peak < 12e6, peak
 
 
+def test_the_memory_of_the_leave_one_out_is_bounded() -> None:
+    # The calibration scores every bank row against all others, O(B^2) time, but one CHUNK of
+    # rows at a time: the peak is O(CHUNK x B), not the B x B matrix (8,000^2 x 8 B = 512 MB).
+    rng = np.random.default_rng(6)
+    peaks = []
+    for n in (2000, 8000):
+        neighbours = AppearanceNeighbours.fit(rng.normal(size=(n, 8)))
+        groups = np.arange(n) // 2  # pairs of copies
+        tracemalloc.start()
+        scores = neighbours.leave_one_out(groups)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert scores.shape == (n,) and np.isfinite(scores).all()
+    chunk_rows = appearance_module.CHUNK * 8000 * 8  # one float64 block of distances
+    assert peaks[1] < 6 * chunk_rows, peaks  # a few such blocks (the mask, the partition)
+    assert peaks[1] < 6 * peaks[0], peaks  # 4x the bank, about 4x the memory, not 16x
+
+
 def test_the_descriptor_holds_one_crop_in_flight() -> None:
     # appearance() is O(S^2) memory per crop whatever N: 10x the crops, the same peak (beside
     # the (N, DESCRIPTOR_SIZE) result); the images themselves are the caller's.

@@ -279,6 +279,10 @@ def test_the_empty_rule_rejects_its_share_of_the_few_edge_crops(
     skipped = gate.measure(probe_crops)
     assert np.isnan(skipped[~few, MEASURES.index("lines")]).all()
     assert np.array_equal(gate.failed(skipped), gate.failed(measures))
+    # fit_measured hands back the training crops' measures exactly as the gate measures them
+    fitted, measured = QualityGate.fit_measured(probe_crops)
+    assert fitted == gate
+    np.testing.assert_array_equal(measured, skipped)  # NaN where lines are skipped, too
 
 
 def test_inclusive_counts_the_crops_at_each_limit(probe_crops: np.ndarray) -> None:

@@ -253,14 +253,17 @@ def _fit_appearance(train_images: np.ndarray, valid_images: np.ndarray, n_train:
     left_out = np.setdiff1d(np.arange(len(train_images), crops), rows)
     neighbours = AppearanceNeighbours.fit(
         of_rows(train_images, valid_images, rows, appearance, DESCRIPTOR_SIZE))
-    gate = QualityGate.fit_images(train_images)
+    gate, train_measures = QualityGate.fit_measured(train_images)
     width = len(MEASURES)
     groups = copy_groups([fingerprint
                           for crops in crops_at(train_images, valid_images, rows)
                           for fingerprint in copy_fingerprints(crops)])
+    in_train = rows < len(train_images)  # rows are sorted: the training crops come first
+    bank_measures = np.concatenate([
+        train_measures[rows[in_train]],
+        of_rows(train_images, valid_images, rows[~in_train], gate.measure, width)])
     scores, gated = appearance_calibration(
-        neighbours, gate, of_rows(train_images, valid_images, rows, gate.measure, width),
-        rows < len(train_images), groups,
+        neighbours, gate, bank_measures, in_train, groups,
         of_rows(train_images, valid_images, left_out, appearance, DESCRIPTOR_SIZE),
         of_rows(train_images, valid_images, left_out, gate.measure, width))
     detector = UnknownDetector(stage_sizes=[], distances=[], center=np.zeros(1),

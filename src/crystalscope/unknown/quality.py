@@ -228,11 +228,21 @@ class QualityGate:
     def fit_images(cls, images: np.ndarray, quantile: float | None = None) -> QualityGate:
         """:meth:`fit` on (N, 3, S, S) uint8 training crops, measuring ``lines`` only for
         the few-edge crops the empty rule reads. O(N S^2)."""
+        return cls.fit_measured(images, quantile)[0]
+
+    @classmethod
+    def fit_measured(cls, images: np.ndarray, quantile: float | None = None
+                     ) -> tuple[QualityGate, np.ndarray]:
+        """:meth:`fit_images`, and the training crops' measures as the fitted gate's
+        :meth:`measure` gives them (so a caller need not measure them twice). O(N S^2)."""
         measures = measure(images, lines_up_to=-np.inf)
         few_edges = _few_edges_limit(measures[:, EDGES])
         for row in np.flatnonzero(measures[:, EDGES] <= few_edges):
             measures[row, LINES] = line_strength(gray_at_measure_side(images[row]))
-        return cls.fit(measures, quantile)
+        gate = cls.fit(measures, quantile)
+        if gate._empty_limit is None:  # the gate reads no lines
+            measures[:, LINES] = np.nan
+        return gate, measures  # else its empty limit is ``few_edges``: the rows measured above
 
     @property
     def _empty_limit(self) -> float | None:
