@@ -11,10 +11,11 @@ other ways. Two groups of numbers, both rotation-invariant:
 - :func:`contrast_layout`: how uneven the local contrast is — the coefficient of variation of
   the local standard deviation, at σ 1.5, 3, 6 and 12 px.
 
-Measured offline on the unknown-image benchmark's cached crops of seeds 0-2, the two groups
-in the appearance descriptor lifted the photographs flagged at 1% from 0.90 to 0.95, the near
-AUROC from 0.967 to 0.981 and cubes from 0.905 to 0.956, at the same false-reject rate and with
-none of the 14 real crops flagged; each group alone gave 0.92-0.94 (docs/benchmarks.md).
+Chosen offline on the unknown-image benchmark's cached crops of seeds 0-2 among six groups of
+such numbers; in ``benchmarks/unknown.py`` (3 seeds, 1% false rejects) the two lift the
+photographs flagged from 0.90 to 0.95, the near AUROC from 0.968 to 0.982 and cubes from 0.908
+to 0.959, with none of the 14 real crops flagged; on three held-out seeds photographs 0.96 ->
+0.98 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
