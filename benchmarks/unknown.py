@@ -18,8 +18,8 @@ reasons per kind. Run:
     .venv/bin/python benchmarks/unknown.py [--seeds 3] [--per-class 1000]
 
 ``--detector-only`` skips the network (the detector reads only the crops): per seed it fits
-the detector on the same synthetic splits and prints what it flags, 2-3 minutes a seed
-instead of 12 — for more seeds than the ones it was chosen on, e.g. held out:
+the detector on the same synthetic splits and prints what it flags, about 4 minutes a seed
+instead of 10-24 — for more seeds than the ones it was chosen on, e.g. held out:
     .venv/bin/python benchmarks/unknown.py --detector-only --first-seed 3 --per-kind 200
 """
 

@@ -39,10 +39,11 @@ the others, its own copies (the same descriptor: a crop turned or mirrored) left
 leave-one-out (jackknife) score that is exchangeable with a new crop's, so the training and
 validation crops in the bank all set the threshold, not only the validation split.
 
-Cost: :func:`appearance` is O(S^2) per crop with one crop in flight (3.1 ms at 96 px on the
-2-core build machine, one core, plus 2.1 ms for the rings: 10^6 crops take about 87 minutes;
-an older bank without rings skips them); the kNN against a full
-20,000-crop bank adds 0.19 ms a crop, 3.1 minutes for 10^6 — ``benchmarks/quality_gate.py
+Cost: :func:`appearance` is O(S^2) per crop with one crop in flight (17.5 ms at 96 px on the
+2-core build machine, one core, of which about 6.5 ms are the scales and layout and 2-3 ms
+the rings: 10^6 crops take about 4.9 hours on one core; an older bank's shorter descriptor
+skips what it lacks); the kNN against a full 20,000-crop bank adds 0.24 ms a crop, 4 minutes
+for 10^6 — ``benchmarks/quality_gate.py
 --speed``; ``tests/test_appearance.py`` bounds the memory). The bank holds at most
 ``BANK_LIMIT`` training crops (evenly spread when there are more), so a score is
 O(min(N_train, BANK_LIMIT) · D) per crop whatever the training split's size, computed ``CHUNK``
