@@ -76,11 +76,26 @@ KINDS = (*NEAR_KINDS, *FAR_KINDS)
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "opencrystal-samples"
 
 
-def train_model(folder: Path, per_class: int, difficulty: float, seed: int) -> Path:
+def synthesize_splits(folder: Path, per_class: int, difficulty: float, seed: int) -> None:
+    """The seed's CEX/PG crops, split into ``folder/splits``."""
     synthesize(folder / "images", SynthSettings(per_class=per_class, size=SIZE,
                                                 uniform_size=SIZE, difficulty=difficulty,
                                                 seed=seed))
     split_dataset(folder / "images", folder / "splits", SplitSettings(seed=seed))
+
+
+def synthesize_measured(folder: Path, seed: int, args: argparse.Namespace) -> None:
+    """The seed's sets measured beside the splits: fresh CEX/PG crops (``folder/fresh``, another
+    seed) and the unknown kinds (``folder/unknown-images``)."""
+    synthesize(folder / "fresh", SynthSettings(per_class=args.fresh, size=SIZE,
+                                               uniform_size=SIZE, difficulty=args.difficulty,
+                                               seed=1000 + seed))
+    synthesize_unknown(folder / "unknown-images", UnknownSettings(
+        per_kind=args.per_kind, size=SIZE, difficulty=args.difficulty, seed=2000 + seed))
+
+
+def train_model(folder: Path, per_class: int, difficulty: float, seed: int) -> Path:
+    synthesize_splits(folder, per_class, difficulty, seed)
     config = resolve_train_config({
         "data": folder / "splits", "runs_dir": folder / "runs", "name": "unknown",
         "model": "resnet18", "weights": "none", "image_size": SIZE, "trainable": 1.0,
@@ -205,11 +220,7 @@ def one_seed(folder: Path, seed: int, args: argparse.Namespace,
     run_dir = train_model(folder, args.per_class, args.difficulty, seed)
     export = export_run(run_dir, settings=ExportSettings(false_reject=args.false_rejects[0]))
     print("  " + f"detector: {export.unknown_detector['calibration']}")
-    synthesize(folder / "fresh", SynthSettings(per_class=args.fresh, size=SIZE,
-                                               uniform_size=SIZE, difficulty=args.difficulty,
-                                               seed=1000 + seed))
-    synthesize_unknown(folder / "unknown-images", UnknownSettings(
-        per_kind=args.per_kind, size=SIZE, difficulty=args.difficulty, seed=2000 + seed))
+    synthesize_measured(folder, seed, args)
     run = load_run(run_dir)
     sets = {"train": outputs(run, run.data.split("train")),
             "valid": outputs(run, run.data.split("valid")),
@@ -289,15 +300,8 @@ def detector_only_seed(folder: Path, seed: int, args: argparse.Namespace,
                        flagged_by_photo: defaultdict[str, list[bool]]) -> dict[str, float]:
     """The detector alone, fitted as export fits it on the seed's splits (no network): the
     share of each set it flags at ``args.false_rejects[0]``."""
-    synthesize(folder / "images", SynthSettings(per_class=args.per_class, size=SIZE,
-                                                uniform_size=SIZE, difficulty=args.difficulty,
-                                                seed=seed))
-    split_dataset(folder / "images", folder / "splits", SplitSettings(seed=seed))
-    synthesize(folder / "fresh", SynthSettings(per_class=args.fresh, size=SIZE,
-                                               uniform_size=SIZE, difficulty=args.difficulty,
-                                               seed=1000 + seed))
-    synthesize_unknown(folder / "unknown-images", UnknownSettings(
-        per_kind=args.per_kind, size=SIZE, difficulty=args.difficulty, seed=2000 + seed))
+    synthesize_splits(folder, args.per_class, args.difficulty, seed)
+    synthesize_measured(folder, seed, args)
     spec = ModelSpec(input_size=SIZE, classes=("CEX", "PG"))
 
     def crops(items: list[tuple[Path, int]]) -> np.ndarray:

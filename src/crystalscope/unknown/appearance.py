@@ -111,7 +111,7 @@ def appearance(images: np.ndarray, size: int = DESCRIPTOR_SIZE) -> np.ndarray:
             rows[row, RINGLESS_SIZE] = np.log1p(dark_centre_symmetry(gray))
         if size > RINGED_SIZE:
             rows[row, RINGED_SIZE:] = np.concatenate([scale_profile(gray),
-                                                      contrast_layout(gray)])
+                                                      contrast_layout(gray, spread)])
     return rows
 
 

@@ -41,14 +41,15 @@ def scale_profile(gray: np.ndarray) -> np.ndarray:
     return np.log(energy / energy.sum())
 
 
-def contrast_layout(gray: np.ndarray) -> np.ndarray:
+def contrast_layout(gray: np.ndarray, spread: float | None = None) -> np.ndarray:
     """(s, s) gray -> (``CONTRAST_LAYOUT_SIZE``,): the coefficient of variation of the local
-    standard deviation (Gaussian window of each σ, over the crop's 1-99% range): 0 for a flat
-    crop, under 0.2 for an even texture, 1-2.5 for one particle on an even window (at σ 1.5;
-    less at the wider windows). O(s^2 · scales)."""
+    standard deviation (Gaussian window of each σ, over the crop's 1-99% range ``spread``, at
+    least 1; computed when not given): 0 for a flat crop, under 0.2 for an even texture, 1-2.5
+    for one particle on an even window (at σ 1.5; less at the wider windows). O(s^2 · scales)."""
     gray = np.asarray(gray, np.float64)
-    low, high = np.percentile(gray, [1, 99])
-    spread = max(high - low, 1.0)
+    if spread is None:
+        low, high = np.percentile(gray, [1, 99])
+        spread = max(high - low, 1.0)
     layout = []
     for sigma in CONTRAST_SCALES:
         mean = ndimage.gaussian_filter(gray, sigma)
